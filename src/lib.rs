@@ -1,0 +1,8 @@
+//! Fulcrum keeps an application up and spreads its load well: a Kubernetes
+//! operator for the `LoadBalancedApp` resource and the Rust proxy it deploys,
+//! which also runs standalone in front of a list of servers.
+//!
+//! Modules:
+//! - [`balance`]: the sans-IO balancing core (algorithms, load, affinity).
+
+pub mod balance;

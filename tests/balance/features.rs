@@ -1,0 +1,239 @@
+//! Session affinity, slow start, panic mode, track split, load accounting
+//! and snapshot replacement.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fulcrum::balance::{Algorithm, BalancerConfig, EndpointSpec, HealthFlag, ManualClock, Outcome, Request};
+
+use crate::common::*;
+
+// ---- session affinity ----
+
+#[test]
+fn an_affinity_token_pins_the_client_while_its_endpoint_is_healthy() {
+    let (_, mut b) = simple(Algorithm::RoundRobin, specs(5));
+    let first = b.pick(&Request::default()).unwrap();
+    let token = first.affinity_token();
+    let pinned = Request { affinity: Some(token), ..Default::default() };
+    for _ in 0..20 {
+        assert_eq!(pick_addr(&mut b, &pinned), Some(first.addr()));
+    }
+}
+
+#[test]
+fn affinity_falls_back_to_the_algorithm_when_the_endpoint_is_unhealthy_or_gone() {
+    let clock = Arc::new(ManualClock::new());
+    let config = BalancerConfig { panic_threshold_percent: 0, ..BalancerConfig::new(Algorithm::RoundRobin) };
+    let s = set(&clock, specs(3));
+    let mut b = balancer(config, s.clone());
+    let victim = s.members()[1].endpoint().clone();
+    let pinned = Request { affinity: Some(victim.affinity_token()), ..Default::default() };
+    assert_eq!(pick_addr(&mut b, &pinned), Some(victim.addr()));
+
+    victim.set_flag(HealthFlag::Ejected, true);
+    let fallbacks: Vec<_> = (0..4).map(|_| pick_addr(&mut b, &pinned).unwrap()).collect();
+    assert!(fallbacks.iter().all(|&a| a != victim.addr()), "{fallbacks:?}");
+    assert_eq!(fallbacks, [addr(0), addr(2), addr(0), addr(2)], "the algorithm decides");
+
+    victim.set_flag(HealthFlag::Ejected, false);
+    assert_eq!(pick_addr(&mut b, &pinned), Some(victim.addr()), "back once healthy");
+
+    let without: Vec<EndpointSpec> = specs(3).into_iter().filter(|s| s.addr != victim.addr()).collect();
+    b.update_set(Arc::new(s.update(without).unwrap()));
+    assert_ne!(pick_addr(&mut b, &pinned), Some(victim.addr()));
+}
+
+#[test]
+fn a_retry_does_not_go_back_to_the_pinned_endpoint() {
+    let (_, mut b) = simple(Algorithm::RoundRobin, specs(3));
+    let token = b.set().members()[0].endpoint().affinity_token();
+    let retry = Request { affinity: Some(token), exclude: &[addr(0)], ..Default::default() };
+    for _ in 0..10 {
+        assert_ne!(pick_addr(&mut b, &retry), Some(addr(0)));
+    }
+}
+
+// ---- slow start ----
+
+#[test]
+fn a_new_endpoint_ramps_from_a_tenth_to_full_weight_over_the_window() {
+    let clock = Arc::new(ManualClock::new());
+    let window = Duration::from_secs(100);
+    let config = BalancerConfig { slow_start: Some(window), ..BalancerConfig::new(Algorithm::WeightedRoundRobin) };
+    let s0 = set(&clock, specs(2));
+    let mut b = balancer(config, s0.clone());
+    clock.advance(Duration::from_secs(1000));
+    b.update_set(Arc::new(s0.update(specs(3)).unwrap()));
+    let newcomer = addr(2);
+    // Warm endpoints weigh 10 tenths; the newcomer k tenths at k/10 of the window.
+    let mut shares = Vec::new();
+    for tenth in [0u32, 3, 5, 9, 10, 20] {
+        let at = window * tenth / 10;
+        let target = Duration::from_secs(1000) + at;
+        let now = Duration::from_nanos(clock_now(&clock));
+        clock.advance(target - now);
+        let k = tenth.clamp(1, 10) as usize;
+        let cycle = 20 + k;
+        let counts = distribution(&mut b, cycle);
+        assert_eq!(counts.get(&newcomer).copied().unwrap_or(0), k, "at {tenth}/10 of the window");
+        shares.push(k as f64 / cycle as f64);
+    }
+    assert!(shares.windows(2).all(|w| w[0] <= w[1]));
+    assert!((shares[0] - 1.0 / 21.0).abs() < 1e-9 && (shares[4] - 1.0 / 3.0).abs() < 1e-9);
+}
+
+fn clock_now(clock: &ManualClock) -> u64 {
+    use fulcrum::balance::Clock;
+    clock.now().0
+}
+
+#[test]
+fn a_recovered_endpoint_ramps_again() {
+    let clock = Arc::new(ManualClock::new());
+    let config = BalancerConfig {
+        slow_start: Some(Duration::from_secs(10)),
+        panic_threshold_percent: 0,
+        ..BalancerConfig::new(Algorithm::RoundRobin)
+    };
+    let s = set(&clock, specs(2));
+    let mut b = balancer(config, s.clone());
+    let e = s.members()[1].endpoint().clone();
+    assert_eq!(e.slow_start_since(), None, "the first snapshot is warm");
+    e.set_flag(HealthFlag::ActiveCheckFailed, true);
+    clock.advance(Duration::from_secs(5));
+    e.set_flag(HealthFlag::ActiveCheckFailed, false);
+    let counts = distribution(&mut b, 11);
+    assert_eq!(counts[&addr(1)], 1, "a tenth of the weight of its peer");
+}
+
+// ---- panic mode ----
+
+#[test]
+fn below_the_panic_threshold_traffic_spreads_over_all_endpoints_but_draining_ones() {
+    let clock = Arc::new(ManualClock::new());
+    let config = BalancerConfig { panic_threshold_percent: 50, ..BalancerConfig::new(Algorithm::RoundRobin) };
+    let s = set(&clock, specs(10));
+    let mut b = balancer(config, s.clone());
+    for m in &s.members()[..5] {
+        m.endpoint().set_flag(HealthFlag::ActiveCheckFailed, true);
+    }
+    assert!(!b.in_panic(), "5 of 10 is not below 50%");
+    assert_eq!(distribution(&mut b, 50).len(), 5);
+
+    s.members()[5].endpoint().set_flag(HealthFlag::NotReady, true);
+    assert!(b.in_panic(), "4 of 10 is below 50%");
+    s.members()[9].endpoint().set_flag(HealthFlag::Draining, true);
+    let counts = distribution(&mut b, 90);
+    assert_eq!(counts.len(), 9, "everything but the draining endpoint");
+    assert!(!counts.contains_key(&addr(9)));
+}
+
+#[test]
+fn panic_mode_is_off_at_threshold_zero() {
+    let (_, mut b) = simple(Algorithm::RoundRobin, specs(4));
+    for m in &b.set().members()[..3] {
+        m.endpoint().set_flag(HealthFlag::ActiveCheckFailed, true);
+    }
+    assert!(!b.in_panic());
+    assert_eq!(distribution(&mut b, 10).keys().copied().collect::<Vec<_>>(), [addr(3)]);
+}
+
+// ---- tracks ----
+
+fn canary_set(stable: usize, canary: usize) -> Vec<EndpointSpec> {
+    (0..stable + canary)
+        .map(|i| EndpointSpec::new(addr(i)).track(if i < stable { "stable" } else { "canary" }))
+        .collect()
+}
+
+fn track_config(algorithm: Algorithm, canary_percent: u32) -> BalancerConfig {
+    BalancerConfig {
+        tracks: vec![("stable".into(), 100 - canary_percent), ("canary".into(), canary_percent)],
+        ..BalancerConfig::new(algorithm)
+    }
+}
+
+#[test]
+fn tracks_split_traffic_by_weight_whatever_their_endpoint_counts() {
+    for algorithm in Algorithm::ALL {
+        let clock = Arc::new(ManualClock::new());
+        let mut b = balancer(track_config(algorithm, 10), set(&clock, canary_set(9, 1)));
+        let picks = 100_000;
+        let counts = distribution(&mut b, picks);
+        let canary = counts.get(&addr(9)).copied().unwrap_or(0) as f64 / picks as f64;
+        assert!((canary - 0.10).abs() <= 0.01, "{algorithm}: canary got {canary}");
+        // and the other way round: one stable endpoint, nine canaries
+        let mut b = balancer(track_config(algorithm, 90), set(&clock, canary_set(1, 9)));
+        let counts = distribution(&mut b, picks);
+        let stable = counts.get(&addr(0)).copied().unwrap_or(0) as f64 / picks as f64;
+        assert!((stable - 0.10).abs() <= 0.01, "{algorithm}: stable got {stable}");
+    }
+}
+
+#[test]
+fn a_track_with_nothing_available_gives_its_share_to_the_others() {
+    let clock = Arc::new(ManualClock::new());
+    let s = set(&clock, canary_set(3, 2));
+    let mut b =
+        balancer(BalancerConfig { panic_threshold_percent: 0, ..track_config(Algorithm::RoundRobin, 50) }, s.clone());
+    for m in &s.members()[3..] {
+        m.endpoint().set_flag(HealthFlag::NotReady, true);
+    }
+    let counts = distribution(&mut b, 300);
+    assert_eq!(counts.len(), 3);
+    assert!(counts.values().all(|&c| c == 100));
+}
+
+#[test]
+fn a_track_at_weight_zero_gets_nothing() {
+    let clock = Arc::new(ManualClock::new());
+    let mut b = balancer(track_config(Algorithm::Random, 0), set(&clock, canary_set(2, 2)));
+    let counts = distribution(&mut b, 1000);
+    assert_eq!(counts.keys().copied().collect::<Vec<_>>(), [addr(0), addr(1)]);
+    let canary_token = b.set().members()[3].endpoint().affinity_token();
+    let pinned = Request { affinity: Some(canary_token), ..Default::default() };
+    assert_ne!(pick_addr(&mut b, &pinned), Some(addr(3)), "a pin does not reopen a closed track");
+}
+
+// ---- accounting ----
+
+#[test]
+fn the_guard_counts_in_flight_work_until_it_completes_or_drops() {
+    let (clock, mut b) = simple(Algorithm::RoundRobin, specs(1));
+    let e = b.set().members()[0].endpoint().clone();
+    let p1 = b.pick(&Request::default()).unwrap();
+    let p2 = b.pick(&Request::default()).unwrap();
+    let p3 = b.pick(&Request::default()).unwrap();
+    assert_eq!(e.in_flight(), 3);
+    clock.advance(Duration::from_millis(500));
+    p1.complete(Outcome::Success);
+    assert_eq!((e.in_flight(), e.requests(), e.failures()), (2, 1, 0));
+    assert_eq!(e.latency_estimate(), Duration::from_millis(500), "a slower sample is the new peak");
+    p2.complete(Outcome::Failure);
+    assert_eq!((e.in_flight(), e.requests(), e.failures(), e.consecutive_failures()), (1, 2, 1, 1));
+    drop(p3);
+    assert_eq!((e.in_flight(), e.requests(), e.failures(), e.consecutive_failures()), (0, 3, 1, 1));
+    b.pick(&Request::default()).unwrap().complete(Outcome::Success);
+    assert_eq!(e.consecutive_failures(), 0, "a success resets the run of failures");
+    assert_eq!(Arc::strong_count(&e), 2, "no guard keeps a reference: the set's and ours");
+}
+
+#[test]
+fn replacing_the_set_keeps_the_state_of_endpoints_that_stay() {
+    let clock = Arc::new(ManualClock::new());
+    let s0 = set(&clock, specs(3));
+    let mut b = balancer(BalancerConfig::new(Algorithm::LeastConnections), s0.clone());
+    let held: Vec<_> = (0..3).map(|_| b.pick(&Request::default()).unwrap()).collect();
+    s0.members()[1].endpoint().set_flag(HealthFlag::ActiveCheckFailed, true);
+    let s1 = Arc::new(s0.update(specs(4).into_iter().skip(1).map(|s| s.weight(3))).unwrap());
+    b.update_set(s1.clone());
+    assert_eq!(s1.len(), 3);
+    assert!(Arc::ptr_eq(s1.members()[0].endpoint(), s0.members()[1].endpoint()));
+    assert_eq!(s1.members()[0].endpoint().in_flight(), 1);
+    assert!(!s1.members()[0].endpoint().health().is_available());
+    assert_eq!(s1.members()[0].weight(), 3, "settings come from the new snapshot");
+    assert_eq!(s1.members()[2].endpoint().in_flight(), 0, "a newcomer starts afresh");
+    drop(held);
+    assert!(s1.members().iter().all(|m| m.endpoint().in_flight() == 0), "old guards release into the same state");
+}
