@@ -60,6 +60,8 @@ struct Group {
     cands: Vec<Candidate>,
     selector: Selector,
     panic: bool,
+    /// Weight in the track split; a group at zero takes no traffic, not even retries.
+    share: u32,
 }
 
 /// The cached, per-track list of candidates.
@@ -155,6 +157,9 @@ impl Balancer {
         let first = self.view.split.next()?;
         for k in 0..groups {
             let g = (first + k) % groups;
+            if self.view.groups[g].share == 0 {
+                continue;
+            }
             if let Some(i) = self.choose_in(g, req, now) {
                 let endpoint = self.view.groups[g].cands[i].endpoint.clone();
                 return Some(Pick::start(endpoint, now));
@@ -215,12 +220,10 @@ impl Balancer {
         let members = set.members();
         let mut refresh_at = Nanos(u64::MAX);
         let mut groups = Vec::new();
-        let mut split_weights = Vec::new();
         let track_open: Vec<bool>;
         if self.config.tracks.is_empty() {
             track_open = vec![true; set.tracks().len()];
             groups.push(self.build_group(members.iter(), now, &mut refresh_at));
-            split_weights.push(1);
         } else {
             track_open = set
                 .tracks()
@@ -229,17 +232,16 @@ impl Balancer {
                 .collect();
             for (name, weight) in &self.config.tracks {
                 let in_track = members.iter().filter(|m| set.track_of(m) == name);
-                let group = self.build_group(in_track, now, &mut refresh_at);
-                split_weights.push(if group.cands.is_empty() { 0 } else { *weight });
+                let mut group = self.build_group(in_track, now, &mut refresh_at);
+                group.share = if group.cands.is_empty() { 0 } else { *weight };
                 groups.push(group);
             }
-            if split_weights.iter().all(|&w| w == 0) {
+            if groups.iter().all(|g| g.share == 0) {
                 // No listed track has anything to offer: availability beats the split.
                 groups = vec![self.build_group(members.iter(), now, &mut refresh_at)];
-                split_weights = vec![1];
             }
         }
-        let split = SmoothWrr::new(split_weights);
+        let split = SmoothWrr::new(groups.iter().map(|g| g.share));
         self.view = View { epoch, refresh_at, groups, split, track_open };
     }
 
@@ -275,7 +277,7 @@ impl Balancer {
                 Selector::Maglev(Maglev::build(ids.iter().map(|(b, n)| &b[..*n]), &weights, size))
             }
         };
-        Group { cands, selector, panic }
+        Group { cands, selector, panic, share: 1 }
     }
 }
 

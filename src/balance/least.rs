@@ -33,69 +33,92 @@ impl Pending {
 
 /// LeastConnections' view of one candidate: where its counter lives.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Slotted {
+struct Slotted {
     slot: u32,
     cand: u32,
-    weight: u32,
 }
 
-/// LeastConnections state: candidates in slab order, read straight from the slab.
-pub(crate) struct LeastConnections {
+/// Candidates of one weight, in slab order.
+struct Class {
+    weight: u64,
     order: Vec<Slotted>,
+}
+
+/// LeastConnections state: candidates grouped by weight, each group in slab
+/// order so that its counters are read sequentially.
+///
+/// Within a group of equal weight the least loaded is the one with the
+/// fewest in flight: one load and one comparison per endpoint. The group
+/// minima are then compared per unit of weight. A full scan, O(N), at well
+/// under a nanosecond per endpoint; an O(log N) tree kept in load order, as
+/// HAProxy's `leastconn` keeps, would need every release, on any thread, to
+/// take that tree's lock.
+pub(crate) struct LeastConnections {
+    classes: Vec<Class>,
     reader: SlabReader,
-    uniform: bool,
     cursor: usize,
 }
 
 impl LeastConnections {
     pub(crate) fn new(cands: &[Candidate], reader: SlabReader) -> Self {
-        let mut order: Vec<Slotted> = cands
-            .iter()
-            .enumerate()
-            .map(|(i, c)| Slotted { slot: c.endpoint.load.index(), cand: i as u32, weight: c.weight })
-            .collect();
-        order.sort_unstable_by_key(|s| s.slot);
-        let uniform = cands.windows(2).all(|w| w[0].weight == w[1].weight);
-        LeastConnections { order, reader, uniform, cursor: 0 }
+        let mut classes: Vec<Class> = Vec::new();
+        for (i, c) in cands.iter().enumerate() {
+            let weight = u64::from(c.weight.max(1));
+            let entry = Slotted { slot: c.endpoint.load.index(), cand: i as u32 };
+            match classes.iter_mut().find(|k| k.weight == weight) {
+                Some(k) => k.order.push(entry),
+                None => classes.push(Class { weight, order: vec![entry] }),
+            }
+        }
+        for k in &mut classes {
+            k.order.sort_unstable_by_key(|s| s.slot);
+        }
+        LeastConnections { classes, reader, cursor: 0 }
     }
 
-    /// The least loaded candidate over all of them, scanning from a cursor
-    /// that advances each pick, so that ties rotate instead of always landing
-    /// on the first. With uniform weights the comparison is on in-flight
-    /// counts alone; strict `<` keeps the first of equal minima.
+    /// The least loaded candidate per unit of weight, over all of them.
+    ///
+    /// Scans start at a cursor that advances each pick, and strict `<` keeps
+    /// the first of equal minima, so ties rotate instead of always landing on
+    /// the same endpoint.
     #[inline]
     pub(crate) fn pick(&mut self) -> Option<usize> {
-        let n = self.order.len();
-        if n == 0 {
+        let k = self.classes.len();
+        if k == 0 {
             return None;
         }
-        let start = self.cursor % n;
-        self.cursor = start + 1;
-        let (tail, head) = (&self.order[start..], &self.order[..start]);
-        let reader = &self.reader;
-        let mut best = tail[0];
-        if self.uniform {
-            let mut best_load = reader.get(best.slot);
-            for s in tail[1..].iter().chain(head) {
-                let load = reader.get(s.slot);
-                if load < best_load {
-                    best = *s;
-                    best_load = load;
-                }
+        let cursor = self.cursor;
+        self.cursor = cursor.wrapping_add(1);
+        let mut best: Option<(Pending, u32)> = None;
+        for i in 0..k {
+            let class = &self.classes[(cursor + i) % k];
+            let (head, tail) = class.order.split_at(cursor % class.order.len());
+            let (load, cand) = self.min_in(tail, head);
+            let load = Pending { load: u64::from(load) + 1, weight: class.weight };
+            if best.is_none_or(|(b, _)| load.less_than(b)) {
+                best = Some((load, cand));
             }
-        } else {
-            let pending =
-                |s: &Slotted| Pending { load: u64::from(reader.get(s.slot)) + 1, weight: u64::from(s.weight.max(1)) };
-            let mut best_load = pending(&best);
-            for s in tail[1..].iter().chain(head) {
-                let load = pending(s);
-                if load.less_than(best_load) {
-                    best = *s;
+        }
+        best.map(|(_, cand)| cand as usize)
+    }
+
+    /// The first minimum of the in-flight counts over `first` then `then`
+    /// (`first` is not empty), and its candidate.
+    #[inline(always)]
+    fn min_in(&self, first: &[Slotted], then: &[Slotted]) -> (u32, u32) {
+        let mut best = first[0].cand;
+        let mut best_load = self.reader.get(first[0].slot);
+        // Two plain loops rather than a chained iterator: the compiler unrolls these.
+        for part in [&first[1..], then] {
+            for s in part {
+                let load = self.reader.get(s.slot);
+                if load < best_load {
+                    best = s.cand;
                     best_load = load;
                 }
             }
         }
-        Some(best.cand as usize)
+        (best_load, best)
     }
 }
 

@@ -91,7 +91,10 @@ impl SlabReader {
     #[inline]
     pub(crate) fn get(&self, index: u32) -> u32 {
         let i = index as usize;
-        self.chunks.get(i / CHUNK).map_or(0, |c| c.counters[i % CHUNK].load(Ordering::Relaxed))
+        match self.chunks.get(i / CHUNK) {
+            Some(c) => c.counters[i % CHUNK].load(Ordering::Relaxed),
+            None => 0,
+        }
     }
 }
 

@@ -194,6 +194,8 @@ fn a_track_at_weight_zero_gets_nothing() {
     let canary_token = b.set().members()[3].endpoint().affinity_token();
     let pinned = Request { affinity: Some(canary_token), ..Default::default() };
     assert_ne!(pick_addr(&mut b, &pinned), Some(addr(3)), "a pin does not reopen a closed track");
+    let retry = Request { exclude: &[addr(0), addr(1)], ..Default::default() };
+    assert_eq!(pick_addr(&mut b, &retry), None, "nor does a retry");
 }
 
 // ---- accounting ----
