@@ -89,3 +89,31 @@ fn least_connections_prefers_heavier_endpoints_in_proportion() {
     let on_heavy = held.iter().filter(|p| p.addr() == addr(0)).count();
     assert_eq!(on_heavy, 20);
 }
+
+proptest! {
+    #[test]
+    fn least_connections_holds_after_snapshots_reshuffle_its_counters(
+        loads in prop::collection::vec(0u32..5, 2..20),
+        weights in prop::collection::vec(1u32..4, 20),
+    ) {
+        // Dropping endpoints and adding others reuses counter slots out of
+        // address order; the choice must still be the least loaded.
+        let (clock, _) = simple(Algorithm::LeastConnections, vec![]);
+        let first = set(&clock, specs(loads.len() + 5));
+        let kept: Vec<_> = specs(loads.len() + 5).into_iter().skip(5).collect();
+        let middle = std::sync::Arc::new(first.update(kept).unwrap());
+        drop(first);
+        let n = loads.len();
+        let last = std::sync::Arc::new(
+            middle.update((0..n).map(|i| fulcrum::balance::EndpointSpec::new(addr(i)).weight(weights[i]))).unwrap(),
+        );
+        let config = fulcrum::balance::BalancerConfig { panic_threshold_percent: 0, ..fulcrum::balance::BalancerConfig::new(Algorithm::LeastConnections) };
+        let mut b = balancer(config, last);
+        let _held = hold(&mut b, &loads);
+        let score = |i: usize| (f64::from(loads[i]) + 1.0) / f64::from(weights[i]);
+        let best = (0..n).map(score).fold(f64::INFINITY, f64::min);
+        let p = b.pick(&Request::default()).unwrap();
+        let i = (0..n).find(|&i| addr(i) == p.addr()).unwrap();
+        prop_assert_eq!(score(i), best);
+    }
+}
