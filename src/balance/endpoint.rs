@@ -313,29 +313,24 @@ impl EndpointSet {
         specs: impl IntoIterator<Item = EndpointSpec>,
     ) -> Result<Self, SetError> {
         let ctx = SetContext::new(clock, ewma);
-        Self::build(ctx, specs, |_| None)
-    }
-
-    /// An empty first snapshot.
-    pub fn empty(clock: Arc<dyn Clock>) -> Self {
-        let ctx = SetContext::new(clock, EwmaConfig::default());
-        EndpointSet { ctx, members: Vec::new(), tracks: Vec::new(), tokens: Vec::new() }
+        Self::build(ctx, specs, None)
     }
 
     /// The next snapshot: endpoints whose address stays keep their state;
     /// new ones start their slow start now.
     pub fn update(&self, specs: impl IntoIterator<Item = EndpointSpec>) -> Result<Self, SetError> {
         let now = self.ctx.clock.now();
-        let set =
-            Self::build(self.ctx.clone(), specs, |addr| Some(self.get(addr).map(|m| m.endpoint.clone()).ok_or(now)))?;
+        let set = Self::build(self.ctx.clone(), specs, Some((self, now)))?;
         set.ctx.epoch.fetch_add(1, Ordering::AcqRel);
         Ok(set)
     }
 
+    /// A snapshot of `specs`. With a `previous` snapshot, its endpoints are
+    /// reused and newcomers ramp from the given time; without, all are warm.
     fn build(
         ctx: Arc<SetContext>,
         specs: impl IntoIterator<Item = EndpointSpec>,
-        existing: impl Fn(SocketAddr) -> Option<Result<Arc<Endpoint>, Nanos>>,
+        previous: Option<(&EndpointSet, Nanos)>,
     ) -> Result<Self, SetError> {
         let mut specs: Vec<EndpointSpec> = specs.into_iter().collect();
         if specs.len() > u32::MAX as usize {
@@ -351,9 +346,11 @@ impl EndpointSet {
         let members: Vec<Member> = specs
             .into_iter()
             .map(|s| {
-                let endpoint = match existing(s.addr) {
-                    Some(Ok(e)) => e,
-                    Some(Err(since)) => Arc::new(Endpoint::new(s.addr, ctx.clone(), Some(since))),
+                let endpoint = match previous {
+                    Some((prev, now)) => match prev.get(s.addr) {
+                        Some(m) => m.endpoint.clone(),
+                        None => Arc::new(Endpoint::new(s.addr, ctx.clone(), Some(now))),
+                    },
                     None => Arc::new(Endpoint::new(s.addr, ctx.clone(), None)),
                 };
                 // Every spec's track is in `tracks`, and there are at most u32::MAX of them.
