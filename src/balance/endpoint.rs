@@ -241,6 +241,11 @@ impl Endpoint {
         }
     }
 
+    /// Forgets the current run of failures (after an ejection ends).
+    pub(crate) fn reset_failures(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+    }
+
     pub(crate) fn record(&self, failed: bool, cancelled: bool) {
         self.requests.fetch_add(1, Ordering::Relaxed);
         if failed {

@@ -25,6 +25,7 @@ mod endpoint;
 mod least;
 mod load;
 mod maglev;
+mod outlier;
 mod random;
 mod slab;
 mod smooth_wrr;
@@ -38,3 +39,4 @@ pub use endpoint::{
 };
 pub use load::{Outcome, Pick};
 pub use maglev::{DEFAULT_TABLE_SIZE, hash_key, table_size};
+pub use outlier::{OutlierConfig, OutlierDetector, OutlierEvent};

@@ -8,6 +8,7 @@ mod common;
 mod features;
 mod least;
 mod maglev;
+mod outlier;
 mod peak_ewma;
 mod random;
 mod robustness;
