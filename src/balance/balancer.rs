@@ -195,7 +195,7 @@ impl Balancer {
                 }
                 Selector::Maglev(m) => match req.hash {
                     Some(h) => m.lookup(h, attempt),
-                    None => (!cands.is_empty()).then(|| self.rng.usize(..cands.len())),
+                    None => Some(self.rng.usize(..cands.len())),
                 },
             }?;
             if req.exclude.is_empty() || !excluded(i) {
