@@ -12,7 +12,7 @@ use super::slab::SlabReader;
 /// The +1 counts the request being placed, so an idle heavy endpoint beats an
 /// idle light one, as in HAProxy's `leastconn`.
 #[derive(Clone, Copy, Debug)]
-struct Pending {
+pub(crate) struct Pending {
     load: u64,
     weight: u64,
 }
@@ -145,22 +145,19 @@ pub(crate) fn p2c<C: PartialOrd>(
     }
 }
 
-/// LeastRequest: the pending-work cost, compared exactly.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct PendingCost(Pending);
-
-impl PartialEq for PendingCost {
+impl PartialEq for Pending {
     fn eq(&self, other: &Self) -> bool {
-        !self.0.less_than(other.0) && !other.0.less_than(self.0)
+        !self.less_than(*other) && !other.less_than(*self)
     }
 }
 
-impl PartialOrd for PendingCost {
+/// Compared exactly, as fractions, so that p2c can use it as a cost.
+impl PartialOrd for Pending {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         use std::cmp::Ordering::*;
-        Some(if self.0.less_than(other.0) {
+        Some(if self.less_than(*other) {
             Less
-        } else if other.0.less_than(self.0) {
+        } else if other.less_than(*self) {
             Greater
         } else {
             Equal
@@ -168,9 +165,10 @@ impl PartialOrd for PendingCost {
     }
 }
 
+/// LeastRequest's cost: the pending work per unit of weight.
 #[inline]
-pub(crate) fn pending_cost(c: &Candidate) -> PendingCost {
-    PendingCost(Pending::of(c))
+pub(crate) fn pending_cost(c: &Candidate) -> Pending {
+    Pending::of(c)
 }
 
 /// PeakEwma: latency estimate × (in-flight + 1) / weight. The estimate is
