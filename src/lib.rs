@@ -6,3 +6,5 @@
 //! - [`balance`]: the sans-IO balancing core (algorithms, load, affinity).
 
 pub mod balance;
+pub mod discovery;
+pub mod proxy;

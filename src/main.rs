@@ -1,13 +1,109 @@
 //! The `fulcrum` command line.
 
-use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use fulcrum::discovery::ReloadResult;
+use fulcrum::discovery::file::{DEFAULT_POLL, FileSource};
+use fulcrum::proxy::Proxy;
+use tokio::signal::unix::{SignalKind, signal};
 
 /// Fulcrum: a Kubernetes operator and Rust proxy that keep an application up
 /// and spread its load well.
 #[derive(Debug, Parser)]
 #[command(name = "fulcrum", version, about, long_about = None)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _cli = Cli::parse();
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the load-balancing proxy in front of the endpoints of a config file.
+    ///
+    /// The file is watched: a valid change applies within a second without
+    /// dropping connections; an invalid one is logged and ignored. SIGHUP
+    /// reloads at once; SIGTERM drains and exits.
+    Proxy {
+        /// The YAML configuration file.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: PathBuf,
+        /// Check the configuration and exit (0 valid, 2 invalid).
+        #[arg(long)]
+        check: bool,
+    },
+}
+
+/// Exit status for unusable input (a configuration error).
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match cli.command {
+        Command::Proxy { config, check } => proxy(config, check),
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+fn proxy(path: PathBuf, check: bool) -> ExitCode {
+    let mut source = FileSource::new(&path, DEFAULT_POLL);
+    let snapshot = match source.load() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("fulcrum: invalid configuration {}: {e}", path.display());
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if check {
+        println!("{}: valid", path.display());
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fulcrum: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let proxy = match Proxy::bind(&snapshot).await {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("fulcrum: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let (tx, rx) = tokio::sync::watch::channel(Arc::new(snapshot));
+        let shared = proxy.shared();
+        let trigger = source.trigger();
+        tokio::spawn(source.watch(tx, move |r| shared.metrics.reload(r == ReloadResult::Applied)));
+        let (Ok(mut hup), Ok(mut term), Ok(mut int)) =
+            (signal(SignalKind::hangup()), signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+        else {
+            eprintln!("fulcrum: cannot install signal handlers");
+            return ExitCode::FAILURE;
+        };
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the configuration");
+                trigger.notify_one();
+            }
+        });
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+            }
+        };
+        proxy.run(rx, shutdown).await;
+        ExitCode::SUCCESS
+    })
 }

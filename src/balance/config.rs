@@ -62,6 +62,22 @@ impl Algorithm {
     }
 }
 
+impl std::str::FromStr for Algorithm {
+    type Err = UnknownAlgorithm;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Algorithm::ALL.into_iter().find(|a| a.name() == s).ok_or_else(|| UnknownAlgorithm(s.to_owned()))
+    }
+}
+
+/// A name that is not one of [`Algorithm::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown algorithm {0:?}; expected one of RoundRobin, WeightedRoundRobin, Random, LeastConnections, \
+     LeastRequest, PeakEwma, ConsistentHash"
+)]
+pub struct UnknownAlgorithm(pub String);
+
 impl std::fmt::Display for Algorithm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())

@@ -35,6 +35,8 @@ pub struct Pick {
     start: Nanos,
     /// Completed explicitly; dropping must not release again.
     done: bool,
+    /// Latency already fed to the estimator by [`Pick::observe_latency_at`].
+    observed: bool,
 }
 
 impl std::fmt::Debug for Pick {
@@ -46,7 +48,7 @@ impl std::fmt::Debug for Pick {
 impl Pick {
     pub(crate) fn start(endpoint: Arc<Endpoint>, now: Nanos) -> Self {
         endpoint.load.counter().fetch_add(1, Ordering::Relaxed);
-        Pick { endpoint, start: now, done: false }
+        Pick { endpoint, start: now, done: false, observed: false }
     }
 
     /// The chosen endpoint's address.
@@ -82,13 +84,26 @@ impl Pick {
         self.done = true;
     }
 
+    /// Feeds the latency from the pick to `now` to the endpoint's estimate
+    /// without releasing it: for work whose latency is known before it ends
+    /// (time to response headers of a streamed body, time to connect of a TCP
+    /// connection). Later completion then only releases and counts.
+    pub fn observe_latency_at(&mut self, now: Nanos) {
+        if !self.observed {
+            let e = &self.endpoint;
+            e.ewma.observe(now, nanos_f64(now.since(self.start)), false, &e.ctx.ewma);
+            self.observed = true;
+        }
+    }
+
     fn finish(&self, outcome: Outcome, now: Nanos) {
         let e = &self.endpoint;
-        let rtt = nanos_f64(now.since(self.start));
         // A fast failure (connection refused) must not make a broken endpoint
         // look fast: failures count as at least the current estimate.
         let penalize = outcome == Outcome::Failure;
-        e.ewma.observe(now, rtt, penalize, &e.ctx.ewma);
+        if !self.observed || penalize {
+            e.ewma.observe(now, nanos_f64(now.since(self.start)), penalize, &e.ctx.ewma);
+        }
         e.record(outcome == Outcome::Failure, outcome == Outcome::Cancelled);
         e.load.counter().fetch_sub(1, Ordering::Relaxed);
     }

@@ -32,8 +32,8 @@ mod smooth_wrr;
 
 pub use affinity::{AffinityToken, BadToken};
 pub use balancer::{Balancer, Request};
-pub use clock::{Clock, ManualClock, Nanos, SystemClock};
-pub use config::{Algorithm, BalancerConfig, ConfigError};
+pub use clock::{Clock, ManualClock, Nanos, SystemClock, duration_nanos};
+pub use config::{Algorithm, BalancerConfig, ConfigError, UnknownAlgorithm};
 pub use endpoint::{
     DEFAULT_TRACK, Endpoint, EndpointSet, EndpointSpec, EwmaConfig, Health, HealthFlag, Member, SetError,
 };

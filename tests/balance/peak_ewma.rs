@@ -58,3 +58,20 @@ fn load_aware_algorithms_beat_round_robin_on_a_slow_endpoint() {
         assert!(share < 0.10, "{algorithm}: {share}");
     }
 }
+
+#[test]
+fn latency_observed_before_completion_is_counted_once_and_load_until_completion() {
+    let (clock, mut b) = simple(Algorithm::PeakEwma, specs(1));
+    let mut p = b.pick(&Request::default()).unwrap();
+    // Response headers after 200 ms: the estimate jumps to the peak at once.
+    clock.advance(Duration::from_millis(200));
+    p.observe_latency_at(fulcrum::balance::Nanos(200_000_000));
+    let e = p.endpoint().clone();
+    assert!((e.latency_estimate().as_secs_f64() - 0.2).abs() < 1e-6, "{:?}", e.latency_estimate());
+    assert_eq!(e.in_flight(), 1, "still streaming the body");
+    // The body ends 10 s later: that time is not a latency sample.
+    clock.advance(Duration::from_secs(10));
+    p.complete(Outcome::Success);
+    assert_eq!(e.in_flight(), 0);
+    assert!(e.latency_estimate() < Duration::from_millis(200), "{:?}", e.latency_estimate());
+}

@@ -1,0 +1,107 @@
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/endpoints`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use serde_json::json;
+
+use super::state::Shared;
+use crate::balance::HealthFlag;
+
+/// Answers one admin request.
+pub(crate) async fn serve(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (status, content_type, body) = match (req.method().as_str(), req.uri().path()) {
+        ("GET", "/metrics") => {
+            (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", shared.metrics.encode())
+        }
+        ("GET", "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        ("GET", "/readyz") => {
+            let (ready, why) = readiness(&shared);
+            let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            (status, "text/plain", format!("{why}\n"))
+        }
+        ("GET", "/endpoints") => (StatusCode::OK, "application/json", endpoints_json(&shared)),
+        ("GET", _) => (StatusCode::NOT_FOUND, "text/plain", "try /metrics, /healthz, /readyz or /endpoints\n".into()),
+        _ => (StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n".into()),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    Ok(resp)
+}
+
+/// Ready when not draining and at least one endpoint may take traffic.
+pub(crate) fn readiness(shared: &Shared) -> (bool, &'static str) {
+    if shared.draining.load(Ordering::Relaxed) {
+        return (false, "draining");
+    }
+    let rt = shared.runtime();
+    if rt.set.members().iter().any(|m| m.weight() > 0 && m.endpoint().health().is_available()) {
+        (true, "ready")
+    } else {
+        (false, "no endpoint available")
+    }
+}
+
+fn health_name(flag: HealthFlag) -> &'static str {
+    match flag {
+        HealthFlag::ActiveCheckFailed => "activeCheckFailed",
+        HealthFlag::Ejected => "ejected",
+        HealthFlag::NotReady => "notReady",
+        HealthFlag::Draining => "draining",
+    }
+}
+
+/// Every endpoint with its health, load, latency and counters.
+pub(crate) fn endpoints_json(shared: &Shared) -> String {
+    let rt = shared.runtime();
+    let endpoints: Vec<_> = rt
+        .set
+        .members()
+        .iter()
+        .map(|m| {
+            let e = m.endpoint();
+            let health = e.health();
+            let flags: Vec<&str> =
+                [HealthFlag::ActiveCheckFailed, HealthFlag::Ejected, HealthFlag::NotReady, HealthFlag::Draining]
+                    .into_iter()
+                    .filter(|f| health.has(*f))
+                    .map(health_name)
+                    .collect();
+            let responses: serde_json::Map<String, serde_json::Value> = rt
+                .stats
+                .get(&e.addr())
+                .map(|s| s.responses().into_iter().map(|(k, v)| (k.to_owned(), json!(v))).collect())
+                .unwrap_or_default();
+            json!({
+                "address": e.addr().to_string(),
+                "track": rt.set.track_of(m),
+                "weight": m.weight(),
+                "healthy": health.is_available(),
+                "flags": flags,
+                "inFlight": e.in_flight(),
+                "latencyEwmaMs": e.latency_estimate().as_secs_f64() * 1000.0,
+                "requests": e.requests(),
+                "failures": e.failures(),
+                "consecutiveFailures": e.consecutive_failures(),
+                "responses": responses,
+            })
+        })
+        .collect();
+    let doc = json!({
+        "generation": rt.generation,
+        "protocol": rt.config.protocol,
+        "algorithm": rt.config.load_balancing.algorithm.name(),
+        "panic": shared.in_panic(),
+        "draining": shared.draining.load(Ordering::Relaxed),
+        "endpoints": endpoints,
+    });
+    let mut text = serde_json::to_string_pretty(&doc).unwrap_or_default();
+    text.push('\n');
+    text
+}

@@ -1,0 +1,610 @@
+//! The proxy's configuration file: one YAML format for the standalone file and
+//! the ConfigMap the operator renders, in the vocabulary of the custom resource.
+//!
+//! Parsing is strict (unknown keys are errors) and [`ProxyConfig::validate`]
+//! checks every cross-field rule, so a running proxy only ever applies a
+//! configuration that can work. Every error is one line that starts with the
+//! path of the offending field.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::balance::{Algorithm, BalancerConfig, DEFAULT_TABLE_SIZE, DEFAULT_TRACK, EndpointSpec, OutlierConfig};
+
+/// Most retries a request may make; each one holds the client's request open.
+pub const MAX_RETRY_ATTEMPTS: u32 = 5;
+
+/// The whole proxy configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Address the client listener binds.
+    pub listen: SocketAddr,
+    /// HTTP (per-request balancing) or TCP (per-connection).
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Address of the admin listener (/metrics, /healthz, /readyz, /endpoints). None: no admin listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<SocketAddr>,
+    /// How endpoints are chosen.
+    #[serde(default)]
+    pub load_balancing: LoadBalancing,
+    /// Backends, when the proxy runs standalone; empty when they are discovered.
+    #[serde(default)]
+    pub endpoints: Vec<EndpointConfig>,
+    /// Active and passive health checking.
+    #[serde(default)]
+    pub health_check: HealthCheck,
+    /// Retries of failed requests on other endpoints.
+    #[serde(default)]
+    pub retries: Retries,
+    /// Connection and request time limits.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+}
+
+/// What the proxy balances.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Protocol {
+    /// HTTP/1.1 and h2c from clients on one port; each request is balanced.
+    #[default]
+    #[serde(rename = "HTTP")]
+    Http,
+    /// Raw TCP; each connection is balanced and copied both ways.
+    #[serde(rename = "TCP")]
+    Tcp,
+}
+
+/// Algorithm and its options.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoadBalancing {
+    /// The balancing algorithm.
+    #[serde(default, with = "algorithm_name")]
+    pub algorithm: Algorithm,
+    /// Key for ConsistentHash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_on: Option<HashOn>,
+    /// Sticky sessions through a cookie (HTTP only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity: Option<SessionAffinity>,
+    /// Ramp-up window for new and recovered endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_start: Option<Dur>,
+    /// Below this percentage of available endpoints, balance over all of them.
+    #[serde(default = "default_panic_threshold")]
+    pub panic_threshold_percent: u8,
+    /// Traffic split by endpoint track, as relative weights.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tracks: BTreeMap<String, u32>,
+    /// Smallest Maglev lookup table (a prime); grown to 100 × endpoints when needed.
+    #[serde(default = "default_table_size")]
+    pub maglev_table_size: u64,
+}
+
+impl Default for LoadBalancing {
+    fn default() -> Self {
+        LoadBalancing {
+            algorithm: Algorithm::default(),
+            hash_on: None,
+            session_affinity: None,
+            slow_start: None,
+            panic_threshold_percent: default_panic_threshold(),
+            tracks: BTreeMap::new(),
+            maglev_table_size: DEFAULT_TABLE_SIZE,
+        }
+    }
+}
+
+fn default_panic_threshold() -> u8 {
+    50
+}
+
+fn default_table_size() -> u64 {
+    DEFAULT_TABLE_SIZE
+}
+
+/// The source of the consistent-hashing key: exactly one of the three.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HashOn {
+    /// Hash the client's IP address.
+    #[serde(default, rename = "sourceIP", skip_serializing_if = "std::ops::Not::not")]
+    pub source_ip: bool,
+    /// Hash the value of this request header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// Hash the value of this cookie.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<String>,
+}
+
+/// Where a consistent-hashing key comes from, once validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HashKey {
+    /// The client's IP address.
+    SourceIp,
+    /// A request header (lower case).
+    Header(http::HeaderName),
+    /// A cookie.
+    Cookie(String),
+}
+
+/// Cookie-based session affinity.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SessionAffinity {
+    /// Cookie name.
+    #[serde(default = "default_affinity_cookie")]
+    pub cookie: String,
+    /// Cookie lifetime (Max-Age).
+    #[serde(default = "default_affinity_ttl")]
+    pub ttl: Dur,
+}
+
+fn default_affinity_cookie() -> String {
+    "FULCRUM_AFFINITY".to_owned()
+}
+
+fn default_affinity_ttl() -> Dur {
+    Dur(Duration::from_secs(3600))
+}
+
+/// One backend of the standalone proxy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// IP address and port.
+    pub address: SocketAddr,
+    /// Relative weight; 0 takes the endpoint out of rotation.
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Track (for traffic splits), `stable` unless set.
+    #[serde(default = "default_track")]
+    pub track: String,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn default_track() -> String {
+    DEFAULT_TRACK.to_owned()
+}
+
+/// Health checking.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HealthCheck {
+    /// Probes sent to every endpoint. None: no active checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<ActiveCheck>,
+    /// Ejection on consecutive failures of real traffic.
+    #[serde(default)]
+    pub passive: PassiveCheck,
+}
+
+/// Active health checks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ActiveCheck {
+    /// An HTTP GET that must answer 2xx.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpCheck>,
+    /// A TCP connect that must succeed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpCheck>,
+    /// Time between probes of one endpoint.
+    #[serde(default = "two_seconds")]
+    pub interval: Dur,
+    /// Time a probe may take.
+    #[serde(default = "one_second")]
+    pub timeout: Dur,
+    /// Consecutive successes that bring a failed endpoint back.
+    #[serde(default = "two")]
+    pub healthy_threshold: u32,
+    /// Consecutive failures that take an endpoint out.
+    #[serde(default = "two")]
+    pub unhealthy_threshold: u32,
+}
+
+/// The HTTP probe.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpCheck {
+    /// Path requested.
+    #[serde(default = "default_health_path")]
+    pub path: String,
+}
+
+fn default_health_path() -> String {
+    "/healthz".to_owned()
+}
+
+/// The TCP probe (no options).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpCheck {}
+
+/// What kind of probe an active check sends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// HTTP GET of a path.
+    Http(http::uri::PathAndQuery),
+    /// TCP connect.
+    Tcp,
+}
+
+/// Passive outlier ejection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PassiveCheck {
+    /// Consecutive failures (connection errors, 5xx, timeouts) that eject an endpoint; 0 disables.
+    #[serde(default = "five")]
+    pub consecutive_failures: u32,
+    /// First ejection time; doubles with each repeated ejection.
+    #[serde(default = "thirty_seconds")]
+    pub base_ejection_time: Dur,
+    /// Longest ejection time.
+    #[serde(default = "five_minutes")]
+    pub max_ejection_time: Dur,
+    /// Never eject more than this percentage of endpoints.
+    #[serde(default = "fifty")]
+    pub max_ejection_percent: u8,
+}
+
+impl Default for PassiveCheck {
+    fn default() -> Self {
+        PassiveCheck {
+            consecutive_failures: five(),
+            base_ejection_time: thirty_seconds(),
+            max_ejection_time: five_minutes(),
+            max_ejection_percent: fifty(),
+        }
+    }
+}
+
+/// Retries on other endpoints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Retries {
+    /// How many other endpoints a failed request may try after the first; 0 disables.
+    #[serde(default = "two")]
+    pub attempts: u32,
+    /// Retries may add at most this percentage to the request rate.
+    #[serde(default = "twenty")]
+    pub budget_percent: u32,
+}
+
+impl Default for Retries {
+    fn default() -> Self {
+        Retries { attempts: two(), budget_percent: twenty() }
+    }
+}
+
+/// Time limits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Timeouts {
+    /// Connecting to an endpoint.
+    #[serde(default = "one_second")]
+    pub connect: Dur,
+    /// From sending a request to receiving the response headers.
+    #[serde(default = "thirty_seconds")]
+    pub request: Dur,
+    /// An idle client connection (and a pooled backend connection) is closed after this.
+    #[serde(default = "sixty_seconds")]
+    pub idle: Dur,
+    /// On SIGTERM, how long in-flight work may take to finish.
+    #[serde(default = "default_drain")]
+    pub drain: Dur,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts { connect: one_second(), request: thirty_seconds(), idle: sixty_seconds(), drain: default_drain() }
+    }
+}
+
+fn two() -> u32 {
+    2
+}
+fn five() -> u32 {
+    5
+}
+fn twenty() -> u32 {
+    20
+}
+fn fifty() -> u8 {
+    50
+}
+fn one_second() -> Dur {
+    Dur(Duration::from_secs(1))
+}
+fn two_seconds() -> Dur {
+    Dur(Duration::from_secs(2))
+}
+fn thirty_seconds() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+fn sixty_seconds() -> Dur {
+    Dur(Duration::from_secs(60))
+}
+fn five_minutes() -> Dur {
+    Dur(Duration::from_secs(300))
+}
+fn default_drain() -> Dur {
+    Dur(Duration::from_secs(25))
+}
+
+/// A duration written as `500ms`, `2s`, `1h30m`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl Serialize for Dur {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map(Dur)
+            .map_err(|e| serde::de::Error::custom(format_args!("{s:?} is not a duration like 500ms, 2s or 1h ({e})")))
+    }
+}
+
+mod algorithm_name {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::balance::Algorithm;
+
+    pub fn serialize<S: Serializer>(a: &Algorithm, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(a.name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Algorithm, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A configuration that cannot be used, with the path of the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {message}")]
+    Read {
+        /// File path.
+        path: String,
+        /// Why.
+        message: String,
+    },
+    /// Not YAML, or not the expected shape (unknown key, wrong type).
+    #[error("{0}")]
+    Parse(String),
+    /// A field's value breaks a rule.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// Path of the field, as written in the file (`loadBalancing.hashOn`).
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, message: impl fmt::Display) -> ConfigError {
+    ConfigError::Invalid { field: field.into(), message: message.to_string() }
+}
+
+impl ProxyConfig {
+    /// Reads, parses and validates a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Read { path: path.display().to_string(), message: e.to_string() })?;
+        Self::parse(&text)
+    }
+
+    /// Parses and validates YAML text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        // YAML first, then the typed shape through serde_path_to_error, so that
+        // a wrong type or an unknown key is reported with its field path.
+        let value: serde_json::Value = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse(one_line(&e)))?;
+        let config: ProxyConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path == "." { ConfigError::Parse(inner.to_string()) } else { invalid(path, inner) }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The YAML form of this configuration.
+    pub fn to_yaml(&self) -> String {
+        // Serializing plain data structures to a String cannot fail.
+        serde_saphyr::to_string(self).unwrap_or_default()
+    }
+
+    /// Checks every rule that parsing alone does not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let lb = &self.load_balancing;
+        self.balancer_config().validate().map_err(|e| {
+            let text = e.to_string();
+            match text.split_once(": ") {
+                Some((field, msg)) => invalid(format!("loadBalancing.{field}"), msg),
+                None => invalid("loadBalancing", text),
+            }
+        })?;
+        match (lb.algorithm, &lb.hash_on) {
+            (Algorithm::ConsistentHash, None) => {
+                return Err(invalid("loadBalancing.hashOn", "ConsistentHash needs a key: sourceIP, header or cookie"));
+            }
+            (Algorithm::ConsistentHash, Some(_)) => {
+                self.hash_key()?;
+            }
+            (other, Some(_)) => {
+                return Err(invalid(
+                    "loadBalancing.hashOn",
+                    format_args!("only applies to ConsistentHash, not {other}"),
+                ));
+            }
+            (_, None) => {}
+        }
+        if let Some(aff) = &lb.session_affinity {
+            if self.protocol == Protocol::Tcp {
+                return Err(invalid(
+                    "loadBalancing.sessionAffinity",
+                    "needs protocol HTTP (it works through a cookie)",
+                ));
+            }
+            check_token("loadBalancing.sessionAffinity.cookie", &aff.cookie)?;
+            if aff.ttl.0.is_zero() {
+                return Err(invalid("loadBalancing.sessionAffinity.ttl", "must be longer than zero"));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, e) in self.endpoints.iter().enumerate() {
+            if !seen.insert(e.address) {
+                return Err(invalid(format!("endpoints[{i}].address"), format_args!("{} is listed twice", e.address)));
+            }
+            if e.address.port() == 0 {
+                return Err(invalid(format!("endpoints[{i}].address"), "port 0 cannot be connected to"));
+            }
+            if e.track.is_empty() {
+                return Err(invalid(format!("endpoints[{i}].track"), "must not be empty"));
+            }
+        }
+        if let Some(active) = &self.health_check.active {
+            let f = "healthCheck.active";
+            self.probe()?;
+            if active.interval.0 < Duration::from_millis(10) {
+                return Err(invalid(format!("{f}.interval"), "must be at least 10ms"));
+            }
+            if active.timeout.0.is_zero() {
+                return Err(invalid(format!("{f}.timeout"), "must be longer than zero"));
+            }
+            if active.healthy_threshold == 0 {
+                return Err(invalid(format!("{f}.healthyThreshold"), "must be at least 1"));
+            }
+            if active.unhealthy_threshold == 0 {
+                return Err(invalid(format!("{f}.unhealthyThreshold"), "must be at least 1"));
+            }
+        }
+        let passive = &self.health_check.passive;
+        if passive.max_ejection_percent > 100 {
+            return Err(invalid("healthCheck.passive.maxEjectionPercent", "must be at most 100"));
+        }
+        if passive.consecutive_failures > 0 && passive.base_ejection_time.0.is_zero() {
+            return Err(invalid("healthCheck.passive.baseEjectionTime", "must be longer than zero"));
+        }
+        if passive.max_ejection_time < passive.base_ejection_time {
+            return Err(invalid("healthCheck.passive.maxEjectionTime", "must not be shorter than baseEjectionTime"));
+        }
+        if self.retries.attempts > MAX_RETRY_ATTEMPTS {
+            return Err(invalid("retries.attempts", format_args!("must be at most {MAX_RETRY_ATTEMPTS}")));
+        }
+        if self.retries.budget_percent > 100 {
+            return Err(invalid("retries.budgetPercent", "must be at most 100"));
+        }
+        for (name, d) in [("connect", self.timeouts.connect), ("request", self.timeouts.request)] {
+            if d.0.is_zero() {
+                return Err(invalid(format!("timeouts.{name}"), "must be longer than zero"));
+            }
+        }
+        if let Some(admin) = self.admin
+            && admin == self.listen
+            && admin.port() != 0
+        {
+            return Err(invalid("admin", "must differ from listen"));
+        }
+        Ok(())
+    }
+
+    /// The balancing core's settings.
+    pub fn balancer_config(&self) -> BalancerConfig {
+        let lb = &self.load_balancing;
+        BalancerConfig {
+            algorithm: lb.algorithm,
+            slow_start: lb.slow_start.map(|d| d.0),
+            panic_threshold_percent: lb.panic_threshold_percent,
+            tracks: lb.tracks.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            maglev_table_size: lb.maglev_table_size,
+        }
+    }
+
+    /// The passive ejection settings.
+    pub fn outlier_config(&self) -> OutlierConfig {
+        let p = &self.health_check.passive;
+        OutlierConfig {
+            consecutive_failures: p.consecutive_failures,
+            base_ejection: p.base_ejection_time.0,
+            max_ejection: p.max_ejection_time.0,
+            max_ejection_percent: p.max_ejection_percent,
+        }
+    }
+
+    /// The configured endpoints as the core's specs.
+    pub fn endpoint_specs(&self) -> Vec<EndpointSpec> {
+        self.endpoints.iter().map(|e| EndpointSpec::new(e.address).weight(e.weight).track(&e.track)).collect()
+    }
+
+    /// The consistent-hashing key source, if the algorithm uses one.
+    pub fn hash_key(&self) -> Result<Option<HashKey>, ConfigError> {
+        let f = "loadBalancing.hashOn";
+        let Some(h) = &self.load_balancing.hash_on else { return Ok(None) };
+        let given = usize::from(h.source_ip) + usize::from(h.header.is_some()) + usize::from(h.cookie.is_some());
+        if given != 1 {
+            return Err(invalid(f, "set exactly one of sourceIP: true, header or cookie"));
+        }
+        if h.source_ip {
+            return Ok(Some(HashKey::SourceIp));
+        }
+        if let Some(name) = &h.header {
+            let name = http::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| invalid(format!("{f}.header"), format_args!("{name:?} is not a valid header name")))?;
+            return Ok(Some(HashKey::Header(name)));
+        }
+        let cookie = h.cookie.clone().unwrap_or_default();
+        check_token(&format!("{f}.cookie"), &cookie)?;
+        Ok(Some(HashKey::Cookie(cookie)))
+    }
+
+    /// The active probe, if active checks are on.
+    pub fn probe(&self) -> Result<Option<Probe>, ConfigError> {
+        let f = "healthCheck.active";
+        let Some(active) = &self.health_check.active else { return Ok(None) };
+        match (&active.http, &active.tcp) {
+            (Some(h), None) => {
+                if !h.path.starts_with('/') {
+                    return Err(invalid(format!("{f}.http.path"), "must start with /"));
+                }
+                let path = h.path.parse().map_err(|_| invalid(format!("{f}.http.path"), "is not a valid path"))?;
+                Ok(Some(Probe::Http(path)))
+            }
+            (None, Some(_)) => Ok(Some(Probe::Tcp)),
+            _ => Err(invalid(f, "set exactly one of http or tcp")),
+        }
+    }
+}
+
+/// A cookie name must be an RFC 6265 token.
+fn check_token(field: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
+    if ok { Ok(()) } else { Err(invalid(field, format_args!("{name:?} is not a valid cookie name"))) }
+}
+
+/// A parse error on one line: the YAML library may render a source snippet
+/// over several lines, and the contract is one line naming the field.
+fn one_line(e: &serde_saphyr::Error) -> String {
+    let text = e.to_string();
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or("invalid YAML");
+    format!("invalid YAML: {}", first.strip_prefix("error: ").unwrap_or(first))
+}

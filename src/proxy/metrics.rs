@@ -1,0 +1,344 @@
+//! Prometheus metrics of the proxy.
+//!
+//! The request path only touches atomics: per-endpoint response counters live
+//! in [`EndpointStats`] (one per endpoint, found through the runtime's map)
+//! and the latency histogram is lock-free. Per-endpoint series are produced
+//! at scrape time by a collector that walks the current endpoint set, so an
+//! endpoint that leaves also leaves the output.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::registry::Registry;
+
+use super::state::Runtime;
+use crate::balance::HealthFlag;
+
+/// Status classes counted per endpoint; the last one counts exchanges that
+/// produced no response (connection failure, reset, timeout).
+const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
+
+/// Index into [`CLASSES`] for exchanges without a response.
+pub(crate) const NO_RESPONSE: usize = 5;
+
+/// The class index of an HTTP status.
+pub(crate) fn class_of(status: u16) -> usize {
+    match status {
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
+    }
+}
+
+/// Counters of one endpoint, kept across configuration reloads.
+#[derive(Debug)]
+pub struct EndpointStats {
+    /// The endpoint's address as an HTTP authority, built once.
+    pub(crate) authority: http::uri::Authority,
+    label: String,
+    responses: [AtomicU64; 6],
+    ejections: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+}
+
+impl EndpointStats {
+    pub(crate) fn new(addr: SocketAddr) -> Self {
+        let label = addr.to_string();
+        // A socket address always formats as a valid authority.
+        let authority = label.parse().unwrap_or_else(|_| http::uri::Authority::from_static("invalid"));
+        EndpointStats {
+            authority,
+            label,
+            responses: Default::default(),
+            ejections: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn count(&self, class: usize) {
+        self.responses[class].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_ejection(&self) {
+        self.ejections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_bytes(&self, from_client: u64, to_client: u64) {
+        self.bytes_in.fetch_add(from_client, Ordering::Relaxed);
+        self.bytes_out.fetch_add(to_client, Ordering::Relaxed);
+    }
+
+    /// Responses by class, in the order of the class names.
+    pub fn responses(&self) -> [(&'static str, u64); 6] {
+        std::array::from_fn(|i| (CLASSES[i], self.responses[i].load(Ordering::Relaxed)))
+    }
+}
+
+/// Bucket upper bounds of the latency histogram, in seconds.
+const BUCKETS: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// A lock-free latency histogram (the library's takes a mutex per observation).
+/// Clones share the counts.
+#[derive(Clone, Debug, Default)]
+pub struct LatencyHistogram(Arc<HistogramCounts>);
+
+#[derive(Debug, Default)]
+struct HistogramCounts {
+    counts: [AtomicU64; BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl LatencyHistogram {
+    /// Records one latency.
+    #[inline]
+    pub fn observe_nanos(&self, nanos: u64) {
+        let secs = nanos as f64 * 1e-9;
+        let i = BUCKETS.iter().position(|&b| secs <= b).unwrap_or(BUCKETS.len());
+        self.0.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.0.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.0.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+}
+
+impl EncodeMetric for LatencyHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let buckets: Vec<(f64, u64)> = BUCKETS
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(self.0.counts.iter().map(|c| c.load(Ordering::Relaxed)))
+            .collect();
+        let count = buckets.iter().map(|b| b.1).sum();
+        let sum = self.0.sum_nanos.load(Ordering::Relaxed) as f64 * 1e-9;
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabel {
+    code: u16,
+}
+
+/// The proxy's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Client connections open now.
+    pub active_connections: Gauge,
+    /// Client connections accepted.
+    pub connections: Counter,
+    /// Time from receiving a request to sending its response headers.
+    pub request_duration: LatencyHistogram,
+    /// Responses the proxy produced itself (no endpoint, timeout, failure), by status.
+    local_responses: Family<CodeLabel, Counter>,
+    retries: Family<ResultLabel, Counter>,
+    reloads: Family<ResultLabel, Counter>,
+}
+
+impl Metrics {
+    pub(crate) fn new(current: Arc<ArcSwap<Runtime>>) -> Self {
+        let mut registry = Registry::with_prefix("fulcrum_proxy");
+        let active_connections = Gauge::default();
+        registry.register("active_connections", "Client connections open now", active_connections.clone());
+        let connections = Counter::default();
+        registry.register("connections", "Client connections accepted", connections.clone());
+        let request_duration = LatencyHistogram::default();
+        registry.register(
+            "request_duration_seconds",
+            "Time from receiving a request to sending its response headers",
+            request_duration.clone(),
+        );
+        let local_responses = Family::default();
+        registry.register(
+            "local_responses",
+            "Responses produced by the proxy itself (no endpoint, timeout, endpoint failure), by status code",
+            local_responses.clone(),
+        );
+        let retries = Family::default();
+        registry.register(
+            "retries",
+            "Retries on another endpoint: sent, or refused by the retry budget",
+            retries.clone(),
+        );
+        let reloads = Family::default();
+        registry.register("config_reloads", "Configuration reloads by result", reloads.clone());
+        registry.register_collector(Box::new(EndpointCollector { current }));
+        Metrics { registry, active_connections, connections, request_duration, local_responses, retries, reloads }
+    }
+
+    pub(crate) fn local_response(&self, code: u16) {
+        self.local_responses.get_or_create(&CodeLabel { code }).inc();
+    }
+
+    pub(crate) fn retry(&self, sent: bool) {
+        let result = if sent { "sent" } else { "budget_exhausted" };
+        self.retries.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// Counts a configuration reload attempt.
+    pub fn reload(&self, applied: bool) {
+        let result = if applied { "success" } else { "failure" };
+        self.reloads.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// Retries sent so far.
+    pub fn retries_sent(&self) -> u64 {
+        self.retries.get_or_create(&ResultLabel { result: "sent" }).get()
+    }
+
+    /// The metrics in the Prometheus/OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Per-endpoint series, read at scrape time from the current runtime.
+#[derive(Debug)]
+struct EndpointCollector {
+    current: Arc<ArcSwap<Runtime>>,
+}
+
+impl Collector for EndpointCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let rt = self.current.load();
+        let rows: Vec<(&EndpointStats, &crate::balance::Member)> =
+            rt.set.members().iter().filter_map(|m| Some((rt.stats.get(&m.endpoint().addr())?.as_ref(), m))).collect();
+
+        if rt.config.protocol == super::config::Protocol::Http {
+            let mut e = encoder.encode_descriptor(
+                "upstream_requests",
+                "Requests sent to each endpoint, by response status class (error: no response)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (s, _) in &rows {
+                for (class, n) in s.responses() {
+                    ConstCounter::new(n)
+                        .encode(e.encode_family(&[("endpoint", s.label.as_str()), ("class", class)])?)?;
+                }
+            }
+        } else {
+            let mut e = encoder.encode_descriptor(
+                "upstream_connections",
+                "Connections opened to each endpoint, by result",
+                None,
+                MetricType::Counter,
+            )?;
+            for (s, _) in &rows {
+                let [_, (_, connected), .., (_, failed)] = s.responses();
+                for (result, n) in [("connected", connected), ("failed", failed)] {
+                    ConstCounter::new(n)
+                        .encode(e.encode_family(&[("endpoint", s.label.as_str()), ("result", result)])?)?;
+                }
+            }
+        }
+        let mut e = encoder.encode_descriptor(
+            "endpoint_healthy",
+            "1 when the endpoint may receive new traffic, 0 when a health check, ejection, readiness or draining keeps it out",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (s, m) in &rows {
+            let up = i64::from(m.endpoint().health().is_available());
+            ConstGauge::new(up).encode(e.encode_family(&[("endpoint", s.label.as_str())])?)?;
+        }
+        let mut e = encoder.encode_descriptor(
+            "endpoint_ejected",
+            "1 while passive outlier detection keeps the endpoint out",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (s, m) in &rows {
+            let ejected = i64::from(m.endpoint().health().has(HealthFlag::Ejected));
+            ConstGauge::new(ejected).encode(e.encode_family(&[("endpoint", s.label.as_str())])?)?;
+        }
+        let mut e = encoder.encode_descriptor(
+            "endpoint_in_flight",
+            "Requests (HTTP) or connections (TCP) in flight to the endpoint",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (s, m) in &rows {
+            ConstGauge::new(i64::from(m.endpoint().in_flight()))
+                .encode(e.encode_family(&[("endpoint", s.label.as_str())])?)?;
+        }
+        let mut e = encoder.encode_descriptor(
+            "endpoint_latency_ewma_seconds",
+            "Peak-EWMA latency estimate of the endpoint",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (s, m) in &rows {
+            ConstGauge::new(m.endpoint().latency_estimate().as_secs_f64())
+                .encode(e.encode_family(&[("endpoint", s.label.as_str())])?)?;
+        }
+        let mut e = encoder.encode_descriptor(
+            "ejections",
+            "Passive outlier ejections of the endpoint",
+            None,
+            MetricType::Counter,
+        )?;
+        for (s, _) in &rows {
+            ConstCounter::new(s.ejections.load(Ordering::Relaxed))
+                .encode(e.encode_family(&[("endpoint", s.label.as_str())])?)?;
+        }
+        if rt.config.protocol == super::config::Protocol::Tcp {
+            let mut e = encoder.encode_descriptor(
+                "tcp_bytes",
+                "Bytes copied between clients and the endpoint (TCP mode)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (s, _) in &rows {
+                for (direction, n) in [("to_endpoint", &s.bytes_in), ("to_client", &s.bytes_out)] {
+                    ConstCounter::new(n.load(Ordering::Relaxed))
+                        .encode(e.encode_family(&[("endpoint", s.label.as_str()), ("direction", direction)])?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Stats for the endpoints of a new snapshot, reusing those of endpoints that stay.
+pub(crate) fn carry_stats(
+    previous: Option<&HashMap<SocketAddr, Arc<EndpointStats>>>,
+    addrs: impl Iterator<Item = SocketAddr>,
+) -> HashMap<SocketAddr, Arc<EndpointStats>> {
+    addrs
+        .map(|a| {
+            let s = previous.and_then(|p| p.get(&a).cloned()).unwrap_or_else(|| Arc::new(EndpointStats::new(a)));
+            (a, s)
+        })
+        .collect()
+}

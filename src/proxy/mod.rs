@@ -1,0 +1,21 @@
+//! The data plane: listeners, forwarding, health, metrics and the admin API,
+//! on tokio and hyper, driving the balancing core.
+//!
+//! Layout: [`config`] is the file format; `state` holds the runtime swapped
+//! on each update and the per-thread balancers; `http` and `tcp` are the two
+//! request paths; `health` runs active probes and the passive sweep; `admin`
+//! serves the admin API; [`server`] binds, serves and drains.
+
+mod admin;
+pub mod config;
+mod health;
+mod http;
+pub mod metrics;
+mod retry;
+pub mod server;
+mod state;
+mod tcp;
+
+pub use retry::RetryBudget;
+pub use server::{Proxy, ProxyHandle, StartError};
+pub use state::{ApplyError, Runtime, Shared};

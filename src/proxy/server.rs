@@ -1,0 +1,303 @@
+//! Listeners and the proxy's life cycle: bind, serve, apply updates, drain.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::config::{Protocol, ProxyConfig};
+use super::state::{ApplyError, Shared};
+use super::{admin, health, http, tcp};
+use crate::discovery::Snapshot;
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration or endpoints were refused.
+    #[error(transparent)]
+    Invalid(#[from] ApplyError),
+    /// A listener could not bind.
+    #[error("{field}: cannot listen on {addr}: {source}")]
+    Bind {
+        /// The config field naming the address.
+        field: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// A bound proxy, ready to run.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+}
+
+impl Proxy {
+    /// Validates the snapshot and binds the listeners.
+    pub async fn bind(snapshot: &Snapshot) -> Result<Self, StartError> {
+        let shared = Shared::new(snapshot)?;
+        let config = &snapshot.config;
+        let listener = bind("listen", config.listen).await?;
+        let admin = match config.admin {
+            Some(addr) => Some(bind("admin", addr).await?),
+            None => None,
+        };
+        Ok(Proxy { shared, listener, admin })
+    }
+
+    /// The client listener's address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.shared.runtime().config.listen)
+    }
+
+    /// The admin listener's address, if there is one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The proxy's shared state (runtime, metrics).
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Serves until `shutdown` completes, applying every snapshot published on
+    /// `updates`; then stops accepting, lets in-flight work finish for up to
+    /// `timeouts.drain`, and returns.
+    pub async fn run(self, updates: watch::Receiver<Arc<Snapshot>>, shutdown: impl Future<Output = ()>) {
+        let Proxy { shared, listener, admin } = self;
+        let mut background = JoinSet::new();
+        background.spawn(health::run(shared.clone()));
+        background.spawn(apply_updates(shared.clone(), updates));
+        if let Some(admin) = admin {
+            background.spawn(serve_admin(shared.clone(), admin));
+        }
+        let protocol = shared.runtime().config.protocol;
+        tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), ?protocol, "proxy serving");
+        let connections = Connections::new();
+        match protocol {
+            Protocol::Http => accept_http(&shared, listener, &connections, shutdown).await,
+            Protocol::Tcp => accept_tcp(&shared, listener, &connections, shutdown).await,
+        }
+        shared.draining.store(true, Ordering::Relaxed);
+        let grace = shared.runtime().config.timeouts.drain.0;
+        tracing::info!(grace_seconds = grace.as_secs_f64(), "stopped accepting; draining in-flight work");
+        connections.drain(grace).await;
+        background.abort_all();
+    }
+}
+
+async fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { field, addr, source })
+}
+
+async fn apply_updates(shared: Arc<Shared>, mut updates: watch::Receiver<Arc<Snapshot>>) {
+    while updates.changed().await.is_ok() {
+        let snapshot = updates.borrow_and_update().clone();
+        match shared.apply(&snapshot) {
+            Ok(()) => tracing::info!(
+                generation = shared.runtime().generation,
+                endpoints = snapshot.targets.len(),
+                algorithm = %snapshot.config.load_balancing.algorithm,
+                "configuration applied"
+            ),
+            Err(e) => {
+                shared.metrics.reload(false);
+                tracing::warn!(error = %e, "update refused; keeping the current configuration");
+            }
+        }
+    }
+}
+
+/// Open client connections: a graceful signal for HTTP, a count for all,
+/// and a hard stop once the grace period is over.
+struct Connections {
+    graceful: GracefulShutdown,
+    tracker: TaskTracker,
+    hard_stop: CancellationToken,
+}
+
+impl Connections {
+    fn new() -> Self {
+        Connections {
+            graceful: GracefulShutdown::new(),
+            tracker: TaskTracker::new(),
+            hard_stop: CancellationToken::new(),
+        }
+    }
+
+    async fn drain(self, grace: Duration) {
+        self.tracker.close();
+        let Connections { graceful, tracker, hard_stop } = self;
+        let drained = tokio::time::timeout(grace, async {
+            graceful.shutdown().await;
+            tracker.wait().await;
+        })
+        .await;
+        match drained {
+            Ok(()) => tracing::info!("drained"),
+            Err(_) => {
+                tracing::warn!(open = tracker.len(), "grace period over; closing the remaining connections");
+                hard_stop.cancel();
+                tracker.wait().await;
+            }
+        }
+    }
+}
+
+/// Accepts until `shutdown`; a failed accept (out of file descriptors) backs off briefly.
+async fn accept_loop(
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    mut on_conn: impl FnMut(TcpStream, SocketAddr),
+) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => on_conn(stream, peer),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            },
+        }
+    }
+}
+
+async fn accept_http(
+    shared: &Arc<Shared>,
+    listener: TcpListener,
+    conns: &Connections,
+    shutdown: impl Future<Output = ()>,
+) {
+    let config: Arc<ProxyConfig> = shared.runtime().config.clone();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(config.timeouts.idle.0);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(config.timeouts.idle.0 / 2)
+        .keep_alive_timeout(Duration::from_secs(20));
+    let builder = Arc::new(builder);
+    accept_loop(listener, shutdown, |stream, peer| {
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let builder = builder.clone();
+        let watcher = conns.graceful.watcher();
+        let hard_stop = conns.hard_stop.clone();
+        conns.tracker.spawn(async move {
+            let metrics = &shared.metrics;
+            metrics.connections.inc();
+            metrics.active_connections.inc();
+            let client = http::Peer::new(peer);
+            let svc_shared = shared.clone();
+            let svc = service_fn(move |req| http::serve(svc_shared.clone(), client.clone(), req));
+            let conn = watcher.watch(builder.serve_connection(TokioIo::new(stream), svc));
+            tokio::select! {
+                _ = conn => {}
+                () = hard_stop.cancelled() => {}
+            }
+            shared.metrics.active_connections.dec();
+        });
+    })
+    .await;
+}
+
+async fn accept_tcp(
+    shared: &Arc<Shared>,
+    listener: TcpListener,
+    conns: &Connections,
+    shutdown: impl Future<Output = ()>,
+) {
+    accept_loop(listener, shutdown, |stream, peer| {
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let hard_stop = conns.hard_stop.clone();
+        conns.tracker.spawn(async move {
+            shared.metrics.connections.inc();
+            shared.metrics.active_connections.inc();
+            tokio::select! {
+                () = tcp::serve(shared.clone(), stream, peer) => {}
+                () = hard_stop.cancelled() => {}
+            }
+            shared.metrics.active_connections.dec();
+        });
+    })
+    .await;
+}
+
+async fn serve_admin(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| admin::serve(shared.clone(), req));
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}
+
+/// A proxy running in the background of the current tokio runtime: for the
+/// demo, tests and embedding.
+pub struct ProxyHandle {
+    /// The client listener's address.
+    pub addr: SocketAddr,
+    /// The admin listener's address.
+    pub admin: Option<SocketAddr>,
+    /// Shared state, for inspection.
+    pub shared: Arc<Shared>,
+    updates: watch::Sender<Arc<Snapshot>>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ProxyHandle {
+    /// Binds and starts a proxy serving `snapshot`.
+    pub async fn start(snapshot: Snapshot) -> Result<Self, StartError> {
+        let proxy = Proxy::bind(&snapshot).await?;
+        let (addr, admin, shared) = (proxy.local_addr(), proxy.admin_addr(), proxy.shared());
+        let (updates, rx) = watch::channel(Arc::new(snapshot));
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(proxy.run(rx, async {
+            let _ = stopped.await;
+        }));
+        Ok(ProxyHandle { addr, admin, shared, updates, stop: Some(stop), task })
+    }
+
+    /// Publishes a new snapshot, as a discovery source would.
+    pub fn update(&self, snapshot: Snapshot) {
+        self.updates.send_replace(Arc::new(snapshot));
+    }
+
+    /// Stops accepting, drains, and waits for the proxy to finish.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for ProxyHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

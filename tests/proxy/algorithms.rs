@@ -1,0 +1,171 @@
+//! Distribution through the proxy, per algorithm and option.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use fulcrum::balance::Algorithm;
+
+use crate::support::*;
+
+// One worker thread: rotation is exact per worker (each keeps its own balancer).
+#[tokio::test]
+async fn every_algorithm_spreads_sequential_requests_over_all_endpoints() {
+    let bs = backends(3).await;
+    for algorithm in Algorithm::ALL {
+        let hash = if algorithm == Algorithm::ConsistentHash { "  hashOn: {header: x-user}\n" } else { "" };
+        let p = proxy(&format!("loadBalancing:\n  algorithm: {algorithm}\n{hash}{}", endpoints_yaml(&bs))).await;
+        let c = client();
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for i in 0..300 {
+            let user = format!("user-{i}");
+            let r = get_with(&c, &p, "/", &[("x-user", &user)]).await;
+            assert_eq!(r.status, 200);
+            *counts.entry(r.backend().to_owned()).or_default() += 1;
+        }
+        assert_eq!(counts.len(), 3, "{algorithm}: {counts:?}");
+        match algorithm {
+            Algorithm::RoundRobin | Algorithm::WeightedRoundRobin | Algorithm::LeastConnections => {
+                // Sequential requests leave every endpoint idle: strict rotation.
+                assert!(counts.values().all(|&n| n == 100), "{algorithm}: {counts:?}");
+            }
+            // Latency-driven: an endpoint answering a little faster by chance gets more.
+            Algorithm::PeakEwma => assert!(counts.values().all(|&n| n >= 10), "{algorithm}: {counts:?}"),
+            _ => assert!(counts.values().all(|&n| n >= 50), "{algorithm}: {counts:?}"),
+        }
+        p.shutdown().await;
+    }
+}
+
+// One worker thread: rotation is exact per worker (each keeps its own balancer).
+#[tokio::test]
+async fn weighted_round_robin_follows_the_weights() {
+    let bs = backends(3).await;
+    let yaml = format!(
+        "loadBalancing: {{algorithm: WeightedRoundRobin}}\nendpoints:\n  - {{address: \"{}\", weight: 5}}\n  - {{address: \"{}\", weight: 1}}\n  - {{address: \"{}\", weight: 1}}\n",
+        bs[0].addr, bs[1].addr, bs[2].addr
+    );
+    let p = proxy(&yaml).await;
+    let c = client();
+    let mut seq = String::new();
+    for _ in 0..7 {
+        seq.push_str(get(&c, &p, "/").await.backend());
+        seq.push(' ');
+    }
+    assert_eq!(seq.trim(), "b1 b1 b2 b1 b3 b1 b1");
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hash_keeps_each_key_on_one_endpoint() {
+    let bs = backends(4).await;
+    for hash_on in ["{header: x-user}", "{cookie: session}"] {
+        let p =
+            proxy(&format!("loadBalancing: {{algorithm: ConsistentHash, hashOn: {hash_on}}}\n{}", endpoints_yaml(&bs)))
+                .await;
+        let c = client();
+        let mut owners = HashMap::new();
+        for round in 0..3 {
+            for user in 0..40 {
+                let (h, v) = if hash_on.contains("header") {
+                    ("x-user", format!("u{user}"))
+                } else {
+                    ("cookie", format!("a=1; session=u{user}"))
+                };
+                let backend = get_with(&c, &p, "/", &[(h, &v)]).await.backend().to_owned();
+                let owner = owners.entry(user).or_insert_with(|| backend.clone());
+                assert_eq!(*owner, backend, "{hash_on}: key u{user} moved in round {round}");
+            }
+        }
+        let distinct: std::collections::HashSet<_> = owners.values().collect();
+        assert!(distinct.len() >= 3, "40 keys should land on most of 4 endpoints: {owners:?}");
+        p.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_ip_hashing_pins_a_client_address() {
+    let bs = backends(3).await;
+    let p = proxy(&format!(
+        "loadBalancing: {{algorithm: ConsistentHash, hashOn: {{sourceIP: true}}}}\n{}",
+        endpoints_yaml(&bs)
+    ))
+    .await;
+    let counts = spread(&client(), &p, 30).await;
+    assert_eq!(counts.len(), 1, "one client address, one endpoint: {counts:?}");
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_affinity_cookie_pins_a_client_and_falls_back_when_its_endpoint_goes() {
+    let mut bs = backends(3).await;
+    let p = proxy(&format!(
+        "loadBalancing: {{sessionAffinity: {{cookie: STICKY, ttl: 10m}}}}\nhealthCheck: {{passive: {{consecutiveFailures: 1}}}}\n{}",
+        endpoints_yaml(&bs)
+    ))
+    .await;
+    let c = client();
+    let first = get(&c, &p, "/").await;
+    let set_cookie =
+        first.headers.get("set-cookie").expect("first response sets the cookie").to_str().unwrap().to_owned();
+    assert!(set_cookie.starts_with("STICKY=") && set_cookie.contains("Max-Age=600"), "{set_cookie}");
+    let token = set_cookie.split(';').next().unwrap().to_owned();
+    for _ in 0..20 {
+        let r = get_with(&c, &p, "/", &[("cookie", &token)]).await;
+        assert_eq!(r.backend(), first.backend());
+        assert!(r.headers.get("set-cookie").is_none(), "a valid cookie is not set again");
+    }
+    let pinned = bs.iter_mut().find(|b| b.name == first.backend()).unwrap();
+    pinned.kill();
+    let r = get_with(&c, &p, "/", &[("cookie", &token)]).await;
+    assert_eq!(r.status, 200, "retried on another endpoint: {r:?}");
+    assert_ne!(r.backend(), first.backend());
+    let moved = r.headers.get("set-cookie").expect("a new pin is issued").to_str().unwrap().to_owned();
+    assert_ne!(moved.split(';').next().unwrap(), token);
+    p.shutdown().await;
+}
+
+// One worker thread: rotation is exact per worker (each keeps its own balancer).
+#[tokio::test]
+async fn a_track_split_sends_the_canary_its_share() {
+    let bs = backends(4).await;
+    let yaml = format!(
+        "loadBalancing: {{tracks: {{stable: 90, canary: 10}}}}\nendpoints:\n  - {{address: \"{}\"}}\n  - {{address: \"{}\"}}\n  - {{address: \"{}\"}}\n  - {{address: \"{}\", track: canary}}\n",
+        bs[0].addr, bs[1].addr, bs[2].addr, bs[3].addr
+    );
+    let p = proxy(&yaml).await;
+    let counts = spread(&client(), &p, 1000).await;
+    let canary = counts.get("b4").copied().unwrap_or(0);
+    assert!((80..=120).contains(&canary), "canary share {canary}/1000: {counts:?}");
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peak_ewma_and_least_request_starve_a_slow_endpoint_round_robin_does_not() {
+    let bs = backends(3).await;
+    bs[2].set_delay(Duration::from_millis(40));
+    let mut share = HashMap::new();
+    for algorithm in ["RoundRobin", "LeastRequest", "PeakEwma"] {
+        let p = proxy(&format!("loadBalancing: {{algorithm: {algorithm}}}\n{}", endpoints_yaml(&bs))).await;
+        let before = bs[2].hits();
+        let total = 8 * 40;
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (c, addr) = (client(), p.addr);
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..40 {
+                    let req = http::Request::get(format!("http://{addr}/")).body(Default::default()).unwrap();
+                    assert_eq!(send(&c, req).await.unwrap().status, 200);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        share.insert(algorithm, (bs[2].hits() - before) as f64 / total as f64);
+        p.shutdown().await;
+    }
+    println!("slow endpoint share: {share:?}");
+    assert!(share["RoundRobin"] > 0.30, "{share:?}");
+    assert!(share["LeastRequest"] < 0.2, "{share:?}");
+    assert!(share["PeakEwma"] < 0.2, "{share:?}");
+}

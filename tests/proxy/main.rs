@@ -1,0 +1,12 @@
+//! Proxy integration tests over real sockets on loopback (tier 2): test
+//! backends on 127.0.0.2.., the proxy in front, faults injected.
+
+mod algorithms;
+mod config;
+mod faults;
+mod forwarding;
+mod health;
+mod process;
+mod reload;
+mod support;
+mod tcp;

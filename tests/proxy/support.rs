@@ -1,0 +1,265 @@
+//! Test backends, a client, and a proxy started from YAML, all on loopback.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fulcrum::discovery::Snapshot;
+use fulcrum::proxy::ProxyHandle;
+use fulcrum::proxy::config::ProxyConfig;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::task::{JoinHandle, JoinSet};
+
+/// What a test backend does; changed by the test while it runs.
+#[derive(Debug)]
+pub struct Behaviour {
+    pub delay_ms: AtomicU64,
+    pub status: AtomicU16,
+    pub healthy: AtomicBool,
+    /// Close the connection on each request instead of answering.
+    pub hang_up: AtomicBool,
+    pub hits: AtomicU64,
+}
+
+/// An HTTP backend on its own loopback address.
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub behaviour: Arc<Behaviour>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Backend {
+    /// Starts backend `name` on 127.0.0.`host`, on an ephemeral port.
+    pub async fn start(name: &str, host: u8) -> Backend {
+        Self::start_on(name, SocketAddr::from(([127, 0, 0, host], 0))).await
+    }
+
+    pub async fn start_on(name: &str, addr: SocketAddr) -> Backend {
+        let listener = TcpListener::bind(addr).await.expect("bind test backend");
+        let addr = listener.local_addr().expect("backend address");
+        let behaviour = Arc::new(Behaviour {
+            delay_ms: AtomicU64::new(0),
+            status: AtomicU16::new(200),
+            healthy: AtomicBool::new(true),
+            hang_up: AtomicBool::new(false),
+            hits: AtomicU64::new(0),
+        });
+        let (b, n) = (behaviour.clone(), name.to_owned());
+        let task = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let (b, n) = (b.clone(), n.clone());
+                conns.spawn(async move {
+                    let svc = service_fn(move |req| respond(b.clone(), n.clone(), req));
+                    let _ =
+                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        });
+        Backend { name: name.to_owned(), addr, behaviour, task: Some(task) }
+    }
+
+    /// Stops listening and resets every open connection, like a crashed process.
+    pub fn kill(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.behaviour.hits.load(Ordering::Relaxed)
+    }
+
+    pub fn set_delay(&self, d: Duration) {
+        self.behaviour.delay_ms.store(d.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    pub fn set_status(&self, s: u16) {
+        self.behaviour.status.store(s, Ordering::Relaxed);
+    }
+
+    pub fn set_hang_up(&self, h: bool) {
+        self.behaviour.hang_up.store(h, Ordering::Relaxed);
+    }
+
+    pub fn set_healthy(&self, h: bool) {
+        self.behaviour.healthy.store(h, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+type TestBody = Either<Full<Bytes>, Incoming>;
+
+/// `/healthz`: 200 or 503; `/echo`: streams the request body back;
+/// `/headers`: the request headers, one per line; anything else: the
+/// backend's name after the configured delay, with the configured status.
+async fn respond(
+    b: Arc<Behaviour>,
+    name: String,
+    req: Request<Incoming>,
+) -> Result<Response<TestBody>, std::io::Error> {
+    let text = |status: u16, body: String| {
+        let mut r = Response::new(Either::Left(Full::new(Bytes::from(body))));
+        *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        r.headers_mut().insert("x-backend", name.parse().expect("backend name is a header value"));
+        r
+    };
+    match req.uri().path() {
+        "/healthz" => {
+            let ok = b.healthy.load(Ordering::Relaxed);
+            return Ok(text(if ok { 200 } else { 503 }, String::new()));
+        }
+        "/echo" => {
+            b.hits.fetch_add(1, Ordering::Relaxed);
+            let mut r = Response::new(Either::Right(req.into_body()));
+            r.headers_mut().insert("x-backend", name.parse().expect("header value"));
+            return Ok(r);
+        }
+        "/headers" => {
+            b.hits.fetch_add(1, Ordering::Relaxed);
+            let lines: String =
+                req.headers().iter().map(|(k, v)| format!("{k}: {}\n", v.to_str().unwrap_or("?"))).collect();
+            return Ok(text(200, lines));
+        }
+        _ => {}
+    }
+    b.hits.fetch_add(1, Ordering::Relaxed);
+    if b.hang_up.load(Ordering::Relaxed) {
+        // An error from the service makes hyper close the connection without a response.
+        return Err(std::io::Error::other("hanging up"));
+    }
+    let delay = b.delay_ms.load(Ordering::Relaxed);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    Ok(text(b.status.load(Ordering::Relaxed), name.clone()))
+}
+
+/// Starts `n` backends named b1..bn on 127.0.0.2.. .
+pub async fn backends(n: u8) -> Vec<Backend> {
+    let mut v = Vec::new();
+    for i in 0..n {
+        v.push(Backend::start(&format!("b{}", i + 1), i + 2).await);
+    }
+    v
+}
+
+/// The YAML `endpoints:` block for `backends`.
+pub fn endpoints_yaml(backends: &[Backend]) -> String {
+    let mut s = String::from("endpoints:\n");
+    for b in backends {
+        s.push_str(&format!("  - {{address: \"{}\"}}\n", b.addr));
+    }
+    s
+}
+
+/// Starts a proxy from YAML (without `listen` and `admin`: both are added on ephemeral ports).
+pub async fn proxy(yaml: &str) -> ProxyHandle {
+    let text = format!("listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\n{yaml}");
+    let config = ProxyConfig::parse(&text).unwrap_or_else(|e| panic!("test config invalid: {e}\n{text}"));
+    ProxyHandle::start(Snapshot::standalone(config)).await.expect("proxy starts")
+}
+
+pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+/// An HTTP/1.1 keep-alive client.
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// An h2c (prior knowledge) client.
+pub fn h2_client() -> TestClient {
+    Client::builder(TokioExecutor::new()).http2_only(true).build(HttpConnector::new())
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn backend(&self) -> &str {
+        self.headers.get("x-backend").and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+}
+
+pub async fn send(client: &TestClient, req: Request<Full<Bytes>>) -> Result<Reply, String> {
+    let fut = client.request(req);
+    let resp = tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .map_err(|_| "request timed out".to_owned())?
+        .map_err(|e| format!("{e:?}"))?;
+    let (parts, body) = resp.into_parts();
+    let bytes = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Reply { status: parts.status, headers: parts.headers, body: String::from_utf8_lossy(&bytes).into_owned() })
+}
+
+pub async fn get(client: &TestClient, proxy: &ProxyHandle, path: &str) -> Reply {
+    get_with(client, proxy, path, &[]).await
+}
+
+pub async fn get_with(client: &TestClient, proxy: &ProxyHandle, path: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut b = Request::get(format!("http://{}{path}", proxy.addr));
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    send(client, b.body(Full::default()).expect("request")).await.expect("request through the proxy")
+}
+
+/// Requests per backend over `n` sequential GETs.
+pub async fn spread(client: &TestClient, proxy: &ProxyHandle, n: usize) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for _ in 0..n {
+        let r = get(client, proxy, "/").await;
+        assert_eq!(r.status, 200, "{r:?}");
+        *counts.entry(r.backend().to_owned()).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Polls `cond` every 20 ms until it holds or `limit` passes.
+pub async fn eventually<F, Fut>(limit: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// GET on the admin listener.
+pub async fn admin(proxy: &ProxyHandle, path: &str) -> Reply {
+    let addr = proxy.admin.expect("admin listener");
+    let req = Request::get(format!("http://{addr}{path}")).body(Full::default()).expect("request");
+    send(&client(), req).await.expect("admin request")
+}
