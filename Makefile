@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: build test lint unit doc bench-balance clean
+.PHONY: build test lint unit doc demo bench bench-balance bench-proxy clean
 
 build:
 	$(CARGO) build --release --locked
@@ -26,11 +26,26 @@ unit:
 doc:
 	$(CARGO) test --locked --doc
 
+## See the proxy work in about ten seconds (no cluster, loopback only).
+demo: build
+	./target/release/fulcrum demo
+
+## All benchmarks (not part of `make test`): the balancing core, then the proxy
+## against HAProxy and NGINX. Writes bench/results/ and bench/RESULTS.md.
+bench: bench-balance bench-proxy
+
 ## Balancing-core benchmark; writes bench/results/balance.md.
 bench-balance:
 	$(CARGO) bench --locked --bench balance
 	python3 bench/balance_table.py target/criterion > bench/results/balance.md
 	@cat bench/results/balance.md
+
+## Proxy benchmarks: fulcrum vs HAProxy vs NGINX on loopback; installs wrk,
+## haproxy and nginx from Debian's packages when missing.
+bench-proxy: build
+	bash bench/proxy/install.sh
+	python3 bench/proxy/run.py --fulcrum target/release/fulcrum --out bench/RESULTS.md
+	@cat bench/RESULTS.md
 
 clean:
 	$(CARGO) clean

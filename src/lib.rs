@@ -6,5 +6,6 @@
 //! - [`balance`]: the sans-IO balancing core (algorithms, load, affinity).
 
 pub mod balance;
+pub mod demo;
 pub mod discovery;
 pub mod proxy;

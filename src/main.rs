@@ -5,6 +5,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use fulcrum::balance::Algorithm;
+use fulcrum::demo::DemoOptions;
 use fulcrum::discovery::ReloadResult;
 use fulcrum::discovery::file::{DEFAULT_POLL, FileSource};
 use fulcrum::proxy::Proxy;
@@ -34,6 +36,25 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Show the proxy at work in about ten seconds, on this machine alone.
+    ///
+    /// Starts four backends on 127.0.0.2-5 (one ten times slower, one killed
+    /// half-way), a proxy per algorithm and a load generator, then prints each
+    /// backend's share, latency percentiles and errors per algorithm.
+    Demo {
+        /// Load time per algorithm.
+        #[arg(long, default_value = "1200ms", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+        concurrency: u16,
+        /// Run only these algorithms (repeat the flag for several).
+        #[arg(long = "algorithm", value_name = "NAME")]
+        algorithms: Vec<Algorithm>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
 }
 
 /// Exit status for unusable input (a configuration error).
@@ -41,16 +62,55 @@ const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
     match cli.command {
-        Command::Proxy { config, check } => proxy(config, check),
+        Command::Proxy { config, check } => {
+            init_tracing("info");
+            proxy(config, check)
+        }
+        Command::Demo { duration, concurrency, algorithms, quiet } => {
+            // The demo's own output is the table; the proxies it runs log only errors.
+            init_tracing("error");
+            let opts = DemoOptions {
+                algorithms: if algorithms.is_empty() { Algorithm::ALL.to_vec() } else { algorithms },
+                duration,
+                concurrency: usize::from(concurrency),
+                progress: !quiet,
+                ..DemoOptions::default()
+            };
+            demo(&opts)
+        }
     }
 }
 
-fn init_tracing() {
+fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+fn demo(opts: &DemoOptions) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fulcrum: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "fulcrum demo: 4 backends on 127.0.0.2-5, {} clients, {:?} per algorithm; b3 is 10x slower, b4 dies half-way.\n",
+        opts.concurrency, opts.duration
+    );
+    match runtime.block_on(fulcrum::demo::run(opts)) {
+        Ok(reports) => {
+            print!("{}", fulcrum::demo::render(&reports));
+            println!("\nShares are of the requests the backends answered; errors are requests the clients saw fail.");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fulcrum demo: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn proxy(path: PathBuf, check: bool) -> ExitCode {

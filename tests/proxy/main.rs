@@ -3,6 +3,7 @@
 
 mod algorithms;
 mod config;
+mod demo;
 mod faults;
 mod forwarding;
 mod health;
