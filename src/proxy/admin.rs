@@ -73,10 +73,9 @@ pub(crate) fn endpoints_json(shared: &Shared) -> String {
                     .filter(|f| health.has(*f))
                     .map(health_name)
                     .collect();
-            let responses: serde_json::Map<String, serde_json::Value> = rt
-                .stats
-                .get(&e.addr())
-                .map(|s| s.responses().into_iter().map(|(k, v)| (k.to_owned(), json!(v))).collect())
+            let upstream = rt.upstreams.get(&e.addr());
+            let responses: serde_json::Map<String, serde_json::Value> = upstream
+                .map(|u| u.stats.responses().into_iter().map(|(k, v)| (k.to_owned(), json!(v))).collect())
                 .unwrap_or_default();
             json!({
                 "address": e.addr().to_string(),
@@ -89,6 +88,7 @@ pub(crate) fn endpoints_json(shared: &Shared) -> String {
                 "requests": e.requests(),
                 "failures": e.failures(),
                 "consecutiveFailures": e.consecutive_failures(),
+                "idleConnections": upstream.map_or(0, |u| u.idle_count()),
                 "responses": responses,
             })
         })

@@ -19,6 +19,9 @@ use crate::balance::{Algorithm, BalancerConfig, DEFAULT_TABLE_SIZE, DEFAULT_TRAC
 /// Most retries a request may make; each one holds the client's request open.
 pub const MAX_RETRY_ATTEMPTS: u32 = 5;
 
+/// Most worker threads.
+pub const MAX_WORKERS: u16 = 256;
+
 /// The whole proxy configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -31,6 +34,10 @@ pub struct ProxyConfig {
     /// Address of the admin listener (/metrics, /healthz, /readyz, /endpoints). None: no admin listener.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<SocketAddr>,
+    /// Worker threads serving clients, each with its own listener socket
+    /// (SO_REUSEPORT), event loop, balancer and connection pools. None: one per CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<u16>,
     /// How endpoints are chosen.
     #[serde(default)]
     pub load_balancing: LoadBalancing,
@@ -507,6 +514,9 @@ impl ProxyConfig {
         if passive.max_ejection_time < passive.base_ejection_time {
             return Err(invalid("healthCheck.passive.maxEjectionTime", "must not be shorter than baseEjectionTime"));
         }
+        if self.workers.is_some_and(|w| w == 0 || w > MAX_WORKERS) {
+            return Err(invalid("workers", format_args!("must be between 1 and {MAX_WORKERS}")));
+        }
         if self.retries.attempts > MAX_RETRY_ATTEMPTS {
             return Err(invalid("retries.attempts", format_args!("must be at most {MAX_RETRY_ATTEMPTS}")));
         }
@@ -525,6 +535,14 @@ impl ProxyConfig {
             return Err(invalid("admin", "must differ from listen"));
         }
         Ok(())
+    }
+
+    /// Worker threads to run: `workers`, or one per CPU.
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            Some(w) => usize::from(w),
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()).min(usize::from(MAX_WORKERS)),
+        }
     }
 
     /// The balancing core's settings.

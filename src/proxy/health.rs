@@ -24,6 +24,9 @@ use crate::balance::{Endpoint, HealthFlag, OutlierDetector, OutlierEvent};
 /// How often the outlier sweep runs and the probe supervisor looks for changes.
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 
+/// How often idle pooled connections past the idle timeout are closed.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Runs the passive outlier sweep and supervises the active probes, until dropped.
 pub(crate) async fn run(shared: Arc<Shared>) {
     let mut detector = OutlierDetector::new(shared.runtime().config.outlier_config());
@@ -31,6 +34,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut generation = 0;
+    let mut last_prune = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -43,13 +47,19 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             let settings = rt.config.health_check.active.clone().zip(rt.config.probe().ok().flatten());
             probes.follow(&rt.set, settings);
         }
+        if last_prune.elapsed() >= PRUNE_INTERVAL {
+            last_prune = std::time::Instant::now();
+            for u in rt.upstreams.values() {
+                u.prune(rt.config.timeouts.idle.0);
+            }
+        }
         let now = rt.set.clock().now();
         for event in detector.sweep(&rt.set, now) {
             match event {
                 OutlierEvent::Ejected { addr, duration } => {
                     tracing::warn!(endpoint = %addr, seconds = duration.as_secs_f64(), "endpoint ejected after consecutive failures");
-                    if let Some(s) = rt.stats.get(&addr) {
-                        s.count_ejection();
+                    if let Some(u) = rt.upstreams.get(&addr) {
+                        u.stats.count_ejection();
                     }
                 }
                 OutlierEvent::Restored { addr } => tracing::info!(endpoint = %addr, "ejected endpoint restored"),

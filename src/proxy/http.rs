@@ -19,34 +19,18 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use super::config::{HashKey, MAX_RETRY_ATTEMPTS, Timeouts};
+use super::config::{HashKey, MAX_RETRY_ATTEMPTS};
 use super::metrics::{NO_RESPONSE, class_of};
 use super::state::{Runtime, Shared};
+use super::upstream::{Lease, UpstreamError};
 use crate::balance::{self, AffinityToken, Outcome, Pick, hash_key};
 
 /// Body of a request sent to an endpoint: the client's, or empty on a retry
 /// of a request that had none.
 pub(crate) type UpstreamBody = Either<Incoming, Empty<Bytes>>;
-/// The pooled client for endpoints.
-pub(crate) type UpstreamClient = Client<HttpConnector, UpstreamBody>;
 /// Body of a response to a client: an endpoint's, streamed, or the proxy's own.
 pub type ProxyBody = Either<TrackedBody, Full<Bytes>>;
-
-/// Builds the pooled upstream client.
-pub(crate) fn upstream_client(t: &Timeouts) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(t.connect.0));
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(t.idle.0)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector)
-}
 
 /// Why no endpoint's response reached the client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,7 +127,7 @@ async fn forward(
     if retries > 0 {
         shared.retry_budget.deposit();
     }
-    let request_timeout = rt.config.timeouts.request.0;
+    let timeouts = &rt.config.timeouts;
 
     let mut tried = [SocketAddr::from(([0, 0, 0, 0], 0)); MAX_RETRY_ATTEMPTS as usize + 1];
     let mut first = Some((parts, body));
@@ -154,10 +138,11 @@ async fn forward(
             return Err(if attempt == 0 { Failure::NoEndpoint } else { Failure::Upstream });
         };
         tried[attempt] = pick.addr();
-        let Some(stats) = rt.stats.get(&pick.addr()) else {
-            // Every member of the set has stats; a miss would be a bug, not a client's fault.
+        let Some(upstream) = rt.upstreams.get(&pick.addr()) else {
+            // Every member of the set has an upstream; a miss would be a bug, not a client's fault.
             return Err(Failure::Upstream);
         };
+        let stats = &upstream.stats;
         let (mut head, body) = match first.take() {
             Some((head, body)) => (head, Either::Left(body)),
             None => match &replay {
@@ -165,12 +150,13 @@ async fn forward(
                 None => return Err(Failure::Upstream),
             },
         };
-        head.uri = upstream_uri(&head.uri, &stats.authority);
-        let sent = tokio::time::timeout(request_timeout, rt.client.request(Request::from_parts(head, body))).await;
+        head.uri = upstream_uri(&head.uri, &upstream.authority);
+        let exchange = upstream.send(Request::from_parts(head, body), timeouts.connect.0, timeouts.idle.0);
+        let sent = tokio::time::timeout(timeouts.request.0, exchange).await;
         let clock = rt.set.clock();
         now = clock.now();
         match sent {
-            Ok(Ok(resp)) => {
+            Ok(Ok((resp, lease))) => {
                 pick.observe_latency_at(now);
                 let status = resp.status();
                 stats.count(class_of(status.as_u16()));
@@ -184,12 +170,12 @@ async fn forward(
                 {
                     rparts.headers.append(header::SET_COOKIE, v);
                 }
-                return Ok(Response::from_parts(rparts, Either::Left(TrackedBody::new(rbody, pick, outcome))));
+                return Ok(Response::from_parts(rparts, Either::Left(TrackedBody::new(rbody, pick, outcome, lease))));
             }
             Ok(Err(e)) => {
                 stats.count(NO_RESPONSE);
                 shared.endpoint_failed(rt, pick, now);
-                let refused = e.is_connect();
+                let refused = matches!(e, UpstreamError::Connect(_));
                 let safe = replay.is_some() && (refused || idempotent);
                 tracing::debug!(endpoint = %tried[attempt], error = %e, safe, "request to endpoint failed");
                 if !safe || attempt == retries {
@@ -258,6 +244,11 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 /// `Transfer-Encoding` goes too: hyper frames each side's body itself.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names instead of nine lookups.
+    let any = headers.keys().any(|k| k == header::TRANSFER_ENCODING || HOP_BY_HOP.contains(k));
+    if !any {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -325,23 +316,32 @@ fn upstream_uri(original: &Uri, authority: &http::uri::Authority) -> Uri {
 /// An endpoint's response body on its way to the client. The endpoint stays
 /// counted as busy until the body ends, so long downloads weigh on
 /// LeastConnections and LeastRequest as they should.
+///
+/// When the body ends cleanly the connection goes back to the endpoint's
+/// pool; if the client goes away first, it is dropped with the body (hyper
+/// closes it), since it may still carry the rest of the response.
 pub struct TrackedBody {
     inner: Incoming,
-    pick: Option<(Pick, Outcome)>,
+    done: Option<(Pick, Outcome, Lease)>,
 }
 
 impl TrackedBody {
-    fn new(inner: Incoming, pick: Pick, outcome: Outcome) -> Self {
-        let mut body = TrackedBody { inner, pick: Some((pick, outcome)) };
+    fn new(inner: Incoming, pick: Pick, outcome: Outcome, lease: Lease) -> Self {
+        let mut body = TrackedBody { inner, done: Some((pick, outcome, lease)) };
         if body.inner.is_end_stream() {
-            body.finish(None);
+            body.finish(false);
         }
         body
     }
 
-    fn finish(&mut self, failed: Option<()>) {
-        if let Some((pick, outcome)) = self.pick.take() {
-            pick.complete(if failed.is_some() { Outcome::Failure } else { outcome });
+    fn finish(&mut self, failed: bool) {
+        if let Some((pick, outcome, lease)) = self.done.take() {
+            if failed {
+                pick.complete(Outcome::Failure);
+            } else {
+                pick.complete(outcome);
+                lease.release();
+            }
         }
     }
 }
@@ -353,9 +353,9 @@ impl Body for TrackedBody {
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
-            Poll::Ready(None) => self.finish(None),
-            Poll::Ready(Some(Err(_))) => self.finish(Some(())),
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.finish(None),
+            Poll::Ready(None) => self.finish(false),
+            Poll::Ready(Some(Err(_))) => self.finish(true),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.finish(false),
             _ => {}
         }
         polled

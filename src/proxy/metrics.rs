@@ -6,8 +6,6 @@
 //! at scrape time by a collector that walks the current endpoint set, so an
 //! endpoint that leaves also leaves the output.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -44,8 +42,6 @@ pub(crate) fn class_of(status: u16) -> usize {
 /// Counters of one endpoint, kept across configuration reloads.
 #[derive(Debug)]
 pub struct EndpointStats {
-    /// The endpoint's address as an HTTP authority, built once.
-    pub(crate) authority: http::uri::Authority,
     label: String,
     responses: [AtomicU64; 6],
     ejections: AtomicU64,
@@ -54,12 +50,8 @@ pub struct EndpointStats {
 }
 
 impl EndpointStats {
-    pub(crate) fn new(addr: SocketAddr) -> Self {
-        let label = addr.to_string();
-        // A socket address always formats as a valid authority.
-        let authority = label.parse().unwrap_or_else(|_| http::uri::Authority::from_static("invalid"));
+    pub(crate) fn new(label: String) -> Self {
         EndpointStats {
-            authority,
             label,
             responses: Default::default(),
             ejections: AtomicU64::new(0),
@@ -232,7 +224,7 @@ impl Collector for EndpointCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let rt = self.current.load();
         let rows: Vec<(&EndpointStats, &crate::balance::Member)> =
-            rt.set.members().iter().filter_map(|m| Some((rt.stats.get(&m.endpoint().addr())?.as_ref(), m))).collect();
+            rt.set.members().iter().filter_map(|m| Some((&rt.upstreams.get(&m.endpoint().addr())?.stats, m))).collect();
 
         if rt.config.protocol == super::config::Protocol::Http {
             let mut e = encoder.encode_descriptor(
@@ -328,17 +320,4 @@ impl Collector for EndpointCollector {
         }
         Ok(())
     }
-}
-
-/// Stats for the endpoints of a new snapshot, reusing those of endpoints that stay.
-pub(crate) fn carry_stats(
-    previous: Option<&HashMap<SocketAddr, Arc<EndpointStats>>>,
-    addrs: impl Iterator<Item = SocketAddr>,
-) -> HashMap<SocketAddr, Arc<EndpointStats>> {
-    addrs
-        .map(|a| {
-            let s = previous.and_then(|p| p.get(&a).cloned()).unwrap_or_else(|| Arc::new(EndpointStats::new(a)));
-            (a, s)
-        })
-        .collect()
 }

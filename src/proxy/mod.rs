@@ -15,6 +15,7 @@ mod retry;
 pub mod server;
 mod state;
 mod tcp;
+mod upstream;
 
 pub use retry::RetryBudget;
 pub use server::{Proxy, ProxyHandle, StartError};

@@ -1,4 +1,12 @@
 //! Listeners and the proxy's life cycle: bind, serve, apply updates, drain.
+//!
+//! Clients are served by worker threads, one per CPU by default, each with
+//! its own listening socket on the shared address (SO_REUSEPORT: the kernel
+//! spreads new connections over them), its own single-threaded event loop,
+//! balancer and upstream connections. A request is handled start to finish
+//! on one thread and never waits for another to wake up (the NGINX and
+//! Envoy model). Updates, health checks and the admin listener run on the
+//! runtime that calls [`Proxy::run`].
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -42,7 +50,8 @@ pub enum StartError {
 /// A bound proxy, ready to run.
 pub struct Proxy {
     shared: Arc<Shared>,
-    listener: TcpListener,
+    /// One per worker, all on the same address.
+    listeners: Vec<std::net::TcpListener>,
     admin: Option<TcpListener>,
 }
 
@@ -51,17 +60,21 @@ impl Proxy {
     pub async fn bind(snapshot: &Snapshot) -> Result<Self, StartError> {
         let shared = Shared::new(snapshot)?;
         let config = &snapshot.config;
-        let listener = bind("listen", config.listen).await?;
+        let listeners = bind_workers(config.listen, config.worker_count())?;
         let admin = match config.admin {
-            Some(addr) => Some(bind("admin", addr).await?),
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
+                field: "admin",
+                addr,
+                source,
+            })?),
             None => None,
         };
-        Ok(Proxy { shared, listener, admin })
+        Ok(Proxy { shared, listeners, admin })
     }
 
     /// The client listener's address.
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().unwrap_or(self.shared.runtime().config.listen)
+        self.listeners.first().and_then(|l| l.local_addr().ok()).unwrap_or(self.shared.runtime().config.listen)
     }
 
     /// The admin listener's address, if there is one.
@@ -78,7 +91,8 @@ impl Proxy {
     /// `updates`; then stops accepting, lets in-flight work finish for up to
     /// `timeouts.drain`, and returns.
     pub async fn run(self, updates: watch::Receiver<Arc<Snapshot>>, shutdown: impl Future<Output = ()>) {
-        let Proxy { shared, listener, admin } = self;
+        let listen = self.local_addr();
+        let Proxy { shared, listeners, admin } = self;
         let mut background = JoinSet::new();
         background.spawn(health::run(shared.clone()));
         background.spawn(apply_updates(shared.clone(), updates));
@@ -86,22 +100,96 @@ impl Proxy {
             background.spawn(serve_admin(shared.clone(), admin));
         }
         let protocol = shared.runtime().config.protocol;
-        tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), ?protocol, "proxy serving");
+        let workers = listeners.len();
+        let (stop, stopped) = watch::channel(false);
+        let mut done = Vec::new();
+        for (index, listener) in listeners.into_iter().enumerate() {
+            let (tx, rx) = oneshot::channel();
+            let (shared, stopped) = (shared.clone(), stopped.clone());
+            let spawned = std::thread::Builder::new().name(format!("fulcrum-worker-{index}")).spawn(move || {
+                worker(index, shared, listener, protocol, stopped);
+                let _ = tx.send(());
+            });
+            match spawned {
+                Ok(_) => done.push(rx),
+                Err(e) => tracing::error!(error = %e, index, "cannot start a worker thread"),
+            }
+        }
+        tracing::info!(%listen, ?protocol, workers, "proxy serving");
+        shutdown.await;
+        shared.draining.store(true, Ordering::Relaxed);
+        let grace = shared.runtime().config.timeouts.drain.0;
+        tracing::info!(grace_seconds = grace.as_secs_f64(), "stopped accepting; draining in-flight work");
+        let _ = stop.send(true);
+        for rx in done {
+            let _ = rx.await;
+        }
+        tracing::info!("drained; proxy stopped");
+        background.abort_all();
+    }
+}
+
+/// One listening socket per worker on `addr`, with SO_REUSEPORT so that the
+/// kernel balances new connections over the workers. Port 0 is resolved by
+/// the first socket and shared by the others.
+fn bind_workers(addr: SocketAddr, workers: usize) -> Result<Vec<std::net::TcpListener>, StartError> {
+    let mut bound = addr;
+    let mut listeners = Vec::with_capacity(workers);
+    for _ in 0..workers.max(1) {
+        let listener =
+            reuseport_listener(bound).map_err(|source| StartError::Bind { field: "listen", addr, source })?;
+        bound = listener.local_addr().map_err(|source| StartError::Bind { field: "listen", addr, source })?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+/// A worker thread: its own event loop serving one listener until `stopped`,
+/// then draining its connections for up to `timeouts.drain`.
+fn worker(
+    index: usize,
+    shared: Arc<Shared>,
+    listener: std::net::TcpListener,
+    protocol: Protocol,
+    mut stopped: watch::Receiver<bool>,
+) {
+    super::upstream::enter_worker(index);
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, index, "cannot start a worker's event loop");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, index, "cannot register a worker's listener");
+                return;
+            }
+        };
+        let shutdown = async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        };
         let connections = Connections::new();
         match protocol {
             Protocol::Http => accept_http(&shared, listener, &connections, shutdown).await,
             Protocol::Tcp => accept_tcp(&shared, listener, &connections, shutdown).await,
         }
-        shared.draining.store(true, Ordering::Relaxed);
         let grace = shared.runtime().config.timeouts.drain.0;
-        tracing::info!(grace_seconds = grace.as_secs_f64(), "stopped accepting; draining in-flight work");
         connections.drain(grace).await;
-        background.abort_all();
-    }
-}
-
-async fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { field, addr, source })
+    });
 }
 
 async fn apply_updates(shared: Arc<Shared>, mut updates: watch::Receiver<Arc<Snapshot>>) {
@@ -148,7 +236,7 @@ impl Connections {
         })
         .await;
         match drained {
-            Ok(()) => tracing::info!("drained"),
+            Ok(()) => tracing::debug!("worker drained"),
             Err(_) => {
                 tracing::warn!(open = tracker.len(), "grace period over; closing the remaining connections");
                 hard_stop.cancel();

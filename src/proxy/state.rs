@@ -14,9 +14,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use super::config::{HashKey, ProxyConfig};
-use super::http::{UpstreamClient, upstream_client};
-use super::metrics::{EndpointStats, Metrics, carry_stats};
+use super::metrics::Metrics;
 use super::retry::RetryBudget;
+use super::upstream::{self, Upstream};
 use crate::balance::{
     Balancer, BalancerConfig, EndpointSet, EwmaConfig, HealthFlag, Nanos, Outcome, Pick, Request, SetError, SystemClock,
 };
@@ -42,8 +42,8 @@ pub struct Runtime {
     pub(crate) affinity: Option<Affinity>,
     /// The endpoints.
     pub set: Arc<EndpointSet>,
-    pub(crate) stats: HashMap<SocketAddr, Arc<EndpointStats>>,
-    pub(crate) client: UpstreamClient,
+    /// Per-endpoint counters and connection pools, by address.
+    pub(crate) upstreams: HashMap<SocketAddr, Arc<Upstream>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -123,6 +123,7 @@ impl Shared {
             ("listen", config.listen != old.config.listen),
             ("admin", config.admin != old.config.admin),
             ("protocol", config.protocol != old.config.protocol),
+            ("workers", config.workers != old.config.workers),
         ] {
             if changed {
                 tracing::warn!(field, "changing this field needs a restart; keeping the running value");
@@ -131,6 +132,7 @@ impl Shared {
         config.listen = old.config.listen;
         config.admin = old.config.admin;
         config.protocol = old.config.protocol;
+        config.workers = old.config.workers;
         let set = Arc::new(old.set.update(snapshot.targets.iter().map(|t| t.spec.clone()))?);
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         let snapshot = Snapshot { config: Arc::new(config), targets: snapshot.targets.clone() };
@@ -207,12 +209,8 @@ fn build_runtime(
             m.endpoint().set_flag(HealthFlag::Draining, t.draining);
         }
     }
-    let stats = carry_stats(old.map(|o| &o.stats), set.members().iter().map(|m| m.endpoint().addr()));
-    let same_client = old.is_some_and(|o| o.config.timeouts == config.timeouts);
-    let client = match old {
-        Some(o) if same_client => o.client.clone(),
-        _ => upstream_client(&config.timeouts),
-    };
+    let addrs = set.members().iter().map(|m| m.endpoint().addr());
+    let upstreams = upstream::carry(old.map(|o| &o.upstreams), addrs, config.worker_count());
     let affinity = config.load_balancing.session_affinity.as_ref().map(|a| Affinity {
         cookie: a.cookie.clone(),
         attributes: format!("; Max-Age={}; Path=/; HttpOnly; SameSite=Lax", a.ttl.0.as_secs().max(1)),
@@ -223,8 +221,7 @@ fn build_runtime(
         hash: config.hash_key()?,
         affinity,
         set,
-        stats,
-        client,
+        upstreams,
         config,
     })
 }

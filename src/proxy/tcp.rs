@@ -36,7 +36,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: Sock
         };
         let addr = pick.addr();
         tried[attempt] = addr;
-        let Some(stats) = rt.stats.get(&addr) else { return };
+        let Some(stats) = rt.upstreams.get(&addr).map(|u| &u.stats) else { return };
         let connected = tokio::time::timeout(rt.config.timeouts.connect.0, TcpStream::connect(addr)).await;
         match connected {
             Ok(Ok(mut upstream)) => {

@@ -7,13 +7,12 @@ use fulcrum::balance::Algorithm;
 
 use crate::support::*;
 
-// One worker thread: rotation is exact per worker (each keeps its own balancer).
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_algorithm_spreads_sequential_requests_over_all_endpoints() {
     let bs = backends(3).await;
     for algorithm in Algorithm::ALL {
         let hash = if algorithm == Algorithm::ConsistentHash { "  hashOn: {header: x-user}\n" } else { "" };
-        let p = proxy(&format!("loadBalancing:\n  algorithm: {algorithm}\n{hash}{}", endpoints_yaml(&bs))).await;
+        let p = proxy1(&format!("loadBalancing:\n  algorithm: {algorithm}\n{hash}{}", endpoints_yaml(&bs))).await;
         let c = client();
         let mut counts: HashMap<String, usize> = HashMap::new();
         for i in 0..300 {
@@ -36,15 +35,14 @@ async fn every_algorithm_spreads_sequential_requests_over_all_endpoints() {
     }
 }
 
-// One worker thread: rotation is exact per worker (each keeps its own balancer).
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_round_robin_follows_the_weights() {
     let bs = backends(3).await;
     let yaml = format!(
         "loadBalancing: {{algorithm: WeightedRoundRobin}}\nendpoints:\n  - {{address: \"{}\", weight: 5}}\n  - {{address: \"{}\", weight: 1}}\n  - {{address: \"{}\", weight: 1}}\n",
         bs[0].addr, bs[1].addr, bs[2].addr
     );
-    let p = proxy(&yaml).await;
+    let p = proxy1(&yaml).await;
     let c = client();
     let mut seq = String::new();
     for _ in 0..7 {
@@ -124,15 +122,14 @@ async fn the_affinity_cookie_pins_a_client_and_falls_back_when_its_endpoint_goes
     p.shutdown().await;
 }
 
-// One worker thread: rotation is exact per worker (each keeps its own balancer).
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_track_split_sends_the_canary_its_share() {
     let bs = backends(4).await;
     let yaml = format!(
         "loadBalancing: {{tracks: {{stable: 90, canary: 10}}}}\nendpoints:\n  - {{address: \"{}\"}}\n  - {{address: \"{}\"}}\n  - {{address: \"{}\"}}\n  - {{address: \"{}\", track: canary}}\n",
         bs[0].addr, bs[1].addr, bs[2].addr, bs[3].addr
     );
-    let p = proxy(&yaml).await;
+    let p = proxy1(&yaml).await;
     let counts = spread(&client(), &p, 1000).await;
     let canary = counts.get("b4").copied().unwrap_or(0);
     assert!((80..=120).contains(&canary), "canary share {canary}/1000: {counts:?}");

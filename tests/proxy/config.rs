@@ -114,6 +114,8 @@ fn every_rule_names_the_field_it_guards() {
         ("timeouts: {connect: 0s}", "timeouts.connect"),
         ("timeouts: {request: 0s}", "timeouts.request"),
         ("admin: 127.0.0.1:8080", "admin"),
+        ("workers: 0", "workers"),
+        ("workers: 1000", "workers"),
     ];
     for (yaml, field) in cases {
         let e = error_of(yaml);

@@ -56,12 +56,11 @@ async fn killing_an_endpoint_under_load_fails_no_idempotent_request() {
     p.shutdown().await;
 }
 
-// One worker thread: rotation is exact per worker (each keeps its own balancer).
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consecutive_5xx_eject_an_endpoint_and_it_comes_back_after_the_ejection_time() {
     let bs = backends(3).await;
     bs[0].set_status(500);
-    let p = proxy(&format!(
+    let p = proxy1(&format!(
         "healthCheck: {{passive: {{consecutiveFailures: 3, baseEjectionTime: 1s}}}}\n{}",
         endpoints_yaml(&bs)
     ))
@@ -106,12 +105,11 @@ async fn a_slow_endpoint_beyond_the_request_timeout_gives_504() {
     p.shutdown().await;
 }
 
-// One worker thread: rotation is exact per worker (each keeps its own balancer).
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_connection_is_retried_elsewhere_but_an_exhausted_pool_gives_502() {
     let mut bs = backends(2).await;
     bs[0].kill();
-    let p = proxy(&format!("healthCheck: {{passive: {{consecutiveFailures: 0}}}}\n{}", endpoints_yaml(&bs))).await;
+    let p = proxy1(&format!("healthCheck: {{passive: {{consecutiveFailures: 0}}}}\n{}", endpoints_yaml(&bs))).await;
     let c = client();
     for _ in 0..10 {
         assert_eq!(get(&c, &p, "/").await.status, 200);
@@ -121,12 +119,11 @@ async fn a_refused_connection_is_retried_elsewhere_but_an_exhausted_pool_gives_5
     p.shutdown().await;
 }
 
-// One worker thread: rotation is exact per worker (each keeps its own balancer).
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_with_a_body_is_not_retried() {
     let mut bs = backends(2).await;
     bs[0].kill();
-    let p = proxy(&format!(
+    let p = proxy1(&format!(
         "loadBalancing: {{algorithm: RoundRobin}}\nhealthCheck: {{passive: {{consecutiveFailures: 0}}}}\n{}",
         endpoints_yaml(&bs)
     ))
@@ -143,12 +140,11 @@ async fn a_request_with_a_body_is_not_retried() {
     p.shutdown().await;
 }
 
-// One worker thread: rotation is exact per worker (each keeps its own balancer).
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_retry_budget_caps_retries_of_requests_an_endpoint_may_have_seen() {
     let bs = backends(2).await;
     bs[0].set_hang_up(true);
-    let p = proxy(&format!(
+    let p = proxy1(&format!(
         "retries: {{attempts: 1, budgetPercent: 0}}\nhealthCheck: {{passive: {{consecutiveFailures: 0}}}}\n{}",
         endpoints_yaml(&bs)
     ))
@@ -170,12 +166,11 @@ async fn the_retry_budget_caps_retries_of_requests_an_endpoint_may_have_seen() {
     p.shutdown().await;
 }
 
-// One worker thread: rotation is exact per worker (each keeps its own balancer).
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_connections_are_retried_without_spending_the_budget() {
     let mut bs = backends(2).await;
     bs[0].kill();
-    let p = proxy(&format!(
+    let p = proxy1(&format!(
         "retries: {{attempts: 1, budgetPercent: 0}}\nhealthCheck: {{passive: {{consecutiveFailures: 0}}}}\n{}",
         endpoints_yaml(&bs)
     ))

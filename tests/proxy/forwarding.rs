@@ -90,11 +90,10 @@ async fn a_malformed_request_gets_400() {
     p.shutdown().await;
 }
 
-// One worker thread: rotation is exact per worker (each keeps its own balancer).
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_endpoints_report_health_load_and_counts() {
     let bs = backends(2).await;
-    let p = proxy(&endpoints_yaml(&bs)).await;
+    let p = proxy1(&endpoints_yaml(&bs)).await;
     let c = client();
     for _ in 0..10 {
         get(&c, &p, "/").await;

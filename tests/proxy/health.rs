@@ -4,11 +4,10 @@ use std::time::{Duration, Instant};
 
 use crate::support::*;
 
-// One worker thread: rotation is exact per worker (each keeps its own balancer).
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_check_takes_an_endpoint_out_within_interval_times_threshold_and_back() {
     let bs = backends(3).await;
-    let p = proxy(&format!(
+    let p = proxy1(&format!(
         "healthCheck:\n  active: {{http: {{path: /healthz}}, interval: 100ms, timeout: 50ms, healthyThreshold: 2, unhealthyThreshold: 3}}\n{}",
         endpoints_yaml(&bs)
     ))
@@ -59,11 +58,10 @@ async fn a_tcp_check_notices_a_dead_endpoint() {
     p.shutdown().await;
 }
 
-// One worker thread: rotation is exact per worker (each keeps its own balancer).
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn below_the_panic_threshold_traffic_goes_to_all_endpoints() {
     let bs = backends(4).await;
-    let p = proxy(&format!(
+    let p = proxy1(&format!(
         "loadBalancing: {{panicThresholdPercent: 50}}\nhealthCheck:\n  active: {{http: {{}}, interval: 50ms, unhealthyThreshold: 1}}\n{}",
         endpoints_yaml(&bs)
     ))

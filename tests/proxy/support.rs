@@ -172,6 +172,12 @@ pub fn endpoints_yaml(backends: &[Backend]) -> String {
     s
 }
 
+/// Starts a proxy with one worker thread: one balancer, so rotations are
+/// exact across connections (each worker keeps its own rotation).
+pub async fn proxy1(yaml: &str) -> ProxyHandle {
+    proxy(&format!("workers: 1\n{yaml}")).await
+}
+
 /// Starts a proxy from YAML (without `listen` and `admin`: both are added on ephemeral ports).
 pub async fn proxy(yaml: &str) -> ProxyHandle {
     let text = format!("listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\n{yaml}");

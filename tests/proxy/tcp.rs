@@ -55,12 +55,12 @@ async fn exchange(proxy: std::net::SocketAddr, payload: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-// One worker thread: rotation is exact per worker (each keeps its own balancer).
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_mode_echoes_through_and_passes_on_a_half_close() {
     let (a, _ta) = echo_server("A", 2).await;
     let (b, _tb) = echo_server("B", 3).await;
-    let p = tcp_proxy("", &[a, b]).await;
+    // One worker: its round robin sees every connection.
+    let p = tcp_proxy("workers: 1\n", &[a, b]).await;
     let mut seen = Vec::new();
     for i in 0..4 {
         let reply = exchange(p.addr, format!("hello{i}").as_bytes()).await;

@@ -1,0 +1,644 @@
+#!/usr/bin/env python3
+"""Proxy benchmarks: fulcrum against HAProxy and NGINX, side by side on loopback.
+
+Every process runs on 127.0.0.0/8, every run is bounded in time, and every
+process started here is stopped on exit. Backends are NGINX instances (one
+process per backend so that one can be killed) on 127.0.0.2-4. Load comes
+from wrk. Runs of the compared targets are interleaved, round after round, and
+the median of the rounds is reported.
+
+Usage: bench/proxy/run.py --fulcrum target/release/fulcrum --out bench/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BACKENDS = ["127.0.0.2:18081", "127.0.0.3:18081", "127.0.0.4:18081"]
+SLOW = 2  # index of the backend made ten times slower in the quality run
+PORTS = {
+    "fulcrum": 18080,
+    "haproxy": 18090,
+    "nginx": 18100,
+    "fulcrum-tcp": 18180,
+    "haproxy-tcp": 18190,
+    "nginx-tcp": 18200,
+}
+FULCRUM_ADMIN = 19901
+ALGORITHMS = ["RoundRobin", "WeightedRoundRobin", "Random", "LeastConnections", "LeastRequest", "PeakEwma", "ConsistentHash"]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Procs:
+    """Every process started here, stopped on exit."""
+
+    def __init__(self) -> None:
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
+        self.stop(name)
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+        self.procs[name] = p
+        return p
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        p = self.procs.pop(name, None)
+        if p is None:
+            return
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+
+def wait_port(addr: str, timeout: float = 10.0) -> None:
+    host, port = addr.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, int(port)), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {addr} after {timeout}s")
+
+
+def wait_closed(addr: str, timeout: float = 10.0) -> None:
+    host, port = addr.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, int(port)), timeout=0.2):
+                time.sleep(0.05)
+        except OSError:
+            return
+    raise RuntimeError(f"{addr} still accepting after {timeout}s")
+
+
+# --- backends --------------------------------------------------------------------------------
+
+
+def backend_conf(work: Path, i: int, addr: str, delay_ms: float) -> Path:
+    d = work / f"backend{i}"
+    d.mkdir(exist_ok=True)
+    big = work / "big.bin"
+    conf = d / "nginx.conf"
+    conf.write_text(
+        f"""
+load_module /usr/lib/nginx/modules/ngx_http_echo_module.so;
+worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+worker_rlimit_nofile 19000;
+events {{ worker_connections 18000; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    server {{
+        listen {addr} backlog=4096;
+        location = / {{ return 200 "hello\\n"; }}
+        location = /work {{ echo_sleep {delay_ms / 1000:.3f}; echo "done"; }}
+        location = /big {{ alias {big}; }}
+        location = /healthz {{ return 200 "ok\\n"; }}
+    }}
+}}
+"""
+    )
+    return conf
+
+
+def start_backends(procs: Procs, work: Path, slow_index: int | None = None, base_ms: float = 1.0) -> None:
+    for i, addr in enumerate(BACKENDS):
+        delay = base_ms * (10 if i == slow_index else 1)
+        conf = backend_conf(work, i, addr, delay)
+        procs.start(f"backend{i}", ["nginx", "-c", str(conf), "-p", str(conf.parent)])
+    for addr in BACKENDS:
+        wait_port(addr)
+
+
+# --- proxies ---------------------------------------------------------------------------------
+
+
+def fulcrum_conf(work: Path, algorithm: str = "RoundRobin", protocol: str = "HTTP") -> Path:
+    port = PORTS["fulcrum" if protocol == "HTTP" else "fulcrum-tcp"]
+    hash_on = "  hashOn: {header: x-user-id}\n" if algorithm == "ConsistentHash" else ""
+    eps = "".join(f"  - {{address: {a}}}\n" for a in BACKENDS)
+    text = (
+        f"listen: 127.0.0.1:{port}\nprotocol: {protocol}\nadmin: 127.0.0.1:{FULCRUM_ADMIN + (protocol == 'TCP')}\n"
+        f"loadBalancing:\n  algorithm: {algorithm}\n{hash_on}"
+        f"timeouts: {{idle: 300s}}\nendpoints:\n{eps}"
+    )
+    p = work / f"fulcrum-{protocol}-{algorithm}.yaml"
+    p.write_text(text)
+    return p
+
+
+def haproxy_conf(work: Path, balance: str = "roundrobin") -> Path:
+    servers = "".join(f"    server s{i} {a} maxconn 10000\n" for i, a in enumerate(BACKENDS))
+    p = work / f"haproxy-{balance}.cfg"
+    p.write_text(
+        f"""
+global
+    maxconn 9000
+    nbthread 2
+defaults
+    timeout connect 1s
+    timeout client 300s
+    timeout server 30s
+    retries 2
+    option redispatch
+frontend web
+    mode http
+    bind 127.0.0.1:{PORTS['haproxy']}
+    option http-keep-alive
+    default_backend web
+backend web
+    mode http
+    balance {balance}
+    http-reuse always
+    retry-on conn-failure empty-response
+{servers}
+frontend tcp
+    mode tcp
+    bind 127.0.0.1:{PORTS['haproxy-tcp']}
+    default_backend tcp
+backend tcp
+    mode tcp
+    balance roundrobin
+{servers}
+"""
+    )
+    return p
+
+
+def nginx_proxy_conf(work: Path, method: str = "") -> Path:
+    d = work / "nginx-proxy"
+    d.mkdir(exist_ok=True)
+    servers = "".join(f"        server {a};\n" for a in BACKENDS)
+    conf = d / f"nginx{('-' + method) if method else ''}.conf"
+    conf.write_text(
+        f"""
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes 2;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+worker_rlimit_nofile 19000;
+events {{ worker_connections 18000; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    upstream web {{
+        {method + ';' if method else ''}
+{servers}        keepalive 256;
+    }}
+    server {{
+        listen 127.0.0.1:{PORTS['nginx']} backlog=4096;
+        location / {{
+            proxy_pass http://web;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_next_upstream error timeout;
+            proxy_buffering off;
+        }}
+    }}
+}}
+stream {{
+    upstream tcp {{
+{servers}    }}
+    server {{
+        listen 127.0.0.1:{PORTS['nginx-tcp']};
+        proxy_pass tcp;
+    }}
+}}
+"""
+    )
+    return conf
+
+
+def start_fulcrum(procs: Procs, binary: str, conf: Path, name: str = "fulcrum") -> None:
+    env = dict(os.environ, RUST_LOG="warn")
+    procs.start(name, [binary, "proxy", "--config", str(conf)], env=env)
+    text = conf.read_text()
+    port = re.search(r"listen: 127\.0\.0\.1:(\d+)", text).group(1)
+    wait_port(f"127.0.0.1:{port}")
+
+
+def start_haproxy(procs: Procs, conf: Path) -> None:
+    procs.start("haproxy", ["haproxy", "-db", "-f", str(conf)])
+    wait_port(f"127.0.0.1:{PORTS['haproxy']}")
+
+
+def start_nginx_proxy(procs: Procs, conf: Path) -> None:
+    procs.start("nginx-proxy", ["nginx", "-c", str(conf), "-p", str(conf.parent)])
+    wait_port(f"127.0.0.1:{PORTS['nginx']}")
+
+
+# --- wrk -------------------------------------------------------------------------------------
+
+
+@dataclass
+class WrkResult:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    transfer_mb_s: float
+    errors: int
+    requests: int
+
+
+UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+SIZE = {"B": 1 / 1e6, "KB": 1024 / 1e6, "MB": 1024 * 1024 / 1e6, "GB": 1024**3 / 1e6}
+
+
+def wrk(url: str, conns: int, seconds: int, headers: list[str] | None = None, threads: int = 1) -> WrkResult:
+    argv = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s", "--latency", "--timeout", "5s"]
+    for h in headers or []:
+        argv += ["-H", h]
+    argv.append(url)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30).stdout
+
+    def lat(q: str) -> float:
+        m = re.search(rf"^\s+{q}%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)
+        return float(m.group(1)) * UNITS[m.group(2)] if m else float("nan")
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    tr = re.search(r"Transfer/sec:\s+([\d.]+)(B|KB|MB|GB)", out)
+    total = re.search(r"(\d+) requests in", out)
+    errors = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors += int(non2xx.group(1)) if non2xx else 0
+    if not rps:
+        raise RuntimeError(f"wrk produced no result for {url}:\n{out}")
+    return WrkResult(
+        rps=float(rps.group(1)),
+        p50_ms=lat("50"),
+        p99_ms=lat("99"),
+        transfer_mb_s=float(tr.group(1)) * SIZE[tr.group(2)] if tr else 0.0,
+        errors=errors,
+        requests=int(total.group(1)) if total else 0,
+    )
+
+
+def median_result(rs: list[WrkResult]) -> WrkResult:
+    return WrkResult(
+        rps=statistics.median(r.rps for r in rs),
+        p50_ms=statistics.median(r.p50_ms for r in rs),
+        p99_ms=statistics.median(r.p99_ms for r in rs),
+        transfer_mb_s=statistics.median(r.transfer_mb_s for r in rs),
+        errors=sum(r.errors for r in rs),
+        requests=sum(r.requests for r in rs),
+    )
+
+
+# --- scenarios -------------------------------------------------------------------------------
+
+
+def interleaved(targets: dict[str, str], rounds: int, run) -> dict[str, WrkResult]:
+    results: dict[str, list[WrkResult]] = {t: [] for t in targets}
+    for r in range(rounds):
+        for name, url in targets.items():
+            res = run(url)
+            log(f"  round {r + 1} {name:<12} {res.rps:>10.0f} req/s  p50 {res.p50_ms:.3f} ms  p99 {res.p99_ms:.3f} ms  {res.transfer_mb_s:.0f} MB/s  errors {res.errors}")
+            results[name].append(res)
+    return {t: median_result(v) for t, v in results.items()}
+
+
+def rss_kib(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def process_tree(pid: int) -> list[int]:
+    pids = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        children = []
+    for c in children:
+        pids += process_tree(int(c))
+    return pids
+
+
+def idle_memory(pid: int, port: int, n: int) -> float:
+    """KiB of resident memory per idle client connection."""
+    before = rss_kib(process_tree(pid))
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            socks.append(s)
+        # One small request per connection, so that each is a live keep-alive connection.
+        for s in socks:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+        for s in socks:
+            s.recv(4096)
+        time.sleep(1.0)
+        after = rss_kib(process_tree(pid))
+    finally:
+        for s in socks:
+            s.close()
+    return (after - before) / n
+
+
+def fulcrum_endpoints() -> list[dict]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{FULCRUM_ADMIN}/endpoints", timeout=2) as r:
+        return json.load(r)["endpoints"]
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except FileNotFoundError:
+        pass
+    mem = ""
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kb / 1024 / 1024:.0f} GiB"
+    except (FileNotFoundError, ValueError, IndexError):
+        pass
+    return f"{os.cpu_count()} cores ({cpu}){mem}, {platform.system()} {platform.release()}"
+
+
+def version(argv: list[str]) -> str:
+    r = subprocess.run(argv, capture_output=True, text=True)
+    return (r.stdout + r.stderr).strip().splitlines()[0]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fulcrum", default="target/release/fulcrum")
+    ap.add_argument("--out", default="bench/RESULTS.md")
+    ap.add_argument("--seconds", type=int, default=5, help="length of each wrk run")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per comparison")
+    ap.add_argument("--connections", type=int, default=50)
+    ap.add_argument("--idle", type=int, default=8000, help="idle connections for the memory run (file descriptors here are capped at 20000)")
+    args = ap.parse_args()
+    for tool in ["wrk", "haproxy", "nginx"]:
+        if not shutil.which(tool):
+            log(f"{tool} is missing: run bench/proxy/install.sh")
+            return 1
+
+    # On SIGTERM or Ctrl-C, still run the `finally` below and stop every process started here.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    procs = Procs()
+    work = Path(tempfile.mkdtemp(prefix="fulcrum-bench-"))
+    # NGINX workers run as an unprivileged user when started by root: let them read it.
+    work.chmod(0o755)
+    (work / "big.bin").write_bytes(os.urandom(1 << 20) * 8)  # 8 MiB
+    sections: list[str] = []
+    try:
+        s, c, rounds = args.seconds, args.connections, args.rounds
+        start_backends(procs, work)
+        start_fulcrum(procs, args.fulcrum, fulcrum_conf(work))
+        start_fulcrum(procs, args.fulcrum, fulcrum_conf(work, protocol="TCP"), name="fulcrum-tcp")
+        start_haproxy(procs, haproxy_conf(work))
+        start_nginx_proxy(procs, nginx_proxy_conf(work))
+        http_targets = {
+            "direct": f"http://{BACKENDS[0]}/",
+            "fulcrum": f"http://127.0.0.1:{PORTS['fulcrum']}/",
+            "haproxy": f"http://127.0.0.1:{PORTS['haproxy']}/",
+            "nginx": f"http://127.0.0.1:{PORTS['nginx']}/",
+        }
+
+        log(f"HTTP/1.1 keep-alive, {c} connections")
+        ka = interleaved(http_targets, rounds, lambda u: wrk(u, c, s))
+        log(f"HTTP/1.1, a new connection per request, {c} connections")
+        nc = interleaved(http_targets, rounds, lambda u: wrk(u, c, s, headers=["Connection: close"]))
+        sections.append(http_table(ka, nc, c, s))
+
+        log("TCP bulk: 8 MiB downloads through TCP-mode proxies, 4 connections")
+        tcp_targets = {
+            "direct": f"http://{BACKENDS[0]}/big",
+            "fulcrum": f"http://127.0.0.1:{PORTS['fulcrum-tcp']}/big",
+            "haproxy": f"http://127.0.0.1:{PORTS['haproxy-tcp']}/big",
+            "nginx": f"http://127.0.0.1:{PORTS['nginx-tcp']}/big",
+        }
+        bulk = interleaved(tcp_targets, rounds, lambda u: wrk(u, 4, s))
+        sections.append(tcp_table(bulk))
+
+        log(f"memory per idle keep-alive connection, {args.idle} connections")
+        mem = {}
+        for name, proc_name, port in [
+            ("fulcrum", "fulcrum", PORTS["fulcrum"]),
+            ("haproxy", "haproxy", PORTS["haproxy"]),
+            ("nginx", "nginx-proxy", PORTS["nginx"]),
+        ]:
+            mem[name] = idle_memory(procs.procs[proc_name].pid, port, args.idle)
+            log(f"  {name:<8} {mem[name]:.1f} KiB per connection")
+        sections.append(memory_table(mem, args.idle))
+
+        # Balancing quality: backend 3 answers in 10 ms, the others in 1 ms.
+        log("balancing quality: one backend 10x slower")
+        for i in range(3):
+            procs.stop(f"backend{i}")
+        start_backends(procs, work, slow_index=SLOW, base_ms=1.0)
+        quality = {}
+        for algorithm in ALGORITHMS:
+            procs.stop("fulcrum")
+            start_fulcrum(procs, args.fulcrum, fulcrum_conf(work, algorithm))
+            headers = ["x-user-id: bench"] if algorithm == "ConsistentHash" else []
+            before = {e["address"]: e["requests"] for e in fulcrum_endpoints()}
+            res = wrk(f"http://127.0.0.1:{PORTS['fulcrum']}/work", 32, s, headers=headers)
+            after = {e["address"]: e["requests"] for e in fulcrum_endpoints()}
+            served = {a: after[a] - before.get(a, 0) for a in after}
+            share = served.get(BACKENDS[SLOW], 0) / max(1, sum(served.values()))
+            quality[f"fulcrum {algorithm}"] = (res, share)
+            log(f"  fulcrum {algorithm:<20} p50 {res.p50_ms:.2f} ms p99 {res.p99_ms:.2f} ms, slow share {share:.1%}")
+        for balance in ["roundrobin", "leastconn"]:
+            procs.stop("haproxy")
+            start_haproxy(procs, haproxy_conf(work, balance))
+            res = wrk(f"http://127.0.0.1:{PORTS['haproxy']}/work", 32, s)
+            quality[f"haproxy {balance}"] = (res, None)
+            log(f"  haproxy {balance:<20} p50 {res.p50_ms:.2f} ms p99 {res.p99_ms:.2f} ms")
+        sections.append(quality_table(quality))
+
+        # Failover: kill backend 2 of 3 a third of the way into a run.
+        log("failover: kill 1 of 3 backends under load")
+        procs.stop("fulcrum")
+        start_fulcrum(procs, args.fulcrum, fulcrum_conf(work))
+        procs.stop("haproxy")
+        start_haproxy(procs, haproxy_conf(work))
+        failover = {}
+        for name, url in list(http_targets.items())[1:]:
+            for i in range(3):
+                procs.stop(f"backend{i}")
+            start_backends(procs, work)
+            time.sleep(0.5)
+            out: dict[str, WrkResult] = {}
+            t = threading.Thread(target=lambda: out.setdefault("r", wrk(url, 32, 6)))
+            t.start()
+            time.sleep(2.0)
+            killed = time.monotonic()
+            procs.stop(f"backend{SLOW}", signal.SIGKILL)
+            reroute = None
+            if name == "fulcrum":
+                while time.monotonic() - killed < 5:
+                    dead = [e for e in fulcrum_endpoints() if e["address"] == BACKENDS[SLOW]]
+                    if dead and not dead[0]["healthy"]:
+                        reroute = time.monotonic() - killed
+                        break
+                    time.sleep(0.002)
+            t.join(timeout=60)
+            failover[name] = (out.get("r"), reroute)
+            log(f"  {name:<8} errors {out['r'].errors} of {out['r'].requests}, reroute {reroute}")
+        sections.append(failover_table(failover))
+    finally:
+        procs.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
+
+    header = f"""# Proxy benchmarks
+
+Measured by `make bench-proxy` (`bench/proxy/run.py`), on {machine()}.
+Everything runs on this one machine over loopback: wrk ({version(['wrk', '-v'])}), the proxies and
+the backends (NGINX instances, one process each, on 127.0.0.2-4) share its cores, so the
+figures compare the proxies with each other, not with a dedicated load-balancer host.
+Every proxy runs two worker threads or processes and balances round robin over the same
+three backends with keep-alive connections to them. Runs are {args.seconds} s each and
+interleaved over {args.rounds} rounds; the tables show the medians.
+
+Versions: fulcrum {version([args.fulcrum, '--version'])}, {version(['haproxy', '-v'])}, {version(['nginx', '-v'])}.
+"""
+    Path(args.out).write_text(header + "\n" + "\n".join(sections))
+    log(f"wrote {args.out}")
+    return 0
+
+
+def http_table(ka: dict[str, WrkResult], nc: dict[str, WrkResult], conns: int, seconds: int) -> str:
+    lines = [
+        "## HTTP/1.1, small responses",
+        "",
+        f"`wrk -t1 -c{conns} -d{seconds}s --latency`, keep-alive (left) and `Connection: close`, a new connection per request (right). \"direct\" is one backend without a proxy.",
+        "",
+        "| target | keep-alive req/s | p50 | p99 | new-connection req/s | p50 | p99 | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t in ka:
+        a, b = ka[t], nc[t]
+        lines.append(
+            f"| {t} | {a.rps:,.0f} | {a.p50_ms:.2f} ms | {a.p99_ms:.2f} ms | {b.rps:,.0f} | {b.p50_ms:.2f} ms | {b.p99_ms:.2f} ms | {a.errors + b.errors} |"
+        )
+    h = ka.get("haproxy")
+    f = ka.get("fulcrum")
+    if h and f:
+        lines += ["", f"fulcrum / HAProxy keep-alive throughput: {f.rps / h.rps:.2f}; new connections: {nc['fulcrum'].rps / nc['haproxy'].rps:.2f}."]
+    return "\n".join(lines) + "\n"
+
+
+def tcp_table(bulk: dict[str, WrkResult]) -> str:
+    lines = [
+        "## TCP bulk throughput",
+        "",
+        "8 MiB HTTP downloads carried by TCP-mode proxies (fulcrum `protocol: TCP`, HAProxy `mode tcp`, NGINX `stream`), `wrk -t1 -c4`.",
+        "",
+        "| target | MB/s | share of direct |",
+        "|---|---:|---:|",
+    ]
+    d = bulk["direct"].transfer_mb_s or 1
+    for t, r in bulk.items():
+        lines.append(f"| {t} | {r.transfer_mb_s:,.0f} | {r.transfer_mb_s / d:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def memory_table(mem: dict[str, float], n: int) -> str:
+    lines = [
+        "## Memory per idle connection",
+        "",
+        f"Resident memory added by {n:,} idle HTTP/1.1 keep-alive client connections (each after one request), divided by {n:,}.",
+        "",
+        "| proxy | KiB per connection | MiB per 10k |",
+        "|---|---:|---:|",
+    ]
+    for t, kib in mem.items():
+        lines.append(f"| {t} | {kib:.1f} | {kib * 10000 / 1024:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def quality_table(q: dict) -> str:
+    lines = [
+        "## Balancing quality: one backend 10x slower",
+        "",
+        "Backends answer `/work` in 1 ms, one of them in 10 ms. `wrk -t1 -c32`. The slow share is the part of the requests the slow backend served (from fulcrum's `/endpoints`).",
+        "",
+        "| proxy and algorithm | req/s | p50 | p99 | slow backend's share |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, (r, share) in q.items():
+        s = f"{share:.1%}" if share is not None else "n/a"
+        lines.append(f"| {name} | {r.rps:,.0f} | {r.p50_ms:.2f} ms | {r.p99_ms:.2f} ms | {s} |")
+    lines += ["", "ConsistentHash sends one client key, so one backend takes everything; it is listed for completeness."]
+    return "\n".join(lines) + "\n"
+
+
+def failover_table(f: dict) -> str:
+    lines = [
+        "## Failover: one of three backends killed under load",
+        "",
+        "`wrk -t1 -c32 -d6s` of idempotent GETs; backend 3 gets SIGKILL after 2 s. Time to reroute is from the kill to fulcrum marking the backend unavailable (`/endpoints`); traffic moves away from it at once through retries.",
+        "",
+        "| proxy | requests | failed | time to reroute |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, (r, reroute) in f.items():
+        rr = f"{reroute * 1000:.0f} ms" if reroute is not None else "n/a"
+        lines.append(f"| {name} | {r.requests:,} | {r.errors} | {rr} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
