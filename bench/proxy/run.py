@@ -427,6 +427,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=5, help="length of each wrk run")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per comparison")
     ap.add_argument("--connections", type=int, default=50)
+    ap.add_argument("--sections", default="http,tcp,memory,quality,failover", help="comma-separated subset to run")
     ap.add_argument("--idle", type=int, default=8000, help="idle connections for the memory run (file descriptors here are capped at 20000)")
     args = ap.parse_args()
     for tool in ["wrk", "haproxy", "nginx"]:
@@ -456,88 +457,94 @@ def main() -> int:
             "nginx": f"http://127.0.0.1:{PORTS['nginx']}/",
         }
 
-        log(f"HTTP/1.1 keep-alive, {c} connections")
-        ka = interleaved(http_targets, rounds, lambda u: wrk(u, c, s))
-        log(f"HTTP/1.1, a new connection per request, {c} connections")
-        nc = interleaved(http_targets, rounds, lambda u: wrk(u, c, s, headers=["Connection: close"]))
-        sections.append(http_table(ka, nc, c, s))
+        only = set(args.sections.split(","))
+        if "http" in only:
+            log(f"HTTP/1.1 keep-alive, {c} connections")
+            ka = interleaved(http_targets, rounds, lambda u: wrk(u, c, s))
+            log(f"HTTP/1.1, a new connection per request, {c} connections")
+            nc = interleaved(http_targets, rounds, lambda u: wrk(u, c, s, headers=["Connection: close"]))
+            sections.append(http_table(ka, nc, c, s))
 
-        log("TCP bulk: 8 MiB downloads through TCP-mode proxies, 4 connections")
-        tcp_targets = {
-            "direct": f"http://{BACKENDS[0]}/big",
-            "fulcrum": f"http://127.0.0.1:{PORTS['fulcrum-tcp']}/big",
-            "haproxy": f"http://127.0.0.1:{PORTS['haproxy-tcp']}/big",
-            "nginx": f"http://127.0.0.1:{PORTS['nginx-tcp']}/big",
-        }
-        bulk = interleaved(tcp_targets, rounds, lambda u: wrk(u, 4, s))
-        sections.append(tcp_table(bulk))
+        if "tcp" in only:
+            log("TCP bulk: 8 MiB downloads through TCP-mode proxies, 4 connections")
+            tcp_targets = {
+                "direct": f"http://{BACKENDS[0]}/big",
+                "fulcrum": f"http://127.0.0.1:{PORTS['fulcrum-tcp']}/big",
+                "haproxy": f"http://127.0.0.1:{PORTS['haproxy-tcp']}/big",
+                "nginx": f"http://127.0.0.1:{PORTS['nginx-tcp']}/big",
+            }
+            bulk = interleaved(tcp_targets, rounds, lambda u: wrk(u, 4, s))
+            sections.append(tcp_table(bulk))
 
-        log(f"memory per idle keep-alive connection, {args.idle} connections")
-        mem = {}
-        for name, proc_name, port in [
-            ("fulcrum", "fulcrum", PORTS["fulcrum"]),
-            ("haproxy", "haproxy", PORTS["haproxy"]),
-            ("nginx", "nginx-proxy", PORTS["nginx"]),
-        ]:
-            mem[name] = idle_memory(procs.procs[proc_name].pid, port, args.idle)
-            log(f"  {name:<8} {mem[name]:.1f} KiB per connection")
-        sections.append(memory_table(mem, args.idle))
+        if "memory" in only:
+            log(f"memory per idle keep-alive connection, {args.idle} connections")
+            mem = {}
+            for name, proc_name, port in [
+                ("fulcrum", "fulcrum", PORTS["fulcrum"]),
+                ("haproxy", "haproxy", PORTS["haproxy"]),
+                ("nginx", "nginx-proxy", PORTS["nginx"]),
+            ]:
+                mem[name] = idle_memory(procs.procs[proc_name].pid, port, args.idle)
+                log(f"  {name:<8} {mem[name]:.1f} KiB per connection")
+            sections.append(memory_table(mem, args.idle))
 
-        # Balancing quality: backend 3 answers in 10 ms, the others in 1 ms.
-        log("balancing quality: one backend 10x slower")
-        for i in range(3):
-            procs.stop(f"backend{i}")
-        start_backends(procs, work, slow_index=SLOW, base_ms=1.0)
-        quality = {}
-        for algorithm in ALGORITHMS:
-            procs.stop("fulcrum")
-            start_fulcrum(procs, args.fulcrum, fulcrum_conf(work, algorithm))
-            headers = ["x-user-id: bench"] if algorithm == "ConsistentHash" else []
-            before = {e["address"]: e["requests"] for e in fulcrum_endpoints()}
-            res = wrk(f"http://127.0.0.1:{PORTS['fulcrum']}/work", 32, s, headers=headers)
-            after = {e["address"]: e["requests"] for e in fulcrum_endpoints()}
-            served = {a: after[a] - before.get(a, 0) for a in after}
-            share = served.get(BACKENDS[SLOW], 0) / max(1, sum(served.values()))
-            quality[f"fulcrum {algorithm}"] = (res, share)
-            log(f"  fulcrum {algorithm:<20} p50 {res.p50_ms:.2f} ms p99 {res.p99_ms:.2f} ms, slow share {share:.1%}")
-        for balance in ["roundrobin", "leastconn"]:
-            procs.stop("haproxy")
-            start_haproxy(procs, haproxy_conf(work, balance))
-            res = wrk(f"http://127.0.0.1:{PORTS['haproxy']}/work", 32, s)
-            quality[f"haproxy {balance}"] = (res, None)
-            log(f"  haproxy {balance:<20} p50 {res.p50_ms:.2f} ms p99 {res.p99_ms:.2f} ms")
-        sections.append(quality_table(quality))
-
-        # Failover: kill backend 2 of 3 a third of the way into a run.
-        log("failover: kill 1 of 3 backends under load")
-        procs.stop("fulcrum")
-        start_fulcrum(procs, args.fulcrum, fulcrum_conf(work))
-        procs.stop("haproxy")
-        start_haproxy(procs, haproxy_conf(work))
-        failover = {}
-        for name, url in list(http_targets.items())[1:]:
+        if "quality" in only:
+            # Balancing quality: backend 3 answers in 10 ms, the others in 1 ms.
+            log("balancing quality: one backend 10x slower")
             for i in range(3):
                 procs.stop(f"backend{i}")
-            start_backends(procs, work)
-            time.sleep(0.5)
-            out: dict[str, WrkResult] = {}
-            t = threading.Thread(target=lambda: out.setdefault("r", wrk(url, 32, 6)))
-            t.start()
-            time.sleep(2.0)
-            killed = time.monotonic()
-            procs.stop(f"backend{SLOW}", signal.SIGKILL)
-            reroute = None
-            if name == "fulcrum":
-                while time.monotonic() - killed < 5:
-                    dead = [e for e in fulcrum_endpoints() if e["address"] == BACKENDS[SLOW]]
-                    if dead and not dead[0]["healthy"]:
-                        reroute = time.monotonic() - killed
-                        break
-                    time.sleep(0.002)
-            t.join(timeout=60)
-            failover[name] = (out.get("r"), reroute)
-            log(f"  {name:<8} errors {out['r'].errors} of {out['r'].requests}, reroute {reroute}")
-        sections.append(failover_table(failover))
+            start_backends(procs, work, slow_index=SLOW, base_ms=1.0)
+            quality = {}
+            for algorithm in ALGORITHMS:
+                procs.stop("fulcrum")
+                start_fulcrum(procs, args.fulcrum, fulcrum_conf(work, algorithm))
+                headers = ["x-user-id: bench"] if algorithm == "ConsistentHash" else []
+                before = {e["address"]: e["requests"] for e in fulcrum_endpoints()}
+                res = wrk(f"http://127.0.0.1:{PORTS['fulcrum']}/work", 32, s, headers=headers)
+                after = {e["address"]: e["requests"] for e in fulcrum_endpoints()}
+                served = {a: after[a] - before.get(a, 0) for a in after}
+                share = served.get(BACKENDS[SLOW], 0) / max(1, sum(served.values()))
+                quality[f"fulcrum {algorithm}"] = (res, share)
+                log(f"  fulcrum {algorithm:<20} p50 {res.p50_ms:.2f} ms p99 {res.p99_ms:.2f} ms, slow share {share:.1%}")
+            for balance in ["roundrobin", "leastconn"]:
+                procs.stop("haproxy")
+                start_haproxy(procs, haproxy_conf(work, balance))
+                res = wrk(f"http://127.0.0.1:{PORTS['haproxy']}/work", 32, s)
+                quality[f"haproxy {balance}"] = (res, None)
+                log(f"  haproxy {balance:<20} p50 {res.p50_ms:.2f} ms p99 {res.p99_ms:.2f} ms")
+            sections.append(quality_table(quality))
+
+        if "failover" in only:
+            # Failover: kill backend 2 of 3 a third of the way into a run.
+            log("failover: kill 1 of 3 backends under load")
+            procs.stop("fulcrum")
+            start_fulcrum(procs, args.fulcrum, fulcrum_conf(work))
+            procs.stop("haproxy")
+            start_haproxy(procs, haproxy_conf(work))
+            failover = {}
+            for name, url in list(http_targets.items())[1:]:
+                for i in range(3):
+                    procs.stop(f"backend{i}")
+                start_backends(procs, work)
+                time.sleep(0.5)
+                out: dict[str, WrkResult] = {}
+                t = threading.Thread(target=lambda: out.setdefault("r", wrk(url, 32, 6)))
+                t.start()
+                time.sleep(2.0)
+                killed = time.monotonic()
+                procs.stop(f"backend{SLOW}", signal.SIGKILL)
+                reroute = None
+                if name == "fulcrum":
+                    while time.monotonic() - killed < 5:
+                        dead = [e for e in fulcrum_endpoints() if e["address"] == BACKENDS[SLOW]]
+                        if dead and not dead[0]["healthy"]:
+                            reroute = time.monotonic() - killed
+                            break
+                        time.sleep(0.002)
+                t.join(timeout=60)
+                failover[name] = (out.get("r"), reroute)
+                log(f"  {name:<8} errors {out['r'].errors} of {out['r'].requests}, reroute {reroute}")
+            sections.append(failover_table(failover))
     finally:
         procs.stop_all()
         shutil.rmtree(work, ignore_errors=True)

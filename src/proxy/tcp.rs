@@ -3,9 +3,15 @@
 //! sending, the other side's write half is shut down and the other direction
 //! keeps flowing.
 
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::config::{HashKey, MAX_RETRY_ATTEMPTS};
@@ -45,13 +51,17 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: Sock
                 let _ = upstream.set_nodelay(true);
                 // Nothing has been sent yet, so a connection failure above was safe to retry;
                 // from here on, bytes flow and the connection is the client's.
-                let outcome = match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                    Ok((to_endpoint, to_client)) => {
+                let outcome = match copy_until_idle(&mut client, &mut upstream, rt.config.timeouts.idle.0).await {
+                    Some(Ok((to_endpoint, to_client))) => {
                         stats.count_bytes(to_endpoint, to_client);
                         Outcome::Success
                     }
                     // A reset on either side ends the copy; it does not say the endpoint is unhealthy.
-                    Err(_) => Outcome::Cancelled,
+                    Some(Err(_)) => Outcome::Cancelled,
+                    None => {
+                        tracing::debug!(%peer, endpoint = %addr, "TCP connection idle past timeouts.idle; closed");
+                        Outcome::Cancelled
+                    }
                 };
                 pick.complete(outcome);
                 return;
@@ -71,5 +81,84 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: Sock
         // No byte reached the endpoint: the retry costs the endpoints nothing and
         // is not charged to the retry budget.
         shared.metrics.retry(true);
+    }
+}
+
+/// Buffer size of each direction of a TCP copy.
+const COPY_BUFFER: usize = 64 * 1024;
+
+/// Copies both ways until both directions end (`Some`), or until no byte has
+/// moved in either direction for `idle` (`None`; both connections then close).
+async fn copy_until_idle(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    idle: Duration,
+) -> Option<io::Result<(u64, u64)>> {
+    let origin = Instant::now();
+    let last = AtomicU64::new(0);
+    let mut watched = Watched { inner: client, origin, last: &last };
+    // 64 KiB per direction instead of the default 8 KiB: a quarter of the system
+    // calls on bulk transfers, for 128 KiB per busy connection.
+    let copy = tokio::io::copy_bidirectional_with_sizes(&mut watched, upstream, COPY_BUFFER, COPY_BUFFER);
+    tokio::pin!(copy);
+    let mut deadline = idle;
+    loop {
+        tokio::select! {
+            done = &mut copy => return Some(done),
+            () = tokio::time::sleep_until((origin + deadline).into()) => {
+                // Activity on the client side means activity both ways: every byte
+                // from the endpoint is written to the client, every byte to it read from the client.
+                let active = Duration::from_nanos(last.load(Ordering::Relaxed));
+                if origin.elapsed().saturating_sub(active) >= idle {
+                    return None;
+                }
+                deadline = active + idle;
+            }
+        }
+    }
+}
+
+/// A stream that records when a byte last moved through it.
+struct Watched<'a, S> {
+    inner: &'a mut S,
+    origin: Instant,
+    last: &'a AtomicU64,
+}
+
+impl<S> Watched<'_, S> {
+    fn touch(&self) {
+        let at = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.store(at, Ordering::Relaxed);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<'_, S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut *this.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.touch();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<'_, S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut *this.inner).poll_write(cx, data);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.touch();
+        }
+        polled
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
     }
 }

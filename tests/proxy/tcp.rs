@@ -110,3 +110,26 @@ async fn tcp_mode_retries_a_refused_connect_on_another_endpoint() {
     }
     p.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tcp_connection_is_closed_after_the_idle_timeout() {
+    let (a, _ta) = echo_server("A", 2).await;
+    let p = tcp_proxy("timeouts: {idle: 300ms}\n", &[a]).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    // Traffic within the timeout keeps it open: 600 ms in all, never 300 ms silent.
+    let mut last_write = std::time::Instant::now();
+    for _ in 0..4 {
+        s.write_all(b"x").await.unwrap();
+        last_write = std::time::Instant::now();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(n >= 1);
+    // Silence closes it, about 300 ms after the last byte moved.
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await.unwrap().ok();
+    let silent = last_write.elapsed();
+    assert!(silent >= Duration::from_millis(280) && silent < Duration::from_secs(2), "{silent:?}");
+    p.shutdown().await;
+}
