@@ -173,8 +173,17 @@ pub(crate) fn pending_cost(c: &Candidate) -> Pending {
 
 /// PeakEwma: latency estimate × (in-flight + 1) / weight. The estimate is
 /// floored at 1 ns so that in-flight work still counts when it has decayed to zero.
+///
+/// An endpoint never measured costs nothing while it has nothing in flight:
+/// it receives one probe request at a time until its first sample, instead
+/// of being judged by the default estimate (and never chosen next to an
+/// endpoint measured faster) or flooded before its first answer.
 #[inline]
 pub(crate) fn peak_ewma_cost(c: &Candidate, now: Nanos, cfg: &EwmaConfig) -> f64 {
+    let in_flight = c.endpoint.in_flight();
+    if in_flight == 0 && !c.endpoint.ewma.is_measured() {
+        return 0.0;
+    }
     let latency = c.endpoint.ewma.estimate(now, cfg).max(1.0);
-    latency * (f64::from(c.endpoint.in_flight()) + 1.0) / f64::from(c.weight.max(1))
+    latency * (f64::from(in_flight) + 1.0) / f64::from(c.weight.max(1))
 }

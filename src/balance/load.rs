@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::affinity::AffinityToken;
@@ -123,17 +123,32 @@ impl Drop for Pick {
 /// Jumps up at once to any slower sample (the "peak") and decays towards
 /// faster samples with time constant [`EwmaConfig::decay`]; read between
 /// samples it decays towards zero, so an idle endpoint is tried again
-/// (Finagle's and Linkerd's estimator).
+/// (Finagle's and Linkerd's estimator). [`EwmaConfig::default_rtt`] is the
+/// estimate of an endpoint never measured; its first sample replaces it, so
+/// that a fast endpoint does not look as slow as the default for the tens of
+/// seconds the decay would take.
 pub(crate) struct PeakEwma {
     /// f64 nanoseconds, as bits.
     estimate: AtomicU64,
     /// Time of the last sample.
     at: AtomicU64,
+    /// A sample has been taken.
+    measured: AtomicBool,
 }
 
 impl PeakEwma {
     pub(crate) fn new(default_rtt: Duration) -> Self {
-        PeakEwma { estimate: AtomicU64::new(nanos_f64(default_rtt).to_bits()), at: AtomicU64::new(0) }
+        PeakEwma {
+            estimate: AtomicU64::new(nanos_f64(default_rtt).to_bits()),
+            at: AtomicU64::new(0),
+            measured: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether a sample has been taken.
+    #[inline]
+    pub(crate) fn is_measured(&self) -> bool {
+        self.measured.load(Ordering::Relaxed)
     }
 
     /// The estimate decayed to `now`, in nanoseconds.
@@ -150,9 +165,13 @@ impl PeakEwma {
         // average shrugs off, and the request path saves two locked instructions.
         let prev_at = Nanos(self.at.load(Ordering::Relaxed));
         self.at.store(now.0, Ordering::Relaxed);
+        let first = !self.measured.load(Ordering::Relaxed);
+        if first {
+            self.measured.store(true, Ordering::Relaxed);
+        }
         let est = f64::from_bits(self.estimate.load(Ordering::Relaxed));
         let rtt = if penalize { rtt.max(est) } else { rtt };
-        let next = if rtt > est {
+        let next = if first || rtt > est {
             rtt
         } else {
             let w = decay_factor(now.since(prev_at), cfg);
@@ -186,9 +205,17 @@ mod tests {
     }
 
     #[test]
+    fn the_first_sample_replaces_the_default() {
+        let e = PeakEwma::new(Duration::from_millis(30));
+        e.observe(Nanos(5), 1.0 * MS, false, &cfg());
+        assert_eq!(e.estimate(Nanos(5), &cfg()), 1.0 * MS);
+    }
+
+    #[test]
     fn a_faster_sample_moves_the_estimate_by_the_elapsed_share() {
-        let e = PeakEwma::new(Duration::from_millis(100));
-        let t = Nanos(10_000_000_000); // one decay constant after the origin
+        let e = PeakEwma::new(Duration::from_millis(30));
+        e.observe(Nanos(0), 100.0 * MS, false, &cfg());
+        let t = Nanos(10_000_000_000); // one decay constant later
         e.observe(t, 0.0, false, &cfg());
         let expected = 100.0 * MS * (-1.0f64).exp();
         assert!((e.estimate(t, &cfg()) - expected).abs() < 1.0);
@@ -205,6 +232,7 @@ mod tests {
     #[test]
     fn a_fast_failure_does_not_lower_the_estimate() {
         let e = PeakEwma::new(Duration::from_millis(100));
+        e.observe(Nanos(0), 100.0 * MS, false, &cfg());
         e.observe(Nanos(5_000_000_000), 1.0 * MS, true, &cfg());
         let decayed = 100.0 * MS * (-0.5f64).exp();
         assert!(e.estimate(Nanos(5_000_000_000), &cfg()) >= decayed - 1.0);

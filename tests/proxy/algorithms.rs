@@ -27,8 +27,10 @@ async fn every_algorithm_spreads_sequential_requests_over_all_endpoints() {
                 // Sequential requests leave every endpoint idle: strict rotation.
                 assert!(counts.values().all(|&n| n == 100), "{algorithm}: {counts:?}");
             }
-            // Latency-driven: an endpoint answering a little faster by chance gets more.
-            Algorithm::PeakEwma => assert!(counts.values().all(|&n| n >= 10), "{algorithm}: {counts:?}"),
+            // Latency-driven: identical endpoints get uneven shares, since one whose first
+            // answers were slower (a new connection's handshake) is avoided until its
+            // estimate decays; but every endpoint is tried.
+            Algorithm::PeakEwma => assert!(counts.values().all(|&n| n >= 1), "{algorithm}: {counts:?}"),
             _ => assert!(counts.values().all(|&n| n >= 50), "{algorithm}: {counts:?}"),
         }
         p.shutdown().await;
