@@ -75,3 +75,34 @@ fn latency_observed_before_completion_is_counted_once_and_load_until_completion(
     assert_eq!(e.in_flight(), 0);
     assert!(e.latency_estimate() < Duration::from_millis(200), "{:?}", e.latency_estimate());
 }
+
+#[test]
+fn an_unmeasured_endpoint_gets_one_probe_at_a_time_until_its_first_sample() {
+    let (clock, mut b) = simple(Algorithm::PeakEwma, specs(3));
+    // Measure endpoints 0 and 1 at 1 ms; endpoint 2 is never picked while they are.
+    let mut measured = 0;
+    while measured < 2 {
+        let p = b.pick(&Request { exclude: &[addr(2)], ..Request::default() }).unwrap();
+        clock.advance(Duration::from_millis(1));
+        measured += usize::from(p.endpoint().requests() == 0);
+        p.complete(Outcome::Success);
+    }
+    // The unmeasured endpoint wins every pair it is in while idle, and then,
+    // with its probe in flight, loses to the measured ones.
+    let mut held = Vec::new();
+    let mut probes = 0;
+    for _ in 0..200 {
+        let p = b.pick(&Request::default()).unwrap();
+        if p.addr() == addr(2) {
+            probes += 1;
+            held.push(p);
+        } else {
+            p.complete(Outcome::Success);
+        }
+    }
+    assert_eq!(probes, 1, "one probe while the first is unanswered");
+    // It answers as fast as the others have been answering since (instantly, on this clock).
+    held.pop().unwrap().complete(Outcome::Success);
+    let after = distribution(&mut b, 300);
+    assert!(after[&addr(2)] > 50, "measured as fast as the others, it takes its share: {after:?}");
+}
