@@ -1,0 +1,580 @@
+//! An in-memory Kubernetes API server for tests: real HTTP on 127.0.0.1, so
+//! that a real `kube::Client`, kube-runtime's watcher, reflector and
+//! Controller run against it unchanged.
+//!
+//! It is strict where tests could otherwise pass by accident: unknown
+//! resources, verbs, patch types and selectors are refused with the status a
+//! real server would send, never silently accepted. Tests that play kubelet
+//! or a controller reach the store directly through [`ApiServer::store`].
+
+#![allow(dead_code)]
+
+pub mod patch;
+pub mod registry;
+pub mod selector;
+pub mod status;
+pub mod store;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+use patch::{PatchType, parse_body};
+use registry::Resource;
+use selector::{FieldSelector, LabelSelector};
+use status::ApiError;
+use store::{Propagation, Store, list_body};
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// Injected faults.
+#[derive(Default)]
+struct Faults {
+    /// plural → (requests left to fail, status code)
+    fail: HashMap<String, (u32, u16)>,
+}
+
+struct State {
+    resources: Vec<Resource>,
+    store: Store,
+    faults: Mutex<Faults>,
+    /// Bumped to end every open watch.
+    close_watches: watch::Sender<u64>,
+    /// While true, requests wait before being answered.
+    paused: watch::Sender<bool>,
+    /// Interval between BOOKMARK events on watches that allow them.
+    bookmark_every: Duration,
+}
+
+/// A running test API server. Dropping it stops the listener.
+pub struct ApiServer {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl ApiServer {
+    /// Starts a server on an ephemeral port of 127.0.0.1 with the built-in resources.
+    pub async fn start() -> ApiServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the test API server");
+        let addr = listener.local_addr().expect("local address");
+        let state = Arc::new(State {
+            resources: registry::builtin(),
+            store: Store::new(),
+            faults: Mutex::new(Faults::default()),
+            close_watches: watch::channel(0).0,
+            paused: watch::channel(false).0,
+            bookmark_every: Duration::from_secs(1),
+        });
+        let s = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| handle(s.clone(), req));
+                    let _ =
+                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                });
+            }
+        });
+        ApiServer { addr, state, task }
+    }
+
+    /// A kube client for this server, default namespace `default`.
+    pub fn client(&self) -> kube::Client {
+        let url: http::Uri = format!("http://{}", self.addr).parse().expect("server URL");
+        let mut config = kube::Config::new(url);
+        config.default_namespace = "default".into();
+        config.read_timeout = Some(Duration::from_secs(30));
+        kube::Client::try_from(config).expect("kube client for the test API server")
+    }
+
+    /// The store, to inspect or change objects directly (as kubelet or a controller would).
+    pub fn store(&self) -> &Store {
+        &self.state.store
+    }
+
+    /// The registration of `plural` in `group`.
+    pub fn resource(&self, group: &str, plural: &str) -> Resource {
+        self.state
+            .resources
+            .iter()
+            .find(|r| r.group == group && r.plural == plural)
+            .cloned()
+            .unwrap_or_else(|| panic!("{group}/{plural} is not registered"))
+    }
+
+    /// The next `n` requests for `plural` fail with `code` (500 InternalError, 503, 429...).
+    pub fn fail_next(&self, plural: &str, n: u32, code: u16) {
+        self.state.faults.lock().unwrap_or_else(|p| p.into_inner()).fail.insert(plural.to_owned(), (n, code));
+    }
+
+    /// Ends every open watch, as an API server restart or a load balancer timeout would.
+    pub fn close_watches(&self) {
+        self.state.close_watches.send_modify(|n| *n += 1);
+    }
+
+    /// Holds every response until [`resume`](Self::resume).
+    pub fn pause(&self) {
+        self.state.paused.send_replace(true);
+    }
+
+    pub fn resume(&self) {
+        self.state.paused.send_replace(false);
+    }
+}
+
+fn json_response(code: StatusCode, v: &Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())).map_err(|never| match never {}).boxed());
+    *r.status_mut() = code;
+    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error_response(e: &ApiError) -> Response<Body> {
+    json_response(StatusCode::from_u16(e.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), &e.to_status())
+}
+
+/// Where a request points.
+struct Target {
+    res: Resource,
+    namespace: Option<String>,
+    name: Option<String>,
+    sub: Option<String>,
+}
+
+fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+    req.uri()
+        .query()
+        .map(|q| {
+            q.split('&')
+                .filter_map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                    (!k.is_empty()).then(|| (percent_decode(k), percent_decode(v)))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn route(state: &State, path: &str) -> Result<Target, ApiError> {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, version, rest) = match segs.as_slice() {
+        ["api", v, rest @ ..] => ("", *v, rest),
+        ["apis", g, v, rest @ ..] => (*g, *v, rest),
+        _ => {
+            return Err(ApiError::new(
+                404,
+                "NotFound",
+                format!("the server could not find the requested resource ({path})"),
+            ));
+        }
+    };
+    // `/namespaces/{ns}/{plural}/...` is namespaced; `/namespaces/{name}` is the Namespace object itself.
+    let (namespace, plural, more): (Option<String>, &str, &[&str]) = match rest {
+        ["namespaces", ns, plural, more @ ..] => (Some((*ns).to_owned()), plural, more),
+        [plural, more @ ..] => (None, plural, more),
+        [] => return Err(ApiError::new(404, "NotFound", format!("no resource in {path}"))),
+    };
+    let res = state
+        .resources
+        .iter()
+        .find(|r| r.group == group && r.version == version && r.plural == plural)
+        .cloned()
+        .ok_or_else(|| {
+            ApiError::new(
+                404,
+                "NotFound",
+                format!(
+                    "the server could not find the requested resource: {group}/{version} {plural} is not registered"
+                ),
+            )
+        })?;
+    if res.namespaced && namespace.is_none() && !more.is_empty() {
+        return Err(ApiError::new(
+            404,
+            "NotFound",
+            format!("{plural} is namespaced: a named request needs /namespaces/{{ns}}/"),
+        ));
+    }
+    if !res.namespaced && namespace.is_some() {
+        return Err(ApiError::new(404, "NotFound", format!("{plural} is cluster-scoped")));
+    }
+    let name = more.first().map(|s| (*s).to_owned());
+    let sub = more.get(1).map(|s| (*s).to_owned());
+    if let Some(sub) = &sub {
+        let known = (sub == "status" && res.status) || (sub == "scale" && res.scale);
+        if !known {
+            return Err(ApiError::new(404, "NotFound", format!("{plural} has no subresource {sub:?}")));
+        }
+    }
+    if more.len() > 2 {
+        return Err(ApiError::new(404, "NotFound", format!("unexpected path {path}")));
+    }
+    Ok(Target { res, namespace, name, sub })
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let mut paused = state.paused.subscribe();
+    let _ = tokio::time::timeout(Duration::from_secs(60), paused.wait_for(|p| !*p)).await;
+    let path = req.uri().path().to_owned();
+    let resp = match path.as_str() {
+        "/version" => json_response(
+            StatusCode::OK,
+            &json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0", "platform": "linux/amd64"}),
+        ),
+        "/api" => json_response(StatusCode::OK, &registry::core_versions()),
+        "/apis" => json_response(StatusCode::OK, &registry::groups(&state.resources)),
+        _ => {
+            let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+            let discovery = match segs.as_slice() {
+                ["api", v] => Some(registry::resource_list(&state.resources, "", v)),
+                ["apis", g, v] => Some(registry::resource_list(&state.resources, g, v)),
+                _ => None,
+            };
+            match discovery {
+                Some(Some(list)) => json_response(StatusCode::OK, &list),
+                Some(None) => error_response(&ApiError::new(404, "NotFound", format!("{path} is not served"))),
+                None => match resource_request(&state, req, &path).await {
+                    Ok(r) => r,
+                    Err(e) => error_response(&e),
+                },
+            }
+        }
+    };
+    Ok(resp)
+}
+
+fn injected_fault(state: &State, plural: &str) -> Option<ApiError> {
+    let mut faults = state.faults.lock().unwrap_or_else(|p| p.into_inner());
+    let (left, code) = faults.fail.get_mut(plural)?;
+    if *left == 0 {
+        return None;
+    }
+    *left -= 1;
+    let code = *code;
+    let reason = match code {
+        429 => "TooManyRequests",
+        503 => "ServiceUnavailable",
+        504 => "Timeout",
+        _ => "InternalError",
+    };
+    Some(ApiError::new(code, reason, format!("injected fault for {plural}")))
+}
+
+async fn resource_request(state: &Arc<State>, req: Request<Incoming>, path: &str) -> Result<Response<Body>, ApiError> {
+    let t = route(state, path)?;
+    if let Some(e) = injected_fault(state, t.res.plural) {
+        return Err(e);
+    }
+    let q = query(&req);
+    let method = req.method().clone();
+    let content_type = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .to_owned();
+    let body = req.into_body().collect().await.map_err(|e| ApiError::bad_request(e.to_string()))?.to_bytes();
+    let ns = t.namespace.clone().unwrap_or_default();
+    let store = &state.store;
+    let res = &t.res;
+    if t.sub.as_deref() == Some("scale") {
+        return scale(state, &t, &method, &body);
+    }
+    let status_sub = t.sub.as_deref() == Some("status");
+    match (method, t.name.as_deref()) {
+        (Method::GET, None) => {
+            let labels = LabelSelector::parse(q.get("labelSelector").map_or("", String::as_str))?;
+            let fields = FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str))?;
+            if q.get("watch").is_some_and(|w| w == "true" || w == "1") {
+                return watch(state.clone(), res.clone(), t.namespace.clone(), labels, fields, &q);
+            }
+            let (items, rv) = store.list(res, t.namespace.as_deref(), |o| labels.matches(o) && fields.matches(o));
+            // Pages: `limit` items from the position a `continue` token names.
+            let start: usize = match q.get("continue").filter(|c| !c.is_empty()) {
+                Some(c) => c.parse().map_err(|_| ApiError::bad_request(format!("invalid continue token {c:?}")))?,
+                None => 0,
+            };
+            let limit: usize = q.get("limit").and_then(|l| l.parse().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
+            let total = items.len();
+            let page: Vec<Value> = items.into_iter().skip(start).take(limit).collect();
+            let mut body = list_body(res, page, rv);
+            if start.saturating_add(limit) < total {
+                body["metadata"]["continue"] = json!((start + limit).to_string());
+                body["metadata"]["remainingItemCount"] = json!(total - start - limit);
+            }
+            Ok(json_response(StatusCode::OK, &body))
+        }
+        (Method::GET, Some(name)) => Ok(json_response(StatusCode::OK, &store.get(res, &ns, name)?)),
+        (Method::POST, None) => {
+            let obj: Value =
+                serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
+            check_kind(res, &obj)?;
+            Ok(json_response(StatusCode::CREATED, &store.create(res, &ns, obj)?))
+        }
+        (Method::PUT, Some(name)) => {
+            let obj: Value =
+                serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
+            check_kind(res, &obj)?;
+            Ok(json_response(StatusCode::OK, &store.update(res, &ns, name, obj, status_sub)?))
+        }
+        (Method::PATCH, Some(name)) => {
+            let ty = PatchType::from_content_type(&content_type)?;
+            let patch = parse_body(&body, ty)?;
+            if ty == PatchType::Apply {
+                let manager = q.get("fieldManager").filter(|m| !m.is_empty()).ok_or_else(|| {
+                    ApiError::invalid("PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch")
+                })?;
+                let force = q.get("force").is_some_and(|f| f == "true");
+                check_kind(res, &patch)?;
+                return match store.get(res, &ns, name) {
+                    Ok(current) => {
+                        let mut next = patch::server_side_apply(&current, &patch, manager, force)?;
+                        if let Some(m) = next["metadata"].as_object_mut() {
+                            // Apply is not conditional on the stored version.
+                            m.remove("resourceVersion");
+                        }
+                        Ok(json_response(StatusCode::OK, &store.update(res, &ns, name, next, status_sub)?))
+                    }
+                    Err(e) if e.code == 404 && !status_sub => {
+                        let mut fresh = patch::server_side_apply(&json!({"metadata": {}}), &patch, manager, force)?;
+                        fresh["metadata"]["name"] = json!(name);
+                        Ok(json_response(StatusCode::CREATED, &store.create(res, &ns, fresh)?))
+                    }
+                    Err(e) => Err(e),
+                };
+            }
+            let current = store.get(res, &ns, name)?;
+            let mut next = patch::apply_patch(&current, ty, &patch)?;
+            // A patch is applied to the stored version; it is conditional only if it sets one.
+            if patch["metadata"].get("resourceVersion").is_none()
+                && let Some(m) = next["metadata"].as_object_mut()
+            {
+                m.remove("resourceVersion");
+            }
+            Ok(json_response(StatusCode::OK, &store.update(res, &ns, name, next, status_sub)?))
+        }
+        (Method::DELETE, Some(name)) => {
+            let opts: Value =
+                if body.is_empty() { json!({}) } else { serde_json::from_slice(&body).unwrap_or(json!({})) };
+            let policy = q
+                .get("propagationPolicy")
+                .cloned()
+                .or_else(|| opts["propagationPolicy"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| "Background".into());
+            let propagation = match policy.as_str() {
+                "Background" => Propagation::Background,
+                "Foreground" => Propagation::Foreground,
+                "Orphan" => Propagation::Orphan,
+                other => {
+                    return Err(ApiError::invalid(format!(
+                        "propagationPolicy {other:?} is not one of Background, Foreground, Orphan"
+                    )));
+                }
+            };
+            let (obj, gone) = store.delete(res, &ns, name, propagation)?;
+            if gone { Ok(json_response(StatusCode::OK, &obj)) } else { Ok(json_response(StatusCode::ACCEPTED, &obj)) }
+        }
+        (method, name) => Err(ApiError::unsupported(format!(
+            "{method} on {path} ({}) is not supported by the test API server",
+            if name.is_some() { "an object" } else { "a collection" }
+        ))),
+    }
+}
+
+fn check_kind(res: &Resource, obj: &Value) -> Result<(), ApiError> {
+    if let Some(kind) = obj["kind"].as_str()
+        && kind != res.kind
+    {
+        return Err(ApiError::bad_request(format!(
+            "the body's kind {kind:?} does not match the URL's resource ({})",
+            res.kind
+        )));
+    }
+    Ok(())
+}
+
+/// `/scale` of a resource with `spec.replicas`.
+fn scale(state: &State, t: &Target, method: &Method, body: &[u8]) -> Result<Response<Body>, ApiError> {
+    let ns = t.namespace.clone().unwrap_or_default();
+    let name = t.name.as_deref().unwrap_or_default();
+    let obj = state.store.get(&t.res, &ns, name)?;
+    let to_scale = |o: &Value| {
+        json!({
+            "kind": "Scale", "apiVersion": "autoscaling/v1",
+            "metadata": {"name": name, "namespace": ns, "resourceVersion": o["metadata"]["resourceVersion"]},
+            "spec": {"replicas": o["spec"]["replicas"].as_i64().unwrap_or(1)},
+            "status": {"replicas": o["status"]["replicas"].as_i64().unwrap_or(0)},
+        })
+    };
+    match *method {
+        Method::GET => Ok(json_response(StatusCode::OK, &to_scale(&obj))),
+        Method::PUT => {
+            let s: Value = serde_json::from_slice(body).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            let replicas =
+                s["spec"]["replicas"].as_i64().ok_or_else(|| ApiError::invalid("spec.replicas: Required value"))?;
+            let mut next = obj.clone();
+            next["spec"]["replicas"] = json!(replicas);
+            if let Some(rv) = s["metadata"]["resourceVersion"].as_str() {
+                next["metadata"]["resourceVersion"] = json!(rv);
+            }
+            let updated = state.store.update(&t.res, &ns, name, next, false)?;
+            Ok(json_response(StatusCode::OK, &to_scale(&updated)))
+        }
+        _ => Err(ApiError::unsupported("the test API server supports GET and PUT on /scale")),
+    }
+}
+
+/// A watch: history after `resourceVersion`, then live events, BOOKMARKs when
+/// allowed, until `timeoutSeconds`, a closed watch, or the client leaving.
+fn watch(
+    state: Arc<State>,
+    res: Resource,
+    namespace: Option<String>,
+    labels: LabelSelector,
+    fields: FieldSelector,
+    q: &HashMap<String, String>,
+) -> Result<Response<Body>, ApiError> {
+    let bookmarks = q.get("allowWatchBookmarks").is_some_and(|b| b == "true");
+    let initial = q.get("sendInitialEvents").is_some_and(|b| b == "true");
+    let timeout =
+        q.get("timeoutSeconds").and_then(|t| t.parse().ok()).map_or(Duration::from_secs(1800), Duration::from_secs);
+    let from: u64 = match q.get("resourceVersion").map(String::as_str) {
+        None | Some("") | Some("0") => state.store.resource_version(),
+        Some(rv) => rv.parse().map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))?,
+    };
+    let keep = {
+        let (labels, fields, namespace) = (labels.clone(), fields.clone(), namespace.clone());
+        move |o: &Value| {
+            namespace.as_deref().is_none_or(|ns| o["metadata"]["namespace"].as_str() == Some(ns))
+                && labels.matches(o)
+                && fields.matches(o)
+        }
+    };
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(256);
+    let line = |kind: &str, object: &Value| {
+        Ok(Frame::data(Bytes::from(format!("{}\n", json!({"type": kind, "object": object})))))
+    };
+    let subscription = if initial {
+        let (items, rv) = state.store.list(&res, namespace.as_deref(), &keep);
+        state.store.watch_from(&res, rv).map(|(past, live)| (Some((items, rv)), past, live))
+    } else {
+        state.store.watch_from(&res, from).map(|(past, live)| (None, past, live))
+    };
+    let (initial_items, past, mut live) = match subscription {
+        Ok(s) => s,
+        Err(gone) => {
+            // As the real server does for a watch from a compacted version: one ERROR event.
+            let status = gone.to_status();
+            tokio::spawn(async move {
+                let _ = tx.send(line("ERROR", &status)).await;
+            });
+            return Ok(streaming(rx));
+        }
+    };
+    let mut closed = state.close_watches.subscribe();
+    let key = (res.group.to_owned(), res.plural.to_owned());
+    tokio::spawn(async move {
+        let bookmark = |rv: u64, initial_end: bool| {
+            let mut meta = json!({"resourceVersion": rv.to_string()});
+            if initial_end {
+                meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+            }
+            json!({"kind": res.kind, "apiVersion": res.api_version(), "metadata": meta})
+        };
+        if let Some((items, rv)) = initial_items {
+            for o in items {
+                if tx.send(line("ADDED", &o)).await.is_err() {
+                    return;
+                }
+            }
+            let _ = tx.send(line("BOOKMARK", &bookmark(rv, true))).await;
+        }
+        let mut last = from;
+        for e in past {
+            last = e.rv;
+            if keep(&e.object) && tx.send(line(e.kind, &e.object)).await.is_err() {
+                return;
+            }
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + state.bookmark_every, state.bookmark_every);
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => return,
+                _ = closed.changed() => return,
+                _ = tick.tick(), if bookmarks => {
+                    let rv = last.max(from);
+                    if tx.send(line("BOOKMARK", &bookmark(rv, false))).await.is_err() {
+                        return;
+                    }
+                }
+                event = live.recv() => match event {
+                    Ok(e) if e.rv > last => {
+                        last = e.rv;
+                        if e.res == key && keep(&e.object) && tx.send(line(e.kind, &e.object)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    // Fell behind the broadcast buffer: end the watch; the client resumes from `last`.
+                    Err(_) => return,
+                },
+            }
+        }
+    });
+    Ok(streaming(rx))
+}
+
+fn streaming(rx: mpsc::Receiver<Result<Frame<Bytes>, Infallible>>) -> Response<Body> {
+    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+    let mut r = Response::new(StreamBody::new(stream).boxed());
+    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r
+}

@@ -1,0 +1,117 @@
+//! The resources the test API server knows, and its discovery documents.
+
+use serde_json::{Value, json};
+
+/// One registered resource.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resource {
+    /// API group; empty for core.
+    pub group: &'static str,
+    pub version: &'static str,
+    pub kind: &'static str,
+    pub plural: &'static str,
+    pub namespaced: bool,
+    /// Has a `/status` subresource (status and spec are written separately).
+    pub status: bool,
+    /// Has a `/scale` subresource.
+    pub scale: bool,
+}
+
+impl Resource {
+    /// `group/version`, or `version` for core.
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() { self.version.to_owned() } else { format!("{}/{}", self.group, self.version) }
+    }
+
+    /// `kind` of the list type.
+    pub fn list_kind(&self) -> String {
+        format!("{}List", self.kind)
+    }
+}
+
+const fn res(
+    group: &'static str,
+    version: &'static str,
+    kind: &'static str,
+    plural: &'static str,
+    namespaced: bool,
+    status: bool,
+) -> Resource {
+    Resource { group, version, kind, plural, namespaced, status, scale: false }
+}
+
+/// Everything Fulcrum reads or writes.
+pub fn builtin() -> Vec<Resource> {
+    let mut deployments = res("apps", "v1", "Deployment", "deployments", true, true);
+    deployments.scale = true;
+    vec![
+        res("", "v1", "Namespace", "namespaces", false, true),
+        res("", "v1", "Pod", "pods", true, true),
+        res("", "v1", "Service", "services", true, true),
+        res("", "v1", "ConfigMap", "configmaps", true, false),
+        res("", "v1", "ServiceAccount", "serviceaccounts", true, false),
+        res("", "v1", "Event", "events", true, false),
+        res("events.k8s.io", "v1", "Event", "events", true, false),
+        deployments,
+        res("apps", "v1", "ReplicaSet", "replicasets", true, true),
+        res("policy", "v1", "PodDisruptionBudget", "poddisruptionbudgets", true, true),
+        res("rbac.authorization.k8s.io", "v1", "Role", "roles", true, false),
+        res("rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings", true, false),
+        res("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", false, false),
+        res("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings", false, false),
+        res("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", true, false),
+        res("coordination.k8s.io", "v1", "Lease", "leases", true, false),
+        res("apiextensions.k8s.io", "v1", "CustomResourceDefinition", "customresourcedefinitions", false, true),
+        res("fulcrum.dev", "v1alpha1", "LoadBalancedApp", "loadbalancedapps", true, true),
+    ]
+}
+
+fn resource_list_entry(r: &Resource) -> Vec<Value> {
+    let verbs = json!(["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]);
+    let mut out = vec![json!({
+        "name": r.plural,
+        "singularName": r.kind.to_lowercase(),
+        "namespaced": r.namespaced,
+        "kind": r.kind,
+        "verbs": verbs,
+    })];
+    if r.status {
+        out.push(json!({"name": format!("{}/status", r.plural), "singularName": "", "namespaced": r.namespaced, "kind": r.kind, "verbs": ["get", "patch", "update"]}));
+    }
+    if r.scale {
+        out.push(json!({"name": format!("{}/scale", r.plural), "singularName": "", "namespaced": r.namespaced, "group": "autoscaling", "version": "v1", "kind": "Scale", "verbs": ["get", "patch", "update"]}));
+    }
+    out
+}
+
+/// `/api`.
+pub fn core_versions() -> Value {
+    json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]})
+}
+
+/// `/apis`.
+pub fn groups(resources: &[Resource]) -> Value {
+    let mut names: Vec<(&str, &str)> =
+        resources.iter().filter(|r| !r.group.is_empty()).map(|r| (r.group, r.version)).collect();
+    names.sort_unstable();
+    names.dedup();
+    let groups: Vec<Value> = names
+        .iter()
+        .map(|(g, v)| {
+            let gv = json!({"groupVersion": format!("{g}/{v}"), "version": v});
+            json!({"name": g, "versions": [gv.clone()], "preferredVersion": gv})
+        })
+        .collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+}
+
+/// `/api/v1` or `/apis/{group}/{version}`; none for an unknown group version.
+pub fn resource_list(resources: &[Resource], group: &str, version: &str) -> Option<Value> {
+    let matching: Vec<&Resource> = resources.iter().filter(|r| r.group == group && r.version == version).collect();
+    if matching.is_empty() {
+        return None;
+    }
+    let gv = if group.is_empty() { version.to_owned() } else { format!("{group}/{version}") };
+    let entries: Vec<Value> = matching.into_iter().flat_map(resource_list_entry).collect();
+    Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": entries}))
+}
