@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: build test lint unit doc demo bench bench-balance bench-proxy clean
+.PHONY: build test lint unit doc demo crds bench bench-balance bench-proxy clean
 
 build:
 	$(CARGO) build --release --locked
@@ -25,6 +25,10 @@ unit:
 
 doc:
 	$(CARGO) test --locked --doc
+
+## Regenerate the checked-in CRD from the types in src/api/ (a test fails when they drift).
+crds:
+	$(CARGO) run --locked --quiet -- crd > crds/loadbalancedapps.fulcrum.dev.yaml
 
 ## See the proxy work in about ten seconds (no cluster, loopback only).
 demo: build

@@ -5,6 +5,7 @@
 //! Modules:
 //! - [`balance`]: the sans-IO balancing core (algorithms, load, affinity).
 
+pub mod api;
 pub mod balance;
 pub mod demo;
 pub mod discovery;

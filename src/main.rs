@@ -36,6 +36,8 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Print the LoadBalancedApp CustomResourceDefinition (YAML) generated from the types.
+    Crd,
     /// Show the proxy at work in about ten seconds, on this machine alone.
     ///
     /// Starts four backends on 127.0.0.2-5 (one ten times slower, one killed
@@ -66,6 +68,10 @@ fn main() -> ExitCode {
         Command::Proxy { config, check } => {
             init_tracing("info");
             proxy(config, check)
+        }
+        Command::Crd => {
+            print!("{}", fulcrum::api::crd_yaml());
+            ExitCode::SUCCESS
         }
         Command::Demo { duration, concurrency, algorithms, quiet } => {
             // The demo's own output is the table; the proxies it runs log only errors.

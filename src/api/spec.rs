@@ -1,0 +1,561 @@
+//! The `LoadBalancedApp` spec. Doc comments become the CRD's field
+//! descriptions, so they are written for `kubectl explain`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{PodTemplateSpec, ResourceRequirements};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::status::LoadBalancedAppStatus;
+
+/// Pattern of the duration strings the proxy accepts (`500ms`, `2s`, `1m30s`, `1h`).
+pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h))+$";
+
+/// An application kept up and load-balanced: its replicas, a proxy that
+/// balances traffic across them with the chosen algorithm, and healing of
+/// replicas that stay broken.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "fulcrum.dev",
+    version = "v1alpha1",
+    kind = "LoadBalancedApp",
+    plural = "loadbalancedapps",
+    shortname = "lba",
+    shortname = "lbapp",
+    namespaced,
+    status = "LoadBalancedAppStatus",
+    derive = "PartialEq",
+    doc = "LoadBalancedApp: an application kept up and load-balanced by Fulcrum.",
+    printcolumn = r#"{"name":"Algorithm","type":"string","jsonPath":".spec.loadBalancing.algorithm"}"#,
+    printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyReplicas","description":"Ready app replicas"}"#,
+    printcolumn = r#"{"name":"Endpoints","type":"integer","jsonPath":".status.endpoints.ready","description":"Ready endpoints behind the proxy"}"#,
+    printcolumn = r#"{"name":"Available","type":"string","jsonPath":".status.conditions[?(@.type==\"Available\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.availability.minAvailable) || self.replicas == 0 || self.availability.minAvailable < self.replicas")
+        .message("availability.minAvailable must be below replicas, or no replica could ever be healed or evicted")
+        .reason(Reason::FieldValueInvalid)
+        .field_path(".availability.minAvailable"),
+    validation = Rule::new("!has(self.loadBalancing.sessionAffinity) || self.protocol == 'HTTP'")
+        .message("loadBalancing.sessionAffinity works through a cookie and needs protocol HTTP")
+        .reason(Reason::FieldValueForbidden)
+        .field_path(".loadBalancing.sessionAffinity"),
+    validation = Rule::new("self.protocol == 'HTTP' || !has(self.loadBalancing.hashOn) || (!has(self.loadBalancing.hashOn.header) && !has(self.loadBalancing.hashOn.cookie))")
+        .message("with protocol TCP, ConsistentHash can only hash on sourceIP")
+        .reason(Reason::FieldValueForbidden)
+        .field_path(".loadBalancing.hashOn"),
+    validation = Rule::new("self.proxy.mode == 'Dedicated' || !has(self.proxy.replicas)")
+        .message("proxy.replicas applies only to proxy.mode Dedicated (in Sidecar mode there is one proxy per app replica)")
+        .reason(Reason::FieldValueForbidden)
+        .field_path(".proxy.replicas")
+)]
+pub struct LoadBalancedAppSpec {
+    /// Number of app replicas (pods of the stable track).
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+
+    /// The app's pods, as in a Deployment's `spec.template`. The operator
+    /// creates a Deployment from it (adding the proxy container in Sidecar
+    /// mode); the API server validates it then.
+    #[schemars(schema_with = "pod_template_schema")]
+    pub template: PodTemplateSpec,
+
+    /// The app's container port that receives the traffic: a number, or the
+    /// name of a container port of the template.
+    #[schemars(schema_with = "port_schema")]
+    pub port: IntOrString,
+
+    /// The front Service clients connect to.
+    #[serde(default)]
+    pub service: FrontService,
+
+    /// `HTTP`: HTTP/1.1 and HTTP/2 cleartext, each request balanced. `TCP`:
+    /// each connection balanced.
+    #[serde(default)]
+    pub protocol: Protocol,
+
+    /// Where the proxy runs.
+    #[serde(default)]
+    pub proxy: ProxySpec,
+
+    /// How requests or connections are spread over the replicas.
+    #[serde(default)]
+    pub load_balancing: LoadBalancing,
+
+    /// An optional second track: its own pod template and replicas, receiving
+    /// a fixed percentage of the traffic whatever its replica count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<Canary>,
+
+    /// Active and passive health checking by the proxy.
+    #[serde(default)]
+    pub health_check: HealthCheck,
+
+    /// Retries of failed requests on other replicas.
+    #[serde(default)]
+    pub retries: Retries,
+
+    /// Time limits of the proxy.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+
+    /// Replacement of replicas that stay broken.
+    #[serde(default)]
+    pub healing: Healing,
+
+    /// Disruption budget and spreading of replicas.
+    #[serde(default)]
+    pub availability: Availability,
+}
+
+fn default_replicas() -> i32 {
+    2
+}
+
+fn pod_template_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "description": "A PodTemplateSpec (metadata and spec), validated by the API server when the operator creates the Deployment.",
+        "properties": {
+            "metadata": {
+                "type": "object",
+                "description": "Labels and annotations of the pods. The operator adds its own selector labels.",
+                "x-kubernetes-preserve-unknown-fields": true
+            },
+            "spec": {
+                "type": "object",
+                "description": "The pod spec, as in a Deployment.",
+                "x-kubernetes-preserve-unknown-fields": true
+            }
+        },
+        "required": ["spec"]
+    })
+}
+
+fn port_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "x-kubernetes-int-or-string": true,
+        "description": "The app's container port: a number (1-65535) or a port name.",
+        "anyOf": [{"type": "integer", "minimum": 1, "maximum": 65535}, {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 15}]
+    })
+}
+
+/// What the proxy balances.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Protocol {
+    /// HTTP/1.1 and h2c; each request is balanced.
+    #[default]
+    #[serde(rename = "HTTP")]
+    Http,
+    /// Raw TCP; each connection is balanced.
+    #[serde(rename = "TCP")]
+    Tcp,
+}
+
+/// The front Service.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FrontService {
+    /// Service type.
+    #[serde(default, rename = "type")]
+    pub type_: ServiceType,
+    /// Port clients connect to.
+    #[serde(default = "default_service_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Extra annotations of the Service (for example for a cloud load balancer).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl Default for FrontService {
+    fn default() -> Self {
+        FrontService { type_: ServiceType::default(), port: default_service_port(), annotations: BTreeMap::new() }
+    }
+}
+
+fn default_service_port() -> i32 {
+    80
+}
+
+/// Kubernetes Service type of the front Service.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ServiceType {
+    /// Reachable inside the cluster.
+    #[default]
+    ClusterIP,
+    /// Also on a port of every node.
+    NodePort,
+    /// Also through the cloud's load balancer.
+    LoadBalancer,
+}
+
+/// Where the proxy runs.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxySpec {
+    /// `Sidecar`: a proxy container in every app pod, balancing over all
+    /// ready replicas. `Dedicated`: a separate proxy Deployment.
+    #[serde(default)]
+    pub mode: ProxyMode,
+    /// Dedicated mode only: proxy replicas (2 when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub replicas: Option<i32>,
+    /// Proxy image; the operator's default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Resources of the proxy container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// Proxy placement.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ProxyMode {
+    /// A proxy container in every app pod.
+    #[default]
+    Sidecar,
+    /// A separate proxy Deployment, spread over nodes.
+    Dedicated,
+}
+
+/// The balancing algorithm and its options.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.hashOn) || self.algorithm == 'ConsistentHash'")
+        .message("hashOn applies only to the ConsistentHash algorithm")
+        .reason(Reason::FieldValueForbidden)
+        .field_path(".hashOn"),
+    validation = Rule::new("self.algorithm != 'ConsistentHash' || has(self.hashOn)")
+        .message("ConsistentHash needs hashOn: sourceIP, header or cookie")
+        .reason(Reason::FieldValueRequired)
+        .field_path(".hashOn")
+)]
+pub struct LoadBalancing {
+    /// RoundRobin, WeightedRoundRobin, Random, LeastConnections, LeastRequest,
+    /// PeakEwma or ConsistentHash.
+    #[serde(default)]
+    pub algorithm: Algorithm,
+    /// ConsistentHash only: the key, exactly one of sourceIP, header or cookie.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_on: Option<HashOn>,
+    /// Sticky sessions through a cookie (HTTP only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity: Option<SessionAffinity>,
+    /// Window over which a new or recovered replica's share ramps from 10% to full, e.g. `30s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub slow_start: Option<String>,
+    /// Below this percentage of ready replicas, balance over all of them rather than overload the few; 0 disables.
+    #[serde(default = "default_panic")]
+    #[schemars(range(min = 0, max = 100))]
+    pub panic_threshold_percent: i32,
+}
+
+impl Default for LoadBalancing {
+    fn default() -> Self {
+        LoadBalancing {
+            algorithm: Algorithm::default(),
+            hash_on: None,
+            session_affinity: None,
+            slow_start: None,
+            panic_threshold_percent: default_panic(),
+        }
+    }
+}
+
+fn default_panic() -> i32 {
+    50
+}
+
+/// Balancing algorithms.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Algorithm {
+    /// Each replica in turn.
+    #[default]
+    RoundRobin,
+    /// Smooth weighted round robin (the NGINX sequence); weights come from the canary split.
+    WeightedRoundRobin,
+    /// Uniformly at random.
+    Random,
+    /// The fewest requests in flight, over all replicas.
+    LeastConnections,
+    /// The less loaded of two random replicas.
+    LeastRequest,
+    /// The better of two random replicas by latency × load: avoids slow replicas.
+    PeakEwma,
+    /// Maglev consistent hashing on a key (hashOn).
+    ConsistentHash,
+}
+
+/// The consistent-hashing key: exactly one field.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    "(has(self.sourceIP) && self.sourceIP ? 1 : 0) + (has(self.header) ? 1 : 0) + (has(self.cookie) ? 1 : 0) == 1"
+).message("set exactly one of sourceIP: true, header or cookie").reason(Reason::FieldValueInvalid))]
+pub struct HashOn {
+    /// Hash the client's IP address.
+    #[serde(default, rename = "sourceIP", skip_serializing_if = "Option::is_none")]
+    pub source_ip: Option<bool>,
+    /// Hash the value of this request header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"))]
+    pub header: Option<String>,
+    /// Hash the value of this cookie.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"))]
+    pub cookie: Option<String>,
+}
+
+/// Cookie-based session affinity.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionAffinity {
+    /// Cookie name.
+    #[serde(default = "default_cookie")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"))]
+    pub cookie: String,
+    /// Cookie lifetime, e.g. `1h`.
+    #[serde(default = "default_ttl")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub ttl: String,
+}
+
+fn default_cookie() -> String {
+    "FULCRUM_AFFINITY".into()
+}
+
+fn default_ttl() -> String {
+    "1h".into()
+}
+
+/// A canary track.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Canary {
+    /// Canary replicas.
+    #[serde(default = "one")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+    /// Percentage of the traffic sent to the canary track.
+    #[schemars(range(min = 0, max = 100))]
+    pub weight: i32,
+    /// The canary pods, as in a Deployment's `spec.template`.
+    #[schemars(schema_with = "pod_template_schema")]
+    pub template: PodTemplateSpec,
+}
+
+fn one() -> i32 {
+    1
+}
+
+/// Health checking by the proxy.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthCheck {
+    /// Probes the proxy sends to every replica, on top of Kubernetes readiness.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<ActiveCheck>,
+    /// Ejection of replicas whose real traffic fails repeatedly.
+    #[serde(default)]
+    pub passive: PassiveCheck,
+}
+
+/// Active health checks.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.http) != has(self.tcp)").message("set exactly one of http or tcp").reason(Reason::FieldValueInvalid))]
+pub struct ActiveCheck {
+    /// An HTTP GET that must answer 2xx.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpCheck>,
+    /// A TCP connect that must succeed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpCheck>,
+    /// Time between probes, e.g. `2s`.
+    #[serde(default = "two_seconds")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub interval: String,
+    /// Time a probe may take, e.g. `1s`.
+    #[serde(default = "one_second")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub timeout: String,
+    /// Consecutive successes that bring a replica back.
+    #[serde(default = "two")]
+    #[schemars(range(min = 1, max = 100))]
+    pub healthy_threshold: i32,
+    /// Consecutive failures that take a replica out.
+    #[serde(default = "two")]
+    #[schemars(range(min = 1, max = 100))]
+    pub unhealthy_threshold: i32,
+}
+
+/// The HTTP probe.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpCheck {
+    /// Path requested.
+    #[serde(default = "default_path")]
+    #[schemars(regex(pattern = r"^/"))]
+    pub path: String,
+}
+
+fn default_path() -> String {
+    "/healthz".into()
+}
+
+/// The TCP probe (no options).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct TcpCheck {}
+
+/// Passive outlier ejection.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PassiveCheck {
+    /// Consecutive failures (connection errors, timeouts, 5xx) that eject a replica; 0 disables.
+    #[serde(default = "five")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub consecutive_failures: i32,
+    /// First ejection time, doubled on each repeat, e.g. `30s`.
+    #[serde(default = "thirty_seconds")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub base_ejection_time: String,
+    /// Never eject more than this percentage of replicas.
+    #[serde(default = "fifty")]
+    #[schemars(range(min = 0, max = 100))]
+    pub max_ejection_percent: i32,
+}
+
+impl Default for PassiveCheck {
+    fn default() -> Self {
+        PassiveCheck {
+            consecutive_failures: five(),
+            base_ejection_time: thirty_seconds(),
+            max_ejection_percent: fifty(),
+        }
+    }
+}
+
+/// Retries on other replicas.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Retries {
+    /// Other replicas a failed request may try after the first; 0 disables.
+    #[serde(default = "two")]
+    #[schemars(range(min = 0, max = 5))]
+    pub attempts: i32,
+    /// Retries may add at most this percentage to the request rate.
+    #[serde(default = "twenty")]
+    #[schemars(range(min = 0, max = 100))]
+    pub budget_percent: i32,
+}
+
+impl Default for Retries {
+    fn default() -> Self {
+        Retries { attempts: two(), budget_percent: twenty() }
+    }
+}
+
+/// Time limits of the proxy.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Timeouts {
+    /// Connecting to a replica, e.g. `1s`.
+    #[serde(default = "one_second")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub connect: String,
+    /// Request sent to response headers received, e.g. `30s`.
+    #[serde(default = "thirty_seconds")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub request: String,
+    /// Idle client and replica connections close after this, e.g. `60s`.
+    #[serde(default = "sixty_seconds")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub idle: String,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts { connect: one_second(), request: thirty_seconds(), idle: sixty_seconds() }
+    }
+}
+
+/// Replacement of broken replicas.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Healing {
+    /// A pod not ready for longer than this is deleted so its ReplicaSet replaces it, e.g. `2m`.
+    #[serde(default = "two_minutes")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub unready_timeout: String,
+    /// Never heal more than this many pods at once.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_concurrent: i32,
+}
+
+impl Default for Healing {
+    fn default() -> Self {
+        Healing { unready_timeout: two_minutes(), max_concurrent: one() }
+    }
+}
+
+/// Disruption budget and spreading.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Availability {
+    /// Ready replicas that evictions and healing must leave (the PodDisruptionBudget's
+    /// minAvailable); replicas − 1 when unset. Must be below replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub min_available: Option<i32>,
+    /// Spread replicas over nodes (a topology spread constraint on the hostname).
+    #[serde(default = "yes")]
+    pub spread_across_nodes: bool,
+}
+
+impl Default for Availability {
+    fn default() -> Self {
+        Availability { min_available: None, spread_across_nodes: true }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn two() -> i32 {
+    2
+}
+fn five() -> i32 {
+    5
+}
+fn twenty() -> i32 {
+    20
+}
+fn fifty() -> i32 {
+    50
+}
+fn one_second() -> String {
+    "1s".into()
+}
+fn two_seconds() -> String {
+    "2s".into()
+}
+fn thirty_seconds() -> String {
+    "30s".into()
+}
+fn sixty_seconds() -> String {
+    "60s".into()
+}
+fn two_minutes() -> String {
+    "2m".into()
+}
