@@ -9,4 +9,5 @@ pub mod api;
 pub mod balance;
 pub mod demo;
 pub mod discovery;
+pub mod operator;
 pub mod proxy;

@@ -1,0 +1,422 @@
+//! Desired state as pure functions: from a `LoadBalancedApp` and the
+//! operator's settings, every object the operator owns (DESIGN.md §3).
+//! No I/O; the reconciler applies what these return.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Container, PodTemplateSpec, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::{Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use super::render::{ADMIN_PORT, InvalidSpec, PROXY_PORT, proxy_config};
+use crate::api::{LoadBalancedApp, ProxyMode};
+
+/// Label naming the app a pod belongs to.
+pub const APP_LABEL: &str = "fulcrum.dev/app";
+/// Label naming a pod's track (`stable` or `canary`).
+pub const TRACK_LABEL: &str = "fulcrum.dev/track";
+/// Label naming a pod's component (`proxy` for dedicated proxy pods).
+pub const COMPONENT_LABEL: &str = "fulcrum.dev/component";
+/// Name of the proxy container.
+pub const PROXY_CONTAINER: &str = "fulcrum-proxy";
+/// Key of the proxy configuration in its ConfigMap.
+pub const CONFIG_KEY: &str = "proxy.yaml";
+
+/// Settings of the operator that shape what it creates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Image of the proxy, unless the spec names one.
+    pub proxy_image: String,
+}
+
+/// Everything one `LoadBalancedApp` owns.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Desired {
+    pub deployment: Deployment,
+    pub canary_deployment: Option<Deployment>,
+    pub backends: Service,
+    pub canary_backends: Option<Service>,
+    pub front: Service,
+    pub proxy_deployment: Option<Deployment>,
+    pub pdb: PodDisruptionBudget,
+    pub proxy_pdb: Option<PodDisruptionBudget>,
+    pub proxy_config: ConfigMap,
+    pub service_account: Option<ServiceAccount>,
+    pub role: Role,
+    pub role_binding: RoleBinding,
+}
+
+fn typed<T: DeserializeOwned>(kind: &str, v: Value) -> Result<T, InvalidSpec> {
+    serde_json::from_value(v).map_err(|e| InvalidSpec(format!("cannot build the {kind}: {e}")))
+}
+
+/// Names of the owned objects.
+pub struct Names {
+    pub app: String,
+}
+
+impl Names {
+    pub fn canary(&self) -> String {
+        format!("{}-canary", self.app)
+    }
+    pub fn backends(&self) -> String {
+        format!("{}-backends", self.app)
+    }
+    pub fn canary_backends(&self) -> String {
+        format!("{}-canary-backends", self.app)
+    }
+    pub fn proxy(&self) -> String {
+        format!("{}-proxy", self.app)
+    }
+}
+
+/// Computes every owned object, or why the spec cannot be reconciled.
+pub fn desired(app: &LoadBalancedApp, settings: &Settings) -> Result<Desired, InvalidSpec> {
+    let name = app.name_any();
+    let ns = app.namespace().ok_or_else(|| InvalidSpec("the LoadBalancedApp has no namespace".into()))?;
+    let owner = app
+        .controller_owner_ref(&())
+        .ok_or_else(|| InvalidSpec("the LoadBalancedApp has no uid yet (not stored by the API server)".into()))?;
+    let n = Names { app: name.clone() };
+    let spec = &app.spec;
+    let config = proxy_config(spec)?;
+    let image = spec.proxy.image.clone().unwrap_or_else(|| settings.proxy_image.clone());
+    let proxy_container = proxy_container(&name, &image, spec.proxy.resources.as_ref(), spec.canary.is_some())?;
+    let meta = |obj_name: &str, component: &str| {
+        json!({
+            "name": obj_name,
+            "namespace": ns,
+            "labels": common_labels(&name, component),
+            "ownerReferences": [owner_json(&owner)],
+        })
+    };
+    let sidecar = spec.proxy.mode == ProxyMode::Sidecar;
+
+    // App pods' service account: in Sidecar mode the proxy reads the API with it.
+    let app_sa =
+        spec.template.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into());
+    let app_deployment = |dep_name: &str, track: &str, replicas: i32, template: &PodTemplateSpec| {
+        let template = pod_template(template, &name, track, sidecar.then_some(&proxy_container))?;
+        let mut d = json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": meta(dep_name, "app"),
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": {APP_LABEL: name, TRACK_LABEL: track}},
+                "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+                "template": template,
+            },
+        });
+        if spec.availability.spread_across_nodes {
+            d["spec"]["template"]["spec"]["topologySpreadConstraints"] =
+                spread(&[(APP_LABEL, &name), (TRACK_LABEL, track)]);
+        }
+        typed::<Deployment>("Deployment", d)
+    };
+    let deployment = app_deployment(&name, "stable", spec.replicas, &spec.template)?;
+    let canary_deployment = match &spec.canary {
+        Some(c) => Some(app_deployment(&n.canary(), "canary", c.replicas, &c.template)?),
+        None => None,
+    };
+
+    let app_port = serde_json::to_value(&spec.port).map_err(|e| InvalidSpec(e.to_string()))?;
+    let backends_service = |svc_name: &str, track: &str| {
+        typed::<Service>(
+            "Service",
+            json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": meta(svc_name, "backends"),
+                "spec": {
+                    // Headless: only its EndpointSlices matter, to the proxy.
+                    "clusterIP": "None",
+                    "selector": {APP_LABEL: name, TRACK_LABEL: track},
+                    "ports": [{"name": "app", "port": port_number(&spec.port), "targetPort": app_port, "protocol": "TCP"}],
+                    "publishNotReadyAddresses": false,
+                },
+            }),
+        )
+    };
+    let backends = backends_service(&n.backends(), "stable")?;
+    let canary_backends = match &spec.canary {
+        Some(_) => Some(backends_service(&n.canary_backends(), "canary")?),
+        None => None,
+    };
+
+    let proxy_selector =
+        if sidecar { json!({APP_LABEL: name}) } else { json!({APP_LABEL: name, COMPONENT_LABEL: "proxy"}) };
+    let mut front_meta = meta(&name, "front");
+    if !spec.service.annotations.is_empty() {
+        front_meta["annotations"] = json!(spec.service.annotations);
+    }
+    let front = typed::<Service>(
+        "Service",
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": front_meta,
+            "spec": {
+                "type": format!("{:?}", spec.service.type_),
+                "selector": proxy_selector,
+                "ports": [{"name": "traffic", "port": spec.service.port, "targetPort": PROXY_CONTAINER, "protocol": "TCP"}],
+            },
+        }),
+    )?;
+
+    let proxy_replicas = spec.proxy.replicas.unwrap_or(2);
+    let proxy_deployment = if sidecar {
+        None
+    } else {
+        let labels = json!({APP_LABEL: name, COMPONENT_LABEL: "proxy"});
+        Some(typed::<Deployment>(
+            "Deployment",
+            json!({
+                "apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": meta(&n.proxy(), "proxy"),
+                "spec": {
+                    "replicas": proxy_replicas,
+                    "selector": {"matchLabels": labels},
+                    "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+                    "template": {
+                        "metadata": {"labels": labels},
+                        "spec": {
+                            "serviceAccountName": n.proxy(),
+                            "securityContext": pod_security(),
+                            "containers": [proxy_container],
+                            "topologySpreadConstraints": spread(&[(APP_LABEL, &name), (COMPONENT_LABEL, "proxy")]),
+                            "terminationGracePeriodSeconds": 30,
+                        },
+                    },
+                },
+            }),
+        )?)
+    };
+
+    let min_available = spec.availability.min_available.unwrap_or((spec.replicas - 1).max(0));
+    let pdb = typed::<PodDisruptionBudget>(
+        "PodDisruptionBudget",
+        json!({
+            "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": meta(&name, "app"),
+            "spec": {"minAvailable": min_available, "selector": {"matchLabels": {APP_LABEL: name, TRACK_LABEL: "stable"}}},
+        }),
+    )?;
+    let proxy_pdb = if sidecar {
+        None
+    } else {
+        Some(typed::<PodDisruptionBudget>(
+            "PodDisruptionBudget",
+            json!({
+                "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+                "metadata": meta(&n.proxy(), "proxy"),
+                "spec": {"minAvailable": (proxy_replicas - 1).max(1), "selector": {"matchLabels": {APP_LABEL: name, COMPONENT_LABEL: "proxy"}}},
+            }),
+        )?)
+    };
+
+    let proxy_config = typed::<ConfigMap>(
+        "ConfigMap",
+        json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": meta(&n.proxy(), "proxy"),
+            "data": {CONFIG_KEY: config.to_yaml()},
+        }),
+    )?;
+    let service_account = if sidecar {
+        None
+    } else {
+        Some(typed::<ServiceAccount>(
+            "ServiceAccount",
+            json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(&n.proxy(), "proxy"), "automountServiceAccountToken": true}),
+        )?)
+    };
+    // Least privilege: read the app's EndpointSlices and its own ConfigMap, in this namespace only.
+    let role = typed::<Role>(
+        "Role",
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": meta(&n.proxy(), "proxy"),
+            "rules": [
+                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [n.proxy()], "verbs": ["get", "list", "watch"]},
+            ],
+        }),
+    )?;
+    let subject = if sidecar { app_sa } else { n.proxy() };
+    let role_binding = typed::<RoleBinding>(
+        "RoleBinding",
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": meta(&n.proxy(), "proxy"),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": n.proxy()},
+            "subjects": [{"kind": "ServiceAccount", "name": subject, "namespace": ns}],
+        }),
+    )?;
+
+    Ok(Desired {
+        deployment,
+        canary_deployment,
+        backends,
+        canary_backends,
+        front,
+        proxy_deployment,
+        pdb,
+        proxy_pdb,
+        proxy_config,
+        service_account,
+        role,
+        role_binding,
+    })
+}
+
+fn owner_json(o: &OwnerReference) -> Value {
+    json!({
+        "apiVersion": o.api_version, "kind": o.kind, "name": o.name, "uid": o.uid,
+        "controller": true, "blockOwnerDeletion": true,
+    })
+}
+
+fn common_labels(app: &str, component: &str) -> Value {
+    json!({
+        "app.kubernetes.io/name": app,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": "fulcrum",
+        APP_LABEL: app,
+    })
+}
+
+/// A number for the backends Service port: the app port when numeric, else 8080 (only a label there).
+fn port_number(p: &k8s_openapi::apimachinery::pkg::util::intstr::IntOrString) -> i32 {
+    match p {
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n) => *n,
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(_) => 8080,
+    }
+}
+
+fn spread(labels: &[(&str, &str)]) -> Value {
+    let match_labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
+    json!([{
+        "maxSkew": 1,
+        "topologyKey": "kubernetes.io/hostname",
+        "whenUnsatisfiable": "ScheduleAnyway",
+        "labelSelector": {"matchLabels": match_labels},
+    }])
+}
+
+fn pod_security() -> Value {
+    json!({"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}})
+}
+
+/// The proxy container, non-root with a read-only root filesystem and no capabilities.
+fn proxy_container(
+    app: &str,
+    image: &str,
+    resources: Option<&k8s_openapi::api::core::v1::ResourceRequirements>,
+    canary: bool,
+) -> Result<Container, InvalidSpec> {
+    let resources = match resources {
+        Some(r) => serde_json::to_value(r).map_err(|e| InvalidSpec(e.to_string()))?,
+        None => json!({"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}}),
+    };
+    let mut args = vec![json!("proxy"), json!("--kubernetes"), json!(app)];
+    if canary {
+        args.push(json!("--canary"));
+    }
+    typed::<Container>(
+        "proxy container",
+        json!({
+            "name": PROXY_CONTAINER,
+            "image": image,
+            "args": args,
+            "env": [{"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
+            "ports": [
+                {"name": PROXY_CONTAINER, "containerPort": PROXY_PORT, "protocol": "TCP"},
+                {"name": "fulcrum-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
+            ],
+            "readinessProbe": {"httpGet": {"path": "/readyz", "port": ADMIN_PORT}, "periodSeconds": 2, "failureThreshold": 2},
+            "livenessProbe": {"httpGet": {"path": "/healthz", "port": ADMIN_PORT}, "periodSeconds": 10, "failureThreshold": 3},
+            "resources": resources,
+            "securityContext": {
+                "runAsNonRoot": true,
+                "runAsUser": 65532,
+                "runAsGroup": 65532,
+                "readOnlyRootFilesystem": true,
+                "allowPrivilegeEscalation": false,
+                "capabilities": {"drop": ["ALL"]},
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+        }),
+    )
+}
+
+/// The app's pod template with the operator's labels, and the proxy container in Sidecar mode.
+fn pod_template(
+    template: &PodTemplateSpec,
+    app: &str,
+    track: &str,
+    sidecar: Option<&Container>,
+) -> Result<Value, InvalidSpec> {
+    let mut t = serde_json::to_value(template).map_err(|e| InvalidSpec(e.to_string()))?;
+    if !t["metadata"].is_object() {
+        t["metadata"] = json!({});
+    }
+    if !t["metadata"]["labels"].is_object() {
+        t["metadata"]["labels"] = json!({});
+    }
+    t["metadata"]["labels"][APP_LABEL] = json!(app);
+    t["metadata"]["labels"][TRACK_LABEL] = json!(track);
+    let containers = t["spec"]["containers"]
+        .as_array_mut()
+        .ok_or_else(|| InvalidSpec("spec.template.spec.containers: at least one container is required".into()))?;
+    if containers.is_empty() {
+        return Err(InvalidSpec("spec.template.spec.containers: at least one container is required".into()));
+    }
+    if let Some(proxy) = sidecar {
+        if containers.iter().any(|c| c["name"] == PROXY_CONTAINER) {
+            return Err(InvalidSpec(format!(
+                "spec.template.spec.containers: the name {PROXY_CONTAINER:?} is reserved for the proxy"
+            )));
+        }
+        // The proxy reads its ConfigMap and the EndpointSlices through the API, with the pod's account.
+        containers.push(serde_json::to_value(proxy).map_err(|e| InvalidSpec(e.to_string()))?);
+    }
+    Ok(t)
+}
+
+impl Desired {
+    /// Every object as JSON, in apply order (RBAC and config before the pods that use them).
+    pub fn objects(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut push = |v: Result<Value, serde_json::Error>| {
+            if let Ok(v) = v {
+                out.push(v);
+            }
+        };
+        if let Some(sa) = &self.service_account {
+            push(serde_json::to_value(sa));
+        }
+        push(serde_json::to_value(&self.role));
+        push(serde_json::to_value(&self.role_binding));
+        push(serde_json::to_value(&self.proxy_config));
+        push(serde_json::to_value(&self.backends));
+        if let Some(s) = &self.canary_backends {
+            push(serde_json::to_value(s));
+        }
+        push(serde_json::to_value(&self.front));
+        push(serde_json::to_value(&self.deployment));
+        if let Some(d) = &self.canary_deployment {
+            push(serde_json::to_value(d));
+        }
+        if let Some(d) = &self.proxy_deployment {
+            push(serde_json::to_value(d));
+        }
+        push(serde_json::to_value(&self.pdb));
+        if let Some(p) = &self.proxy_pdb {
+            push(serde_json::to_value(p));
+        }
+        out
+    }
+}

@@ -1,0 +1,6 @@
+//! The control plane: pure functions that compute what a `LoadBalancedApp`
+//! owns (`desired`) and the proxy configuration it asks for (`render`). The
+//! reconciler that applies them is built on these.
+
+pub mod desired;
+pub mod render;

@@ -1,0 +1,183 @@
+//! Desired objects, per mode and option, with snapshots of the rendered YAML.
+
+use fulcrum::api::{LoadBalancedApp, LoadBalancedAppSpec};
+use fulcrum::operator::desired::{APP_LABEL, PROXY_CONTAINER, Settings, TRACK_LABEL, desired};
+use fulcrum::operator::render::{ADMIN_PORT, PROXY_PORT, proxy_config};
+use fulcrum::proxy::config::ProxyConfig;
+use serde_json::{Value, json};
+
+fn app(spec: Value) -> LoadBalancedApp {
+    let mut base = json!({
+        "port": 8080,
+        "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "web", "image": "web:1", "ports": [{"containerPort": 8080}]}]}},
+    });
+    json_patch::merge(&mut base, &spec);
+    let spec: LoadBalancedAppSpec = serde_json::from_value(base).unwrap();
+    let mut lba = LoadBalancedApp::new("web", spec);
+    lba.metadata.namespace = Some("shop".into());
+    lba.metadata.uid = Some("4c7e0c1e-0000-4000-8000-000000000001".into());
+    lba
+}
+
+fn settings() -> Settings {
+    Settings { proxy_image: "ghcr.io/fulcrum-dev/fulcrum:0.1.0".into() }
+}
+
+fn yaml(objects: &[Value]) -> String {
+    objects.iter().map(|o| serde_saphyr::to_string(o).unwrap()).collect::<Vec<_>>().join("---\n")
+}
+
+#[test]
+fn sidecar_mode_injects_the_proxy_and_binds_the_apps_service_account() {
+    let d = desired(&app(json!({})), &settings()).unwrap();
+    let pod = d.deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let names: Vec<&str> = pod.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["web", PROXY_CONTAINER]);
+    let proxy = &pod.containers[1];
+    let sc = proxy.security_context.as_ref().unwrap();
+    assert_eq!(
+        (sc.run_as_non_root, sc.read_only_root_filesystem, sc.allow_privilege_escalation),
+        (Some(true), Some(true), Some(false))
+    );
+    assert_eq!(sc.capabilities.as_ref().unwrap().drop, Some(vec!["ALL".to_string()]));
+    assert!(proxy.readiness_probe.is_some() && proxy.liveness_probe.is_some());
+    assert!(d.proxy_deployment.is_none() && d.service_account.is_none() && d.proxy_pdb.is_none());
+    assert_eq!(d.role_binding.subjects.as_ref().unwrap()[0].name, "default");
+    // The front Service reaches the sidecars on every app pod.
+    let front = d.front.spec.as_ref().unwrap();
+    assert_eq!(front.selector.as_ref().unwrap().get(APP_LABEL).map(String::as_str), Some("web"));
+    assert!(!front.selector.as_ref().unwrap().contains_key(TRACK_LABEL));
+}
+
+#[test]
+fn dedicated_mode_runs_a_spread_proxy_deployment_with_its_own_account_and_budget() {
+    let d = desired(&app(json!({"proxy": {"mode": "Dedicated", "replicas": 3}})), &settings()).unwrap();
+    let pod = d.deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    assert_eq!(pod.containers.len(), 1, "no sidecar in Dedicated mode");
+    let proxy = d.proxy_deployment.as_ref().unwrap();
+    let spec = proxy.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(3));
+    let pod = spec.template.spec.as_ref().unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some("web-proxy"));
+    assert!(pod.topology_spread_constraints.is_some());
+    assert_eq!(d.service_account.as_ref().unwrap().metadata.name.as_deref(), Some("web-proxy"));
+    assert_eq!(d.role_binding.subjects.as_ref().unwrap()[0].name, "web-proxy");
+    let pdb = d.proxy_pdb.as_ref().unwrap().spec.as_ref().unwrap();
+    assert_eq!(serde_json::to_value(&pdb.min_available).unwrap(), json!(2));
+}
+
+#[test]
+fn every_owned_object_has_the_controller_reference_and_the_namespace() {
+    let d = desired(&app(json!({"canary": {"weight": 10, "template": {"spec": {"containers": [{"name": "web", "image": "web:2"}]}}}})), &settings()).unwrap();
+    for o in d.objects() {
+        assert_eq!(o["metadata"]["namespace"], "shop", "{o}");
+        let owner = &o["metadata"]["ownerReferences"][0];
+        assert_eq!(
+            (owner["kind"].as_str(), owner["name"].as_str(), owner["controller"].as_bool()),
+            (Some("LoadBalancedApp"), Some("web"), Some(true))
+        );
+    }
+    // Role, RoleBinding, ConfigMap, two backends Services, front Service, two Deployments, PDB.
+    assert_eq!(d.objects().len(), 9);
+}
+
+#[test]
+fn the_role_grants_only_reads_of_endpointslices_and_the_proxy_configmap() {
+    let d = desired(&app(json!({})), &settings()).unwrap();
+    let rules = serde_json::to_value(d.role.rules.as_ref().unwrap()).unwrap();
+    assert_eq!(
+        rules,
+        json!([
+            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["web-proxy"], "verbs": ["get", "list", "watch"]},
+        ])
+    );
+}
+
+#[test]
+fn a_canary_gets_its_deployment_backends_and_traffic_split() {
+    let d = desired(
+        &app(json!({"canary": {"replicas": 2, "weight": 10, "template": {"spec": {"containers": [{"name": "web", "image": "web:2"}]}}}})),
+        &settings(),
+    )
+    .unwrap();
+    let canary = d.canary_deployment.as_ref().unwrap();
+    assert_eq!(canary.metadata.name.as_deref(), Some("web-canary"));
+    let labels = canary.spec.as_ref().unwrap().selector.match_labels.as_ref().unwrap();
+    assert_eq!(labels.get(TRACK_LABEL).map(String::as_str), Some("canary"));
+    assert_eq!(d.canary_backends.as_ref().unwrap().metadata.name.as_deref(), Some("web-canary-backends"));
+    let config = ProxyConfig::parse(&d.proxy_config.data.as_ref().unwrap()["proxy.yaml"]).unwrap();
+    assert_eq!(config.load_balancing.tracks, [("canary".to_string(), 10), ("stable".to_string(), 90)].into());
+}
+
+#[test]
+fn the_rendered_proxy_config_follows_the_spec_and_parses_back() {
+    let spec = app(json!({
+        "loadBalancing": {"algorithm": "ConsistentHash", "hashOn": {"cookie": "user"}, "slowStart": "30s"},
+        "healthCheck": {"active": {"http": {"path": "/ready"}, "interval": "5s"}},
+        "retries": {"attempts": 1},
+        "timeouts": {"request": "10s"},
+    }))
+    .spec;
+    let config = proxy_config(&spec).unwrap();
+    let text = config.to_yaml();
+    let parsed = ProxyConfig::parse(&text).unwrap();
+    assert_eq!(parsed, config);
+    assert_eq!(config.listen.port(), PROXY_PORT);
+    assert_eq!(config.admin.unwrap().port(), ADMIN_PORT);
+    assert_eq!(config.load_balancing.algorithm.name(), "ConsistentHash");
+    assert_eq!(config.load_balancing.hash_on.as_ref().unwrap().cookie.as_deref(), Some("user"));
+    assert_eq!(config.load_balancing.slow_start.unwrap().0.as_secs(), 30);
+    assert_eq!(config.health_check.active.as_ref().unwrap().interval.0.as_secs(), 5);
+    assert_eq!(config.retries.attempts, 1);
+    assert_eq!(config.timeouts.request.0.as_secs(), 10);
+    assert!(config.endpoints.is_empty(), "endpoints are discovered");
+}
+
+#[test]
+fn a_spec_the_schema_admits_but_cannot_work_is_refused_with_a_reason() {
+    // Zero-length durations pass the pattern but no timer can use them.
+    let e = desired(&app(json!({"timeouts": {"connect": "0s"}})), &settings()).unwrap_err();
+    assert!(e.0.contains("timeouts.connect"), "{e}");
+    let e = desired(
+        &app(json!({"template": {"spec": {"containers": [{"name": "fulcrum-proxy", "image": "x"}]}}})),
+        &settings(),
+    )
+    .unwrap_err();
+    assert!(e.0.contains("reserved"), "{e}");
+    let mut no_uid = app(json!({}));
+    no_uid.metadata.uid = None;
+    assert!(desired(&no_uid, &settings()).is_err());
+}
+
+#[test]
+fn min_available_defaults_to_one_below_replicas() {
+    let d = desired(&app(json!({"replicas": 4})), &settings()).unwrap();
+    let pdb = d.pdb.spec.as_ref().unwrap();
+    assert_eq!(serde_json::to_value(&pdb.min_available).unwrap(), json!(3));
+    let d = desired(&app(json!({"replicas": 4, "availability": {"minAvailable": 2}})), &settings()).unwrap();
+    assert_eq!(serde_json::to_value(&d.pdb.spec.as_ref().unwrap().min_available).unwrap(), json!(2));
+}
+
+#[test]
+fn snapshot_sidecar_minimal() {
+    let d = desired(&app(json!({})), &settings()).unwrap();
+    insta::assert_snapshot!(yaml(&d.objects()));
+}
+
+#[test]
+fn snapshot_dedicated_with_canary_and_options() {
+    let d = desired(
+        &app(json!({
+            "replicas": 3,
+            "service": {"type": "LoadBalancer", "port": 443, "annotations": {"example.com/lb": "internal"}},
+            "proxy": {"mode": "Dedicated"},
+            "loadBalancing": {"algorithm": "PeakEwma", "sessionAffinity": {}},
+            "canary": {"replicas": 1, "weight": 5, "template": {"spec": {"containers": [{"name": "web", "image": "web:2"}]}}},
+            "availability": {"spreadAcrossNodes": false},
+        })),
+        &settings(),
+    )
+    .unwrap();
+    insta::assert_snapshot!(yaml(&d.objects()));
+}
