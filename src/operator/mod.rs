@@ -3,4 +3,5 @@
 //! reconciler that applies them is built on these.
 
 pub mod desired;
+pub mod healing;
 pub mod render;

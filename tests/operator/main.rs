@@ -2,3 +2,4 @@
 //! proxy configuration rendered from a spec.
 
 mod desired;
+mod healing;
