@@ -36,6 +36,17 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Run the operator: reconcile every LoadBalancedApp in the cluster.
+    ///
+    /// Uses in-cluster credentials, or the current kubeconfig context outside a cluster.
+    Operator {
+        /// Proxy image for apps that do not name one.
+        #[arg(long, env = "FULCRUM_PROXY_IMAGE", default_value = concat!("ghcr.io/fulcrum-dev/fulcrum:", env!("CARGO_PKG_VERSION")))]
+        proxy_image: String,
+        /// Address of /healthz and /readyz.
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        health_addr: std::net::SocketAddr,
+    },
     /// Print the LoadBalancedApp CustomResourceDefinition (YAML) generated from the types.
     Crd,
     /// Show the proxy at work in about ten seconds, on this machine alone.
@@ -68,6 +79,10 @@ fn main() -> ExitCode {
         Command::Proxy { config, check } => {
             init_tracing("info");
             proxy(config, check)
+        }
+        Command::Operator { proxy_image, health_addr } => {
+            init_tracing("info");
+            operator(proxy_image, health_addr)
         }
         Command::Crd => {
             print!("{}", fulcrum::api::crd_yaml());
@@ -117,6 +132,40 @@ fn demo(opts: &DemoOptions) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn operator(proxy_image: String, health_addr: std::net::SocketAddr) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fulcrum: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let client = match kube::Client::try_default().await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("fulcrum operator: no Kubernetes credentials (in-cluster or kubeconfig): {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let health = match tokio::net::TcpListener::bind(health_addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("fulcrum operator: cannot listen on {health_addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tokio::spawn(fulcrum::operator::health::serve(health));
+        let ctx = std::sync::Arc::new(fulcrum::operator::controller::Context::new(
+            client,
+            fulcrum::operator::desired::Settings { proxy_image },
+        ));
+        tracing::info!("operator started");
+        fulcrum::operator::controller::run(ctx).await;
+        ExitCode::SUCCESS
+    })
 }
 
 fn proxy(path: PathBuf, check: bool) -> ExitCode {

@@ -2,6 +2,8 @@
 //! owns (`desired`) and the proxy configuration it asks for (`render`). The
 //! reconciler that applies them is built on these.
 
+pub mod controller;
 pub mod desired;
 pub mod healing;
+pub mod health;
 pub mod render;

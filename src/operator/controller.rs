@@ -1,0 +1,423 @@
+//! The reconciler: for each `LoadBalancedApp`, apply the desired objects with
+//! server-side apply under one field manager, heal pods by the policy, and
+//! write the status when (and only when) it changes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use tracing::{Instrument, info, info_span, warn};
+
+use super::desired::{APP_LABEL, Desired, PROXY_CONTAINER, Settings, TRACK_LABEL, desired};
+use super::healing::{Phase, PodView, Policy, heal_plan};
+use crate::api::{Counts, Healed, LoadBalancedApp, LoadBalancedAppStatus, ProxyMode};
+
+/// The field manager of every write.
+pub const FIELD_MANAGER: &str = "fulcrum-operator";
+
+/// What failed in a reconcile.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An API request failed.
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// The object lacks what every stored object has.
+    #[error("{0}")]
+    Malformed(String),
+}
+
+impl Error {
+    /// A label for counting errors.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Malformed(_) => "malformed",
+        }
+    }
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub settings: Settings,
+    pub recorder: Recorder,
+}
+
+impl Context {
+    pub fn new(client: Client, settings: Settings) -> Self {
+        let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
+        Context { recorder: Recorder::new(client.clone(), reporter), client, settings }
+    }
+}
+
+/// Runs the controller until the stream of reconciles ends.
+pub async fn run(ctx: Arc<Context>) {
+    let client = ctx.client.clone();
+    let apps: Api<LoadBalancedApp> = Api::all(client.clone());
+    let pods: Api<Pod> = Api::all(client.clone());
+    Controller::new(apps, watcher::Config::default())
+        .owns(Api::<Deployment>::all(client.clone()), watcher::Config::default())
+        .owns(Api::<Service>::all(client.clone()), watcher::Config::default())
+        .owns(Api::<ConfigMap>::all(client.clone()), watcher::Config::default())
+        // App pods belong to ReplicaSets, not to the app: map them back by label.
+        .watches(pods, watcher::Config::default().labels(APP_LABEL), |pod: Pod| {
+            let ns = pod.namespace()?;
+            let app = pod.labels().get(APP_LABEL)?.clone();
+            Some(ObjectRef::<LoadBalancedApp>::new(&app).within(&ns))
+        })
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                warn!(error = %e, "reconcile failed");
+            }
+        })
+        .await;
+}
+
+fn error_policy(app: Arc<LoadBalancedApp>, error: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(name = %app.name_any(), error = %error, kind = error.metric_label(), "reconcile error; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+async fn apply<K>(client: &Client, ns: &str, obj: &K) -> Result<(), Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + std::fmt::Debug,
+{
+    let name = obj.meta().name.clone().ok_or_else(|| Error::Malformed("an owned object has no name".into()))?;
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(obj)).await?;
+    Ok(())
+}
+
+async fn apply_all(client: &Client, ns: &str, d: &Desired) -> Result<(), Error> {
+    if let Some(sa) = &d.service_account {
+        apply::<ServiceAccount>(client, ns, sa).await?;
+    }
+    apply::<Role>(client, ns, &d.role).await?;
+    apply::<RoleBinding>(client, ns, &d.role_binding).await?;
+    apply::<ConfigMap>(client, ns, &d.proxy_config).await?;
+    apply::<Service>(client, ns, &d.backends).await?;
+    if let Some(s) = &d.canary_backends {
+        apply::<Service>(client, ns, s).await?;
+    }
+    apply::<Service>(client, ns, &d.front).await?;
+    apply::<Deployment>(client, ns, &d.deployment).await?;
+    if let Some(c) = &d.canary_deployment {
+        apply::<Deployment>(client, ns, c).await?;
+    }
+    if let Some(p) = &d.proxy_deployment {
+        apply::<Deployment>(client, ns, p).await?;
+    }
+    apply::<PodDisruptionBudget>(client, ns, &d.pdb).await?;
+    if let Some(p) = &d.proxy_pdb {
+        apply::<PodDisruptionBudget>(client, ns, p).await?;
+    }
+    Ok(())
+}
+
+/// One pod as the healing policy sees it.
+pub fn pod_view(p: &Pod) -> PodView {
+    let status = p.status.as_ref();
+    let phase = match status.and_then(|s| s.phase.as_deref()) {
+        Some("Pending") => Phase::Pending,
+        Some("Running") => Phase::Running,
+        Some("Succeeded") => Phase::Succeeded,
+        Some("Failed") => Phase::Failed,
+        _ => Phase::Unknown,
+    };
+    let ready_cond = status.and_then(|s| s.conditions.as_ref()).and_then(|c| c.iter().find(|c| c.type_ == "Ready"));
+    let ready = ready_cond.is_some_and(|c| c.status == "True");
+    let since = |t: &Time| SystemTime::from(t.0);
+    let unready_since = if ready {
+        None
+    } else {
+        ready_cond
+            .and_then(|c| c.last_transition_time.as_ref().map(since))
+            .or_else(|| p.metadata.creation_timestamp.as_ref().map(since))
+    };
+    let crash_looping = status.and_then(|s| s.container_statuses.as_ref()).is_some_and(|cs| {
+        cs.iter().any(|c| {
+            c.state.as_ref().and_then(|s| s.waiting.as_ref()).and_then(|w| w.reason.as_deref())
+                == Some("CrashLoopBackOff")
+        })
+    });
+    PodView {
+        name: p.name_any(),
+        phase,
+        ready,
+        unready_since,
+        crash_looping,
+        terminating: p.metadata.deletion_timestamp.is_some(),
+    }
+}
+
+fn duration(s: &str, fallback: Duration) -> Duration {
+    humantime::parse_duration(s).unwrap_or(fallback)
+}
+
+/// A condition, keeping the previous transition time when the status did not change.
+fn condition(
+    old: &[Condition],
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+) -> Condition {
+    let status = if ok { "True" } else { "False" };
+    let previous = old.iter().find(|c| c.type_ == type_);
+    let last_transition_time = match previous {
+        Some(p) if p.status == status => p.last_transition_time.clone(),
+        _ => Time(k8s_openapi::jiff::Timestamp::now()),
+    };
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        last_transition_time,
+        observed_generation: generation,
+    }
+}
+
+/// Reconciles one app.
+pub async fn reconcile(app: Arc<LoadBalancedApp>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let name = app.name_any();
+    let ns = app.namespace().ok_or_else(|| Error::Malformed(format!("LoadBalancedApp {name} has no namespace")))?;
+    let span = info_span!("reconcile", app = %name, namespace = %ns);
+    reconcile_app(app, ctx, name, ns).instrument(span).await
+}
+
+async fn reconcile_app(
+    app: Arc<LoadBalancedApp>,
+    ctx: Arc<Context>,
+    name: String,
+    ns: String,
+) -> Result<Action, Error> {
+    let client = &ctx.client;
+    let apps: Api<LoadBalancedApp> = Api::namespaced(client.clone(), &ns);
+    let old = app.status.clone().unwrap_or_default();
+    let generation = app.metadata.generation;
+    let reference = app.object_ref(&());
+
+    let d = match desired(&app, &ctx.settings) {
+        Ok(d) => d,
+        Err(invalid) => {
+            // Keep everything that exists; report why nothing changes.
+            let mut status = old.clone();
+            status.observed_generation = generation;
+            let msg = invalid.to_string();
+            status.conditions = vec![
+                condition(
+                    &old.conditions,
+                    "Available",
+                    available(&old),
+                    "AsBefore",
+                    "the last good configuration keeps serving".into(),
+                    generation,
+                ),
+                condition(&old.conditions, "Progressing", false, "InvalidSpec", msg.clone(), generation),
+                condition(&old.conditions, "Degraded", true, "InvalidSpec", msg.clone(), generation),
+            ];
+            if status != old {
+                warn!(reason = %msg, "spec cannot be reconciled");
+                let _ = ctx
+                    .recorder
+                    .publish(
+                        &Event {
+                            type_: EventType::Warning,
+                            reason: "InvalidSpec".into(),
+                            note: Some(msg),
+                            action: "Reconcile".into(),
+                            secondary: None,
+                        },
+                        &reference,
+                    )
+                    .await;
+                write_status(&apps, &name, &status).await?;
+            }
+            return Ok(Action::await_change());
+        }
+    };
+    let created = old.observed_generation.is_none();
+    apply_all(client, &ns, &d).await?;
+    if created {
+        info!("owned objects created");
+        let _ = ctx
+            .recorder
+            .publish(
+                &Event {
+                    type_: EventType::Normal,
+                    reason: "Created".into(),
+                    note: Some("app, proxy and services created".into()),
+                    action: "Reconcile".into(),
+                    secondary: None,
+                },
+                &reference,
+            )
+            .await;
+    }
+
+    // Observe the pods and heal.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let listed = pods.list(&ListParams::default().labels(&format!("{APP_LABEL}={name}"))).await?;
+    let views: Vec<PodView> = listed.items.iter().map(pod_view).collect();
+    let spec = &app.spec;
+    let min_available = spec.availability.min_available.unwrap_or((spec.replicas - 1).max(0));
+    let policy = Policy {
+        unready_timeout: duration(&spec.healing.unready_timeout, Duration::from_secs(120)),
+        max_concurrent: usize::try_from(spec.healing.max_concurrent).unwrap_or(1).max(1),
+        min_available: usize::try_from(min_available).unwrap_or(0),
+    };
+    let plan = heal_plan(&views, &policy, SystemTime::now());
+    let mut status = old.clone();
+    for (pod, reason) in &plan.delete {
+        let uid = listed.items.iter().find(|p| p.name_any() == *pod).and_then(|p| p.metadata.uid.clone());
+        // Delete exactly the pod observed, not a successor that took its name.
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions { uid, resource_version: None }),
+            ..DeleteParams::default()
+        };
+        match pods.delete(pod, &dp).await {
+            Ok(_) => {
+                info!(pod = %pod, reason = reason.name(), "pod deleted to heal the app");
+                status.healed_total += 1;
+                status.last_healing = Some(Healed {
+                    pod: pod.clone(),
+                    reason: reason.name().into(),
+                    time: Time(k8s_openapi::jiff::Timestamp::now()),
+                });
+                let _ = ctx
+                    .recorder
+                    .publish(
+                        &Event {
+                            type_: EventType::Normal,
+                            reason: "Healed".into(),
+                            note: Some(format!("deleted pod {pod} ({}) so that it is replaced", reason.name())),
+                            action: "DeletePod".into(),
+                            secondary: None,
+                        },
+                        &reference,
+                    )
+                    .await;
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+
+    // Status from what was observed.
+    let track = |t: &'static str| {
+        listed.items.iter().filter(move |p| p.labels().get(TRACK_LABEL).map(String::as_str) == Some(t))
+    };
+    let is_ready = |p: &Pod| pod_view(p).ready && p.metadata.deletion_timestamp.is_none();
+    let stable_total = track("stable").count() as i32;
+    let stable_ready = track("stable").filter(|p| is_ready(p)).count() as i32;
+    let all_ready = listed.items.iter().filter(|p| is_ready(p)).count() as i32;
+    status.observed_generation = generation;
+    status.replicas = stable_total;
+    status.ready_replicas = stable_ready;
+    status.endpoints = Counts { ready: all_ready, total: listed.items.len() as i32 };
+    status.proxy = match spec.proxy.mode {
+        ProxyMode::Sidecar => {
+            let proxy_ready = listed
+                .items
+                .iter()
+                .filter(|p| {
+                    p.status
+                        .as_ref()
+                        .and_then(|s| s.container_statuses.as_ref())
+                        .is_some_and(|cs| cs.iter().any(|c| c.name == PROXY_CONTAINER && c.ready))
+                })
+                .count() as i32;
+            Counts { ready: proxy_ready, total: listed.items.len() as i32 }
+        }
+        ProxyMode::Dedicated => {
+            let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+            let ready =
+                deps.get_opt(&format!("{name}-proxy")).await?.and_then(|d| d.status?.ready_replicas).unwrap_or(0);
+            Counts { ready, total: spec.proxy.replicas.unwrap_or(2) }
+        }
+    };
+    status.canary = spec.canary.as_ref().map(|c| crate::api::CanaryStatus {
+        replicas: track("canary").count() as i32,
+        ready_replicas: track("canary").filter(|p| is_ready(p)).count() as i32,
+        weight: c.weight,
+    });
+    let is_available = stable_ready >= min_available.max(1) && status.proxy.ready > 0;
+    let progressing = stable_total != spec.replicas || stable_ready < spec.replicas;
+    let degraded = !plan.crash_looping.is_empty();
+    status.conditions = vec![
+        condition(
+            &old.conditions,
+            "Available",
+            is_available,
+            if is_available { "MinimumReplicasAvailable" } else { "MinimumReplicasUnavailable" },
+            format!("{stable_ready}/{} replicas ready, {} proxies ready", spec.replicas, status.proxy.ready),
+            generation,
+        ),
+        condition(
+            &old.conditions,
+            "Progressing",
+            progressing,
+            if progressing { "ReplicasUpdating" } else { "ReplicasReady" },
+            format!("{stable_total} replicas exist, {stable_ready} ready, {} wanted", spec.replicas),
+            generation,
+        ),
+        condition(
+            &old.conditions,
+            "Degraded",
+            degraded,
+            if degraded { "CrashLoop" } else { "AsExpected" },
+            if degraded {
+                format!("crash-looping pods (not deleted): {}", plan.crash_looping.join(", "))
+            } else {
+                "no crash loops".into()
+            },
+            generation,
+        ),
+    ];
+    if status != old {
+        write_status(&apps, &name, &status).await?;
+    }
+    let next = plan
+        .next_check
+        .map_or(Duration::from_secs(60), |d| d.min(Duration::from_secs(60)) + Duration::from_millis(100));
+    Ok(Action::requeue(if plan.held.is_empty() { next } else { Duration::from_secs(2) }))
+}
+
+fn available(s: &LoadBalancedAppStatus) -> bool {
+    s.conditions.iter().any(|c| c.type_ == "Available" && c.status == "True")
+}
+
+async fn write_status(apps: &Api<LoadBalancedApp>, name: &str, status: &LoadBalancedAppStatus) -> Result<(), Error> {
+    let patch = json!({"apiVersion": "fulcrum.dev/v1alpha1", "kind": "LoadBalancedApp", "status": status});
+    apps.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    Ok(())
+}
+
+/// Labels of the stable app pods of `app` (for tests and tools).
+pub fn stable_selector(app: &str) -> BTreeMap<String, String> {
+    [(APP_LABEL.to_string(), app.to_string()), (TRACK_LABEL.to_string(), "stable".to_string())].into()
+}

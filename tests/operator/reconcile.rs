@@ -1,0 +1,181 @@
+//! The real controller loop against the in-memory API server, with the test
+//! playing kubelet (pods and their readiness) where a cluster would.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fulcrum::api::LoadBalancedApp;
+use fulcrum::operator::controller::{Context, run};
+use fulcrum::operator::desired::Settings;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+
+use crate::apiserver::ApiServer;
+
+fn lba(name: &str, extra: Value) -> LoadBalancedApp {
+    let mut spec = json!({
+        "replicas": 2,
+        "port": 8080,
+        "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [{"name": "web", "image": "web:1"}]}},
+    });
+    json_patch::merge(&mut spec, &extra);
+    serde_json::from_value(json!({"apiVersion": "fulcrum.dev/v1alpha1", "kind": "LoadBalancedApp", "metadata": {"name": name}, "spec": spec})).unwrap()
+}
+
+struct Running {
+    server: ApiServer,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn start() -> Running {
+    let server = ApiServer::start().await;
+    let ctx = Arc::new(Context::new(server.client(), Settings { proxy_image: "fulcrum:test".into() }));
+    let task = tokio::spawn(run(ctx));
+    Running { server, task }
+}
+
+/// Polls `f` every 20 ms for up to 10 s.
+async fn until<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..500 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// Plays kubelet: a pod of the app's Deployment, ready or not since `unready_for` seconds.
+fn pod(app: &str, name: &str, ready: bool, unready_for: u64) -> Value {
+    let since = k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(unready_for as i64);
+    json!({
+        "metadata": {"name": name, "labels": {"fulcrum.dev/app": app, "fulcrum.dev/track": "stable"}},
+        "spec": {"containers": [{"name": "web", "image": "web:1"}]},
+        "status": {
+            "phase": "Running",
+            "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }, "lastTransitionTime": since.to_string()}],
+            "containerStatuses": [
+                {"name": "web", "ready": ready, "restartCount": 0, "image": "web:1", "imageID": "", "state": {"running": {}}},
+                {"name": "fulcrum-proxy", "ready": true, "restartCount": 0, "image": "fulcrum:test", "imageID": "", "state": {"running": {}}},
+            ],
+        },
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applying_an_app_creates_every_owned_object_and_the_status_converges_then_rests() {
+    let r = start().await;
+    let client = r.server.client();
+    let apps: Api<LoadBalancedApp> = Api::default_namespaced(client.clone());
+    let created = apps.create(&PostParams::default(), &lba("web", json!({}))).await.unwrap();
+    let uid = created.metadata.uid.clone().unwrap();
+    let deployments: Api<Deployment> = Api::default_namespaced(client.clone());
+    let services: Api<Service> = Api::default_namespaced(client.clone());
+    let configmaps: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    until("the owned objects", || async {
+        deployments.get_opt("web").await.unwrap().is_some()
+            && services.get_opt("web-backends").await.unwrap().is_some()
+            && services.get_opt("web").await.unwrap().is_some()
+            && configmaps.get_opt("web-proxy").await.unwrap().is_some()
+    })
+    .await;
+    let d = deployments.get("web").await.unwrap();
+    assert_eq!(d.metadata.owner_references.unwrap()[0].uid, uid);
+    assert_eq!(d.metadata.managed_fields.unwrap()[0].manager.as_deref(), Some("fulcrum-operator"));
+    // Kubelet: two ready pods.
+    let res = r.server.resource("", "pods");
+    for n in ["web-1", "web-2"] {
+        r.server.store().create(&res, "default", pod("web", n, true, 0)).unwrap();
+    }
+    until("Available", || async {
+        let s = apps.get("web").await.unwrap().status.unwrap_or_default();
+        s.ready_replicas == 2
+            && s.conditions.iter().any(|c| c.type_ == "Available" && c.status == "True")
+            && s.observed_generation == Some(1)
+    })
+    .await;
+    // Converged: the status is not written again.
+    let rv = apps.get("web").await.unwrap().metadata.resource_version;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(apps.get("web").await.unwrap().metadata.resource_version, rv, "no status write without a change");
+    // A spec change reaches the owned objects.
+    apps.patch(
+        "web",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": 3, "loadBalancing": {"algorithm": "PeakEwma"}}})),
+    )
+    .await
+    .unwrap();
+    until("the new spec applied", || async {
+        let d = deployments.get("web").await.unwrap();
+        let cm = configmaps.get("web-proxy").await.unwrap();
+        d.spec.unwrap().replicas == Some(3) && cm.data.unwrap()["proxy.yaml"].contains("PeakEwma")
+    })
+    .await;
+    // Deleting the app deletes what it owns.
+    apps.delete("web", &DeleteParams::default()).await.unwrap();
+    until("the owned objects gone", || async {
+        deployments.get_opt("web").await.unwrap().is_none() && configmaps.get_opt("web-proxy").await.unwrap().is_none()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admitted_but_unworkable_spec_is_degraded_and_nothing_is_deleted() {
+    let r = start().await;
+    let client = r.server.client();
+    let apps: Api<LoadBalancedApp> = Api::default_namespaced(client.clone());
+    apps.create(&PostParams::default(), &lba("web", json!({}))).await.unwrap();
+    let deployments: Api<Deployment> = Api::default_namespaced(client.clone());
+    until("the Deployment", || async { deployments.get_opt("web").await.unwrap().is_some() }).await;
+    apps.patch("web", &PatchParams::default(), &Patch::Merge(json!({"spec": {"timeouts": {"connect": "0s"}}})))
+        .await
+        .unwrap();
+    until("Degraded", || async {
+        let s = apps.get("web").await.unwrap().status.unwrap_or_default();
+        s.conditions.iter().any(|c| {
+            c.type_ == "Degraded"
+                && c.status == "True"
+                && c.reason == "InvalidSpec"
+                && c.message.contains("timeouts.connect")
+        })
+    })
+    .await;
+    assert!(deployments.get_opt("web").await.unwrap().is_some(), "the running app is kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_unready_past_the_timeout_is_deleted_once_and_counted() {
+    let r = start().await;
+    let client = r.server.client();
+    let apps: Api<LoadBalancedApp> = Api::default_namespaced(client.clone());
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    let res = r.server.resource("", "pods");
+    r.server.store().create(&res, "default", pod("web", "web-1", true, 0)).unwrap();
+    r.server.store().create(&res, "default", pod("web", "web-2", true, 0)).unwrap();
+    r.server.store().create(&res, "default", pod("web", "web-3", false, 600)).unwrap();
+    apps.create(&PostParams::default(), &lba("web", json!({"replicas": 3, "healing": {"unreadyTimeout": "1m"}})))
+        .await
+        .unwrap();
+    until("the stuck pod deleted", || async { pods.get_opt("web-3").await.unwrap().is_none() }).await;
+    until("the healing recorded", || async {
+        let s = apps.get("web").await.unwrap().status.unwrap_or_default();
+        s.healed_total == 1 && s.last_healing.as_ref().is_some_and(|h| h.pod == "web-3" && h.reason == "UnreadyTooLong")
+    })
+    .await;
+    assert!(pods.get_opt("web-1").await.unwrap().is_some() && pods.get_opt("web-2").await.unwrap().is_some());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(apps.get("web").await.unwrap().status.unwrap().healed_total, 1, "deleted once");
+}
