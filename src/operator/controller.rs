@@ -255,7 +255,7 @@ async fn reconcile_app(
                         &reference,
                     )
                     .await;
-                write_status(&apps, &name, &status).await?;
+                write_status(&apps, &name, &status, 0).await?;
             }
             return Ok(Action::await_change());
         }
@@ -292,6 +292,7 @@ async fn reconcile_app(
     };
     let plan = heal_plan(&views, &policy, SystemTime::now());
     let mut status = old.clone();
+    let mut healed_now = 0;
     for (pod, reason) in &plan.delete {
         let uid = listed.items.iter().find(|p| p.name_any() == *pod).and_then(|p| p.metadata.uid.clone());
         // Delete exactly the pod observed, not a successor that took its name.
@@ -302,7 +303,7 @@ async fn reconcile_app(
         match pods.delete(pod, &dp).await {
             Ok(_) => {
                 info!(pod = %pod, reason = reason.name(), "pod deleted to heal the app");
-                status.healed_total += 1;
+                healed_now += 1;
                 status.last_healing = Some(Healed {
                     pod: pod.clone(),
                     reason: reason.name().into(),
@@ -398,8 +399,9 @@ async fn reconcile_app(
             generation,
         ),
     ];
+    status.healed_total = old.healed_total + healed_now;
     if status != old {
-        write_status(&apps, &name, &status).await?;
+        write_status(&apps, &name, &status, healed_now).await?;
     }
     let next = plan
         .next_check
@@ -411,9 +413,34 @@ fn available(s: &LoadBalancedAppStatus) -> bool {
     s.conditions.iter().any(|c| c.type_ == "Available" && c.status == "True")
 }
 
-async fn write_status(apps: &Api<LoadBalancedApp>, name: &str, status: &LoadBalancedAppStatus) -> Result<(), Error> {
-    let patch = json!({"apiVersion": "fulcrum.dev/v1alpha1", "kind": "LoadBalancedApp", "status": status});
-    apps.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+/// Writes the status, conditional on the version it was computed from, so
+/// that a reconcile working from a stale cache cannot roll counters back. On
+/// a conflict, the counters are rebased on the stored status and the write
+/// is tried again.
+async fn write_status(
+    apps: &Api<LoadBalancedApp>,
+    name: &str,
+    status: &LoadBalancedAppStatus,
+    healed_now: i64,
+) -> Result<(), Error> {
+    let mut status = status.clone();
+    for attempt in 0..5 {
+        let current = apps.get(name).await?;
+        let stored = current.status.clone().unwrap_or_default();
+        status.healed_total = stored.healed_total + healed_now;
+        if status.last_healing.is_none() {
+            status.last_healing = stored.last_healing.clone();
+        }
+        if current.status.as_ref() == Some(&status) {
+            return Ok(());
+        }
+        let patch = json!({"metadata": {"resourceVersion": current.metadata.resource_version}, "status": status});
+        match apps.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 && attempt < 4 => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
     Ok(())
 }
 
