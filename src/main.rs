@@ -162,9 +162,26 @@ fn operator(proxy_image: String, health_addr: std::net::SocketAddr) -> ExitCode 
             client,
             fulcrum::operator::desired::Settings { proxy_image },
         ));
-        tracing::info!("operator started");
-        fulcrum::operator::controller::run(ctx).await;
-        ExitCode::SUCCESS
+        let namespace = ctx.client.default_namespace().to_owned();
+        let identity = std::env::var("POD_NAME")
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .unwrap_or_else(|_| format!("fulcrum-operator-{}", std::process::id()));
+        let lease = fulcrum::operator::leader::LeaseSettings {
+            name: "fulcrum-operator".into(),
+            namespace,
+            identity,
+            duration: 15,
+            grace: 5,
+        };
+        tracing::info!(identity = %lease.identity, namespace = %lease.namespace, "operator started; waiting for the lease");
+        let leader = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        match fulcrum::operator::leader::run_elected(ctx, lease, leader).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("fulcrum operator: leader election failed: {e}");
+                ExitCode::FAILURE
+            }
+        }
     })
 }
 

@@ -6,4 +6,5 @@ pub mod controller;
 pub mod desired;
 pub mod healing;
 pub mod health;
+pub mod leader;
 pub mod render;

@@ -533,3 +533,15 @@ async fn a_test_playing_kubelet_writes_the_store_and_watchers_see_it() {
     task.abort();
     assert!(ready);
 }
+
+#[tokio::test]
+async fn an_object_created_for_an_owner_already_gone_is_collected() {
+    let server = ApiServer::start().await;
+    let api: Api<ConfigMap> = Api::default_namespaced(server.client());
+    let owner = api.create(&PostParams::default(), &cm("owner", &[])).await.unwrap();
+    api.delete("owner", &DeleteParams::default()).await.unwrap();
+    // A controller working from a stale cache creates a child after its owner went.
+    let late = owned_by("late-child", &owner);
+    api.create(&PostParams::default(), &late).await.unwrap();
+    assert!(api.get_opt("late-child").await.unwrap().is_none());
+}

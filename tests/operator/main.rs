@@ -5,4 +5,5 @@
 mod apiserver;
 mod desired;
 mod healing;
+mod leader;
 mod reconcile;

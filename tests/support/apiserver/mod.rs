@@ -391,6 +391,7 @@ async fn resource_request(state: &Arc<State>, req: Request<Incoming>, path: &str
             }
             let current = store.get(res, &ns, name)?;
             let mut next = patch::apply_patch(&current, ty, &patch)?;
+            patch::release_changed_fields(&current, &mut next);
             // A patch is applied to the stored version; it is conditional only if it sets one.
             if patch["metadata"].get("resourceVersion").is_none()
                 && let Some(m) = next["metadata"].as_object_mut()

@@ -229,6 +229,22 @@ fn managed_fields(api_version: &str, owners: &BTreeMap<String, BTreeSet<Vec<Stri
     json!(entries)
 }
 
+/// After a write that is not an apply (update, merge, JSON or strategic
+/// patch): the writer takes the fields it changed, so appliers no longer own
+/// them, as the real server does. This is how one manager can clear fields
+/// another applied (a lease released by a standby).
+pub fn release_changed_fields(before: &Value, after: &mut Value) {
+    let mut owners = ownership(before);
+    if owners.is_empty() {
+        return;
+    }
+    for paths in owners.values_mut() {
+        paths.retain(|p| get_path(before, p) == get_path(after, p));
+    }
+    let api_version = before["apiVersion"].as_str().unwrap_or("v1").to_owned();
+    after["metadata"]["managedFields"] = managed_fields(&api_version, &owners);
+}
+
 /// Server-side apply of `config` by `manager` over `current` (an empty object
 /// when creating). Conflicts with other managers' fields are a 409 unless `force`.
 pub fn server_side_apply(current: &Value, config: &Value, manager: &str, force: bool) -> Result<Value, ApiError> {
@@ -318,6 +334,18 @@ mod tests {
         assert_eq!(forced["spec"]["replicas"], 5);
         assert_eq!(ownership(&forced)["b"].len(), 1);
         assert!(!ownership(&forced).contains_key("a"), "a lost its only field");
+    }
+
+    #[test]
+    fn a_plain_update_takes_the_fields_it_changes_from_appliers() {
+        let obj =
+            server_side_apply(&json!({"metadata": {}}), &json!({"spec": {"holder": "a", "duration": 2}}), "a", false)
+                .unwrap();
+        let mut cleared = apply_patch(&obj, PatchType::Merge, &json!({"spec": {"holder": null}})).unwrap();
+        release_changed_fields(&obj, &mut cleared);
+        assert_eq!(ownership(&cleared)["a"].len(), 1, "a keeps only spec.duration");
+        // Now another manager applies the field without a conflict.
+        assert!(server_side_apply(&cleared, &json!({"spec": {"holder": "b"}}), "b", false).is_ok());
     }
 
     #[test]

@@ -211,6 +211,8 @@ impl Store {
         m.remove("deletionTimestamp");
         inner.objects.insert(key, obj.clone());
         self.record(&mut inner, "ADDED", res_key(res), obj.clone());
+        // The garbage collector also finds objects created for an owner that is already gone.
+        self.collect_garbage(&mut inner);
         Ok(obj)
     }
 
@@ -333,6 +335,7 @@ impl Store {
         }
         inner.objects.insert(key, merged.clone());
         self.record(inner, "MODIFIED", res_key(res), merged.clone());
+        self.collect_garbage(inner);
         Ok(merged)
     }
 
