@@ -43,7 +43,7 @@ enum Command {
         /// Proxy image for apps that do not name one.
         #[arg(long, env = "FULCRUM_PROXY_IMAGE", default_value = concat!("ghcr.io/fulcrum-dev/fulcrum:", env!("CARGO_PKG_VERSION")))]
         proxy_image: String,
-        /// Address of /healthz and /readyz.
+        /// Address of /healthz, /readyz and /metrics.
         #[arg(long, default_value = "0.0.0.0:8080")]
         health_addr: std::net::SocketAddr,
     },
@@ -157,11 +157,11 @@ fn operator(proxy_image: String, health_addr: std::net::SocketAddr) -> ExitCode 
                 return ExitCode::FAILURE;
             }
         };
-        tokio::spawn(fulcrum::operator::health::serve(health));
         let ctx = std::sync::Arc::new(fulcrum::operator::controller::Context::new(
             client,
             fulcrum::operator::desired::Settings { proxy_image },
         ));
+        tokio::spawn(fulcrum::operator::health::serve(health, ctx.metrics.clone()));
         let namespace = ctx.client.default_namespace().to_owned();
         let identity = std::env::var("POD_NAME")
             .or_else(|_| std::env::var("HOSTNAME"))

@@ -26,6 +26,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use super::desired::{APP_LABEL, Desired, PROXY_CONTAINER, Settings, TRACK_LABEL, desired};
 use super::healing::{Phase, PodView, Policy, heal_plan};
+use super::metrics::OperatorMetrics;
 use crate::api::{Counts, Healed, LoadBalancedApp, LoadBalancedAppStatus, ProxyMode};
 
 /// The field manager of every write.
@@ -57,12 +58,13 @@ pub struct Context {
     pub client: Client,
     pub settings: Settings,
     pub recorder: Recorder,
+    pub metrics: Arc<OperatorMetrics>,
 }
 
 impl Context {
     pub fn new(client: Client, settings: Settings) -> Self {
         let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
-        Context { recorder: Recorder::new(client.clone(), reporter), client, settings }
+        Context { recorder: Recorder::new(client.clone(), reporter), client, settings, metrics: Arc::default() }
     }
 }
 
@@ -91,7 +93,8 @@ pub async fn run(ctx: Arc<Context>) {
         .await;
 }
 
-fn error_policy(app: Arc<LoadBalancedApp>, error: &Error, _ctx: Arc<Context>) -> Action {
+fn error_policy(app: Arc<LoadBalancedApp>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.error(error.metric_label());
     warn!(name = %app.name_any(), error = %error, kind = error.metric_label(), "reconcile error; retrying");
     Action::requeue(Duration::from_secs(5))
 }
@@ -206,7 +209,11 @@ pub async fn reconcile(app: Arc<LoadBalancedApp>, ctx: Arc<Context>) -> Result<A
     let name = app.name_any();
     let ns = app.namespace().ok_or_else(|| Error::Malformed(format!("LoadBalancedApp {name} has no namespace")))?;
     let span = info_span!("reconcile", app = %name, namespace = %ns);
-    reconcile_app(app, ctx, name, ns).instrument(span).await
+    let started = std::time::Instant::now();
+    let metrics = ctx.metrics.clone();
+    let result = reconcile_app(app, ctx, name, ns).instrument(span).await;
+    metrics.reconciled(result.is_ok(), started.elapsed().as_secs_f64());
+    result
 }
 
 async fn reconcile_app(
@@ -303,6 +310,7 @@ async fn reconcile_app(
         match pods.delete(pod, &dp).await {
             Ok(_) => {
                 info!(pod = %pod, reason = reason.name(), "pod deleted to heal the app");
+                ctx.metrics.healed(reason.name());
                 healed_now += 1;
                 status.last_healing = Some(Healed {
                     pod: pod.clone(),

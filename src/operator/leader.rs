@@ -50,6 +50,7 @@ pub async fn run_elected(
         }
         info!(identity = %lease.identity, "elected leader; reconciling");
         leader.store(true, Ordering::Relaxed);
+        ctx.metrics.set_leader(true);
         let lost = async {
             loop {
                 if state.changed().await.is_err() || !*state.borrow_and_update() {
@@ -60,6 +61,7 @@ pub async fn run_elected(
         tokio::select! {
             () = run(ctx.clone()) => {
                 leader.store(false, Ordering::Relaxed);
+                ctx.metrics.set_leader(false);
                 drop(state);
                 // Closing the channel releases the lease for a standby.
                 return task.await.map_or(Ok(()), |r| r.map(|_| ()));
@@ -67,5 +69,6 @@ pub async fn run_elected(
             () = lost => warn!(identity = %lease.identity, "lost the lease; reconciles stop until re-elected"),
         }
         leader.store(false, Ordering::Relaxed);
+        ctx.metrics.set_leader(false);
     }
 }

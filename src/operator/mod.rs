@@ -7,4 +7,5 @@ pub mod desired;
 pub mod healing;
 pub mod health;
 pub mod leader;
+pub mod metrics;
 pub mod render;

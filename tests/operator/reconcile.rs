@@ -26,6 +26,7 @@ fn lba(name: &str, extra: Value) -> LoadBalancedApp {
 
 struct Running {
     server: ApiServer,
+    ctx: Arc<Context>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -38,8 +39,8 @@ impl Drop for Running {
 async fn start() -> Running {
     let server = ApiServer::start().await;
     let ctx = Arc::new(Context::new(server.client(), Settings { proxy_image: "fulcrum:test".into() }));
-    let task = tokio::spawn(run(ctx));
-    Running { server, task }
+    let task = tokio::spawn(run(ctx.clone()));
+    Running { server, ctx, task }
 }
 
 /// Polls `f` every 20 ms for up to 10 s.
@@ -178,4 +179,28 @@ async fn a_pod_unready_past_the_timeout_is_deleted_once_and_counted() {
     assert!(pods.get_opt("web-1").await.unwrap().is_some() && pods.get_opt("web-2").await.unwrap().is_some());
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(apps.get("web").await.unwrap().status.unwrap().healed_total, 1, "deleted once");
+    let m = r.ctx.metrics.encode();
+    assert!(m.contains("fulcrum_operator_healed_pods_total{reason=\"UnreadyTooLong\"} 1"), "{m}");
+    assert!(m.contains("fulcrum_operator_reconciles_total{result=\"ok\"}"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_server_errors_are_retried_until_the_app_is_reconciled() {
+    let r = start().await;
+    let client = r.server.client();
+    // Roles are written only by reconciles (nothing watches them): the first reconcile fails.
+    r.server.fail_next("roles", 1, 500);
+    let apps: Api<LoadBalancedApp> = Api::default_namespaced(client.clone());
+    apps.create(&PostParams::default(), &lba("web", json!({}))).await.unwrap();
+    let deployments: Api<Deployment> = Api::default_namespaced(client.clone());
+    // Retried after the error policy's 5 s.
+    for _ in 0..1000 {
+        if deployments.get_opt("web").await.ok().flatten().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(deployments.get_opt("web").await.unwrap().is_some(), "reconciled after the failures");
+    let m = r.ctx.metrics.encode();
+    assert!(m.contains("fulcrum_operator_reconcile_errors_total{kind=\"kube\"} 1"), "the failure was counted: {m}");
 }
