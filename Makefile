@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: build test lint unit doc demo crds bench bench-balance bench-proxy clean
+.PHONY: build test lint unit doc demo crds bench bench-balance bench-proxy bench-operator clean
 
 build:
 	$(CARGO) build --release --locked
@@ -36,7 +36,7 @@ demo: build
 
 ## All benchmarks (not part of `make test`): the balancing core, then the proxy
 ## against HAProxy and NGINX. Writes bench/results/ and bench/RESULTS.md.
-bench: bench-balance bench-proxy
+bench: bench-balance bench-proxy bench-operator
 
 ## Balancing-core benchmark; writes bench/results/balance.md.
 bench-balance:
@@ -50,6 +50,12 @@ bench-proxy: build
 	bash bench/proxy/install.sh
 	python3 bench/proxy/run.py --fulcrum target/release/fulcrum --out bench/RESULTS.md
 	@cat bench/RESULTS.md
+
+## Operator at scale: 500 apps on the in-memory API server; the table goes into bench/RESULTS.md.
+bench-operator:
+	$(CARGO) bench --locked --bench operator_scale > bench/results/operator.md
+	python3 bench/splice.py bench/RESULTS.md bench/results/operator.md
+	@cat bench/results/operator.md
 
 clean:
 	$(CARGO) clean
