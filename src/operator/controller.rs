@@ -2,7 +2,6 @@
 //! server-side apply under one field manager, heal pods by the policy, and
 //! write the status when (and only when) it changes.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -450,9 +449,4 @@ async fn write_status(
         }
     }
     Ok(())
-}
-
-/// Labels of the stable app pods of `app` (for tests and tools).
-pub fn stable_selector(app: &str) -> BTreeMap<String, String> {
-    [(APP_LABEL.to_string(), app.to_string()), (TRACK_LABEL.to_string(), "stable".to_string())].into()
 }

@@ -200,11 +200,6 @@ impl Metrics {
         self.reloads.get_or_create(&ResultLabel { result }).inc();
     }
 
-    /// Retries sent so far.
-    pub fn retries_sent(&self) -> u64 {
-        self.retries.get_or_create(&ResultLabel { result: "sent" }).get()
-    }
-
     /// The metrics in the Prometheus/OpenMetrics text format.
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(8192);
