@@ -109,14 +109,20 @@ fn init_tracing(default: &str) {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }
 
-fn demo(opts: &DemoOptions) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
+/// The multi-threaded runtime for the background work of each command (the
+/// proxy's workers run their own event loops).
+fn async_runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => Some(rt),
         Err(e) => {
             eprintln!("fulcrum: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            None
         }
-    };
+    }
+}
+
+fn demo(opts: &DemoOptions) -> ExitCode {
+    let Some(runtime) = async_runtime() else { return ExitCode::FAILURE };
     println!(
         "fulcrum demo: 4 backends on 127.0.0.2-5, {} clients, {:?} per algorithm; b3 is 10x slower, b4 dies half-way.\n",
         opts.concurrency, opts.duration
@@ -135,13 +141,7 @@ fn demo(opts: &DemoOptions) -> ExitCode {
 }
 
 fn operator(proxy_image: String, health_addr: std::net::SocketAddr) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("fulcrum: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let Some(runtime) = async_runtime() else { return ExitCode::FAILURE };
     runtime.block_on(async move {
         let client = match kube::Client::try_default().await {
             Ok(c) => c,
@@ -198,13 +198,7 @@ fn proxy(path: PathBuf, check: bool) -> ExitCode {
         println!("{}: valid", path.display());
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("fulcrum: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let Some(runtime) = async_runtime() else { return ExitCode::FAILURE };
     runtime.block_on(async move {
         let proxy = match Proxy::bind(&snapshot).await {
             Ok(p) => p,

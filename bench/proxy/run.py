@@ -106,16 +106,10 @@ def wait_closed(addr: str, timeout: float = 10.0) -> None:
 # --- backends --------------------------------------------------------------------------------
 
 
-def backend_conf(work: Path, i: int, addr: str, delay_ms: float) -> Path:
-    d = work / f"backend{i}"
-    d.mkdir(exist_ok=True)
-    big = work / "big.bin"
-    conf = d / "nginx.conf"
-    conf.write_text(
-        f"""
-load_module /usr/lib/nginx/modules/ngx_http_echo_module.so;
-worker_processes 1;
-daemon off;
+def nginx_common(d: Path) -> str:
+    """The settings every NGINX instance here shares: its own files under `d`,
+    no access log, long keep-alive, room for many connections. Opens `http {`."""
+    return f"""daemon off;
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
 worker_rlimit_nofile 19000;
@@ -128,7 +122,19 @@ http {{
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
     keepalive_requests 10000000;
-    keepalive_timeout 300s;
+    keepalive_timeout 300s;"""
+
+
+def backend_conf(work: Path, i: int, addr: str, delay_ms: float) -> Path:
+    d = work / f"backend{i}"
+    d.mkdir(exist_ok=True)
+    big = work / "big.bin"
+    conf = d / "nginx.conf"
+    conf.write_text(
+        f"""
+load_module /usr/lib/nginx/modules/ngx_http_echo_module.so;
+worker_processes 1;
+{nginx_common(d)}
     server {{
         listen {addr} backlog=4096;
         location = / {{ return 200 "hello\\n"; }}
@@ -215,20 +221,7 @@ def nginx_proxy_conf(work: Path, method: str = "") -> Path:
         f"""
 load_module /usr/lib/nginx/modules/ngx_stream_module.so;
 worker_processes 2;
-daemon off;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-worker_rlimit_nofile 19000;
-events {{ worker_connections 18000; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    keepalive_requests 10000000;
-    keepalive_timeout 300s;
+{nginx_common(d)}
     upstream web {{
         {method + ';' if method else ''}
 {servers}        keepalive 256;
