@@ -115,7 +115,7 @@ async fn the_affinity_cookie_pins_a_client_and_falls_back_when_its_endpoint_goes
         assert!(r.headers.get("set-cookie").is_none(), "a valid cookie is not set again");
     }
     let pinned = bs.iter_mut().find(|b| b.name == first.backend()).unwrap();
-    pinned.kill();
+    pinned.kill().await;
     let r = get_with(&c, &p, "/", &[("cookie", &token)]).await;
     assert_eq!(r.status, 200, "retried on another endpoint: {r:?}");
     assert_ne!(r.backend(), first.backend());

@@ -37,7 +37,7 @@ async fn killing_an_endpoint_under_load_fails_no_idempotent_request() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let killed_at = bs[1].hits();
-    bs[1].kill();
+    bs[1].kill().await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
@@ -108,13 +108,13 @@ async fn a_slow_endpoint_beyond_the_request_timeout_gives_504() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_connection_is_retried_elsewhere_but_an_exhausted_pool_gives_502() {
     let mut bs = backends(2).await;
-    bs[0].kill();
+    bs[0].kill().await;
     let p = proxy1(&format!("healthCheck: {{passive: {{consecutiveFailures: 0}}}}\n{}", endpoints_yaml(&bs))).await;
     let c = client();
     for _ in 0..10 {
         assert_eq!(get(&c, &p, "/").await.status, 200);
     }
-    bs[1].kill();
+    bs[1].kill().await;
     assert_eq!(get(&c, &p, "/").await.status, 502);
     p.shutdown().await;
 }
@@ -122,7 +122,7 @@ async fn a_refused_connection_is_retried_elsewhere_but_an_exhausted_pool_gives_5
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_with_a_body_is_not_retried() {
     let mut bs = backends(2).await;
-    bs[0].kill();
+    bs[0].kill().await;
     let p = proxy1(&format!(
         "loadBalancing: {{algorithm: RoundRobin}}\nhealthCheck: {{passive: {{consecutiveFailures: 0}}}}\n{}",
         endpoints_yaml(&bs)
@@ -169,7 +169,7 @@ async fn the_retry_budget_caps_retries_of_requests_an_endpoint_may_have_seen() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_connections_are_retried_without_spending_the_budget() {
     let mut bs = backends(2).await;
-    bs[0].kill();
+    bs[0].kill().await;
     let p = proxy1(&format!(
         "retries: {{attempts: 1, budgetPercent: 0}}\nhealthCheck: {{passive: {{consecutiveFailures: 0}}}}\n{}",
         endpoints_yaml(&bs)

@@ -45,7 +45,7 @@ async fn a_tcp_check_notices_a_dead_endpoint() {
         endpoints_yaml(&bs)
     ))
     .await;
-    bs[0].kill();
+    bs[0].kill().await;
     assert!(
         eventually(Duration::from_secs(3), || async {
             admin(&p, "/endpoints").await.body.contains("activeCheckFailed")
@@ -53,7 +53,7 @@ async fn a_tcp_check_notices_a_dead_endpoint() {
         .await
     );
     assert_eq!(admin(&p, "/readyz").await.status, 200, "one endpoint is enough to be ready");
-    bs[1].kill();
+    bs[1].kill().await;
     assert!(eventually(Duration::from_secs(3), || async { admin(&p, "/readyz").await.status == 503 }).await);
     p.shutdown().await;
 }

@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -38,6 +38,7 @@ pub struct Backend {
     pub addr: SocketAddr,
     pub behaviour: Arc<Behaviour>,
     task: Option<JoinHandle<()>>,
+    conns: Arc<Mutex<JoinSet<()>>>,
 }
 
 impl Backend {
@@ -57,27 +58,34 @@ impl Backend {
             hits: AtomicU64::new(0),
         });
         let (b, n) = (behaviour.clone(), name.to_owned());
+        let conns = Arc::new(Mutex::new(JoinSet::new()));
+        let accepted = conns.clone();
         let task = tokio::spawn(async move {
-            let mut conns = JoinSet::new();
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
                 let (b, n) = (b.clone(), n.clone());
-                conns.spawn(async move {
+                let mut set = accepted.lock().unwrap_or_else(|p| p.into_inner());
+                set.spawn(async move {
                     let svc = service_fn(move |req| respond(b.clone(), n.clone(), req));
                     let _ =
                         hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
                 });
-                while conns.try_join_next().is_some() {}
+                while set.try_join_next().is_some() {}
             }
         });
-        Backend { name: name.to_owned(), addr, behaviour, task: Some(task) }
+        Backend { name: name.to_owned(), addr, behaviour, task: Some(task), conns }
     }
 
-    /// Stops listening and resets every open connection, like a crashed process.
-    pub fn kill(&mut self) {
+    /// Stops listening and closes every open connection, like a crashed
+    /// process; returns once the listener and the connections are gone (an
+    /// abort alone takes effect whenever the runtime next polls the tasks).
+    pub async fn kill(&mut self) {
         if let Some(t) = self.task.take() {
             t.abort();
+            let _ = t.await;
         }
+        let mut set = std::mem::take(&mut *self.conns.lock().unwrap_or_else(|p| p.into_inner()));
+        set.shutdown().await;
     }
 
     pub fn hits(&self) -> u64 {
@@ -103,7 +111,10 @@ impl Backend {
 
 impl Drop for Backend {
     fn drop(&mut self) {
-        self.kill();
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).abort_all();
     }
 }
 
