@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
@@ -19,7 +19,7 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 
 use super::state::Runtime;
-use crate::balance::HealthFlag;
+use crate::balance::{HealthFlag, Member};
 
 /// Status classes counted per endpoint; the last one counts exchanges that
 /// produced no response (connection failure, reset, timeout).
@@ -249,46 +249,34 @@ impl Collector for EndpointCollector {
                 }
             }
         }
-        let mut e = encoder.encode_descriptor(
+        endpoint_gauge(
+            &mut encoder,
+            &rows,
             "endpoint_healthy",
             "1 when the endpoint may receive new traffic, 0 when a health check, ejection, readiness or draining keeps it out",
-            None,
-            MetricType::Gauge,
+            |m| i64::from(m.endpoint().health().is_available()),
         )?;
-        for (s, m) in &rows {
-            let up = i64::from(m.endpoint().health().is_available());
-            ConstGauge::new(up).encode(e.encode_family(&[("endpoint", s.label.as_str())])?)?;
-        }
-        let mut e = encoder.encode_descriptor(
+        endpoint_gauge(
+            &mut encoder,
+            &rows,
             "endpoint_ejected",
             "1 while passive outlier detection keeps the endpoint out",
-            None,
-            MetricType::Gauge,
+            |m| i64::from(m.endpoint().health().has(HealthFlag::Ejected)),
         )?;
-        for (s, m) in &rows {
-            let ejected = i64::from(m.endpoint().health().has(HealthFlag::Ejected));
-            ConstGauge::new(ejected).encode(e.encode_family(&[("endpoint", s.label.as_str())])?)?;
-        }
-        let mut e = encoder.encode_descriptor(
+        endpoint_gauge(
+            &mut encoder,
+            &rows,
             "endpoint_in_flight",
             "Requests (HTTP) or connections (TCP) in flight to the endpoint",
-            None,
-            MetricType::Gauge,
+            |m| i64::from(m.endpoint().in_flight()),
         )?;
-        for (s, m) in &rows {
-            ConstGauge::new(i64::from(m.endpoint().in_flight()))
-                .encode(e.encode_family(&[("endpoint", s.label.as_str())])?)?;
-        }
-        let mut e = encoder.encode_descriptor(
+        endpoint_gauge(
+            &mut encoder,
+            &rows,
             "endpoint_latency_ewma_seconds",
             "Peak-EWMA latency estimate of the endpoint",
-            None,
-            MetricType::Gauge,
+            |m| m.endpoint().latency_estimate().as_secs_f64(),
         )?;
-        for (s, m) in &rows {
-            ConstGauge::new(m.endpoint().latency_estimate().as_secs_f64())
-                .encode(e.encode_family(&[("endpoint", s.label.as_str())])?)?;
-        }
         let mut e = encoder.encode_descriptor(
             "ejections",
             "Passive outlier ejections of the endpoint",
@@ -315,4 +303,19 @@ impl Collector for EndpointCollector {
         }
         Ok(())
     }
+}
+
+/// One gauge per endpoint, labelled by its address.
+fn endpoint_gauge<V: EncodeGaugeValue>(
+    encoder: &mut DescriptorEncoder,
+    rows: &[(&EndpointStats, &Member)],
+    name: &str,
+    help: &str,
+    value: impl Fn(&Member) -> V,
+) -> Result<(), std::fmt::Error> {
+    let mut e = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (s, m) in rows {
+        ConstGauge::new(value(m)).encode(e.encode_family(&[("endpoint", s.label.as_str())])?)?;
+    }
+    Ok(())
 }
