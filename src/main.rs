@@ -7,8 +7,9 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use fulcrum::balance::Algorithm;
 use fulcrum::demo::DemoOptions;
-use fulcrum::discovery::ReloadResult;
 use fulcrum::discovery::file::{DEFAULT_POLL, FileSource};
+use fulcrum::discovery::kubernetes::{KubernetesSource, Watched};
+use fulcrum::discovery::{ReloadResult, Snapshot, SourceMetrics};
 use fulcrum::proxy::Proxy;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -23,18 +24,39 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the load-balancing proxy in front of the endpoints of a config file.
+    /// Run the load-balancing proxy.
     ///
+    /// Standalone (`--config FILE`): in front of the endpoints the file lists.
     /// The file is watched: a valid change applies within a second without
     /// dropping connections; an invalid one is logged and ignored. SIGHUP
-    /// reloads at once; SIGTERM drains and exits.
+    /// reloads at once.
+    ///
+    /// In Kubernetes (`--kubernetes APP`): the configuration comes from the
+    /// ConfigMap APP-proxy and the endpoints from the EndpointSlices of the
+    /// Services APP-backends and APP-canary-backends, watched with in-cluster
+    /// credentials or the current kubeconfig context.
+    ///
+    /// SIGTERM drains and exits.
+    #[command(group(clap::ArgGroup::new("source").required(true).args(["config", "kubernetes"])))]
     Proxy {
         /// The YAML configuration file.
         #[arg(long, short = 'c', value_name = "FILE")]
-        config: PathBuf,
-        /// Check the configuration and exit (0 valid, 2 invalid).
-        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Check the configuration file and exit (0 valid, 2 invalid).
+        #[arg(long, requires = "config")]
         check: bool,
+        /// Follow the LoadBalancedApp APP through the Kubernetes API.
+        #[arg(long, value_name = "APP")]
+        kubernetes: Option<String>,
+        /// Namespace of the app (Kubernetes mode); default: the kubeconfig's.
+        #[arg(long, env = "POD_NAMESPACE", requires = "kubernetes")]
+        namespace: Option<String>,
+        /// Client listener (Kubernetes mode; the ConfigMap's `listen` is ignored).
+        #[arg(long, default_value = "0.0.0.0:15080", requires = "kubernetes")]
+        listen: std::net::SocketAddr,
+        /// Admin listener (Kubernetes mode; the ConfigMap's `admin` is ignored).
+        #[arg(long, default_value = "0.0.0.0:15090", requires = "kubernetes")]
+        admin: std::net::SocketAddr,
     },
     /// Run the operator: reconcile every LoadBalancedApp in the cluster.
     ///
@@ -76,9 +98,17 @@ const EXIT_CONFIG: u8 = 2;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Proxy { config, check } => {
+        Command::Proxy { config: Some(config), check, .. } => {
             init_tracing("info");
             proxy(config, check)
+        }
+        Command::Proxy { kubernetes: Some(app), namespace, listen, admin, .. } => {
+            init_tracing("info");
+            proxy_kubernetes(&app, namespace, listen, admin)
+        }
+        Command::Proxy { .. } => {
+            eprintln!("fulcrum proxy: give --config FILE or --kubernetes APP");
+            ExitCode::from(EXIT_CONFIG)
         }
         Command::Operator { proxy_image, health_addr } => {
             init_tracing("info");
@@ -211,9 +241,7 @@ fn proxy(path: PathBuf, check: bool) -> ExitCode {
         let shared = proxy.shared();
         let trigger = source.trigger();
         tokio::spawn(source.watch(tx, move |r| shared.metrics.reload(r == ReloadResult::Applied)));
-        let (Ok(mut hup), Ok(mut term), Ok(mut int)) =
-            (signal(SignalKind::hangup()), signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-        else {
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
             eprintln!("fulcrum: cannot install signal handlers");
             return ExitCode::FAILURE;
         };
@@ -223,13 +251,79 @@ fn proxy(path: PathBuf, check: bool) -> ExitCode {
                 trigger.notify_one();
             }
         });
-        let shutdown = async move {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-                _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        serve(proxy, rx).await
+    })
+}
+
+/// Runs `proxy` with the snapshots of `updates` until SIGTERM or SIGINT.
+async fn serve(proxy: Proxy, updates: tokio::sync::watch::Receiver<Arc<Snapshot>>) -> ExitCode {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        eprintln!("fulcrum: cannot install signal handlers");
+        return ExitCode::FAILURE;
+    };
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+    };
+    proxy.run(updates, shutdown).await;
+    ExitCode::SUCCESS
+}
+
+fn proxy_kubernetes(
+    app: &str,
+    namespace: Option<String>,
+    listen: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+) -> ExitCode {
+    let Some(runtime) = async_runtime() else { return ExitCode::FAILURE };
+    runtime.block_on(async move {
+        let client = match kube::Client::try_default().await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("fulcrum proxy: no Kubernetes credentials (in-cluster or kubeconfig): {e}");
+                return ExitCode::FAILURE;
             }
         };
-        proxy.run(rx, shutdown).await;
-        ExitCode::SUCCESS
+        let namespace = namespace.unwrap_or_else(|| client.default_namespace().to_owned());
+        let admin_listener = match tokio::net::TcpListener::bind(admin).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("fulcrum proxy: cannot listen on {admin} (--admin): {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let metrics = SourceMetrics::default();
+        let watched = Watched::for_app(&namespace, app, listen, admin);
+        let (tx, mut found) = tokio::sync::watch::channel(None);
+        tokio::spawn(KubernetesSource::new(client, watched, metrics.clone()).run(tx));
+        // Alive but not ready until the first configuration and endpoint list.
+        let mut first = found.clone();
+        let admin_listener = fulcrum::proxy::serve_admin_until(admin_listener, async move {
+            let _ = first.wait_for(Option::is_some).await;
+        })
+        .await;
+        let Some(snapshot) = found.borrow_and_update().clone() else {
+            eprintln!("fulcrum proxy: the discovery source stopped before the first configuration");
+            return ExitCode::FAILURE;
+        };
+        let proxy = match Proxy::bind_with(&snapshot, Some(admin_listener), metrics).await {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("fulcrum proxy: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let (tx, rx) = tokio::sync::watch::channel(snapshot);
+        tokio::spawn(async move {
+            while found.changed().await.is_ok() {
+                let next = found.borrow_and_update().clone();
+                if let Some(next) = next {
+                    tx.send_replace(next);
+                }
+            }
+        });
+        serve(proxy, rx).await
     })
 }

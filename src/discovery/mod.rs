@@ -6,8 +6,13 @@
 //! publishes the same type, so the proxy does not know which one feeds it.
 
 pub mod file;
+pub mod kubernetes;
 
 use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 use crate::balance::EndpointSpec;
 use crate::proxy::config::ProxyConfig;
@@ -52,4 +57,34 @@ pub enum ReloadResult {
     Applied,
     /// The new configuration was invalid; the old one stays.
     Rejected,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ResultLabel {
+    pub(crate) result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ResourceLabel {
+    pub(crate) resource: &'static str,
+}
+
+/// What a source counts, exported with the proxy's metrics. Cloning shares the counters.
+#[derive(Clone, Debug, Default)]
+pub struct SourceMetrics {
+    pub(crate) reloads: Family<ResultLabel, Counter>,
+    pub(crate) watch_errors: Family<ResourceLabel, Counter>,
+}
+
+impl SourceMetrics {
+    /// Counts a configuration reload attempt.
+    pub fn reload(&self, applied: bool) {
+        let result = if applied { "success" } else { "failure" };
+        self.reloads.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// Counts a failed watch of `resource` (the source keeps serving what it knew).
+    pub fn watch_error(&self, resource: &'static str) {
+        self.watch_errors.get_or_create(&ResourceLabel { resource }).inc();
+    }
 }

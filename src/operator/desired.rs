@@ -26,6 +26,8 @@ pub const COMPONENT_LABEL: &str = "fulcrum.dev/component";
 pub const PROXY_CONTAINER: &str = "fulcrum-proxy";
 /// Key of the proxy configuration in its ConfigMap.
 pub const CONFIG_KEY: &str = "proxy.yaml";
+/// Name of the backends Services' port, which the proxy looks up in their EndpointSlices.
+pub const BACKEND_PORT_NAME: &str = "app";
 
 /// Settings of the operator that shape what it creates.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,7 +88,7 @@ pub fn desired(app: &LoadBalancedApp, settings: &Settings) -> Result<Desired, In
     let spec = &app.spec;
     let config = proxy_config(spec)?;
     let image = spec.proxy.image.clone().unwrap_or_else(|| settings.proxy_image.clone());
-    let proxy_container = proxy_container(&name, &image, spec.proxy.resources.as_ref(), spec.canary.is_some())?;
+    let proxy_container = proxy_container(&name, &image, spec.proxy.resources.as_ref())?;
     let meta = |obj_name: &str, component: &str| {
         json!({
             "name": obj_name,
@@ -135,7 +137,7 @@ pub fn desired(app: &LoadBalancedApp, settings: &Settings) -> Result<Desired, In
                     // Headless: only its EndpointSlices matter, to the proxy.
                     "clusterIP": "None",
                     "selector": {APP_LABEL: name, TRACK_LABEL: track},
-                    "ports": [{"name": "app", "port": port_number(&spec.port), "targetPort": app_port, "protocol": "TCP"}],
+                    "ports": [{"name": BACKEND_PORT_NAME, "port": port_number(&spec.port), "targetPort": app_port, "protocol": "TCP"}],
                     "publishNotReadyAddresses": false,
                 },
             }),
@@ -315,16 +317,12 @@ fn proxy_container(
     app: &str,
     image: &str,
     resources: Option<&k8s_openapi::api::core::v1::ResourceRequirements>,
-    canary: bool,
 ) -> Result<Container, InvalidSpec> {
     let resources = match resources {
         Some(r) => serde_json::to_value(r).map_err(|e| InvalidSpec(e.to_string()))?,
         None => json!({"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}}),
     };
-    let mut args = vec![json!("proxy"), json!("--kubernetes"), json!(app)];
-    if canary {
-        args.push(json!("--canary"));
-    }
+    let args = json!(["proxy", "--kubernetes", app]);
     typed::<Container>(
         "proxy container",
         json!({

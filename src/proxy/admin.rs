@@ -35,6 +35,22 @@ pub(crate) async fn serve(shared: Arc<Shared>, req: Request<Incoming>) -> Result
     Ok(resp)
 }
 
+/// Answers one admin request while the proxy awaits its first configuration.
+pub(crate) async fn serve_waiting(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (status, body) = match (req.method().as_str(), req.uri().path()) {
+        ("GET", "/healthz") => (StatusCode::OK, "ok\n"),
+        ("GET", "/readyz") => (StatusCode::SERVICE_UNAVAILABLE, "waiting for the configuration and endpoints\n"),
+        ("GET", _) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "not serving yet: waiting for the configuration and endpoints\n")
+        }
+        _ => (StatusCode::METHOD_NOT_ALLOWED, "only GET\n"),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain"));
+    Ok(resp)
+}
+
 /// Ready when not draining and at least one endpoint may take traffic.
 pub(crate) fn readiness(shared: &Shared) -> (bool, &'static str) {
     if shared.draining.load(Ordering::Relaxed) {

@@ -20,6 +20,7 @@ use prometheus_client::registry::Registry;
 
 use super::state::Runtime;
 use crate::balance::{HealthFlag, Member};
+use crate::discovery::SourceMetrics;
 
 /// Status classes counted per endpoint; the last one counts exchanges that
 /// produced no response (connection failure, reset, timeout).
@@ -151,11 +152,11 @@ pub struct Metrics {
     /// Responses the proxy produced itself (no endpoint, timeout, failure), by status.
     local_responses: Family<CodeLabel, Counter>,
     retries: Family<ResultLabel, Counter>,
-    reloads: Family<ResultLabel, Counter>,
+    source: SourceMetrics,
 }
 
 impl Metrics {
-    pub(crate) fn new(current: Arc<ArcSwap<Runtime>>) -> Self {
+    pub(crate) fn new(current: Arc<ArcSwap<Runtime>>, source: SourceMetrics) -> Self {
         let mut registry = Registry::with_prefix("fulcrum_proxy");
         let active_connections = Gauge::default();
         registry.register("active_connections", "Client connections open now", active_connections.clone());
@@ -179,10 +180,14 @@ impl Metrics {
             "Retries on another endpoint: sent, or refused by the retry budget",
             retries.clone(),
         );
-        let reloads = Family::default();
-        registry.register("config_reloads", "Configuration reloads by result", reloads.clone());
+        registry.register("config_reloads", "Configuration reloads by result", source.reloads.clone());
+        registry.register(
+            "discovery_watch_errors",
+            "Failed watches of the API server, by resource; the last known configuration and endpoints stay in force",
+            source.watch_errors.clone(),
+        );
         registry.register_collector(Box::new(EndpointCollector { current }));
-        Metrics { registry, active_connections, connections, request_duration, local_responses, retries, reloads }
+        Metrics { registry, active_connections, connections, request_duration, local_responses, retries, source }
     }
 
     pub(crate) fn local_response(&self, code: u16) {
@@ -196,8 +201,7 @@ impl Metrics {
 
     /// Counts a configuration reload attempt.
     pub fn reload(&self, applied: bool) {
-        let result = if applied { "success" } else { "failure" };
-        self.reloads.get_or_create(&ResultLabel { result }).inc();
+        self.source.reload(applied);
     }
 
     /// The metrics in the Prometheus/OpenMetrics text format.

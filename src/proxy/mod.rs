@@ -18,5 +18,5 @@ mod tcp;
 mod upstream;
 
 pub use retry::RetryBudget;
-pub use server::{Proxy, ProxyHandle, StartError};
+pub use server::{Proxy, ProxyHandle, StartError, serve_admin_until};
 pub use state::{ApplyError, Runtime, Shared};

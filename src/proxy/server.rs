@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 use super::config::{Protocol, ProxyConfig};
 use super::state::{ApplyError, Shared};
 use super::{admin, health, http, tcp};
-use crate::discovery::Snapshot;
+use crate::discovery::{Snapshot, SourceMetrics};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -58,16 +58,28 @@ pub struct Proxy {
 impl Proxy {
     /// Validates the snapshot and binds the listeners.
     pub async fn bind(snapshot: &Snapshot) -> Result<Self, StartError> {
-        let shared = Shared::new(snapshot)?;
+        Self::bind_with(snapshot, None, SourceMetrics::default()).await
+    }
+
+    /// Like [`Proxy::bind`], taking over an admin listener that is already
+    /// bound (one that answered probes while the configuration was awaited)
+    /// and exporting the discovery source's metrics.
+    pub async fn bind_with(
+        snapshot: &Snapshot,
+        admin: Option<TcpListener>,
+        source: SourceMetrics,
+    ) -> Result<Self, StartError> {
+        let shared = Shared::with_source_metrics(snapshot, source)?;
         let config = &snapshot.config;
         let listeners = bind_workers(config.listen, config.worker_count())?;
-        let admin = match config.admin {
-            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
+        let admin = match (admin, config.admin) {
+            (Some(listener), _) => Some(listener),
+            (None, Some(addr)) => Some(TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
                 field: "admin",
                 addr,
                 source,
             })?),
-            None => None,
+            (None, None) => None,
         };
         Ok(Proxy { shared, listeners, admin })
     }
@@ -343,6 +355,30 @@ async fn serve_admin(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
+/// Answers probes on the admin listener until `ready` completes, then gives
+/// the listener back for [`Proxy::bind_with`]: before its first
+/// configuration, a proxy is alive (`/healthz` 200) but not ready
+/// (`/readyz` 503), so the kubelet neither restarts it nor sends it traffic.
+pub async fn serve_admin_until(listener: TcpListener, ready: impl Future<Output = ()>) -> TcpListener {
+    let mut ready = std::pin::pin!(ready);
+    loop {
+        let stream = tokio::select! {
+            () = &mut ready => return listener,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        tokio::spawn(async move {
+            let svc = service_fn(admin::serve_waiting);
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}
+
 /// A proxy running in the background of the current tokio runtime: for the
 /// demo, tests and embedding.
 pub struct ProxyHandle {
@@ -360,7 +396,12 @@ pub struct ProxyHandle {
 impl ProxyHandle {
     /// Binds and starts a proxy serving `snapshot`.
     pub async fn start(snapshot: Snapshot) -> Result<Self, StartError> {
-        let proxy = Proxy::bind(&snapshot).await?;
+        Self::start_with(snapshot, SourceMetrics::default()).await
+    }
+
+    /// Like [`ProxyHandle::start`], exporting a discovery source's metrics.
+    pub async fn start_with(snapshot: Snapshot, source: SourceMetrics) -> Result<Self, StartError> {
+        let proxy = Proxy::bind_with(&snapshot, None, source).await?;
         let (addr, admin, shared) = (proxy.local_addr(), proxy.admin_addr(), proxy.shared());
         let (updates, rx) = watch::channel(Arc::new(snapshot));
         let (stop, stopped) = oneshot::channel();
@@ -368,6 +409,11 @@ impl ProxyHandle {
             let _ = stopped.await;
         }));
         Ok(ProxyHandle { addr, admin, shared, updates, stop: Some(stop), task })
+    }
+
+    /// The channel the proxy takes its snapshots from, for a discovery source to publish on.
+    pub fn updates(&self) -> watch::Sender<Arc<Snapshot>> {
+        self.updates.clone()
     }
 
     /// Publishes a new snapshot, as a discovery source would.

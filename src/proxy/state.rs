@@ -20,7 +20,7 @@ use super::upstream::{self, Upstream};
 use crate::balance::{
     Balancer, BalancerConfig, EndpointSet, EwmaConfig, HealthFlag, Nanos, Outcome, Pick, Request, SetError, SystemClock,
 };
-use crate::discovery::Snapshot;
+use crate::discovery::{Snapshot, SourceMetrics};
 use arc_swap::ArcSwap;
 
 /// Cookie-based session affinity, ready to use.
@@ -88,6 +88,11 @@ impl std::fmt::Debug for Shared {
 impl Shared {
     /// State serving `snapshot`.
     pub fn new(snapshot: &Snapshot) -> Result<Arc<Self>, ApplyError> {
+        Self::with_source_metrics(snapshot, SourceMetrics::default())
+    }
+
+    /// State serving `snapshot`, exporting the discovery source's `metrics` with its own.
+    pub fn with_source_metrics(snapshot: &Snapshot, source: SourceMetrics) -> Result<Arc<Self>, ApplyError> {
         snapshot.config.validate()?;
         let set = EndpointSet::new(
             Arc::new(SystemClock::new()),
@@ -98,7 +103,7 @@ impl Shared {
         let budget = RetryBudget::new(snapshot.config.retries.budget_percent);
         let current = Arc::new(ArcSwap::from_pointee(rt));
         Ok(Arc::new(Shared {
-            metrics: Metrics::new(current.clone()),
+            metrics: Metrics::new(current.clone(), source),
             current,
             retry_budget: budget,
             draining: AtomicBool::new(false),

@@ -1,0 +1,392 @@
+//! The Kubernetes source: the configuration from the app's `<app>-proxy`
+//! ConfigMap and the endpoints from the EndpointSlices of its backends
+//! Services, both watched through the API server.
+//!
+//! The source keeps a [`View`] (a sans-IO state machine fed with watch
+//! events) and publishes a [`Snapshot`] whenever the view's snapshot changes.
+//!
+//! - Endpoint conditions: `ready` (or unset) takes new traffic; `serving` and
+//!   `terminating` drains (no new requests, in-flight work finishes); anything
+//!   else is left out, so a pod that stops being ready stops receiving new
+//!   requests as soon as the watch event arrives.
+//! - An endpoint is its address and port, whatever slice lists it: slices
+//!   being rewritten, split or merged do not reset its load statistics.
+//! - The track comes from the Service the slice belongs to (`<app>-backends`
+//!   is `stable`, `<app>-canary-backends` is `canary`); canary endpoints only
+//!   count while the configuration asks for a traffic split.
+//! - Fail static: a failing watch, a relist, a missing or invalid ConfigMap
+//!   never empty the published endpoints or replace a good configuration.
+//!   Watch failures are logged and counted, and the watch retries with
+//!   backoff.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::Api;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use tokio::sync::watch;
+
+use super::{Snapshot, SourceMetrics, Target};
+use crate::balance::EndpointSpec;
+use crate::operator::desired::{BACKEND_PORT_NAME, CONFIG_KEY, Names};
+use crate::proxy::config::{ConfigError, ProxyConfig};
+
+/// The label the EndpointSlice controller puts on every slice of a Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The objects one proxy follows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Watched {
+    /// Namespace of the app.
+    pub namespace: String,
+    /// The ConfigMap holding the configuration under [`CONFIG_KEY`].
+    pub config_map: String,
+    /// Backends Services and the track of their endpoints.
+    pub services: Vec<(String, Arc<str>)>,
+    /// The listener address, whatever the ConfigMap says (the pod's ports are fixed).
+    pub listen: SocketAddr,
+    /// The admin listener address, likewise.
+    pub admin: SocketAddr,
+}
+
+impl Watched {
+    /// The objects the operator creates for the app `app`.
+    pub fn for_app(namespace: &str, app: &str, listen: SocketAddr, admin: SocketAddr) -> Self {
+        let n = Names { app: app.to_owned() };
+        Watched {
+            namespace: namespace.to_owned(),
+            config_map: n.proxy(),
+            services: vec![(n.backends(), Arc::from("stable")), (n.canary_backends(), Arc::from("canary"))],
+            listen,
+            admin,
+        }
+    }
+
+    /// The label selector of every watched Service's slices.
+    pub fn slice_selector(&self) -> String {
+        let names: Vec<&str> = self.services.iter().map(|(s, _)| s.as_str()).collect();
+        format!("{SERVICE_NAME_LABEL} in ({})", names.join(","))
+    }
+
+    fn track_of(&self, slice: &EndpointSlice) -> Option<&Arc<str>> {
+        let service = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+        self.services.iter().find(|(s, _)| s == service).map(|(_, t)| t)
+    }
+}
+
+/// Reads the configuration out of the ConfigMap, with the fixed addresses.
+pub fn config_from(cm: &ConfigMap, watched: &Watched) -> Result<ProxyConfig, ConfigError> {
+    let text = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get(CONFIG_KEY))
+        .ok_or_else(|| ConfigError::Parse(format!("the ConfigMap has no data key {CONFIG_KEY:?}")))?;
+    let mut config = ProxyConfig::parse(text)?;
+    config.listen = watched.listen;
+    config.admin = Some(watched.admin);
+    config.validate()?;
+    Ok(config)
+}
+
+/// What an endpoint's conditions mean for new traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Use {
+    Out,
+    Draining,
+    Serving,
+}
+
+fn use_of(e: &k8s_openapi::api::discovery::v1::Endpoint) -> Use {
+    let c = e.conditions.as_ref();
+    // Unset `ready` means ready; unset `serving` means the same as `ready`.
+    let ready = c.and_then(|c| c.ready).unwrap_or(true);
+    let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+    let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+    if ready && !terminating {
+        Use::Serving
+    } else if serving && terminating {
+        Use::Draining
+    } else {
+        Use::Out
+    }
+}
+
+/// The slice's port for the app: the one named like the backends Service
+/// port, or the only one.
+fn port_of(slice: &EndpointSlice) -> Option<u16> {
+    let ports = slice.ports.as_deref()?;
+    let port = ports
+        .iter()
+        .find(|p| p.name.as_deref() == Some(BACKEND_PORT_NAME))
+        .or_else(|| if ports.len() == 1 { ports.first() } else { None })?;
+    if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
+        return None;
+    }
+    port.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0)
+}
+
+/// The endpoints the slices offer, sorted by address. An address listed by
+/// several slices (as during a slice rewrite) is counted once, at its most
+/// usable condition. Canary endpoints are kept only when `split` is set.
+pub fn targets<'a>(slices: impl IntoIterator<Item = &'a EndpointSlice>, watched: &Watched, split: bool) -> Vec<Target> {
+    let mut found: BTreeMap<SocketAddr, (Use, Arc<str>)> = BTreeMap::new();
+    for slice in slices {
+        if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
+            continue;
+        }
+        let Some(track) = watched.track_of(slice) else { continue };
+        if !split && &**track != crate::balance::DEFAULT_TRACK {
+            continue;
+        }
+        let Some(port) = port_of(slice) else { continue };
+        for e in &slice.endpoints {
+            let Some(ip) = e.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else { continue };
+            let u = use_of(e);
+            if u == Use::Out {
+                continue;
+            }
+            let addr = SocketAddr::new(ip, port);
+            let entry = found.entry(addr).or_insert((u, track.clone()));
+            if u > entry.0 {
+                *entry = (u, track.clone());
+            }
+        }
+    }
+    found
+        .into_iter()
+        .map(|(addr, (u, track))| Target { spec: EndpointSpec::new(addr).track(&track), draining: u == Use::Draining })
+        .collect()
+}
+
+/// The source's knowledge, fed with watch events. Sans-IO.
+#[derive(Debug)]
+pub struct View {
+    watched: Watched,
+    config: Option<Arc<ProxyConfig>>,
+    /// The config map seen during a relist, if any.
+    relisting_config: Option<Option<ConfigMap>>,
+    /// Slices by name.
+    slices: BTreeMap<String, EndpointSlice>,
+    /// Slices seen during a relist; replaces `slices` when the relist is complete.
+    relisting_slices: Option<BTreeMap<String, EndpointSlice>>,
+    slices_listed: bool,
+}
+
+/// What a configuration event did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConfigChange {
+    /// Nothing new.
+    None,
+    /// A new valid configuration.
+    Applied,
+    /// An invalid or missing configuration: the previous one stays.
+    Rejected(String),
+}
+
+impl View {
+    /// Knows nothing yet.
+    pub fn new(watched: Watched) -> Self {
+        View {
+            watched,
+            config: None,
+            relisting_config: None,
+            slices: BTreeMap::new(),
+            relisting_slices: None,
+            slices_listed: false,
+        }
+    }
+
+    /// What is watched.
+    pub fn watched(&self) -> &Watched {
+        &self.watched
+    }
+
+    /// Applies one EndpointSlice watch event.
+    pub fn on_slice(&mut self, event: Event<EndpointSlice>) {
+        let key = |s: &EndpointSlice| s.metadata.name.clone().unwrap_or_default();
+        match event {
+            Event::Init => self.relisting_slices = Some(BTreeMap::new()),
+            Event::InitApply(s) => {
+                self.relisting_slices.get_or_insert_with(BTreeMap::new).insert(key(&s), s);
+            }
+            Event::InitDone => {
+                if let Some(listed) = self.relisting_slices.take() {
+                    self.slices = listed;
+                }
+                self.slices_listed = true;
+            }
+            Event::Apply(s) => {
+                self.slices.insert(key(&s), s);
+            }
+            Event::Delete(s) => {
+                self.slices.remove(&key(&s));
+            }
+        }
+    }
+
+    /// Applies one ConfigMap watch event (the watch selects the one ConfigMap).
+    pub fn on_config(&mut self, event: Event<ConfigMap>) -> ConfigChange {
+        match event {
+            Event::Init => {
+                self.relisting_config = Some(None);
+                ConfigChange::None
+            }
+            Event::InitApply(cm) => {
+                self.relisting_config = Some(Some(cm));
+                ConfigChange::None
+            }
+            Event::InitDone => match self.relisting_config.take().flatten() {
+                Some(cm) => self.set_config(&cm),
+                None => ConfigChange::Rejected(format!(
+                    "ConfigMap {}/{} not found",
+                    self.watched.namespace, self.watched.config_map
+                )),
+            },
+            Event::Apply(cm) => self.set_config(&cm),
+            Event::Delete(_) => ConfigChange::Rejected(format!(
+                "ConfigMap {}/{} was deleted",
+                self.watched.namespace, self.watched.config_map
+            )),
+        }
+    }
+
+    fn set_config(&mut self, cm: &ConfigMap) -> ConfigChange {
+        match config_from(cm, &self.watched) {
+            Ok(c) if self.config.as_deref() == Some(&c) => ConfigChange::None,
+            Ok(c) => {
+                self.config = Some(Arc::new(c));
+                ConfigChange::Applied
+            }
+            Err(e) => ConfigChange::Rejected(format!(
+                "ConfigMap {}/{} key {CONFIG_KEY}: {e}",
+                self.watched.namespace, self.watched.config_map
+            )),
+        }
+    }
+
+    /// The snapshot to serve: once there is a configuration and the slices
+    /// have been listed.
+    pub fn snapshot(&self) -> Option<Snapshot> {
+        let config = self.config.clone()?;
+        if !self.slices_listed {
+            return None;
+        }
+        let split = !config.load_balancing.tracks.is_empty();
+        let targets = targets(self.slices.values(), &self.watched, split);
+        Some(Snapshot { config, targets })
+    }
+}
+
+/// A change is published once no other event has arrived for this long...
+const SETTLE_QUIET: Duration = Duration::from_millis(100);
+/// ...or this long after the first one, whichever comes first: well inside
+/// the second in which a pod that stops being ready must stop receiving traffic.
+const SETTLE_MAX: Duration = Duration::from_millis(300);
+
+/// Watches the API server and publishes snapshots.
+pub struct KubernetesSource {
+    client: kube::Client,
+    view: View,
+    metrics: SourceMetrics,
+}
+
+enum Input {
+    Slice(Result<Event<EndpointSlice>, watcher::Error>),
+    Config(Result<Event<ConfigMap>, watcher::Error>),
+}
+
+impl KubernetesSource {
+    /// A source reading through `client`, counting into `metrics`.
+    pub fn new(client: kube::Client, watched: Watched, metrics: SourceMetrics) -> Self {
+        KubernetesSource { client, view: View::new(watched), metrics }
+    }
+
+    fn inputs(&self) -> impl Stream<Item = Input> + Send + use<> {
+        let w = self.view.watched();
+        let slices: Api<EndpointSlice> = Api::namespaced(self.client.clone(), &w.namespace);
+        let config_maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), &w.namespace);
+        let slices = watcher::watcher(slices, watcher::Config::default().labels(&w.slice_selector()))
+            .default_backoff()
+            .map(Input::Slice);
+        let config = watcher::watcher(
+            config_maps,
+            watcher::Config::default().fields(&format!("metadata.name={}", w.config_map)),
+        )
+        .default_backoff()
+        .map(Input::Config);
+        futures::stream::select(slices, config)
+    }
+
+    /// Publishes every new snapshot on `tx` (`None` until the first one)
+    /// until every receiver is gone.
+    pub async fn run(mut self, tx: watch::Sender<Option<Arc<Snapshot>>>) {
+        let w = self.view.watched().clone();
+        tracing::info!(
+            namespace = %w.namespace,
+            config_map = %w.config_map,
+            selector = %w.slice_selector(),
+            "watching the configuration and endpoints"
+        );
+        let mut inputs = std::pin::pin!(self.inputs());
+        let mut published: Option<Snapshot> = None;
+        loop {
+            let input = tokio::select! {
+                i = inputs.next() => match i {
+                    Some(i) => i,
+                    None => return,
+                },
+                () = tx.closed() => return,
+            };
+            self.take(input);
+            // Settle: a slice rewrite arrives as several events (a delete
+            // and a create, or two updates); applying them together keeps
+            // endpoints that only moved between slices, with their load.
+            let settle = tokio::time::Instant::now() + SETTLE_MAX;
+            while let Ok(Some(input)) =
+                tokio::time::timeout_at(settle.min(tokio::time::Instant::now() + SETTLE_QUIET), inputs.next()).await
+            {
+                self.take(input);
+            }
+            let Some(next) = self.view.snapshot() else { continue };
+            if published.as_ref() != Some(&next) {
+                tracing::debug!(endpoints = next.targets.len(), "publishing a new snapshot");
+                tx.send_replace(Some(Arc::new(next.clone())));
+                published = Some(next);
+            }
+        }
+    }
+
+    fn take(&mut self, input: Input) {
+        match input {
+            Input::Slice(Ok(e)) => self.view.on_slice(e),
+            Input::Config(Ok(e)) => match self.view.on_config(e) {
+                ConfigChange::None => {}
+                ConfigChange::Applied => {
+                    tracing::info!(config_map = %self.view.watched().config_map, "configuration loaded");
+                    self.metrics.reload(true);
+                }
+                ConfigChange::Rejected(why) => {
+                    tracing::warn!(reason = %why, "configuration not usable; keeping the current one");
+                    self.metrics.reload(false);
+                }
+            },
+            Input::Slice(Err(e)) => self.watch_failed("endpointslices", &e),
+            Input::Config(Err(e)) => self.watch_failed("configmaps", &e),
+        }
+    }
+
+    fn watch_failed(&self, resource: &'static str, e: &watcher::Error) {
+        self.metrics.watch_error(resource);
+        tracing::warn!(
+            resource,
+            error = %e,
+            "watch failed; serving the last known configuration and endpoints while it retries"
+        );
+    }
+}

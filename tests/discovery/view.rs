@@ -1,0 +1,178 @@
+//! The source's state machine and the slice-to-endpoint rules, exactly.
+
+use std::net::SocketAddr;
+
+use fulcrum::discovery::Target;
+use fulcrum::discovery::kubernetes::{ConfigChange, View, config_from, targets};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::watcher::Event;
+
+use super::*;
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("address")
+}
+
+fn w() -> Watched {
+    watched(addr("127.0.0.1:8000"), addr("127.0.0.1:8001"))
+}
+
+fn summary(ts: &[Target]) -> Vec<(String, String, bool)> {
+    ts.iter().map(|t| (t.spec.addr.to_string(), t.spec.track.to_string(), t.draining)).collect()
+}
+
+fn row(a: &str, track: &str, draining: bool) -> (String, String, bool) {
+    (a.to_owned(), track.to_owned(), draining)
+}
+
+#[test]
+fn endpoint_conditions_decide_new_traffic_and_draining() {
+    let s = slice(
+        "web-backends-a",
+        "web-backends",
+        8080,
+        &[
+            ("10.0.0.1", None, None, None),
+            ready("10.0.0.2"),
+            unready("10.0.0.3"),
+            terminating("10.0.0.4"),
+            // Terminating and no longer serving: out.
+            ("10.0.0.5", Some(false), Some(false), Some(true)),
+            // Ready but terminating (older controllers): drain it.
+            ("10.0.0.6", Some(true), None, Some(true)),
+        ],
+    );
+    assert_eq!(
+        summary(&targets([&s], &w(), false)),
+        vec![
+            row("10.0.0.1:8080", "stable", false),
+            row("10.0.0.2:8080", "stable", false),
+            row("10.0.0.4:8080", "stable", true),
+            row("10.0.0.6:8080", "stable", true),
+        ]
+    );
+}
+
+#[test]
+fn an_address_in_two_slices_counts_once_at_its_most_usable() {
+    let a = slice("web-backends-a", "web-backends", 8080, &[terminating("10.0.0.1"), ready("10.0.0.2")]);
+    let b = slice("web-backends-b", "web-backends", 8080, &[ready("10.0.0.1"), unready("10.0.0.2")]);
+    let expected = vec![row("10.0.0.1:8080", "stable", false), row("10.0.0.2:8080", "stable", false)];
+    assert_eq!(summary(&targets([&a, &b], &w(), false)), expected);
+    assert_eq!(summary(&targets([&b, &a], &w(), false)), expected, "order of slices does not matter");
+}
+
+#[test]
+fn ports_come_from_the_named_port_and_unusable_slices_are_skipped() {
+    let mut two_ports: EndpointSlice = slice("web-backends-a", "web-backends", 8080, &[ready("10.0.0.1")]);
+    two_ports.ports = Some(vec![
+        serde_json::from_value(json!({"name": "metrics", "port": 9100})).expect("port"),
+        serde_json::from_value(json!({"name": "app", "port": 8443})).expect("port"),
+    ]);
+    let mut ambiguous = slice("web-backends-b", "web-backends", 8080, &[ready("10.0.0.2")]);
+    ambiguous.ports = Some(vec![
+        serde_json::from_value(json!({"name": "x", "port": 1})).expect("port"),
+        serde_json::from_value(json!({"name": "y", "port": 2})).expect("port"),
+    ]);
+    let mut fqdn = slice("web-backends-c", "web-backends", 8080, &[ready("db.example.com")]);
+    fqdn.address_type = "FQDN".into();
+    let mut udp = slice("web-backends-d", "web-backends", 8080, &[ready("10.0.0.4")]);
+    udp.ports =
+        Some(vec![serde_json::from_value(json!({"name": "app", "port": 53, "protocol": "UDP"})).expect("port")]);
+    let unnamed = slice("web-backends-e", "web-backends", 8080, &[ready("not-an-ip")]);
+    let other_service = slice("db-a", "db", 5432, &[ready("10.0.0.9")]);
+    let got = targets([&two_ports, &ambiguous, &fqdn, &udp, &unnamed, &other_service], &w(), false);
+    assert_eq!(summary(&got), vec![row("10.0.0.1:8443", "stable", false)]);
+}
+
+#[test]
+fn the_track_comes_from_the_service_and_canary_counts_only_with_a_split() {
+    let stable = slice("web-backends-a", "web-backends", 8080, &[ready("10.0.0.1")]);
+    let canary = slice("web-canary-backends-a", "web-canary-backends", 8080, &[ready("10.0.1.1")]);
+    assert_eq!(summary(&targets([&stable, &canary], &w(), false)), vec![row("10.0.0.1:8080", "stable", false)]);
+    assert_eq!(
+        summary(&targets([&stable, &canary], &w(), true)),
+        vec![row("10.0.0.1:8080", "stable", false), row("10.0.1.1:8080", "canary", false)]
+    );
+}
+
+#[test]
+fn no_snapshot_until_the_configuration_and_the_slice_list_are_both_known() {
+    let mut v = View::new(w());
+    assert!(v.snapshot().is_none());
+    v.on_slice(Event::Init);
+    v.on_slice(Event::InitApply(slice("web-backends-a", "web-backends", 8080, &[ready("10.0.0.1")])));
+    assert!(v.snapshot().is_none());
+    v.on_slice(Event::InitDone);
+    assert!(v.snapshot().is_none(), "no configuration yet");
+    assert_eq!(v.on_config(Event::Apply(config_map(ROUND_ROBIN))), ConfigChange::Applied);
+    let s = v.snapshot().expect("snapshot");
+    assert_eq!(summary(&s.targets), vec![row("10.0.0.1:8080", "stable", false)]);
+    assert_eq!(s.config.listen, addr("127.0.0.1:8000"), "the command line fixes the listener");
+    assert_eq!(s.config.admin, Some(addr("127.0.0.1:8001")));
+    assert_eq!(v.on_config(Event::Apply(config_map(ROUND_ROBIN))), ConfigChange::None, "same content: no change");
+}
+
+#[test]
+fn a_relist_replaces_the_endpoints_only_once_complete() {
+    let mut v = View::new(w());
+    v.on_config(Event::Apply(config_map(ROUND_ROBIN)));
+    v.on_slice(Event::Init);
+    v.on_slice(Event::InitApply(slice("a", "web-backends", 8080, &[ready("10.0.0.1"), ready("10.0.0.2")])));
+    v.on_slice(Event::InitDone);
+    let before = v.snapshot().expect("snapshot");
+    // The watch restarts (an API server restart, a 410 Gone): until the new
+    // list is complete, the old endpoints stay.
+    v.on_slice(Event::Init);
+    assert_eq!(v.snapshot().as_ref(), Some(&before));
+    v.on_slice(Event::InitApply(slice("b", "web-backends", 8080, &[ready("10.0.0.2")])));
+    assert_eq!(v.snapshot().as_ref(), Some(&before));
+    v.on_slice(Event::InitDone);
+    assert_eq!(summary(&v.snapshot().expect("snapshot").targets), vec![row("10.0.0.2:8080", "stable", false)]);
+    // Watch events after the list.
+    v.on_slice(Event::Apply(slice("c", "web-backends", 8080, &[ready("10.0.0.3")])));
+    v.on_slice(Event::Delete(slice("b", "web-backends", 8080, &[])));
+    assert_eq!(summary(&v.snapshot().expect("snapshot").targets), vec![row("10.0.0.3:8080", "stable", false)]);
+}
+
+#[test]
+fn a_missing_deleted_or_invalid_config_map_keeps_the_last_good_configuration() {
+    let mut v = View::new(w());
+    v.on_slice(Event::Init);
+    v.on_slice(Event::InitDone);
+    v.on_config(Event::Init);
+    assert!(matches!(v.on_config(Event::InitDone), ConfigChange::Rejected(why) if why.contains("not found")));
+    assert!(v.snapshot().is_none());
+    assert_eq!(v.on_config(Event::Apply(config_map(ROUND_ROBIN))), ConfigChange::Applied);
+    let good = v.snapshot().expect("snapshot");
+
+    let bad = config_map("listen: 0.0.0.0:15080\nloadBalancing: {algorithm: Fastest}\n");
+    match v.on_config(Event::Apply(bad)) {
+        ConfigChange::Rejected(why) => {
+            assert!(why.contains("loadBalancing.algorithm"), "names the field: {why}");
+            assert!(why.contains("default/web-proxy"), "names the ConfigMap: {why}");
+        }
+        other => panic!("accepted an invalid configuration: {other:?}"),
+    }
+    assert!(matches!(v.on_config(Event::Delete(config_map(ROUND_ROBIN))), ConfigChange::Rejected(_)));
+    let mut no_key = config_map("");
+    no_key.data = None;
+    assert!(matches!(v.on_config(Event::Apply(no_key)), ConfigChange::Rejected(why) if why.contains("proxy.yaml")));
+    // A relist without the ConfigMap does not lose it either.
+    v.on_config(Event::Init);
+    assert!(matches!(v.on_config(Event::InitDone), ConfigChange::Rejected(_)));
+    assert_eq!(v.snapshot(), Some(good));
+}
+
+#[test]
+fn the_config_map_listener_addresses_are_replaced_by_the_command_line() {
+    let cm = config_map("listen: 0.0.0.0:1\nadmin: 0.0.0.0:2\n");
+    let config = config_from(&cm, &w()).expect("valid");
+    assert_eq!(config.listen, addr("127.0.0.1:8000"));
+    assert_eq!(config.admin, Some(addr("127.0.0.1:8001")));
+}
+
+#[test]
+fn the_slice_selector_names_both_backends_services() {
+    assert_eq!(w().slice_selector(), "kubernetes.io/service-name in (web-backends,web-canary-backends)");
+}
