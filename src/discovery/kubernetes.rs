@@ -10,7 +10,10 @@
 //!   else is left out, so a pod that stops being ready stops receiving new
 //!   requests as soon as the watch event arrives.
 //! - An endpoint is its address and port, whatever slice lists it: slices
-//!   being rewritten, split or merged do not reset its load statistics.
+//!   being rewritten, split or merged do not reset its load statistics. A
+//!   serving endpoint that vanishes from every slice without first being
+//!   marked not ready or terminating is held for [`VANISHED_GRACE`], since
+//!   the EndpointSlice controller moves endpoints with separate writes.
 //! - The track comes from the Service the slice belongs to (`<app>-backends`
 //!   is `stable`, `<app>-canary-backends` is `canary`); canary endpoints only
 //!   count while the configuration asks for a traffic split.
@@ -22,7 +25,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -131,38 +134,55 @@ fn port_of(slice: &EndpointSlice) -> Option<u16> {
     port.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0)
 }
 
-/// The endpoints the slices offer, sorted by address. An address listed by
-/// several slices (as during a slice rewrite) is counted once, at its most
-/// usable condition. Canary endpoints are kept only when `split` is set.
-pub fn targets<'a>(slices: impl IntoIterator<Item = &'a EndpointSlice>, watched: &Watched, split: bool) -> Vec<Target> {
+/// Every address the slices list, at its most usable condition (an address
+/// listed by several slices, as during a slice rewrite, counts once).
+/// Canary endpoints count as out unless `split` is set.
+fn listed<'a>(
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    watched: &Watched,
+    split: bool,
+) -> BTreeMap<SocketAddr, (Use, Arc<str>)> {
     let mut found: BTreeMap<SocketAddr, (Use, Arc<str>)> = BTreeMap::new();
     for slice in slices {
         if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
             continue;
         }
         let Some(track) = watched.track_of(slice) else { continue };
-        if !split && &**track != crate::balance::DEFAULT_TRACK {
-            continue;
-        }
+        let track_used = split || &**track == crate::balance::DEFAULT_TRACK;
         let Some(port) = port_of(slice) else { continue };
         for e in &slice.endpoints {
             let Some(ip) = e.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else { continue };
-            let u = use_of(e);
-            if u == Use::Out {
-                continue;
-            }
-            let addr = SocketAddr::new(ip, port);
-            let entry = found.entry(addr).or_insert((u, track.clone()));
+            let u = if track_used { use_of(e) } else { Use::Out };
+            let entry = found.entry(SocketAddr::new(ip, port)).or_insert((u, track.clone()));
             if u > entry.0 {
                 *entry = (u, track.clone());
             }
         }
     }
     found
+}
+
+fn target(addr: SocketAddr, u: Use, track: &str) -> Target {
+    Target { spec: EndpointSpec::new(addr).track(track), draining: u == Use::Draining }
+}
+
+/// The endpoints the slices offer, sorted by address. Canary endpoints are
+/// kept only when `split` is set.
+pub fn targets<'a>(slices: impl IntoIterator<Item = &'a EndpointSlice>, watched: &Watched, split: bool) -> Vec<Target> {
+    listed(slices, watched, split)
         .into_iter()
-        .map(|(addr, (u, track))| Target { spec: EndpointSpec::new(addr).track(&track), draining: u == Use::Draining })
+        .filter(|(_, (u, _))| *u != Use::Out)
+        .map(|(addr, (u, track))| target(addr, u, &track))
         .collect()
 }
+
+/// How long an endpoint that was taking traffic stays after it disappears
+/// from every slice without first being marked not ready or terminating.
+/// The EndpointSlice controller moves endpoints between slices with separate
+/// writes (a delete, then a create); holding the endpoint this long keeps its
+/// load statistics. A pod that really goes away is marked terminating first,
+/// which applies at once.
+pub const VANISHED_GRACE: Duration = Duration::from_secs(1);
 
 /// The source's knowledge, fed with watch events. Sans-IO.
 #[derive(Debug)]
@@ -176,6 +196,10 @@ pub struct View {
     /// Slices seen during a relist; replaces `slices` when the relist is complete.
     relisting_slices: Option<BTreeMap<String, EndpointSlice>>,
     slices_listed: bool,
+    /// The targets of the last snapshot.
+    last: Vec<Target>,
+    /// Serving endpoints no slice lists any more, and since when.
+    vanished: BTreeMap<SocketAddr, Instant>,
 }
 
 /// What a configuration event did.
@@ -199,6 +223,8 @@ impl View {
             slices: BTreeMap::new(),
             relisting_slices: None,
             slices_listed: false,
+            last: Vec::new(),
+            vanished: BTreeMap::new(),
         }
     }
 
@@ -270,24 +296,50 @@ impl View {
         }
     }
 
-    /// The snapshot to serve: once there is a configuration and the slices
-    /// have been listed.
-    pub fn snapshot(&self) -> Option<Snapshot> {
+    /// The snapshot to serve at `now`: once there is a configuration and the
+    /// slices have been listed. An endpoint that was serving and that no
+    /// slice lists any more stays for [`VANISHED_GRACE`].
+    pub fn snapshot(&mut self, now: Instant) -> Option<Snapshot> {
         let config = self.config.clone()?;
         if !self.slices_listed {
             return None;
         }
         let split = !config.load_balancing.tracks.is_empty();
-        let targets = targets(self.slices.values(), &self.watched, split);
+        let listed = listed(self.slices.values(), &self.watched, split);
+        let mut targets: Vec<Target> = listed
+            .iter()
+            .filter(|(_, (u, _))| *u != Use::Out)
+            .map(|(addr, (u, track))| target(*addr, *u, track))
+            .collect();
+        let mut held = BTreeMap::new();
+        for t in &self.last {
+            let addr = t.spec.addr;
+            if t.draining || listed.contains_key(&addr) {
+                continue;
+            }
+            let since = self.vanished.get(&addr).copied().unwrap_or(now);
+            if now.saturating_duration_since(since) < VANISHED_GRACE {
+                held.insert(addr, since);
+                targets.push(t.clone());
+            }
+        }
+        targets.sort_by_key(|t| t.spec.addr);
+        self.vanished = held;
+        self.last.clone_from(&targets);
         Some(Snapshot { config, targets })
+    }
+
+    /// When a held endpoint's grace ends, if one is held.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.vanished.values().min().map(|since| *since + VANISHED_GRACE)
     }
 }
 
 /// A change is published once no other event has arrived for this long...
-const SETTLE_QUIET: Duration = Duration::from_millis(100);
+const SETTLE_QUIET: Duration = Duration::from_millis(30);
 /// ...or this long after the first one, whichever comes first: well inside
 /// the second in which a pod that stops being ready must stop receiving traffic.
-const SETTLE_MAX: Duration = Duration::from_millis(300);
+const SETTLE_MAX: Duration = Duration::from_millis(150);
 
 /// Watches the API server and publishes snapshots.
 pub struct KubernetesSource {
@@ -336,24 +388,24 @@ impl KubernetesSource {
         let mut inputs = std::pin::pin!(self.inputs());
         let mut published: Option<Snapshot> = None;
         loop {
-            let input = tokio::select! {
+            let expiry = self.view.next_expiry().map(tokio::time::Instant::from_std);
+            tokio::select! {
                 i = inputs.next() => match i {
-                    Some(i) => i,
+                    Some(i) => self.take(i),
                     None => return,
                 },
+                () = sleep_until(expiry) => {}
                 () = tx.closed() => return,
-            };
-            self.take(input);
-            // Settle: a slice rewrite arrives as several events (a delete
-            // and a create, or two updates); applying them together keeps
-            // endpoints that only moved between slices, with their load.
+            }
+            // Settle: a burst of events (a relist, a rollout) becomes one
+            // snapshot rather than one per event.
             let settle = tokio::time::Instant::now() + SETTLE_MAX;
             while let Ok(Some(input)) =
                 tokio::time::timeout_at(settle.min(tokio::time::Instant::now() + SETTLE_QUIET), inputs.next()).await
             {
                 self.take(input);
             }
-            let Some(next) = self.view.snapshot() else { continue };
+            let Some(next) = self.view.snapshot(Instant::now()) else { continue };
             if published.as_ref() != Some(&next) {
                 tracing::debug!(endpoints = next.targets.len(), "publishing a new snapshot");
                 tx.send_replace(Some(Arc::new(next.clone())));
@@ -388,5 +440,13 @@ impl KubernetesSource {
             error = %e,
             "watch failed; serving the last known configuration and endpoints while it retries"
         );
+    }
+}
+
+/// Sleeps until `at`, or forever.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use tracing::{Instrument, info, info_span, warn};
 
-use super::desired::{APP_LABEL, Desired, PROXY_CONTAINER, Settings, TRACK_LABEL, desired};
+use super::desired::{APP_LABEL, Desired, Names, PROXY_CONTAINER, Settings, TRACK_LABEL, desired};
 use super::healing::{Phase, PodView, Policy, heal_plan};
 use super::metrics::OperatorMetrics;
 use crate::api::{Counts, Healed, LoadBalancedApp, LoadBalancedAppStatus, ProxyMode};
@@ -110,6 +110,54 @@ where
     let api: Api<K> = Api::namespaced(client.clone(), ns);
     api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(obj)).await?;
     Ok(())
+}
+
+/// Deletes the owned objects the spec no longer asks for: the canary's
+/// Deployment and Service when the canary is removed, the dedicated proxy's
+/// Deployment, PodDisruptionBudget and ServiceAccount when the proxy moves
+/// into the app's pods. Only objects this app controls are deleted.
+async fn prune(client: &Client, ns: &str, app: &LoadBalancedApp, d: &Desired) -> Result<(), Error> {
+    let n = Names { app: app.name_any() };
+    let Some(uid) = app.uid() else { return Ok(()) };
+    if d.canary_deployment.is_none() {
+        delete_owned::<Deployment>(client, ns, &n.canary(), &uid).await?;
+    }
+    if d.canary_backends.is_none() {
+        delete_owned::<Service>(client, ns, &n.canary_backends(), &uid).await?;
+    }
+    if d.proxy_deployment.is_none() {
+        delete_owned::<Deployment>(client, ns, &n.proxy(), &uid).await?;
+    }
+    if d.proxy_pdb.is_none() {
+        delete_owned::<PodDisruptionBudget>(client, ns, &n.proxy(), &uid).await?;
+    }
+    if d.service_account.is_none() {
+        delete_owned::<ServiceAccount>(client, ns, &n.proxy(), &uid).await?;
+    }
+    Ok(())
+}
+
+async fn delete_owned<K>(client: &Client, ns: &str, name: &str, owner_uid: &str) -> Result<(), Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + DeserializeOwned + Clone + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let Some(obj) = api.get_opt(name).await? else { return Ok(()) };
+    if !obj.owner_references().iter().any(|o| o.controller == Some(true) && o.uid == owner_uid) {
+        return Ok(());
+    }
+    let dp = DeleteParams {
+        preconditions: Some(Preconditions { uid: obj.uid(), resource_version: None }),
+        ..DeleteParams::background()
+    };
+    match api.delete(name, &dp).await {
+        Ok(_) => {
+            info!(kind = K::kind(&()).as_ref(), object = name, "deleted an object the spec no longer asks for");
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn apply_all(client: &Client, ns: &str, d: &Desired) -> Result<(), Error> {
@@ -268,6 +316,10 @@ async fn reconcile_app(
     };
     let created = old.observed_generation.is_none();
     apply_all(client, &ns, &d).await?;
+    if !created && old.observed_generation != generation {
+        // The spec changed: objects it no longer asks for go.
+        prune(client, &ns, &app, &d).await?;
+    }
     if created {
         info!("owned objects created");
         let _ = ctx

@@ -1,13 +1,21 @@
 //! The source's state machine and the slice-to-endpoint rules, exactly.
 
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use fulcrum::discovery::Target;
-use fulcrum::discovery::kubernetes::{ConfigChange, View, config_from, targets};
+use fulcrum::discovery::kubernetes::{ConfigChange, VANISHED_GRACE, View, config_from, targets};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher::Event;
 
 use super::*;
+
+/// A fixed instant for snapshots; the hold of vanished endpoints counts from it.
+fn t0() -> Instant {
+    use std::sync::OnceLock;
+    static T0: OnceLock<Instant> = OnceLock::new();
+    *T0.get_or_init(Instant::now)
+}
 
 fn addr(s: &str) -> SocketAddr {
     s.parse().expect("address")
@@ -99,14 +107,14 @@ fn the_track_comes_from_the_service_and_canary_counts_only_with_a_split() {
 #[test]
 fn no_snapshot_until_the_configuration_and_the_slice_list_are_both_known() {
     let mut v = View::new(w());
-    assert!(v.snapshot().is_none());
+    assert!(v.snapshot(t0()).is_none());
     v.on_slice(Event::Init);
     v.on_slice(Event::InitApply(slice("web-backends-a", "web-backends", 8080, &[ready("10.0.0.1")])));
-    assert!(v.snapshot().is_none());
+    assert!(v.snapshot(t0()).is_none());
     v.on_slice(Event::InitDone);
-    assert!(v.snapshot().is_none(), "no configuration yet");
+    assert!(v.snapshot(t0()).is_none(), "no configuration yet");
     assert_eq!(v.on_config(Event::Apply(config_map(ROUND_ROBIN))), ConfigChange::Applied);
-    let s = v.snapshot().expect("snapshot");
+    let s = v.snapshot(t0()).expect("snapshot");
     assert_eq!(summary(&s.targets), vec![row("10.0.0.1:8080", "stable", false)]);
     assert_eq!(s.config.listen, addr("127.0.0.1:8000"), "the command line fixes the listener");
     assert_eq!(s.config.admin, Some(addr("127.0.0.1:8001")));
@@ -120,19 +128,27 @@ fn a_relist_replaces_the_endpoints_only_once_complete() {
     v.on_slice(Event::Init);
     v.on_slice(Event::InitApply(slice("a", "web-backends", 8080, &[ready("10.0.0.1"), ready("10.0.0.2")])));
     v.on_slice(Event::InitDone);
-    let before = v.snapshot().expect("snapshot");
+    let before = v.snapshot(t0()).expect("snapshot");
     // The watch restarts (an API server restart, a 410 Gone): until the new
     // list is complete, the old endpoints stay.
     v.on_slice(Event::Init);
-    assert_eq!(v.snapshot().as_ref(), Some(&before));
+    assert_eq!(v.snapshot(t0()).as_ref(), Some(&before));
     v.on_slice(Event::InitApply(slice("b", "web-backends", 8080, &[ready("10.0.0.2")])));
-    assert_eq!(v.snapshot().as_ref(), Some(&before));
+    assert_eq!(v.snapshot(t0()).as_ref(), Some(&before));
     v.on_slice(Event::InitDone);
-    assert_eq!(summary(&v.snapshot().expect("snapshot").targets), vec![row("10.0.0.2:8080", "stable", false)]);
+    // 10.0.0.1 vanished while serving: held for the grace period, then gone.
+    assert_eq!(v.snapshot(t0()).as_ref(), Some(&before));
+    let later = t0() + VANISHED_GRACE;
+    assert_eq!(summary(&v.snapshot(later).expect("snapshot").targets), vec![row("10.0.0.2:8080", "stable", false)]);
     // Watch events after the list.
     v.on_slice(Event::Apply(slice("c", "web-backends", 8080, &[ready("10.0.0.3")])));
     v.on_slice(Event::Delete(slice("b", "web-backends", 8080, &[])));
-    assert_eq!(summary(&v.snapshot().expect("snapshot").targets), vec![row("10.0.0.3:8080", "stable", false)]);
+    let much_later = later + VANISHED_GRACE;
+    v.snapshot(later);
+    assert_eq!(
+        summary(&v.snapshot(much_later).expect("snapshot").targets),
+        vec![row("10.0.0.3:8080", "stable", false)]
+    );
 }
 
 #[test]
@@ -142,9 +158,9 @@ fn a_missing_deleted_or_invalid_config_map_keeps_the_last_good_configuration() {
     v.on_slice(Event::InitDone);
     v.on_config(Event::Init);
     assert!(matches!(v.on_config(Event::InitDone), ConfigChange::Rejected(why) if why.contains("not found")));
-    assert!(v.snapshot().is_none());
+    assert!(v.snapshot(t0()).is_none());
     assert_eq!(v.on_config(Event::Apply(config_map(ROUND_ROBIN))), ConfigChange::Applied);
-    let good = v.snapshot().expect("snapshot");
+    let good = v.snapshot(t0()).expect("snapshot");
 
     let bad = config_map("listen: 0.0.0.0:15080\nloadBalancing: {algorithm: Fastest}\n");
     match v.on_config(Event::Apply(bad)) {
@@ -161,7 +177,7 @@ fn a_missing_deleted_or_invalid_config_map_keeps_the_last_good_configuration() {
     // A relist without the ConfigMap does not lose it either.
     v.on_config(Event::Init);
     assert!(matches!(v.on_config(Event::InitDone), ConfigChange::Rejected(_)));
-    assert_eq!(v.snapshot(), Some(good));
+    assert_eq!(v.snapshot(t0()), Some(good));
 }
 
 #[test]
@@ -175,4 +191,47 @@ fn the_config_map_listener_addresses_are_replaced_by_the_command_line() {
 #[test]
 fn the_slice_selector_names_both_backends_services() {
     assert_eq!(w().slice_selector(), "kubernetes.io/service-name in (web-backends,web-canary-backends)");
+}
+
+#[test]
+fn a_serving_endpoint_that_vanishes_from_every_slice_is_held_for_the_grace_period() {
+    let mut v = View::new(w());
+    v.on_config(Event::Apply(config_map(ROUND_ROBIN)));
+    v.on_slice(Event::Init);
+    v.on_slice(Event::InitApply(slice("a", "web-backends", 8080, &[ready("10.0.0.1"), ready("10.0.0.2")])));
+    v.on_slice(Event::InitDone);
+    let both = vec![row("10.0.0.1:8080", "stable", false), row("10.0.0.2:8080", "stable", false)];
+    assert_eq!(summary(&v.snapshot(t0()).expect("snapshot").targets), both);
+    assert_eq!(v.next_expiry(), None);
+
+    // The slice is deleted before its replacement is written.
+    v.on_slice(Event::Delete(slice("a", "web-backends", 8080, &[])));
+    assert_eq!(summary(&v.snapshot(t0()).expect("snapshot").targets), both, "held, not dropped");
+    assert_eq!(v.next_expiry(), Some(t0() + VANISHED_GRACE));
+    v.on_slice(Event::Apply(slice("b", "web-backends", 8080, &[ready("10.0.0.1")])));
+    let later = t0() + Duration::from_millis(300);
+    assert_eq!(summary(&v.snapshot(later).expect("snapshot").targets), both, "10.0.0.2 still within its grace");
+    assert_eq!(v.next_expiry(), Some(t0() + VANISHED_GRACE), "the grace counts from the first absence");
+    let after = t0() + VANISHED_GRACE;
+    assert_eq!(summary(&v.snapshot(after).expect("snapshot").targets), vec![row("10.0.0.1:8080", "stable", false)]);
+    assert_eq!(v.next_expiry(), None);
+}
+
+#[test]
+fn not_ready_and_terminating_endpoints_are_never_held() {
+    let mut v = View::new(w());
+    v.on_config(Event::Apply(config_map(ROUND_ROBIN)));
+    v.on_slice(Event::Init);
+    v.on_slice(Event::InitApply(slice("a", "web-backends", 8080, &[ready("10.0.0.1"), ready("10.0.0.2")])));
+    v.on_slice(Event::InitDone);
+    v.snapshot(t0());
+    // Not ready: out at once, although the slice still lists it.
+    v.on_slice(Event::Apply(slice("a", "web-backends", 8080, &[ready("10.0.0.1"), unready("10.0.0.2")])));
+    assert_eq!(summary(&v.snapshot(t0()).expect("snapshot").targets), vec![row("10.0.0.1:8080", "stable", false)]);
+    // Terminating, then gone: no hold after draining.
+    v.on_slice(Event::Apply(slice("a", "web-backends", 8080, &[terminating("10.0.0.1")])));
+    assert_eq!(summary(&v.snapshot(t0()).expect("snapshot").targets), vec![row("10.0.0.1:8080", "stable", true)]);
+    v.on_slice(Event::Apply(slice("a", "web-backends", 8080, &[])));
+    assert!(v.snapshot(t0()).expect("snapshot").targets.is_empty());
+    assert_eq!(v.next_expiry(), None);
 }

@@ -101,13 +101,16 @@ impl Sim {
             }
         }
 
-        // ReplicaSet controller: as many pods as each app Deployment asks for.
+        // ReplicaSet controller: as many pods as each app Deployment asks for;
+        // garbage collector: no pods for a Deployment that is gone.
+        let mut tracks = BTreeSet::new();
         for d in deployments.list(&ListParams::default().labels(APP_LABEL)).await?.items {
             let Some(template) = d.spec.as_ref().and_then(|s| s.template.metadata.as_ref()) else { continue };
             let labels = template.labels.clone().unwrap_or_default();
             if !labels.contains_key(TRACK_LABEL) {
                 continue; // the dedicated proxy Deployment: not an app
             }
+            tracks.extend(labels.get(TRACK_LABEL).cloned());
             let want = usize::try_from(d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1)).unwrap_or(0);
             let mine: Vec<&Pod> = listed
                 .iter()
@@ -131,6 +134,12 @@ impl Sim {
             }
             for extra in mine.iter().skip(want) {
                 pods.delete(&extra.name_any(), &DeleteParams::default()).await?;
+            }
+        }
+
+        for p in &listed {
+            if p.labels().get(TRACK_LABEL).is_some_and(|t| !tracks.contains(t)) {
+                pods.delete(&p.name_any(), &DeleteParams::default()).await?;
             }
         }
 

@@ -282,6 +282,20 @@ async fn from_kubectl_apply_to_traffic_readiness_healing_reconfiguration_and_can
     eprintln!("canary share {canary_share:.4} over {} requests: {counts:?}", sent.len());
     assert!((canary_share - 0.10).abs() <= 0.02, "canary share {canary_share:.3}: {counts:?}");
 
+    // 6. The canary removed: the operator deletes its Deployment and Service,
+    //    its pod goes, and all traffic returns to the stable track.
+    apps.patch("web", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"canary": null}})))
+        .await
+        .expect("remove the canary");
+    until("the canary pod gone", Duration::from_secs(20), &proxy, || async {
+        app_pods(&client, "canary").await.is_empty()
+    })
+    .await;
+    let from = Instant::now() + Duration::from_secs(1);
+    let sent = traffic.wait_for(from, 600).await;
+    let counts = shares(&sent);
+    assert_eq!(share(&counts, |pod| pod.starts_with("web-canary-")), 0.0, "{counts:?}");
+
     // Over the whole run, not one request failed.
     let failures = traffic.failures();
     assert!(

@@ -204,3 +204,54 @@ async fn api_server_errors_are_retried_until_the_app_is_reconciled() {
     let m = r.ctx.metrics.encode();
     assert!(m.contains("fulcrum_operator_reconcile_errors_total{kind=\"kube\"} 1"), "the failure was counted: {m}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_the_spec_stops_asking_for_are_deleted_and_only_those_the_app_controls() {
+    let r = start().await;
+    let client = r.server.client();
+    let apps: Api<LoadBalancedApp> = Api::default_namespaced(client.clone());
+    let canary = json!({"replicas": 1, "weight": 10, "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "web", "image": "web:2"}]}}});
+    apps.create(&PostParams::default(), &lba("web", json!({"canary": canary, "proxy": {"mode": "Dedicated"}})))
+        .await
+        .unwrap();
+    let deployments: Api<Deployment> = Api::default_namespaced(client.clone());
+    let services: Api<Service> = Api::default_namespaced(client.clone());
+    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::default_namespaced(client.clone());
+    until("the canary and the dedicated proxy", || async {
+        deployments.get_opt("web-canary").await.unwrap().is_some()
+            && deployments.get_opt("web-proxy").await.unwrap().is_some()
+            && services.get_opt("web-canary-backends").await.unwrap().is_some()
+            && accounts.get_opt("web-proxy").await.unwrap().is_some()
+    })
+    .await;
+    apps.patch(
+        "web",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"canary": null, "proxy": {"mode": "Sidecar"}}})),
+    )
+    .await
+    .unwrap();
+    until("the canary and the dedicated proxy gone", || async {
+        deployments.get_opt("web-canary").await.unwrap().is_none()
+            && deployments.get_opt("web-proxy").await.unwrap().is_none()
+            && services.get_opt("web-canary-backends").await.unwrap().is_none()
+            && accounts.get_opt("web-proxy").await.unwrap().is_none()
+    })
+    .await;
+    assert!(deployments.get_opt("web").await.unwrap().is_some());
+    assert!(services.get_opt("web-backends").await.unwrap().is_some());
+    // An object of one of those names that the app does not control stays.
+    let mine: k8s_openapi::api::core::v1::ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "web-proxy"}})).unwrap();
+    accounts.create(&PostParams::default(), &mine).await.unwrap();
+    apps.patch("web", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 3}}))).await.unwrap();
+    until("the next spec applied", || async {
+        deployments.get("web").await.unwrap().spec.unwrap().replicas == Some(3)
+            && apps.get("web").await.unwrap().status.unwrap_or_default().observed_generation == Some(3)
+    })
+    .await;
+    assert!(accounts.get_opt("web-proxy").await.unwrap().is_some(), "an object the app does not control was deleted");
+    let pdbs: Api<k8s_openapi::api::policy::v1::PodDisruptionBudget> = Api::default_namespaced(client.clone());
+    assert!(pdbs.get_opt("web-proxy").await.unwrap().is_none());
+    assert!(pdbs.get_opt("web").await.unwrap().is_some());
+}
