@@ -3,13 +3,21 @@
 
 CARGO ?= cargo
 
-.PHONY: build test lint unit doc demo crds bench bench-balance bench-proxy bench-operator clean
+.PHONY: build test lint unit doc manifests-check manifests demo crds bench bench-balance bench-proxy bench-operator kind-deploy image clean
+
+# The manifest checks' tools (Helm's Go SDK, kubernetes-validate, checkov) live
+# in a virtualenv in the repository, reinstalled when their pinned list changes.
+VENV := .venv
+PY := $(VENV)/bin/python
+REQS := tests/manifests/requirements.txt
+STAMP := $(VENV)/.installed-$(shell cksum $(REQS) | cut -d' ' -f1)
 
 build:
 	$(CARGO) build --release --locked
 
-## Every check: formatting, lints, unit/property/integration tests, doc tests.
-test: lint doc unit
+## Every check: formatting, lints, unit/property/integration tests (the local
+## end-to-end test included), doc tests, and the chart and manifest checks.
+test: lint doc unit manifests-check
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -29,6 +37,33 @@ doc:
 ## Regenerate the checked-in CRD from the types in src/api/ (a test fails when they drift).
 crds:
 	$(CARGO) run --locked --quiet -- crd > crds/loadbalancedapps.fulcrum.dev.yaml
+	cp crds/loadbalancedapps.fulcrum.dev.yaml charts/fulcrum/crds/
+
+$(STAMP): $(REQS)
+	@python3 -m venv $(VENV) 2>/dev/null || { \
+		echo "python3 -m venv failed: installing python3-venv"; \
+		apt-get update -qq && apt-get install -y -qq python3-venv && python3 -m venv $(VENV); }
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r $(REQS)
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+## Chart lint and render (real Helm), Kubernetes schema validation, CRD schema
+## validation of the examples, checkov, and drift of manifests/install.yaml.
+manifests-check: $(STAMP)
+	$(PY) tests/manifests/check.py
+
+## Regenerate manifests/install.yaml from the chart.
+manifests: $(STAMP)
+	$(PY) tests/manifests/check.py --write
+
+## The container image (needs Docker).
+IMAGE ?= fulcrum:dev
+image:
+	docker build -t $(IMAGE) .
+
+## The quickstart on kind (needs Docker and kind): a cluster, the image, the chart, an example.
+kind-deploy:
+	bash tests/e2e/kind.sh deploy
 
 ## See the proxy work in about ten seconds (no cluster, loopback only).
 demo: build

@@ -161,3 +161,37 @@ fn the_schema_bounds_numbers_and_durations() {
     let algorithms = spec["loadBalancing"]["properties"]["algorithm"]["enum"].as_array().unwrap().len();
     assert_eq!(algorithms, 7);
 }
+
+#[test]
+fn the_chart_carries_the_same_crd() {
+    let chart = std::fs::read_to_string("charts/fulcrum/crds/loadbalancedapps.fulcrum.dev.yaml")
+        .expect("charts/fulcrum/crds/loadbalancedapps.fulcrum.dev.yaml");
+    assert!(chart == CHECKED_IN, "the chart's CRD drifted from crds/: run `make crds`");
+}
+
+/// Every example in manifests/examples/: a LoadBalancedApp that the schema's
+/// CEL rules admit and from which the operator can build every object.
+#[test]
+fn every_example_passes_the_cel_rules_and_the_operator_accepts_it() {
+    let mut seen = 0;
+    let mut dir: Vec<_> = std::fs::read_dir("manifests/examples").expect("manifests/examples").flatten().collect();
+    dir.sort_by_key(std::fs::DirEntry::path);
+    for entry in dir {
+        let path = entry.path();
+        let text = std::fs::read_to_string(&path).expect("example");
+        let mut app: LoadBalancedApp =
+            serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: not a LoadBalancedApp: {e}", path.display()));
+        // Typed round trip: the defaults, as the API server applies them.
+        let object = serde_json::to_value(&app).expect("json");
+        Validator::new()
+            .validate(&schema(), &object, None)
+            .unwrap_or_else(|e| panic!("{}: refused by the CEL rules: {e:?}", path.display()));
+        app.metadata.namespace = Some("default".into());
+        app.metadata.uid = Some("00000000-0000-4000-8000-000000000001".into());
+        let settings = fulcrum::operator::desired::Settings { proxy_image: "fulcrum:test".into() };
+        fulcrum::operator::desired::desired(&app, &settings)
+            .unwrap_or_else(|e| panic!("{}: the operator cannot reconcile it: {e}", path.display()));
+        seen += 1;
+    }
+    assert!(seen >= 5, "expected the examples in manifests/examples, found {seen}");
+}
