@@ -71,6 +71,22 @@ enum Command {
     },
     /// Print the LoadBalancedApp CustomResourceDefinition (YAML) generated from the types.
     Crd,
+    /// Print the objects the operator creates for a LoadBalancedApp file, without a cluster.
+    ///
+    /// The file is read as the API server would store it (defaults applied);
+    /// the owner references carry a placeholder uid. Exit status 2, with the
+    /// reason, when the operator could not reconcile it.
+    Render {
+        /// The LoadBalancedApp YAML file.
+        #[arg(long, short = 'f', value_name = "FILE")]
+        file: PathBuf,
+        /// Namespace when the file names none.
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+        /// Proxy image for apps that do not name one.
+        #[arg(long, env = "FULCRUM_PROXY_IMAGE", default_value = concat!("ghcr.io/fulcrum-dev/fulcrum:", env!("CARGO_PKG_VERSION")))]
+        proxy_image: String,
+    },
     /// Show the proxy at work in about ten seconds, on this machine alone.
     ///
     /// Starts four backends on 127.0.0.2-5 (one ten times slower, one killed
@@ -114,6 +130,7 @@ fn main() -> ExitCode {
             init_tracing("info");
             operator(proxy_image, health_addr)
         }
+        Command::Render { file, namespace, proxy_image } => render(&file, &namespace, proxy_image),
         Command::Crd => {
             print!("{}", fulcrum::api::crd_yaml());
             ExitCode::SUCCESS
@@ -130,6 +147,39 @@ fn main() -> ExitCode {
             };
             demo(&opts)
         }
+    }
+}
+
+fn render(file: &std::path::Path, namespace: &str, proxy_image: String) -> ExitCode {
+    let invalid = |why: String| {
+        eprintln!("fulcrum render: {}: {why}", file.display());
+        ExitCode::from(EXIT_CONFIG)
+    };
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => return invalid(e.to_string()),
+    };
+    let mut app: fulcrum::api::LoadBalancedApp = match serde_saphyr::from_str(&text) {
+        Ok(a) => a,
+        Err(e) => {
+            let first = e.to_string().lines().next().unwrap_or_default().to_owned();
+            return invalid(format!("not a LoadBalancedApp: {first}"));
+        }
+    };
+    app.metadata.namespace.get_or_insert_with(|| namespace.to_owned());
+    app.metadata.uid = Some("00000000-0000-0000-0000-000000000000".into());
+    let settings = fulcrum::operator::desired::Settings { proxy_image };
+    match fulcrum::operator::desired::desired(&app, &settings) {
+        Ok(d) => {
+            for o in d.objects() {
+                match serde_saphyr::to_string(&o) {
+                    Ok(y) => print!("---\n{y}"),
+                    Err(e) => return invalid(e.to_string()),
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => invalid(e.to_string()),
     }
 }
 

@@ -99,11 +99,34 @@ pub fn desired(app: &LoadBalancedApp, settings: &Settings) -> Result<Desired, In
     };
     let sidecar = spec.proxy.mode == ProxyMode::Sidecar;
 
-    // App pods' service account: in Sidecar mode the proxy reads the API with it.
-    let app_sa =
-        spec.template.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into());
+    // In Sidecar mode the proxy reads the API with its pod's ServiceAccount.
+    // Pods that name none (the namespace's `default`) get the app's own
+    // `<app>-proxy` account instead, so that the proxy's read rights are not
+    // granted to every pod of the namespace.
+    let pod_sa = |template: &PodTemplateSpec| {
+        template
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .filter(|sa| !sa.is_empty() && sa != "default")
+    };
+    let mut proxy_accounts: Vec<String> = Vec::new();
+    if sidecar {
+        for t in std::iter::once(&spec.template).chain(spec.canary.as_ref().map(|c| &c.template)) {
+            let sa = pod_sa(t).unwrap_or_else(|| n.proxy());
+            if !proxy_accounts.contains(&sa) {
+                proxy_accounts.push(sa);
+            }
+        }
+    } else {
+        proxy_accounts.push(n.proxy());
+    }
     let app_deployment = |dep_name: &str, track: &str, replicas: i32, template: &PodTemplateSpec| {
-        let template = pod_template(template, &name, track, sidecar.then_some(&proxy_container))?;
+        let own_account = sidecar && pod_sa(template).is_none();
+        let mut template = pod_template(template, &name, track, sidecar.then_some(&proxy_container))?;
+        if own_account {
+            template["spec"]["serviceAccountName"] = json!(n.proxy());
+        }
         let mut d = json!({
             "apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": meta(dep_name, "app"),
@@ -227,7 +250,7 @@ pub fn desired(app: &LoadBalancedApp, settings: &Settings) -> Result<Desired, In
             "data": {CONFIG_KEY: config.to_yaml()},
         }),
     )?;
-    let service_account = if sidecar {
+    let service_account = if !proxy_accounts.contains(&n.proxy()) {
         None
     } else {
         Some(typed::<ServiceAccount>(
@@ -247,14 +270,15 @@ pub fn desired(app: &LoadBalancedApp, settings: &Settings) -> Result<Desired, In
             ],
         }),
     )?;
-    let subject = if sidecar { app_sa } else { n.proxy() };
+    let subjects: Vec<Value> =
+        proxy_accounts.iter().map(|sa| json!({"kind": "ServiceAccount", "name": sa, "namespace": ns})).collect();
     let role_binding = typed::<RoleBinding>(
         "RoleBinding",
         json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
             "metadata": meta(&n.proxy(), "proxy"),
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": n.proxy()},
-            "subjects": [{"kind": "ServiceAccount", "name": subject, "namespace": ns}],
+            "subjects": subjects,
         }),
     )?;
 

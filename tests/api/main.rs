@@ -195,3 +195,48 @@ fn every_example_passes_the_cel_rules_and_the_operator_accepts_it() {
     }
     assert!(seen >= 5, "expected the examples in manifests/examples, found {seen}");
 }
+
+#[test]
+fn fulcrum_render_prints_the_operators_objects_or_exits_2_with_one_line() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+        .args(["render", "-n", "shop", "-f", "manifests/examples/canary.yaml"])
+        .output()
+        .expect("run fulcrum render");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let objects: Vec<Value> = text
+        .split("---\n")
+        .filter(|d| !d.trim().is_empty())
+        .map(|d| serde_saphyr::from_str(d).expect("a YAML object"))
+        .collect();
+    let names: Vec<String> = objects
+        .iter()
+        .map(|o| format!("{}/{}", o["kind"].as_str().unwrap_or(""), o["metadata"]["name"].as_str().unwrap_or("")))
+        .collect();
+    for expected in [
+        "Deployment/checkout",
+        "Deployment/checkout-canary",
+        "Service/checkout-canary-backends",
+        "ConfigMap/checkout-proxy",
+    ] {
+        assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
+    }
+    assert!(objects.iter().all(|o| o["metadata"]["namespace"] == "shop"));
+
+    let bad = std::env::temp_dir().join(format!("fulcrum-render-{}.yaml", std::process::id()));
+    std::fs::write(
+        &bad,
+        "apiVersion: fulcrum.dev/v1alpha1\nkind: LoadBalancedApp\nmetadata: {name: x}\nspec: {port: 8080}\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+        .args(["render", "-f"])
+        .arg(&bad)
+        .output()
+        .expect("run");
+    let _ = std::fs::remove_file(&bad);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("template"), "names the missing field: {err}");
+}

@@ -41,12 +41,34 @@ fn sidecar_mode_injects_the_proxy_and_binds_the_apps_service_account() {
     );
     assert_eq!(sc.capabilities.as_ref().unwrap().drop, Some(vec!["ALL".to_string()]));
     assert!(proxy.readiness_probe.is_some() && proxy.liveness_probe.is_some());
-    assert!(d.proxy_deployment.is_none() && d.service_account.is_none() && d.proxy_pdb.is_none());
-    assert_eq!(d.role_binding.subjects.as_ref().unwrap()[0].name, "default");
+    assert!(d.proxy_deployment.is_none() && d.proxy_pdb.is_none());
+    // Pods without an account of their own get the app's, not the namespace's `default`.
+    assert_eq!(pod.service_account_name.as_deref(), Some("web-proxy"));
+    assert_eq!(d.service_account.as_ref().unwrap().metadata.name.as_deref(), Some("web-proxy"));
+    assert_eq!(d.role_binding.subjects.as_ref().unwrap()[0].name, "web-proxy");
     // The front Service reaches the sidecars on every app pod.
     let front = d.front.spec.as_ref().unwrap();
     assert_eq!(front.selector.as_ref().unwrap().get(APP_LABEL).map(String::as_str), Some("web"));
     assert!(!front.selector.as_ref().unwrap().contains_key(TRACK_LABEL));
+}
+
+#[test]
+fn sidecar_pods_keep_the_accounts_they_name_and_the_proxy_role_binds_each() {
+    let template =
+        |sa: &str| json!({"spec": {"serviceAccountName": sa, "containers": [{"name": "web", "image": "web:1"}]}});
+    let d = desired(
+        &app(json!({"template": template("shop-web"), "canary": {"weight": 5, "template": template("shop-web-next")}})),
+        &settings(),
+    )
+    .unwrap();
+    let sa = |dep: &k8s_openapi::api::apps::v1::Deployment| {
+        dep.spec.as_ref().unwrap().template.spec.as_ref().unwrap().service_account_name.clone()
+    };
+    assert_eq!(sa(&d.deployment).as_deref(), Some("shop-web"));
+    assert_eq!(sa(d.canary_deployment.as_ref().unwrap()).as_deref(), Some("shop-web-next"));
+    assert!(d.service_account.is_none(), "no account of the app's own is needed");
+    let subjects: Vec<&str> = d.role_binding.subjects.as_ref().unwrap().iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(subjects, ["shop-web", "shop-web-next"]);
 }
 
 #[test]
@@ -77,8 +99,8 @@ fn every_owned_object_has_the_controller_reference_and_the_namespace() {
             (Some("LoadBalancedApp"), Some("web"), Some(true))
         );
     }
-    // Role, RoleBinding, ConfigMap, two backends Services, front Service, two Deployments, PDB.
-    assert_eq!(d.objects().len(), 9);
+    // ServiceAccount, Role, RoleBinding, ConfigMap, two backends Services, front Service, two Deployments, PDB.
+    assert_eq!(d.objects().len(), 10);
 }
 
 #[test]

@@ -231,27 +231,28 @@ async fn objects_the_spec_stops_asking_for_are_deleted_and_only_those_the_app_co
     )
     .await
     .unwrap();
+    let pdbs: Api<k8s_openapi::api::policy::v1::PodDisruptionBudget> = Api::default_namespaced(client.clone());
     until("the canary and the dedicated proxy gone", || async {
         deployments.get_opt("web-canary").await.unwrap().is_none()
             && deployments.get_opt("web-proxy").await.unwrap().is_none()
             && services.get_opt("web-canary-backends").await.unwrap().is_none()
-            && accounts.get_opt("web-proxy").await.unwrap().is_none()
+            && pdbs.get_opt("web-proxy").await.unwrap().is_none()
     })
     .await;
+    // The app's account stays: its sidecars now use it.
+    assert!(accounts.get_opt("web-proxy").await.unwrap().is_some());
     assert!(deployments.get_opt("web").await.unwrap().is_some());
     assert!(services.get_opt("web-backends").await.unwrap().is_some());
     // An object of one of those names that the app does not control stays.
-    let mine: k8s_openapi::api::core::v1::ServiceAccount =
-        serde_json::from_value(json!({"metadata": {"name": "web-proxy"}})).unwrap();
-    accounts.create(&PostParams::default(), &mine).await.unwrap();
+    let mine: k8s_openapi::api::policy::v1::PodDisruptionBudget =
+        serde_json::from_value(json!({"metadata": {"name": "web-proxy"}, "spec": {"maxUnavailable": 1}})).unwrap();
+    pdbs.create(&PostParams::default(), &mine).await.unwrap();
     apps.patch("web", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 3}}))).await.unwrap();
     until("the next spec applied", || async {
         deployments.get("web").await.unwrap().spec.unwrap().replicas == Some(3)
             && apps.get("web").await.unwrap().status.unwrap_or_default().observed_generation == Some(3)
     })
     .await;
-    assert!(accounts.get_opt("web-proxy").await.unwrap().is_some(), "an object the app does not control was deleted");
-    let pdbs: Api<k8s_openapi::api::policy::v1::PodDisruptionBudget> = Api::default_namespaced(client.clone());
-    assert!(pdbs.get_opt("web-proxy").await.unwrap().is_none());
+    assert!(pdbs.get_opt("web-proxy").await.unwrap().is_some(), "an object the app does not control was deleted");
     assert!(pdbs.get_opt("web").await.unwrap().is_some());
 }
