@@ -275,14 +275,51 @@ def operator_objects() -> dict[str, list[dict]]:
     return out
 
 
-def check_operator_objects(versions: tuple[str, str], out: pathlib.Path) -> None:
-    for name, objects in operator_objects().items():
+def check_operator_objects(versions: tuple[str, str], out: pathlib.Path) -> dict[str, list[dict]]:
+    rendered = operator_objects()
+    for name, objects in rendered.items():
         for obj in objects:
             validate_k8s(obj, f"fulcrum render -f {name}", versions)
         kinds = sorted({o["kind"] for o in objects})
         ok(f"fulcrum render -f {name}: {len(objects)} objects ({', '.join(kinds)}) valid for Kubernetes {versions[0]} and {versions[1]}")
         (out / "operator").mkdir(exist_ok=True)
         (out / "operator" / name).write_text("---\n".join(yaml.safe_dump(o, sort_keys=False) for o in objects))
+    return rendered
+
+
+def check_image_contract(chart_objects: list[dict], operator: dict[str, list[dict]]) -> None:
+    """What can be checked of "the chart runs the image" without a cluster:
+    the containers' arguments are ones the binary accepts, and they run as the
+    image's user."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    user = re.search(r"(?m)^USER ([0-9]+)", dockerfile)
+    entry = re.search(r'(?m)^ENTRYPOINT \["([^"]+)"\]', dockerfile)
+    if not user or not entry or not entry.group(1).endswith("/fulcrum"):
+        fail("Dockerfile: expected a numeric USER and ENTRYPOINT [\".../fulcrum\"]")
+        return
+    fulcrum = ROOT / "target" / "debug" / "fulcrum"
+    containers = [
+        ("chart", c)
+        for o in chart_objects
+        if o["kind"] == "Deployment"
+        for c in o["spec"]["template"]["spec"]["containers"]
+    ] + [
+        (f"fulcrum render -f {name}", c)
+        for name, objs in operator.items()
+        for o in objs
+        if o["kind"] == "Deployment"
+        for c in o["spec"]["template"]["spec"]["containers"]
+        if c["name"] == "fulcrum-proxy"
+    ]
+    for where, c in containers:
+        args = c.get("args", [])
+        r = subprocess.run([str(fulcrum), *args, "--help"], capture_output=True, text=True)
+        if r.returncode != 0 or c.get("command"):
+            fail(f"{where}: container {c['name']}: the image's binary refuses {args}: {r.stderr.strip()}")
+        run_as = c.get("securityContext", {}).get("runAsUser")
+        if run_as is not None and str(run_as) != user.group(1):
+            fail(f"{where}: container {c['name']} runs as {run_as}, the image's user is {user.group(1)}")
+    ok(f"{len(containers)} containers use arguments the image's binary accepts, as its user {user.group(1)}")
 
 
 # Checks skipped for the objects the operator creates, each for a reason that
@@ -397,7 +434,8 @@ def main() -> int:
             if obj["kind"] in ("Namespace", "CustomResourceDefinition"):
                 validate_k8s(obj, "manifests/install.yaml", versions)
         check_examples(versions)
-        check_operator_objects(versions, out)
+        operator = check_operator_objects(versions, out)
+        check_image_contract(rendered_objects(render(None)), operator)
         run_checkov(out)
     run_linters()
 
