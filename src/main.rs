@@ -57,6 +57,12 @@ enum Command {
         /// Admin listener (Kubernetes mode; the ConfigMap's `admin` is ignored).
         #[arg(long, default_value = "0.0.0.0:15090", requires = "kubernetes")]
         admin: std::net::SocketAddr,
+        /// After SIGTERM, keep serving (but answer /readyz with 503) for this
+        /// long before closing the listener, so that Service endpoints and load
+        /// balancers stop sending new connections first. Default: 5s with
+        /// --kubernetes, 0s with --config.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        shutdown_delay: Option<std::time::Duration>,
     },
     /// Run the operator: reconcile every LoadBalancedApp in the cluster.
     ///
@@ -114,13 +120,14 @@ const EXIT_CONFIG: u8 = 2;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Proxy { config: Some(config), check, .. } => {
+        Command::Proxy { config: Some(config), check, shutdown_delay, .. } => {
             init_tracing("info");
-            proxy(config, check)
+            proxy(config, check, shutdown_delay.unwrap_or(std::time::Duration::ZERO))
         }
-        Command::Proxy { kubernetes: Some(app), namespace, listen, admin, .. } => {
+        Command::Proxy { kubernetes: Some(app), namespace, listen, admin, shutdown_delay, .. } => {
             init_tracing("info");
-            proxy_kubernetes(&app, namespace, listen, admin)
+            let delay = shutdown_delay.unwrap_or(std::time::Duration::from_secs(5));
+            proxy_kubernetes(&app, namespace, listen, admin, delay)
         }
         Command::Proxy { .. } => {
             eprintln!("fulcrum proxy: give --config FILE or --kubernetes APP");
@@ -271,7 +278,7 @@ fn operator(proxy_image: String, health_addr: std::net::SocketAddr) -> ExitCode 
     })
 }
 
-fn proxy(path: PathBuf, check: bool) -> ExitCode {
+fn proxy(path: PathBuf, check: bool, shutdown_delay: std::time::Duration) -> ExitCode {
     let mut source = FileSource::new(&path, DEFAULT_POLL);
     let snapshot = match source.load() {
         Ok(s) => s,
@@ -307,20 +314,34 @@ fn proxy(path: PathBuf, check: bool) -> ExitCode {
                 trigger.notify_one();
             }
         });
-        serve(proxy, rx).await
+        serve(proxy, rx, shutdown_delay).await
     })
 }
 
-/// Runs `proxy` with the snapshots of `updates` until SIGTERM or SIGINT.
-async fn serve(proxy: Proxy, updates: tokio::sync::watch::Receiver<Arc<Snapshot>>) -> ExitCode {
+/// Runs `proxy` with the snapshots of `updates` until SIGTERM or SIGINT, then
+/// for `delay` more while not ready, then drains.
+async fn serve(
+    proxy: Proxy,
+    updates: tokio::sync::watch::Receiver<Arc<Snapshot>>,
+    delay: std::time::Duration,
+) -> ExitCode {
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         eprintln!("fulcrum: cannot install signal handlers");
         return ExitCode::FAILURE;
     };
+    let shared = proxy.shared();
     let shutdown = async move {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        if !delay.is_zero() {
+            shared.start_draining();
+            tracing::info!(
+                delay_seconds = delay.as_secs_f64(),
+                "not ready; still serving while load balancers stop sending new connections"
+            );
+            tokio::time::sleep(delay).await;
         }
     };
     proxy.run(updates, shutdown).await;
@@ -332,6 +353,7 @@ fn proxy_kubernetes(
     namespace: Option<String>,
     listen: std::net::SocketAddr,
     admin: std::net::SocketAddr,
+    shutdown_delay: std::time::Duration,
 ) -> ExitCode {
     let Some(runtime) = async_runtime() else { return ExitCode::FAILURE };
     runtime.block_on(async move {
@@ -380,6 +402,6 @@ fn proxy_kubernetes(
                 }
             }
         });
-        serve(proxy, rx).await
+        serve(proxy, rx, shutdown_delay).await
     })
 }

@@ -113,6 +113,11 @@ impl Shared {
         }))
     }
 
+    /// Fails readiness from now on (shutdown has begun); serving goes on.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
     /// The runtime in force.
     pub fn runtime(&self) -> Arc<Runtime> {
         self.current.load_full()

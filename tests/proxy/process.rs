@@ -59,9 +59,15 @@ fn write(path: &Path, text: &str) {
 
 /// Starts the binary and waits until it serves.
 fn start(config: &Path, listen: SocketAddr) -> Running {
+    start_with(config, listen, &[])
+}
+
+/// Starts the binary with extra arguments and waits until it serves.
+fn start_with(config: &Path, listen: SocketAddr, extra: &[&str]) -> Running {
     let child = Command::new(BIN)
         .args(["proxy", "--config"])
         .arg(config)
+        .args(extra)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -186,5 +192,30 @@ async fn sigterm_stops_accepting_finishes_in_flight_requests_and_exits_0() {
     assert_eq!((r.status.as_u16(), r.backend()), (200, "b1"));
     let status = tokio::task::spawn_blocking(move || proc.wait_exit(Duration::from_secs(5))).await.unwrap();
     assert_eq!(status.and_then(|s| s.code()), Some(0));
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_shutdown_delay_sigterm_first_fails_readiness_while_still_serving() {
+    let bs = backends(1).await;
+    let dir = temp_dir("delay");
+    let path = dir.join("proxy.yaml");
+    let p = handle_for(free_addr(), free_addr());
+    write(
+        &path,
+        &format!("listen: \"{}\"\nadmin: \"{}\"\nendpoints: [{{address: \"{}\"}}]\n", p.listen, p.admin, bs[0].addr),
+    );
+    let mut proc = start_with(&path, p.listen, &["--shutdown-delay", "1500ms"]);
+    assert_eq!(get_at(p.admin, "/readyz").await.expect("readyz").status.as_u16(), 200);
+    proc.signal("-TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Within the delay: not ready, but new connections and requests are served.
+    assert_eq!(get_at(p.admin, "/readyz").await.expect("readyz").status.as_u16(), 503);
+    let r = get_at(p.listen, "/").await.expect("served during the delay");
+    assert_eq!((r.status.as_u16(), r.backend()), (200, "b1"));
+    // After it: the listener closes and the process exits 0.
+    let status = tokio::task::spawn_blocking(move || proc.wait_exit(Duration::from_secs(10))).await.unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+    assert!(tokio::net::TcpStream::connect(p.listen).await.is_err());
     std::fs::remove_dir_all(dir).ok();
 }
