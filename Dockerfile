@@ -25,6 +25,7 @@ COPY tests ./tests
 RUN cargo fetch --locked
 RUN cargo build --release --locked --bin fulcrum --target "$(uname -m)-unknown-linux-musl" \
     && cp "target/$(uname -m)-unknown-linux-musl/release/fulcrum" /fulcrum \
+    && strip /fulcrum \
     && /fulcrum --version
 
 FROM gcr.io/distroless/static-debian12:nonroot
