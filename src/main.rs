@@ -233,16 +233,21 @@ fn demo(opts: &DemoOptions) -> ExitCode {
     }
 }
 
+/// A client with in-cluster credentials, or the current kubeconfig context.
+async fn kube_client(command: &str) -> Option<kube::Client> {
+    match kube::Client::try_default().await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("fulcrum {command}: no Kubernetes credentials (in-cluster or kubeconfig): {e}");
+            None
+        }
+    }
+}
+
 fn operator(proxy_image: String, health_addr: std::net::SocketAddr) -> ExitCode {
     let Some(runtime) = async_runtime() else { return ExitCode::FAILURE };
     runtime.block_on(async move {
-        let client = match kube::Client::try_default().await {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("fulcrum operator: no Kubernetes credentials (in-cluster or kubeconfig): {e}");
-                return ExitCode::FAILURE;
-            }
-        };
+        let Some(client) = kube_client("operator").await else { return ExitCode::FAILURE };
         let health = match tokio::net::TcpListener::bind(health_addr).await {
             Ok(l) => l,
             Err(e) => {
@@ -357,13 +362,7 @@ fn proxy_kubernetes(
 ) -> ExitCode {
     let Some(runtime) = async_runtime() else { return ExitCode::FAILURE };
     runtime.block_on(async move {
-        let client = match kube::Client::try_default().await {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("fulcrum proxy: no Kubernetes credentials (in-cluster or kubeconfig): {e}");
-                return ExitCode::FAILURE;
-            }
-        };
+        let Some(client) = kube_client("proxy").await else { return ExitCode::FAILURE };
         let namespace = namespace.unwrap_or_else(|| client.default_namespace().to_owned());
         let admin_listener = match tokio::net::TcpListener::bind(admin).await {
             Ok(l) => l,
