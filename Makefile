@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: build test lint unit doc manifests-check manifests demo crds bench bench-balance bench-proxy bench-operator kind-deploy image clean
+.PHONY: build test lint unit doc manifests-check manifests demo crds bench bench-balance bench-proxy bench-operator bench-discovery kind-deploy image clean
 
 # The manifest checks' tools (Helm's Go SDK, kubernetes-validate, checkov) live
 # in a virtualenv in the repository, reinstalled when their pinned list changes.
@@ -71,7 +71,7 @@ demo: build
 
 ## All benchmarks (not part of `make test`): the balancing core, then the proxy
 ## against HAProxy and NGINX. Writes bench/results/ and bench/RESULTS.md.
-bench: bench-balance bench-proxy bench-operator
+bench: bench-balance bench-proxy bench-operator bench-discovery
 
 ## Balancing-core benchmark; writes bench/results/balance.md.
 bench-balance:
@@ -87,6 +87,12 @@ bench-proxy: build
 	@cat bench/RESULTS.md
 
 ## Operator at scale: 500 apps on the in-memory API server; the table goes into bench/RESULTS.md.
+## Cost of one EndpointSlice change inside the proxy; the table goes into bench/RESULTS.md.
+bench-discovery:
+	$(CARGO) bench --locked --bench discovery > bench/results/discovery.md
+	python3 bench/splice.py bench/RESULTS.md bench/results/discovery.md
+	@cat bench/results/discovery.md
+
 bench-operator:
 	$(CARGO) bench --locked --bench operator_scale > bench/results/operator.md
 	python3 bench/splice.py bench/RESULTS.md bench/results/operator.md

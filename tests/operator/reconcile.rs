@@ -43,13 +43,14 @@ async fn start() -> Running {
     Running { server, ctx, task }
 }
 
-/// Polls `f` every 20 ms for up to 10 s.
+/// Polls `f` every 20 ms for up to 30 s (a bound for a loaded machine; it
+/// returns as soon as `f` holds).
 async fn until<F, Fut>(what: &str, mut f: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    for _ in 0..500 {
+    for _ in 0..1500 {
         if f().await {
             return;
         }
