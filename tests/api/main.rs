@@ -169,15 +169,17 @@ fn the_chart_carries_the_same_crd() {
     assert!(chart == CHECKED_IN, "the chart's CRD drifted from crds/: run `make crds`");
 }
 
-/// Every example in manifests/examples/: a LoadBalancedApp that the schema's
+/// Every example in manifests/examples/ (and the kind test's app): a LoadBalancedApp that the schema's
 /// CEL rules admit and from which the operator can build every object.
 #[test]
 fn every_example_passes_the_cel_rules_and_the_operator_accepts_it() {
     let mut seen = 0;
-    let mut dir: Vec<_> = std::fs::read_dir("manifests/examples").expect("manifests/examples").flatten().collect();
-    dir.sort_by_key(std::fs::DirEntry::path);
-    for entry in dir {
-        let path = entry.path();
+    let mut paths: Vec<std::path::PathBuf> =
+        std::fs::read_dir("manifests/examples").expect("manifests/examples").flatten().map(|e| e.path()).collect();
+    paths.sort();
+    // The kind end-to-end test's app, too.
+    paths.push("tests/e2e/kind-app.yaml".into());
+    for path in paths {
         let text = std::fs::read_to_string(&path).expect("example");
         let mut app: LoadBalancedApp =
             serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: not a LoadBalancedApp: {e}", path.display()));

@@ -39,42 +39,6 @@ deploy() {
   kubectl get lba web
 }
 
-# An app whose readiness the test controls: ready while /tmp/ready exists.
-e2e_app() {
-  cat <<'YAML'
-apiVersion: fulcrum.dev/v1alpha1
-kind: LoadBalancedApp
-metadata:
-  name: e2e
-spec:
-  replicas: 3
-  port: 8080
-  healing:
-    unreadyTimeout: 20s
-  template:
-    metadata:
-      labels: {app: e2e}
-    spec:
-      containers:
-        - name: app
-          image: registry.k8s.io/e2e-test-images/agnhost:2.53
-          command: ["sh", "-c", "touch /tmp/ready && exec /agnhost netexec --http-port=8080"]
-          ports: [{name: http, containerPort: 8080}]
-          readinessProbe:
-            exec: {command: ["cat", "/tmp/ready"]}
-            periodSeconds: 1
-            failureThreshold: 1
-          volumeMounts: [{name: tmp, mountPath: /tmp}]
-          securityContext:
-            runAsNonRoot: true
-            runAsUser: 65532
-            readOnlyRootFilesystem: true
-            allowPrivilegeEscalation: false
-            capabilities: {drop: ["ALL"]}
-      volumes: [{name: tmp, emptyDir: {}}]
-YAML
-}
-
 app_pods() {
   kubectl get pods -l fulcrum.dev/app=e2e,fulcrum.dev/track=stable \
     --field-selector=status.phase=Running -o jsonpath='{range .items[*]}{.metadata.name}{"\n"}{end}'
@@ -87,7 +51,7 @@ ready_count() {
 test_e2e() {
   deploy
   log "applying the end-to-end app"
-  e2e_app | kubectl apply -f -
+  kubectl apply -f tests/e2e/kind-app.yaml
   kubectl wait lba/e2e --for=condition=Available --timeout 240s
   kubectl rollout status deployment/e2e --timeout 180s
 

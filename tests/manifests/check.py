@@ -230,13 +230,13 @@ def check_examples(versions: tuple[str, str]) -> list[dict]:
     crd = docs(CRD.read_text())[0]
     schema = strict_schema(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
     validator = jsonschema.Draft7Validator(schema)
-    examples = sorted(EXAMPLES.glob("*.yaml"))
+    examples = sorted(EXAMPLES.glob("*.yaml")) + [ROOT / "tests" / "e2e" / "kind-app.yaml"]
     if not examples:
         fail("manifests/examples/ is empty")
     objs = []
     for path in examples:
         for obj in docs(path.read_text()):
-            where = f"manifests/examples/{path.name}"
+            where = str(path.relative_to(ROOT))
             objs.append(obj)
             if (obj.get("apiVersion"), obj.get("kind")) != ("fulcrum.dev/v1alpha1", "LoadBalancedApp"):
                 validate_k8s(obj, where, versions)
