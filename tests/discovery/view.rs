@@ -25,6 +25,16 @@ fn w() -> Watched {
     watched(addr("127.0.0.1:8000"), addr("127.0.0.1:8001"))
 }
 
+/// A view with the round-robin configuration and one listed slice `a` of two ready endpoints.
+fn listed_two() -> View {
+    let mut v = View::new(w());
+    v.on_config(Event::Apply(config_map(ROUND_ROBIN)));
+    v.on_slice(Event::Init);
+    v.on_slice(Event::InitApply(slice("a", "web-backends", 8080, &[ready("10.0.0.1"), ready("10.0.0.2")])));
+    v.on_slice(Event::InitDone);
+    v
+}
+
 fn summary(ts: &[Target]) -> Vec<(String, String, bool)> {
     ts.iter().map(|t| (t.spec.addr.to_string(), t.spec.track.to_string(), t.draining)).collect()
 }
@@ -123,11 +133,7 @@ fn no_snapshot_until_the_configuration_and_the_slice_list_are_both_known() {
 
 #[test]
 fn a_relist_replaces_the_endpoints_only_once_complete() {
-    let mut v = View::new(w());
-    v.on_config(Event::Apply(config_map(ROUND_ROBIN)));
-    v.on_slice(Event::Init);
-    v.on_slice(Event::InitApply(slice("a", "web-backends", 8080, &[ready("10.0.0.1"), ready("10.0.0.2")])));
-    v.on_slice(Event::InitDone);
+    let mut v = listed_two();
     let before = v.snapshot(t0()).expect("snapshot");
     // The watch restarts (an API server restart, a 410 Gone): until the new
     // list is complete, the old endpoints stay.
@@ -195,11 +201,7 @@ fn the_slice_selector_names_both_backends_services() {
 
 #[test]
 fn a_serving_endpoint_that_vanishes_from_every_slice_is_held_for_the_grace_period() {
-    let mut v = View::new(w());
-    v.on_config(Event::Apply(config_map(ROUND_ROBIN)));
-    v.on_slice(Event::Init);
-    v.on_slice(Event::InitApply(slice("a", "web-backends", 8080, &[ready("10.0.0.1"), ready("10.0.0.2")])));
-    v.on_slice(Event::InitDone);
+    let mut v = listed_two();
     let both = vec![row("10.0.0.1:8080", "stable", false), row("10.0.0.2:8080", "stable", false)];
     assert_eq!(summary(&v.snapshot(t0()).expect("snapshot").targets), both);
     assert_eq!(v.next_expiry(), None);
@@ -219,11 +221,7 @@ fn a_serving_endpoint_that_vanishes_from_every_slice_is_held_for_the_grace_perio
 
 #[test]
 fn not_ready_and_terminating_endpoints_are_never_held() {
-    let mut v = View::new(w());
-    v.on_config(Event::Apply(config_map(ROUND_ROBIN)));
-    v.on_slice(Event::Init);
-    v.on_slice(Event::InitApply(slice("a", "web-backends", 8080, &[ready("10.0.0.1"), ready("10.0.0.2")])));
-    v.on_slice(Event::InitDone);
+    let mut v = listed_two();
     v.snapshot(t0());
     // Not ready: out at once, although the slice still lists it.
     v.on_slice(Event::Apply(slice("a", "web-backends", 8080, &[ready("10.0.0.1"), unready("10.0.0.2")])));
