@@ -21,7 +21,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, req: Request<Incoming>) -> Result
         }
         ("GET", "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
         ("GET", "/readyz") => {
-            let (ready, why) = readiness(&shared);
+            let require_endpoint = req.uri().query().is_some_and(|q| q.split('&').any(|kv| kv == "require=endpoints"));
+            let (ready, why) = readiness(&shared, require_endpoint);
             let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
             (status, "text/plain", format!("{why}\n"))
         }
@@ -51,17 +52,33 @@ pub(crate) async fn serve_waiting(req: Request<Incoming>) -> Result<Response<Ful
     Ok(resp)
 }
 
-/// Ready when not draining and at least one endpoint may take traffic.
-pub(crate) fn readiness(shared: &Shared) -> (bool, &'static str) {
+/// Whether the proxy should be sent traffic.
+///
+/// A proxy that serves its configuration is ready, whether or not any endpoint
+/// is available: with none, it answers 503 itself. Readiness must not depend on
+/// the endpoints, because in Sidecar mode the endpoints are the proxy's own
+/// pods, which Kubernetes lists as ready only once every container of the pod,
+/// this proxy included, is ready: a proxy that waited for an endpoint would
+/// wait for itself, and a fresh install would never turn ready (Istio's and
+/// Linkerd's sidecars follow the same rule). A dedicated proxy follows it too,
+/// so a proxy rollout is not held up by an app outage, and clients of an app
+/// with no available pod get a fast 503 rather than a refused connection.
+///
+/// `require_endpoint` (`/readyz?require=endpoints`) adds the condition that at
+/// least one endpoint may take traffic, for a standalone proxy behind another
+/// load balancer that should skip a proxy with nothing to send to.
+pub(crate) fn readiness(shared: &Shared, require_endpoint: bool) -> (bool, String) {
     if shared.draining.load(Ordering::Relaxed) {
-        return (false, "draining");
+        return (false, "draining".to_owned());
     }
     let rt = shared.runtime();
-    if rt.set.members().iter().any(|m| m.weight() > 0 && m.endpoint().health().is_available()) {
-        (true, "ready")
-    } else {
-        (false, "no endpoint available")
+    let members = rt.set.members();
+    let available = members.iter().filter(|m| m.weight() > 0 && m.endpoint().health().is_available()).count();
+    if available == 0 {
+        let why = "no endpoint available: requests are answered 503";
+        return (!require_endpoint, format!("{}: {why}", if require_endpoint { "not ready" } else { "ready" }));
     }
+    (true, format!("ready: {available} of {} endpoints available", members.len()))
 }
 
 fn health_name(flag: HealthFlag) -> &'static str {

@@ -2,8 +2,13 @@
 //! ReplicaSet controller (pods for each app Deployment), kubelet (a real
 //! backend server per pod on its own 127.0.x.y address, and its readiness)
 //! and the EndpointSlice controller (one slice per backends Service).
+//!
+//! As on a real node, a pod is Ready only when every container is: its app and
+//! its sidecar proxy (the test's one proxy process stands for every pod's
+//! sidecar, so its `/readyz` gates every pod).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,7 +19,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
-use crate::support::Backend;
+use crate::support::{Backend, client, send};
 
 const APP_LABEL: &str = "fulcrum.dev/app";
 const TRACK_LABEL: &str = "fulcrum.dev/track";
@@ -40,11 +45,20 @@ impl Drop for Cluster {
 }
 
 impl Cluster {
-    /// Starts the loop; pods get addresses 127.0.`net`.10 and up, their app listens on `port`.
-    pub fn start(client: Client, net: u8, port: u16) -> Cluster {
+    /// Starts the loop; pods get addresses 127.0.`net`.10 and up, their app
+    /// listens on `port`, and their sidecar proxy's admin listener is `sidecar_admin`.
+    pub fn start(client: Client, net: u8, port: u16, sidecar_admin: SocketAddr) -> Cluster {
         let control = Arc::new(Mutex::new(Control::default()));
-        let mut sim =
-            Sim { client, net, port, next_host: 10, next_pod: 1, pods: BTreeMap::new(), slices: BTreeMap::new() };
+        let mut sim = Sim {
+            client,
+            net,
+            port,
+            sidecar_admin,
+            next_host: 10,
+            next_pod: 1,
+            pods: BTreeMap::new(),
+            slices: BTreeMap::new(),
+        };
         let c = control.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -78,6 +92,7 @@ struct Sim {
     client: Client,
     net: u8,
     port: u16,
+    sidecar_admin: SocketAddr,
     next_host: u8,
     next_pod: u32,
     pods: BTreeMap<String, Running>,
@@ -86,6 +101,16 @@ struct Sim {
 }
 
 impl Sim {
+    /// The sidecar container's readiness probe: `GET /readyz` on its admin port.
+    async fn sidecar_ready(&self) -> bool {
+        let Ok(req) = http::Request::get(format!("http://{}/readyz", self.sidecar_admin)).body(Default::default())
+        else {
+            return false;
+        };
+        let probe = tokio::time::timeout(Duration::from_secs(1), send(&client(), req)).await;
+        matches!(probe, Ok(Ok(r)) if r.status == 200)
+    }
+
     async fn step(&mut self, control: &Mutex<Control>) -> Result<(), kube::Error> {
         let ns = "default";
         let deployments: Api<Deployment> = Api::namespaced(self.client.clone(), ns);
@@ -143,10 +168,12 @@ impl Sim {
             }
         }
 
-        // Kubelet: the pod's IP, phase and readiness.
+        // Kubelet: the pod's IP, phase and readiness, from the readiness of
+        // both containers (the app's and the sidecar proxy's probe).
         let unready = control.lock().unwrap_or_else(|p| p.into_inner()).unready.clone();
+        let sidecar_ready = self.sidecar_ready().await;
         for (name, r) in &mut self.pods {
-            let ready = !unready.contains(name);
+            let ready = sidecar_ready && !unready.contains(name);
             if r.ready == Some(ready) {
                 continue;
             }

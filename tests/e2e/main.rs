@@ -190,7 +190,7 @@ async fn from_kubectl_apply_to_traffic_readiness_healing_reconfiguration_and_can
 
     let ctx = Arc::new(Context::new(client.clone(), Settings { proxy_image: "fulcrum:test".into() }));
     let operator = tokio::spawn(run(ctx));
-    let cluster = Cluster::start(client.clone(), 80, APP_PORT);
+    let cluster = Cluster::start(client.clone(), 80, APP_PORT, ADMIN.parse().expect("admin address"));
     let apps: Api<LoadBalancedApp> = Api::namespaced(client.clone(), "default");
     apps.create(&PostParams::default(), &web()).await.expect("kubectl apply");
 

@@ -52,9 +52,15 @@ async fn a_tcp_check_notices_a_dead_endpoint() {
         })
         .await
     );
-    assert_eq!(admin(&p, "/readyz").await.status, 200, "one endpoint is enough to be ready");
+    assert_eq!(admin(&p, "/readyz?require=endpoints").await.status, 200, "one endpoint is enough");
     bs[1].kill().await;
-    assert!(eventually(Duration::from_secs(3), || async { admin(&p, "/readyz").await.status == 503 }).await);
+    assert!(
+        eventually(Duration::from_secs(3), || async { admin(&p, "/readyz?require=endpoints").await.status == 503 })
+            .await
+    );
+    let plain = admin(&p, "/readyz").await;
+    assert_eq!(plain.status, 200, "a proxy serving its configuration is ready without endpoints: {}", plain.body);
+    assert!(plain.body.contains("no endpoint available"), "{}", plain.body);
     p.shutdown().await;
 }
 
