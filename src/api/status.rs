@@ -32,6 +32,12 @@ pub struct LoadBalancedAppStatus {
     /// Pods deleted to heal the app since it was created.
     #[serde(default)]
     pub healed_total: i64,
+    /// Pods that have waited longer than `healing.unreadyTimeout` without
+    /// starting (unschedulable, image pull failing, a missing ConfigMap or
+    /// Secret…), grouped by the reason they wait. They are reported here and in
+    /// the `Degraded` condition, never deleted: a new pod would wait for the same thing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_started: Vec<NotStarted>,
     /// `Available`, `Progressing` and `Degraded`, following the Kubernetes API conventions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
@@ -69,4 +75,17 @@ pub struct Healed {
     pub reason: String,
     /// When.
     pub time: Time,
+}
+
+/// Pods that have not started, for one reason.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NotStarted {
+    /// The reason, as the scheduler or the kubelet reports it (`Unschedulable`,
+    /// `ImagePullBackOff`, `CreateContainerConfigError`…), or `Pending`.
+    pub reason: String,
+    /// How many pods wait for this reason.
+    pub count: i32,
+    /// The first few of them, by name.
+    pub pods: Vec<String>,
 }

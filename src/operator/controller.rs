@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use tracing::{Instrument, info, info_span, warn};
 
-use super::desired::{APP_LABEL, Desired, Names, PROXY_CONTAINER, Settings, TRACK_LABEL, desired};
+use super::desired::{APP_LABEL, Desired, MANAGED_BY_SELECTOR, Names, PROXY_CONTAINER, Settings, TRACK_LABEL, desired};
 use super::healing::{Phase, PodView, Policy, heal_plan};
 use super::metrics::OperatorMetrics;
 use crate::api::{Counts, Healed, LoadBalancedApp, LoadBalancedAppStatus, ProxyMode};
@@ -72,10 +72,13 @@ pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
     let apps: Api<LoadBalancedApp> = Api::all(client.clone());
     let pods: Api<Pod> = Api::all(client.clone());
+    // Only the objects the operator made are watched (and cached): a cluster's
+    // other ConfigMaps, Services and Deployments would cost memory for nothing.
+    let owned = || watcher::Config::default().labels(MANAGED_BY_SELECTOR);
     Controller::new(apps, watcher::Config::default())
-        .owns(Api::<Deployment>::all(client.clone()), watcher::Config::default())
-        .owns(Api::<Service>::all(client.clone()), watcher::Config::default())
-        .owns(Api::<ConfigMap>::all(client.clone()), watcher::Config::default())
+        .owns(Api::<Deployment>::all(client.clone()), owned())
+        .owns(Api::<Service>::all(client.clone()), owned())
+        .owns(Api::<ConfigMap>::all(client.clone()), owned())
         // App pods belong to ReplicaSets, not to the app: map them back by label.
         .watches(pods, watcher::Config::default().labels(APP_LABEL), |pod: Pod| {
             let ns = pod.namespace()?;
@@ -219,7 +222,53 @@ pub fn pod_view(p: &Pod) -> PodView {
         unready_since,
         crash_looping,
         terminating: p.metadata.deletion_timestamp.is_some(),
+        waiting_reason: if phase == Phase::Pending { waiting_reason(p) } else { None },
     }
+}
+
+/// Why a pod that has not started waits: the scheduler's reason while it is
+/// unscheduled, else the first waiting container's reason (init containers first).
+fn waiting_reason(p: &Pod) -> Option<String> {
+    let status = p.status.as_ref()?;
+    let unscheduled = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+        .map(|c| c.reason.clone().unwrap_or_else(|| "Unschedulable".to_owned()));
+    unscheduled.or_else(|| {
+        let containers =
+            status.init_container_statuses.iter().flatten().chain(status.container_statuses.iter().flatten());
+        containers.filter_map(|c| c.state.as_ref()?.waiting.as_ref()?.reason.clone()).find(|r| r != "PodInitializing")
+    })
+}
+
+/// Groups the pods that have not started by reason, naming the first few of each.
+fn not_started(pods: &[(String, String)]) -> Vec<crate::api::NotStarted> {
+    let mut by_reason: std::collections::BTreeMap<&str, Vec<&str>> = std::collections::BTreeMap::new();
+    for (pod, reason) in pods {
+        by_reason.entry(reason).or_default().push(pod);
+    }
+    by_reason
+        .into_iter()
+        .map(|(reason, pods)| crate::api::NotStarted {
+            reason: reason.to_owned(),
+            count: i32::try_from(pods.len()).unwrap_or(i32::MAX),
+            pods: pods.into_iter().take(5).map(str::to_owned).collect(),
+        })
+        .collect()
+}
+
+/// Whether the pod's proxy container is ready: a native sidecar (an init
+/// container that keeps running) or, in pods made before that, a plain container.
+fn proxy_ready(p: &Pod) -> bool {
+    p.status.as_ref().is_some_and(|s| {
+        s.init_container_statuses
+            .iter()
+            .flatten()
+            .chain(s.container_statuses.iter().flatten())
+            .any(|c| c.name == PROXY_CONTAINER && c.ready)
+    })
 }
 
 fn duration(s: &str, fallback: Duration) -> Duration {
@@ -337,9 +386,10 @@ async fn reconcile_app(
             .await;
     }
 
-    // Observe the pods and heal.
+    // Observe the app's pods (those with a track: dedicated proxy pods carry
+    // the app label too, but are not the app's replicas) and heal.
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let listed = pods.list(&ListParams::default().labels(&format!("{APP_LABEL}={name}"))).await?;
+    let listed = pods.list(&ListParams::default().labels(&format!("{APP_LABEL}={name},{TRACK_LABEL}"))).await?;
     let views: Vec<PodView> = listed.items.iter().map(pod_view).collect();
     let spec = &app.spec;
     let min_available = spec.availability.min_available.unwrap_or((spec.replicas - 1).max(0));
@@ -401,16 +451,7 @@ async fn reconcile_app(
     status.endpoints = Counts { ready: all_ready, total: listed.items.len() as i32 };
     status.proxy = match spec.proxy.mode {
         ProxyMode::Sidecar => {
-            let proxy_ready = listed
-                .items
-                .iter()
-                .filter(|p| {
-                    p.status
-                        .as_ref()
-                        .and_then(|s| s.container_statuses.as_ref())
-                        .is_some_and(|cs| cs.iter().any(|c| c.name == PROXY_CONTAINER && c.ready))
-                })
-                .count() as i32;
+            let proxy_ready = listed.items.iter().filter(|p| proxy_ready(p)).count() as i32;
             Counts { ready: proxy_ready, total: listed.items.len() as i32 }
         }
         ProxyMode::Dedicated => {
@@ -427,7 +468,20 @@ async fn reconcile_app(
     });
     let is_available = stable_ready >= min_available.max(1) && status.proxy.ready > 0;
     let progressing = stable_total != spec.replicas || stable_ready < spec.replicas;
-    let degraded = !plan.crash_looping.is_empty();
+    status.not_started = not_started(&plan.not_started);
+    let degraded = !plan.crash_looping.is_empty() || !plan.not_started.is_empty();
+    let mut degraded_because = Vec::new();
+    if !plan.crash_looping.is_empty() {
+        degraded_because.push(format!("crash-looping pods (not deleted): {}", plan.crash_looping.join(", ")));
+    }
+    for w in &status.not_started {
+        degraded_because.push(format!(
+            "{} pod(s) not started ({}, not deleted): {}",
+            w.count,
+            w.reason,
+            w.pods.join(", ")
+        ));
+    }
     status.conditions = vec![
         condition(
             &old.conditions,
@@ -449,12 +503,12 @@ async fn reconcile_app(
             &old.conditions,
             "Degraded",
             degraded,
-            if degraded { "CrashLoop" } else { "AsExpected" },
-            if degraded {
-                format!("crash-looping pods (not deleted): {}", plan.crash_looping.join(", "))
-            } else {
-                "no crash loops".into()
+            match (plan.crash_looping.is_empty(), plan.not_started.is_empty()) {
+                (true, true) => "AsExpected",
+                (false, _) => "CrashLoop",
+                (true, false) => "PodsNotStarted",
             },
+            if degraded { degraded_because.join("; ") } else { "no crash loops, every pod started".into() },
             generation,
         ),
     ];

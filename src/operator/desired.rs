@@ -24,8 +24,14 @@ pub const TRACK_LABEL: &str = "fulcrum.dev/track";
 pub const COMPONENT_LABEL: &str = "fulcrum.dev/component";
 /// Name of the proxy container.
 pub const PROXY_CONTAINER: &str = "fulcrum-proxy";
+/// Name of the pod volume that holds the proxy's own API credentials.
+pub const PROXY_TOKEN_VOLUME: &str = "fulcrum-proxy-token";
+/// Where a pod's API credentials are mounted, and where the proxy's client looks for them.
+const TOKEN_MOUNT_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 /// Key of the proxy configuration in its ConfigMap.
 pub const CONFIG_KEY: &str = "proxy.yaml";
+/// Label selector of every object the operator owns (their `app.kubernetes.io/managed-by`).
+pub const MANAGED_BY_SELECTOR: &str = "app.kubernetes.io/managed-by=fulcrum";
 /// Name of the backends Services' port, which the proxy looks up in their EndpointSlices.
 pub const BACKEND_PORT_NAME: &str = "app";
 
@@ -126,6 +132,11 @@ pub fn desired(app: &LoadBalancedApp, settings: &Settings) -> Result<Desired, In
         let mut template = pod_template(template, &name, track, sidecar.then_some(&proxy_container))?;
         if own_account {
             template["spec"]["serviceAccountName"] = json!(n.proxy());
+            // The app named no account, so it gets no token of the proxy's:
+            // the proxy has its own (below), whatever the pod says.
+            if template["spec"]["automountServiceAccountToken"].is_null() {
+                template["spec"]["automountServiceAccountToken"] = json!(false);
+            }
         }
         let mut d = json!({
             "apiVersion": "apps/v1", "kind": "Deployment",
@@ -209,6 +220,8 @@ pub fn desired(app: &LoadBalancedApp, settings: &Settings) -> Result<Desired, In
                         "metadata": {"labels": labels},
                         "spec": {
                             "serviceAccountName": n.proxy(),
+                            "automountServiceAccountToken": false,
+                            "volumes": [proxy_token_volume()],
                             "securityContext": pod_security(),
                             "containers": [proxy_container],
                             "topologySpreadConstraints": spread(&[(APP_LABEL, &name), (COMPONENT_LABEL, "proxy")]),
@@ -226,7 +239,12 @@ pub fn desired(app: &LoadBalancedApp, settings: &Settings) -> Result<Desired, In
         json!({
             "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
             "metadata": meta(&name, "app"),
-            "spec": {"minAvailable": min_available, "selector": {"matchLabels": {APP_LABEL: name, TRACK_LABEL: "stable"}}},
+            "spec": {
+                "minAvailable": min_available,
+                "selector": {"matchLabels": {APP_LABEL: name, TRACK_LABEL: "stable"}},
+                // An unready pod protects no availability: a drain may always evict it.
+                "unhealthyPodEvictionPolicy": "AlwaysAllow",
+            },
         }),
     )?;
     let proxy_pdb = if sidecar {
@@ -237,7 +255,12 @@ pub fn desired(app: &LoadBalancedApp, settings: &Settings) -> Result<Desired, In
             json!({
                 "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
                 "metadata": meta(&n.proxy(), "proxy"),
-                "spec": {"minAvailable": (proxy_replicas - 1).max(1), "selector": {"matchLabels": {APP_LABEL: name, COMPONENT_LABEL: "proxy"}}},
+                // One proxy at a time: a drain proceeds whatever the replica count, one replica included.
+                "spec": {
+                    "maxUnavailable": 1,
+                    "selector": {"matchLabels": {APP_LABEL: name, COMPONENT_LABEL: "proxy"}},
+                    "unhealthyPodEvictionPolicy": "AlwaysAllow",
+                },
             }),
         )?)
     };
@@ -298,10 +321,30 @@ pub fn desired(app: &LoadBalancedApp, settings: &Settings) -> Result<Desired, In
     })
 }
 
+/// The owner reference of every owned object. It does not block the owner's
+/// deletion: with `blockOwnerDeletion`, clusters running the
+/// OwnerReferencesPermissionEnforcement admission plugin would ask the
+/// operator for `update` on `loadbalancedapps/finalizers`, a right it has no
+/// other use for; background deletion collects the objects all the same.
 fn owner_json(o: &OwnerReference) -> Value {
+    json!({"apiVersion": o.api_version, "kind": o.kind, "name": o.name, "uid": o.uid, "controller": true})
+}
+
+/// The proxy's own API credentials, as the kubelet would mount them for the
+/// pod: a bound ServiceAccount token, the cluster's CA and the namespace. The
+/// proxy gets them even when the pod or its account turns automounting off,
+/// and the app's containers get none of them.
+fn proxy_token_volume() -> Value {
     json!({
-        "apiVersion": o.api_version, "kind": o.kind, "name": o.name, "uid": o.uid,
-        "controller": true, "blockOwnerDeletion": true,
+        "name": PROXY_TOKEN_VOLUME,
+        "projected": {
+            "defaultMode": 0o444,
+            "sources": [
+                {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+                {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
+            ],
+        },
     })
 }
 
@@ -361,6 +404,7 @@ fn proxy_container(
             "readinessProbe": {"httpGet": {"path": "/readyz", "port": ADMIN_PORT}, "periodSeconds": 2, "failureThreshold": 2},
             "livenessProbe": {"httpGet": {"path": "/healthz", "port": ADMIN_PORT}, "periodSeconds": 10, "failureThreshold": 3},
             "resources": resources,
+            "volumeMounts": [{"name": PROXY_TOKEN_VOLUME, "mountPath": TOKEN_MOUNT_PATH, "readOnly": true}],
             "securityContext": {
                 "runAsNonRoot": true,
                 "runAsUser": 65532,
@@ -396,16 +440,37 @@ fn pod_template(
     if containers.is_empty() {
         return Err(InvalidSpec("spec.template.spec.containers: at least one container is required".into()));
     }
-    if let Some(proxy) = sidecar {
-        if containers.iter().any(|c| c["name"] == PROXY_CONTAINER) {
+    let Some(proxy) = sidecar else { return Ok(t) };
+    for list in ["containers", "initContainers"] {
+        if t["spec"][list].as_array().is_some_and(|cs| cs.iter().any(|c| c["name"] == PROXY_CONTAINER)) {
             return Err(InvalidSpec(format!(
-                "spec.template.spec.containers: the name {PROXY_CONTAINER:?} is reserved for the proxy"
+                "spec.template.spec.{list}: the name {PROXY_CONTAINER:?} is reserved for the proxy"
             )));
         }
-        // The proxy reads its ConfigMap and the EndpointSlices through the API, with the pod's account.
-        containers.push(serde_json::to_value(proxy).map_err(|e| InvalidSpec(e.to_string()))?);
     }
+    if t["spec"]["volumes"].as_array().is_some_and(|vs| vs.iter().any(|v| v["name"] == PROXY_TOKEN_VOLUME)) {
+        return Err(InvalidSpec(format!(
+            "spec.template.spec.volumes: the name {PROXY_TOKEN_VOLUME:?} is reserved for the proxy"
+        )));
+    }
+    // A native sidecar (an init container that keeps running): the kubelet
+    // starts it after the app's own init containers and before the app, and
+    // stops it only after the app's containers have exited, so requests the
+    // app is still answering while it shuts down are not cut off. Its
+    // readiness counts towards the pod's.
+    let mut proxy = serde_json::to_value(proxy).map_err(|e| InvalidSpec(e.to_string()))?;
+    proxy["restartPolicy"] = json!("Always");
+    push_to(&mut t["spec"], "initContainers", proxy);
+    push_to(&mut t["spec"], "volumes", proxy_token_volume());
     Ok(t)
+}
+
+/// Appends to the array `key` of `obj`, creating it when absent.
+fn push_to(obj: &mut Value, key: &str, item: Value) {
+    match obj[key].as_array_mut() {
+        Some(list) => list.push(item),
+        None => obj[key] = json!([item]),
+    }
 }
 
 impl Desired {

@@ -4,6 +4,11 @@
 //!
 //! The rules:
 //! - a pod in phase `Failed` is replaced;
+//! - a pod that never started (phase `Pending`: unschedulable, pulling or
+//!   failing to pull its image, waiting on a missing ConfigMap or Secret) is
+//!   never deleted: its replacement would wait for the same thing, and each
+//!   deletion would reset the kubelet's back-off and flood Events. Once it has
+//!   waited longer than `unreadyTimeout` it is reported, with its reason;
 //! - a pod not ready for longer than `unreadyTimeout` is replaced, unless it
 //!   is crash-looping: a crash loop is the app's bug, and a new pod would
 //!   loop too, so it is reported (`Degraded`) instead of deleted in a loop;
@@ -29,6 +34,9 @@ pub struct PodView {
     pub crash_looping: bool,
     /// Deletion has started (deletionTimestamp set).
     pub terminating: bool,
+    /// Why a pod that has not started waits, as the scheduler or the kubelet
+    /// says it (`Unschedulable`, `ImagePullBackOff`, `CreateContainerConfigError`…).
+    pub waiting_reason: Option<String>,
 }
 
 /// Pod phases that matter here.
@@ -86,6 +94,9 @@ pub struct Plan {
     pub held: Vec<(String, Held)>,
     /// Pods crash-looping: reported, not deleted.
     pub crash_looping: Vec<String>,
+    /// Pods that have not started for longer than `unreadyTimeout`, with the
+    /// reason they wait: reported, not deleted.
+    pub not_started: Vec<(String, String)>,
     /// When the next unready pod becomes eligible, if one will.
     pub next_check: Option<Duration>,
 }
@@ -104,6 +115,14 @@ pub fn heal_plan(pods: &[PodView], policy: &Policy, now: SystemTime) -> Plan {
             eligible.push((p, Reason::Failed, unready_for));
         } else if p.ready {
             continue;
+        } else if p.phase == Phase::Pending {
+            if unready_for >= policy.unready_timeout {
+                let reason = p.waiting_reason.clone().unwrap_or_else(|| "Pending".to_owned());
+                plan.not_started.push((p.name.clone(), reason));
+            } else if p.unready_since.is_some() {
+                let wait = policy.unready_timeout - unready_for;
+                plan.next_check = Some(plan.next_check.map_or(wait, |w: Duration| w.min(wait)));
+            }
         } else if p.crash_looping {
             plan.crash_looping.push(p.name.clone());
         } else if p.unready_since.is_some() && unready_for >= policy.unready_timeout {
@@ -130,5 +149,6 @@ pub fn heal_plan(pods: &[PodView], policy: &Policy, now: SystemTime) -> Plan {
         }
     }
     plan.crash_looping.sort();
+    plan.not_started.sort();
     plan
 }

@@ -11,6 +11,9 @@ set -euo pipefail
 
 CLUSTER=${CLUSTER:-fulcrum}
 IMAGE=${IMAGE:-fulcrum:e2e}
+# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion), as a kind
+# node image of kind v0.29: the cluster must not drift with kind's default.
+NODE_IMAGE=${NODE_IMAGE:-kindest/node:v1.33.1}
 NAMESPACE=fulcrum-system
 cd "$(dirname "$0")/../.."
 
@@ -21,7 +24,7 @@ deploy() {
   need docker; need kind; need kubectl; need helm
   if ! kind get clusters | grep -qx "$CLUSTER"; then
     log "creating the kind cluster $CLUSTER"
-    kind create cluster --name "$CLUSTER" --wait 180s
+    kind create cluster --name "$CLUSTER" --image "$NODE_IMAGE" --wait 180s
   fi
   kubectl config use-context "kind-$CLUSTER"
   log "building $IMAGE and loading it into the cluster"
@@ -39,9 +42,11 @@ deploy() {
   kubectl get lba web
 }
 
+# Running app pods that are not terminating (a terminating pod stays Running
+# until its containers exit).
 app_pods() {
-  kubectl get pods -l fulcrum.dev/app=e2e,fulcrum.dev/track=stable \
-    --field-selector=status.phase=Running -o jsonpath='{range .items[*]}{.metadata.name}{"\n"}{end}'
+  kubectl get pods -l fulcrum.dev/app=e2e,fulcrum.dev/track=stable --field-selector=status.phase=Running \
+    -o go-template='{{range .items}}{{if not .metadata.deletionTimestamp}}{{.metadata.name}}{{"\n"}}{{end}}{{end}}'
 }
 
 ready_count() {

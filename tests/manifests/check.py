@@ -309,6 +309,7 @@ def check_image_contract(chart_objects: list[dict], operator: dict[str, list[dic
         for o in objs
         if o["kind"] == "Deployment"
         for c in o["spec"]["template"]["spec"]["containers"]
+        + o["spec"]["template"]["spec"].get("initContainers", [])
         if c["name"] == "fulcrum-proxy"
     ]
     for where, c in containers:

@@ -32,8 +32,13 @@ fn sidecar_mode_injects_the_proxy_and_binds_the_apps_service_account() {
     let d = desired(&app(json!({})), &settings()).unwrap();
     let pod = d.deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
     let names: Vec<&str> = pod.containers.iter().map(|c| c.name.as_str()).collect();
-    assert_eq!(names, ["web", PROXY_CONTAINER]);
-    let proxy = &pod.containers[1];
+    assert_eq!(names, ["web"]);
+    // A native sidecar: started before the app, stopped after it.
+    let init = pod.init_containers.as_ref().unwrap();
+    assert_eq!(init.len(), 1);
+    let proxy = &init[0];
+    assert_eq!(proxy.name, PROXY_CONTAINER);
+    assert_eq!(proxy.restart_policy.as_deref(), Some("Always"));
     let sc = proxy.security_context.as_ref().unwrap();
     assert_eq!(
         (sc.run_as_non_root, sc.read_only_root_filesystem, sc.allow_privilege_escalation),
@@ -42,14 +47,72 @@ fn sidecar_mode_injects_the_proxy_and_binds_the_apps_service_account() {
     assert_eq!(sc.capabilities.as_ref().unwrap().drop, Some(vec!["ALL".to_string()]));
     assert!(proxy.readiness_probe.is_some() && proxy.liveness_probe.is_some());
     assert!(d.proxy_deployment.is_none() && d.proxy_pdb.is_none());
-    // Pods without an account of their own get the app's, not the namespace's `default`.
+    // Pods without an account of their own get the app's, not the namespace's `default`...
     assert_eq!(pod.service_account_name.as_deref(), Some("web-proxy"));
+    // ...and no token of it in the app's containers: the proxy has its own.
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    assert_proxy_has_its_own_token(pod, proxy);
     assert_eq!(d.service_account.as_ref().unwrap().metadata.name.as_deref(), Some("web-proxy"));
     assert_eq!(d.role_binding.subjects.as_ref().unwrap()[0].name, "web-proxy");
     // The front Service reaches the sidecars on every app pod.
     let front = d.front.spec.as_ref().unwrap();
     assert_eq!(front.selector.as_ref().unwrap().get(APP_LABEL).map(String::as_str), Some("web"));
     assert!(!front.selector.as_ref().unwrap().contains_key(TRACK_LABEL));
+}
+
+/// The proxy container mounts a projected token, CA and namespace where
+/// in-cluster clients look for them.
+fn assert_proxy_has_its_own_token(
+    pod: &k8s_openapi::api::core::v1::PodSpec,
+    proxy: &k8s_openapi::api::core::v1::Container,
+) {
+    let mount = proxy.volume_mounts.as_ref().unwrap().iter().find(|m| m.name == "fulcrum-proxy-token").unwrap();
+    assert_eq!(mount.mount_path, "/var/run/secrets/kubernetes.io/serviceaccount");
+    assert_eq!(mount.read_only, Some(true));
+    let volume = pod.volumes.as_ref().unwrap().iter().find(|v| v.name == "fulcrum-proxy-token").unwrap();
+    let sources = volume.projected.as_ref().unwrap().sources.as_ref().unwrap();
+    assert!(sources.iter().any(|s| s.service_account_token.as_ref().is_some_and(|t| t.path == "token")));
+    assert!(sources.iter().any(|s| s.config_map.as_ref().is_some_and(|c| c.name == "kube-root-ca.crt")));
+    assert!(sources.iter().any(|s| s.downward_api.is_some()));
+}
+
+#[test]
+fn a_pod_that_turns_off_token_automounting_still_gives_the_proxy_credentials() {
+    let template = |automount: Value| {
+        json!({"template": {"spec": {"serviceAccountName": "shop-web", "automountServiceAccountToken": automount,
+            "containers": [{"name": "web", "image": "web:1"}]}}})
+    };
+    let d = desired(&app(template(json!(false))), &settings()).unwrap();
+    let pod = d.deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    assert_eq!(pod.automount_service_account_token, Some(false), "the app's choice is kept");
+    assert_proxy_has_its_own_token(pod, &pod.init_containers.as_ref().unwrap()[0]);
+    // An app that names its account and says nothing keeps its automounted token.
+    let d = desired(&app(template(Value::Null)), &settings()).unwrap();
+    let pod = d.deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    assert_eq!(pod.automount_service_account_token, None);
+}
+
+#[test]
+fn owned_objects_do_not_block_their_owners_deletion() {
+    let canary = json!({"weight": 5, "template": {"spec": {"containers": [{"name": "web", "image": "web:2"}]}}});
+    let d = desired(&app(json!({"proxy": {"mode": "Dedicated"}, "canary": canary})), &settings()).unwrap();
+    for o in d.objects() {
+        let refs = o["metadata"]["ownerReferences"].as_array().unwrap();
+        assert_eq!(refs.len(), 1);
+        assert_eq!(refs[0]["controller"], true);
+        assert!(refs[0].get("blockOwnerDeletion").is_none(), "{o}");
+    }
+}
+
+#[test]
+fn disruption_budgets_never_block_a_drain_on_unhealthy_pods_or_a_single_proxy() {
+    let d = desired(&app(json!({"replicas": 3, "proxy": {"mode": "Dedicated", "replicas": 1}})), &settings()).unwrap();
+    let app_pdb = d.pdb.spec.as_ref().unwrap();
+    assert_eq!(app_pdb.unhealthy_pod_eviction_policy.as_deref(), Some("AlwaysAllow"));
+    let proxy_pdb = d.proxy_pdb.as_ref().unwrap().spec.as_ref().unwrap();
+    assert_eq!(proxy_pdb.unhealthy_pod_eviction_policy.as_deref(), Some("AlwaysAllow"));
+    assert_eq!(serde_json::to_value(&proxy_pdb.max_unavailable).unwrap(), json!(1), "one replica can be drained");
+    assert!(proxy_pdb.min_available.is_none());
 }
 
 #[test]
@@ -84,8 +147,8 @@ fn dedicated_mode_runs_a_spread_proxy_deployment_with_its_own_account_and_budget
     assert!(pod.topology_spread_constraints.is_some());
     assert_eq!(d.service_account.as_ref().unwrap().metadata.name.as_deref(), Some("web-proxy"));
     assert_eq!(d.role_binding.subjects.as_ref().unwrap()[0].name, "web-proxy");
-    let pdb = d.proxy_pdb.as_ref().unwrap().spec.as_ref().unwrap();
-    assert_eq!(serde_json::to_value(&pdb.min_available).unwrap(), json!(2));
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    assert_proxy_has_its_own_token(pod, &pod.containers[0]);
 }
 
 #[test]
@@ -167,6 +230,15 @@ fn a_spec_the_schema_admits_but_cannot_work_is_refused_with_a_reason() {
     )
     .unwrap_err();
     assert!(e.0.contains("reserved"), "{e}");
+    let reserved = [
+        ("initContainers", json!({"name": "fulcrum-proxy", "image": "x"})),
+        ("volumes", json!({"name": "fulcrum-proxy-token", "emptyDir": {}})),
+    ];
+    for (list, item) in reserved {
+        let spec = json!({"template": {"spec": {list: [item], "containers": [{"name": "web", "image": "x"}]}}});
+        let e = desired(&app(spec), &settings()).unwrap_err();
+        assert!(e.0.contains("reserved") && e.0.contains(list), "{e}");
+    }
     let mut no_uid = app(json!({}));
     no_uid.metadata.uid = None;
     assert!(desired(&no_uid, &settings()).is_err());

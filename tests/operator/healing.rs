@@ -19,6 +19,7 @@ fn ready(name: &str) -> PodView {
         unready_since: None,
         crash_looping: false,
         terminating: false,
+        waiting_reason: None,
     }
 }
 
@@ -94,6 +95,29 @@ fn a_pod_without_an_unready_time_is_not_judged_by_the_timeout() {
     assert!(plan.delete.is_empty() && plan.next_check.is_none());
 }
 
+fn pending(name: &str, since: u64, reason: Option<&str>) -> PodView {
+    PodView { phase: Phase::Pending, waiting_reason: reason.map(str::to_owned), ..unready(name, since) }
+}
+
+#[test]
+fn a_pod_that_never_started_is_reported_with_its_reason_and_never_deleted() {
+    let pods = [
+        ready("a"),
+        pending("b", 0, Some("ImagePullBackOff")),
+        pending("c", 0, Some("Unschedulable")),
+        pending("d", 0, None),
+        pending("e", 90, Some("ContainerCreating")),
+    ];
+    let plan = heal_plan(&pods, &policy(60, 5, 0), at(100));
+    assert!(plan.delete.is_empty(), "{plan:?}");
+    assert!(plan.held.is_empty(), "{plan:?}");
+    assert_eq!(
+        plan.not_started,
+        [("b".into(), "ImagePullBackOff".into()), ("c".into(), "Unschedulable".into()), ("d".into(), "Pending".into())]
+    );
+    assert_eq!(plan.next_check, Some(Duration::from_secs(50)), "e is reported once it has waited 60 s");
+}
+
 #[test]
 fn ties_are_broken_by_name_so_the_plan_is_deterministic() {
     let pods = [unready("c", 0), unready("a", 0), unready("b", 0)];
@@ -107,7 +131,16 @@ fn pod_strategy() -> impl Strategy<Value = PodView> {
         .prop_map(|(phase, ready, since, crash, terminating, name)| {
             let phase =
                 [Phase::Pending, Phase::Running, Phase::Succeeded, Phase::Failed, Phase::Unknown][phase as usize];
-            PodView { name, phase, ready, unready_since: since.map(at), crash_looping: crash, terminating }
+            let waiting_reason = (phase == Phase::Pending).then(|| "ImagePullBackOff".to_owned());
+            PodView {
+                name,
+                phase,
+                ready,
+                unready_since: since.map(at),
+                crash_looping: crash,
+                terminating,
+                waiting_reason,
+            }
         })
 }
 
@@ -133,8 +166,10 @@ proptest! {
         let mut ready_deleted = 0;
         for (name, reason) in &plan.delete {
             let candidates = by_name(name);
-            // A deleted pod is never terminating already, never crash-looping unless Failed, never Succeeded.
+            // A deleted pod is never terminating already, never crash-looping unless Failed, never Succeeded,
+            // never Pending (it never started: a new one would wait for the same thing).
             prop_assert!(candidates.iter().any(|c| !c.terminating && c.phase != Phase::Succeeded
+                && c.phase != Phase::Pending
                 && (c.phase == Phase::Failed || (!c.ready && !c.crash_looping))));
             if *reason == Reason::UnreadyTooLong {
                 prop_assert!(candidates.iter().any(|c| c.unready_since.is_some_and(|s| at(now).duration_since(s).unwrap_or_default() >= p.unready_timeout)));
@@ -144,12 +179,21 @@ proptest! {
         // Ready pods never drop below minAvailable through healing (unless they were already below).
         prop_assert!(ready_before - ready_deleted >= min.min(ready_before));
         // Liveness: an eligible pod is only left out for a stated reason.
-        for x in pods.iter().filter(|x| !x.terminating && !x.crash_looping && !x.ready && x.phase != Phase::Succeeded) {
+        for x in pods.iter().filter(|x| !x.terminating && !x.crash_looping && !x.ready
+            && x.phase != Phase::Succeeded && x.phase != Phase::Pending) {
             let eligible = x.phase == Phase::Failed
                 || x.unready_since.is_some_and(|s| at(now).duration_since(s).unwrap_or_default() >= p.unready_timeout);
             if eligible {
                 prop_assert!(plan.delete.iter().any(|(n, _)| *n == x.name) || plan.held.iter().any(|(n, _)| *n == x.name));
             }
+        }
+        // A pod that never started is reported once it has waited past the timeout, and only then.
+        for x in pods.iter().filter(|x| !x.terminating && !x.ready && x.phase == Phase::Pending) {
+            if pods.iter().filter(|y| y.name == x.name).count() > 1 {
+                continue; // names are not unique in these sets
+            }
+            let waited = x.unready_since.is_some_and(|s| at(now).duration_since(s).unwrap_or_default() >= p.unready_timeout);
+            prop_assert_eq!(waited, plan.not_started.iter().any(|(n, _)| *n == x.name));
         }
     }
 }

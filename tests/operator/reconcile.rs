@@ -68,9 +68,11 @@ fn pod(app: &str, name: &str, ready: bool, unready_for: u64) -> Value {
         "status": {
             "phase": "Running",
             "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }, "lastTransitionTime": since.to_string()}],
+            "initContainerStatuses": [
+                {"name": "fulcrum-proxy", "ready": true, "restartCount": 0, "image": "fulcrum:test", "imageID": "", "started": true, "state": {"running": {}}},
+            ],
             "containerStatuses": [
                 {"name": "web", "ready": ready, "restartCount": 0, "image": "web:1", "imageID": "", "state": {"running": {}}},
-                {"name": "fulcrum-proxy", "ready": true, "restartCount": 0, "image": "fulcrum:test", "imageID": "", "state": {"running": {}}},
             ],
         },
     })
@@ -183,6 +185,114 @@ async fn a_pod_unready_past_the_timeout_is_deleted_once_and_counted() {
     let m = r.ctx.metrics.encode();
     assert!(m.contains("fulcrum_operator_healed_pods_total{reason=\"UnreadyTooLong\"} 1"), "{m}");
     assert!(m.contains("fulcrum_operator_reconciles_total{result=\"ok\"}"), "{m}");
+}
+
+/// Plays kubelet and scheduler: a pod created `age` seconds ago that has not
+/// started, waiting for `reason` (a container's waiting reason, or the
+/// scheduler's `Unschedulable`).
+fn pending_pod(app: &str, name: &str, age: u64, reason: &str) -> Value {
+    let created = k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(age as i64);
+    let mut conditions = vec![
+        json!({"type": "Ready", "status": "False", "reason": "ContainersNotReady", "lastTransitionTime": created.to_string()}),
+    ];
+    let mut statuses = vec![];
+    if reason == "Unschedulable" {
+        conditions.push(json!({"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/3 nodes are available: 3 Insufficient cpu.", "lastTransitionTime": created.to_string()}));
+    } else {
+        statuses.push(json!({"name": "web", "ready": false, "restartCount": 0, "image": "web:1", "imageID": "", "state": {"waiting": {"reason": reason}}}));
+    }
+    json!({
+        "metadata": {"name": name, "labels": {"fulcrum.dev/app": app, "fulcrum.dev/track": "stable"}, "creationTimestamp": created.to_string()},
+        "spec": {"containers": [{"name": "web", "image": "web:1"}]},
+        "status": {"phase": "Pending", "conditions": conditions, "containerStatuses": statuses},
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_that_never_started_are_reported_by_reason_and_never_deleted() {
+    let r = start().await;
+    let client = r.server.client();
+    let apps: Api<LoadBalancedApp> = Api::default_namespaced(client.clone());
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    let res = r.server.resource("", "pods");
+    r.server.store().create(&res, "default", pod("web", "web-1", true, 0)).unwrap();
+    r.server.store().create(&res, "default", pending_pod("web", "web-2", 600, "ImagePullBackOff")).unwrap();
+    r.server.store().create(&res, "default", pending_pod("web", "web-3", 600, "ImagePullBackOff")).unwrap();
+    r.server.store().create(&res, "default", pending_pod("web", "web-4", 600, "Unschedulable")).unwrap();
+    r.server.store().create(&res, "default", pending_pod("web", "web-5", 600, "CreateContainerConfigError")).unwrap();
+    r.server.store().create(&res, "default", pending_pod("web", "web-6", 1, "ContainerCreating")).unwrap();
+    apps.create(
+        &PostParams::default(),
+        &lba("web", json!({"replicas": 6, "healing": {"unreadyTimeout": "1m", "maxConcurrent": 5}})),
+    )
+    .await
+    .unwrap();
+    until("the pods that never started reported", || async {
+        let s = apps.get("web").await.unwrap().status.unwrap_or_default();
+        s.not_started.len() == 3
+    })
+    .await;
+    let s = apps.get("web").await.unwrap().status.unwrap();
+    let by_reason: Vec<(&str, i32, Vec<&str>)> = s
+        .not_started
+        .iter()
+        .map(|w| (w.reason.as_str(), w.count, w.pods.iter().map(String::as_str).collect()))
+        .collect();
+    assert_eq!(
+        by_reason,
+        [
+            ("CreateContainerConfigError", 1, vec!["web-5"]),
+            ("ImagePullBackOff", 2, vec!["web-2", "web-3"]),
+            ("Unschedulable", 1, vec!["web-4"]),
+        ]
+    );
+    let degraded = s.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "PodsNotStarted"));
+    assert!(
+        degraded.message.contains("ImagePullBackOff") && degraded.message.contains("web-4"),
+        "{}",
+        degraded.message
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for p in ["web-2", "web-3", "web-4", "web-5", "web-6"] {
+        assert!(pods.get_opt(p).await.unwrap().is_some(), "{p} was deleted");
+    }
+    assert_eq!(apps.get("web").await.unwrap().status.unwrap().healed_total, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedicated_proxy_pods_are_neither_counted_nor_healed_as_app_pods() {
+    let r = start().await;
+    let client = r.server.client();
+    let apps: Api<LoadBalancedApp> = Api::default_namespaced(client.clone());
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    let res = r.server.resource("", "pods");
+    r.server.store().create(&res, "default", pod("web", "web-1", true, 0)).unwrap();
+    r.server.store().create(&res, "default", pod("web", "web-2", true, 0)).unwrap();
+    // Two dedicated proxy pods, unready for long (no app pod was ready when they started, say).
+    for n in ["web-proxy-1", "web-proxy-2"] {
+        let mut p = pod("web", n, false, 600);
+        p["metadata"]["labels"] = json!({"fulcrum.dev/app": "web", "fulcrum.dev/component": "proxy"});
+        r.server.store().create(&res, "default", p).unwrap();
+    }
+    apps.create(
+        &PostParams::default(),
+        &lba("web", json!({"proxy": {"mode": "Dedicated"}, "healing": {"unreadyTimeout": "1m"}})),
+    )
+    .await
+    .unwrap();
+    until("the status", || async {
+        let s = apps.get("web").await.unwrap().status.unwrap_or_default();
+        s.ready_replicas == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s = apps.get("web").await.unwrap().status.unwrap();
+    assert_eq!((s.endpoints.ready, s.endpoints.total), (2, 2), "the app's pods only");
+    assert_eq!(s.healed_total, 0);
+    for p in ["web-proxy-1", "web-proxy-2"] {
+        assert!(pods.get_opt(p).await.unwrap().is_some(), "{p} was healed as an app pod");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
