@@ -281,15 +281,16 @@ pub fn desired(app: &LoadBalancedApp, settings: &Settings) -> Result<Desired, In
             json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(&n.proxy(), "proxy"), "automountServiceAccountToken": true}),
         )?)
     };
-    // Least privilege: read the app's EndpointSlices and its own ConfigMap, in this namespace only.
+    // Least privilege: watch the app's EndpointSlices and its own ConfigMap, in
+    // this namespace only (the proxy lists and watches; it never gets).
     let role = typed::<Role>(
         "Role",
         json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
             "metadata": meta(&n.proxy(), "proxy"),
             "rules": [
-                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
-                {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [n.proxy()], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
+                {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [n.proxy()], "verbs": ["list", "watch"]},
             ],
         }),
     )?;

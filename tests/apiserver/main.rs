@@ -3,6 +3,7 @@
 
 #[path = "../support/apiserver/mod.rs"]
 mod apiserver;
+mod rbac;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -475,10 +476,14 @@ async fn kubectl_can_get_objects_from_it() {
     let server = ApiServer::start().await;
     let api: Api<ConfigMap> = Api::default_namespaced(server.client());
     api.create(&PostParams::default(), &cm("seen-by-kubectl", &[])).await.unwrap();
-    let addr = server.addr;
+    let dir = std::env::temp_dir().join(format!("fulcrum-kubectl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = server.write_kubeconfig(&dir, server.admin_token(), "default");
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new("kubectl")
-            .args(["--server", &format!("http://{addr}"), "get", "configmaps", "-n", "default", "-o", "name"])
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["get", "configmaps", "-n", "default", "-o", "name"])
             .output()
     })
     .await
@@ -487,6 +492,7 @@ async fn kubectl_can_get_objects_from_it() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "kubectl failed: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(stdout.trim(), "configmap/seen-by-kubectl");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]

@@ -1,7 +1,12 @@
-//! Local end-to-end: the operator and a `fulcrum proxy --kubernetes` process
-//! against the in-memory API server, with the test playing the ReplicaSet
+//! Local end-to-end: two `fulcrum operator` processes run as the chart's
+//! Deployment runs them (its arguments, environment and ServiceAccount, with
+//! the RBAC of `manifests/install.yaml`), electing a leader, and a
+//! `fulcrum proxy --kubernetes` process authenticating as the app's proxy
+//! account, against the in-memory API server; the test plays the ReplicaSet
 //! controller, kubelet and the EndpointSlice controller, and real backends
-//! on 127.0.80.x answering continuous traffic.
+//! on 127.0.80.x answer continuous traffic. The API server's audit then
+//! proves least privilege: no request of a Fulcrum identity was denied, and
+//! every permission the chart grants was used.
 //!
 //! The proxy process stands for the sidecar of one app pod: it balances over
 //! every ready replica, its own included.
@@ -9,20 +14,19 @@
 #[path = "../support/apiserver/mod.rs"]
 mod apiserver;
 mod cluster;
+#[path = "../support/install.rs"]
+mod install;
 #[allow(dead_code)]
 #[path = "../proxy/support.rs"]
 mod support;
 mod traffic;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::Arc;
+
 use std::time::Duration;
 
 use fulcrum::api::LoadBalancedApp;
-use fulcrum::operator::controller::{Context, run};
-use fulcrum::operator::desired::Settings;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
@@ -88,16 +92,6 @@ impl Drop for TempDir {
     }
 }
 
-fn kubeconfig(server: SocketAddr) -> String {
-    format!(
-        "apiVersion: v1\nkind: Config\n\
-         clusters: [{{name: local, cluster: {{server: \"http://{server}\"}}}}]\n\
-         users: [{{name: local, user: {{}}}}]\n\
-         contexts: [{{name: local, context: {{cluster: local, user: local, namespace: default}}}}]\n\
-         current-context: local\n"
-    )
-}
-
 async fn admin_get(path: &str) -> Option<(u16, String)> {
     let req = http::Request::get(format!("http://{ADMIN}{path}")).body(Default::default()).ok()?;
     let r = support::send(&support::client(), req).await.ok()?;
@@ -122,7 +116,26 @@ async fn serving_addresses() -> Vec<String> {
         .unwrap_or_default()
 }
 
-async fn until<F, Fut>(what: &str, limit: Duration, proxy: &ProxyProcess, mut f: F)
+/// A process whose log a failed wait shows.
+trait Logged {
+    fn describe(&self) -> String;
+}
+
+impl Logged for ProxyProcess {
+    fn describe(&self) -> String {
+        format!("--- proxy log ---\n{}", self.log())
+    }
+}
+
+impl Logged for install::OperatorPod {
+    fn describe(&self) -> String {
+        format!("--- {} log ---\n{}", self.name, self.log())
+    }
+}
+
+/// Polls `f` every 50 ms until it holds, for at most `limit`; on a timeout,
+/// fails with `process`'s log.
+async fn until<F, Fut>(what: &str, limit: Duration, process: &impl Logged, mut f: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -134,7 +147,7 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("timed out after {limit:?} waiting for {what}\n--- proxy log ---\n{}", proxy.log());
+    panic!("timed out after {limit:?} waiting for {what}\n{}", process.describe());
 }
 
 async fn app_pods(client: &kube::Client, track: &str) -> Vec<Pod> {
@@ -177,8 +190,9 @@ async fn from_kubectl_apply_to_traffic_readiness_healing_reconfiguration_and_can
     let dir = TempDir::new();
     let server = ApiServer::start().await;
     let client = server.client();
-    let kubeconfig_path = dir.0.join("kubeconfig");
-    std::fs::write(&kubeconfig_path, kubeconfig(server.addr)).expect("kubeconfig");
+    // The proxy authenticates as the sidecar's ServiceAccount, which the
+    // operator creates and binds to the proxy's Role: the test proves that Role suffices.
+    let kubeconfig_path = server.write_kubeconfig(&dir.0, &server.token_for("default", "web-proxy"), "default");
 
     // The proxy starts before its app exists: alive, not ready.
     let mut proxy = ProxyProcess::start(&kubeconfig_path, &dir.0).await;
@@ -188,8 +202,21 @@ async fn from_kubectl_apply_to_traffic_readiness_healing_reconfiguration_and_can
     .await;
     assert_eq!(admin_get("/readyz").await.map(|r| r.0), Some(503), "ready without a configuration");
 
-    let ctx = Arc::new(Context::new(client.clone(), Settings { proxy_image: "fulcrum:test".into() }));
-    let operator = tokio::spawn(run(ctx));
+    // The operator, installed as a user installs it: two replicas of the
+    // chart's Deployment under its ServiceAccount and RBAC; one is elected.
+    let objects = install::install_yaml();
+    let operator_token = install::install_identity(&server, &objects);
+    let operator_kubeconfig = server.write_kubeconfig(&dir.0, &operator_token, install::OPERATOR_NS);
+    let mut operators = vec![
+        install::OperatorPod::start(&objects, "fulcrum-7c9d5-a", "127.0.80.201", &operator_kubeconfig, &dir.0),
+        install::OperatorPod::start(&objects, "fulcrum-7c9d5-b", "127.0.80.202", &operator_kubeconfig, &dir.0),
+    ];
+    for op in &operators {
+        until("the operator's probes", Duration::from_secs(20), op, || async {
+            op.probe("/healthz").await == Some(200) && op.probe("/readyz").await == Some(200)
+        })
+        .await;
+    }
     let cluster = Cluster::start(client.clone(), 80, APP_PORT, ADMIN.parse().expect("admin address"));
     let apps: Api<LoadBalancedApp> = Api::namespaced(client.clone(), "default");
     apps.create(&PostParams::default(), &web()).await.expect("kubectl apply");
@@ -296,6 +323,21 @@ async fn from_kubectl_apply_to_traffic_readiness_healing_reconfiguration_and_can
     let counts = shares(&sent);
     assert_eq!(share(&counts, |pod| pod.starts_with("web-canary-")), 0.0, "{counts:?}");
 
+    // 7. The leader dies: the other replica takes the lease (15 s) and
+    //    reconciles the next change.
+    let leader = leader_of(&operators).await.expect("a leader");
+    let standby = 1 - leader;
+    eprintln!("killing the leader {}", operators[leader].name);
+    operators[leader].kill().await;
+    let patch = json!({"spec": {"loadBalancing": {"algorithm": "LeastConnections"}}});
+    apps.patch("web", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("patch algorithm");
+    until("the standby to lead and reconcile", Duration::from_secs(40), &operators[standby], || async {
+        proxy_endpoints().await["algorithm"] == "LeastConnections"
+    })
+    .await;
+    assert!(operators[standby].metrics().await.contains("fulcrum_operator_leader 1"));
+    assert!(operators[standby].still_running());
+
     // Over the whole run, not one request failed.
     let failures = traffic.failures();
     assert!(
@@ -308,5 +350,86 @@ async fn from_kubectl_apply_to_traffic_readiness_healing_reconfiguration_and_can
     assert!(proxy.still_running());
     drop(traffic);
     drop(cluster);
-    operator.abort();
+    least_privilege(&server, &objects);
+}
+
+/// Index of the operator process that holds the lease.
+async fn leader_of(operators: &[install::OperatorPod]) -> Option<usize> {
+    for (i, op) in operators.iter().enumerate() {
+        if op.metrics().await.contains("fulcrum_operator_leader 1") {
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// Permissions of the chart that this run may leave unused, each with the
+/// path that needs it and the test that exercises that path.
+const NOT_EXERCISED: &[(&str, &str, &str, &str)] = &[
+    (
+        "delete",
+        "",
+        "serviceaccounts",
+        "pruned when sidecar pods start naming their own account: tests/operator/rbac.rs",
+    ),
+    (
+        "delete",
+        "policy",
+        "poddisruptionbudgets",
+        "pruned when a dedicated proxy moves into the pods: tests/operator/rbac.rs",
+    ),
+    ("get", "", "serviceaccounts", "read before that prune: tests/operator/rbac.rs"),
+    ("patch", "events.k8s.io", "events", "an Event that repeats is patched into a series by kube's Recorder"),
+];
+
+/// No request of a Fulcrum identity was denied, and every permission of the
+/// operator's ClusterRole and leader-election Role was used by an allowed
+/// request, or is held so that the operator may grant it to the proxies'
+/// Role (RBAC refuses to let anyone grant what they do not hold), or is
+/// listed in [`NOT_EXERCISED`] with its reason.
+fn least_privilege(server: &ApiServer, objects: &[Value]) {
+    let audit = server.audit();
+    let operator_user = format!("system:serviceaccount:{}:{}", install::OPERATOR_NS, install::OPERATOR_SA);
+    let fulcrum_users = [operator_user.as_str(), "system:serviceaccount:default:web-proxy"];
+    let denied: Vec<_> = audit.iter().filter(|e| fulcrum_users.contains(&e.user.as_str()) && !e.allowed).collect();
+    assert!(denied.is_empty(), "requests of Fulcrum identities denied: {denied:#?}");
+    let operator_events: Vec<_> = audit.iter().filter(|e| e.user == operator_user).cloned().collect();
+    let proxy_events: Vec<_> = audit.iter().filter(|e| e.user == fulcrum_users[1]).cloned().collect();
+    assert!(!proxy_events.is_empty(), "the proxy's requests are audited under its account");
+
+    // What the operator grants the proxies, from the Role it wrote.
+    let role = server.store().get(&server.resource("rbac.authorization.k8s.io", "roles"), "default", "web-proxy");
+    let proxy_grants = install::grants(role.expect("the proxy Role")["rules"].as_array().expect("rules"));
+    let covers_proxy_role = |g: &install::Grant| {
+        proxy_grants.iter().any(|p| p.0 == g.0 && p.1 == g.1 && p.2 == g.2 && (g.3.is_empty() || g.3 == p.3))
+    };
+    let mut rules = Vec::new();
+    rules.extend(install::find(objects, "ClusterRole", "fulcrum")["rules"].as_array().cloned().unwrap_or_default());
+    rules.extend(
+        install::find(objects, "Role", "fulcrum-leader-election")["rules"].as_array().cloned().unwrap_or_default(),
+    );
+    let mut unused = Vec::new();
+    for g in install::grants(&rules) {
+        let listed =
+            NOT_EXERCISED.iter().any(|(v, gr, r, _)| (*v, *gr, *r) == (g.0.as_str(), g.1.as_str(), g.2.as_str()));
+        let used = install::used_by(&g, &operator_events) || covers_proxy_role(&g);
+        if !used && !listed {
+            unused.push(g);
+        }
+    }
+    assert!(unused.is_empty(), "permissions the chart grants that nothing used: {unused:#?}");
+    // The proxies' Role, written by the operator, holds nothing they do not use either.
+    let unused: Vec<_> = proxy_grants.iter().filter(|g| !install::used_by(g, &proxy_events)).collect();
+    assert!(unused.is_empty(), "permissions of the proxy Role that the proxy never used: {unused:#?}");
+    // The watches of owned kinds are filtered to what the operator made.
+    for e in operator_events.iter().filter(|e| matches!(e.verb.as_str(), "list" | "watch")) {
+        if ["configmaps", "services", "deployments"].contains(&e.resource.as_str()) {
+            assert!(
+                e.label_selector.as_deref().is_some_and(|s| s.contains("app.kubernetes.io/managed-by=fulcrum")),
+                "unfiltered {} of {}: {e:?}",
+                e.verb,
+                e.resource
+            );
+        }
+    }
 }

@@ -167,14 +167,14 @@ fn every_owned_object_has_the_controller_reference_and_the_namespace() {
 }
 
 #[test]
-fn the_role_grants_only_reads_of_endpointslices_and_the_proxy_configmap() {
+fn the_role_grants_only_watches_of_endpointslices_and_the_proxy_configmap() {
     let d = desired(&app(json!({})), &settings()).unwrap();
     let rules = serde_json::to_value(d.role.rules.as_ref().unwrap()).unwrap();
     assert_eq!(
         rules,
         json!([
-            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
-            {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["web-proxy"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
+            {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["web-proxy"], "verbs": ["list", "watch"]},
         ])
     );
 }

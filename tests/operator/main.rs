@@ -5,5 +5,8 @@
 mod apiserver;
 mod desired;
 mod healing;
+#[path = "../support/install.rs"]
+mod install;
 mod leader;
+mod rbac;
 mod reconcile;

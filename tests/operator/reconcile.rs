@@ -45,7 +45,7 @@ async fn start() -> Running {
 
 /// Polls `f` every 20 ms for up to 30 s (a bound for a loaded machine; it
 /// returns as soon as `f` holds).
-async fn until<F, Fut>(what: &str, mut f: F)
+pub(crate) async fn until<F, Fut>(what: &str, mut f: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,

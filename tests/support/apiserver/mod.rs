@@ -1,19 +1,23 @@
-//! An in-memory Kubernetes API server for tests: real HTTP on 127.0.0.1, so
+//! An in-memory Kubernetes API server for tests: real HTTPS on 127.0.0.1, so
 //! that a real `kube::Client`, kube-runtime's watcher, reflector and
 //! Controller run against it unchanged.
 //!
 //! It is strict where tests could otherwise pass by accident: unknown
 //! resources, verbs, patch types and selectors are refused with the status a
-//! real server would send, never silently accepted. Tests that play kubelet
-//! or a controller reach the store directly through [`ApiServer::store`].
+//! real server would send, never silently accepted. Every request must carry
+//! a bearer token and is authorized with RBAC from the roles and bindings
+//! stored in it, and recorded in an audit log ([`auth`]). Tests that play
+//! kubelet or a controller reach the store directly through [`ApiServer::store`].
 
 #![allow(dead_code)]
 
+pub mod auth;
 pub mod patch;
 pub mod registry;
 pub mod selector;
 pub mod status;
 pub mod store;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -31,6 +35,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+use auth::{ADMIN_TOKEN, Attributes, AuditEvent, Auth, Identity, Rbac};
 use patch::{PatchType, parse_body};
 use registry::Resource;
 use selector::{FieldSelector, LabelSelector};
@@ -49,6 +54,7 @@ struct Faults {
 struct State {
     resources: Vec<Resource>,
     store: Store,
+    auth: Auth,
     faults: Mutex<Faults>,
     /// Bumped to end every open watch.
     close_watches: watch::Sender<u64>,
@@ -79,17 +85,23 @@ impl ApiServer {
         let state = Arc::new(State {
             resources: registry::builtin(),
             store: Store::new(),
+            auth: Auth::new(),
             faults: Mutex::new(Faults::default()),
             close_watches: watch::channel(0).0,
             paused: watch::channel(false).0,
             bookmark_every: Duration::from_secs(1),
         });
         let s = state.clone();
+        let acceptor = tls::pki().acceptor.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
-                let s = s.clone();
+                let (s, acceptor) = (s.clone(), acceptor.clone());
                 tokio::spawn(async move {
+                    let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await
+                    else {
+                        return;
+                    };
                     let svc = service_fn(move |req| handle(s.clone(), req));
                     let _ =
                         hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
@@ -99,13 +111,61 @@ impl ApiServer {
         ApiServer { addr, state, task }
     }
 
-    /// A kube client for this server, default namespace `default`.
+    /// A kube client for this server as its administrator (`system:masters`),
+    /// default namespace `default`.
     pub fn client(&self) -> kube::Client {
-        let url: http::Uri = format!("http://{}", self.addr).parse().expect("server URL");
-        let mut config = kube::Config::new(url);
+        self.client_with_token(ADMIN_TOKEN)
+    }
+
+    /// A kube client authenticating with `token`, default namespace `default`.
+    pub fn client_with_token(&self, token: &str) -> kube::Client {
+        let mut config = kube::Config::new(self.url().parse().expect("server URL"));
+        config.root_cert = Some(vec![tls::pki().ca_der.clone()]);
         config.default_namespace = "default".into();
         config.read_timeout = Some(Duration::from_secs(30));
+        let bearer = http::HeaderValue::from_str(&format!("Bearer {token}")).expect("token header");
+        config.headers.push((http::header::AUTHORIZATION, bearer));
         kube::Client::try_from(config).expect("kube client for the test API server")
+    }
+
+    /// The server's URL.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// Writes `ca.crt` and a kubeconfig authenticating with `token`, default
+    /// namespace `namespace`, into `dir`, for processes (kubectl, the
+    /// `fulcrum` binary); returns the kubeconfig's path.
+    pub fn write_kubeconfig(&self, dir: &std::path::Path, token: &str, namespace: &str) -> std::path::PathBuf {
+        let ca = dir.join("ca.crt");
+        std::fs::write(&ca, &tls::pki().ca_pem).expect("write ca.crt");
+        let path = dir.join(format!("kubeconfig-{:016x}", seahash(token)));
+        let text = format!(
+            "apiVersion: v1\nkind: Config\n\
+             clusters: [{{name: test, cluster: {{server: \"{}\", certificate-authority: \"{}\"}}}}]\n\
+             users: [{{name: test, user: {{token: \"{token}\"}}}}]\n\
+             contexts: [{{name: test, context: {{cluster: test, user: test, namespace: {namespace}}}}}]\n\
+             current-context: test\n",
+            self.url(),
+            ca.display(),
+        );
+        std::fs::write(&path, text).expect("write kubeconfig");
+        path
+    }
+
+    /// The administrator's bearer token, for kubeconfigs and kubectl.
+    pub fn admin_token(&self) -> &'static str {
+        ADMIN_TOKEN
+    }
+
+    /// A bearer token of the ServiceAccount `ns/name` (valid while the account exists).
+    pub fn token_for(&self, ns: &str, name: &str) -> String {
+        self.state.auth.token_for(ns, name)
+    }
+
+    /// Every request so far: identity, verb, resource, namespace, name, allowed.
+    pub fn audit(&self) -> Vec<AuditEvent> {
+        self.state.auth.audit()
     }
 
     /// The store, to inspect or change objects directly (as kubelet or a controller would).
@@ -141,6 +201,14 @@ impl ApiServer {
     pub fn resume(&self) {
         self.state.paused.send_replace(false);
     }
+}
+
+/// A file-name-safe digest of a token.
+fn seahash(s: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    s.hash(&mut h);
+    h.finish()
 }
 
 fn json_response(code: StatusCode, v: &Value) -> Response<Body> {
@@ -308,11 +376,19 @@ fn injected_fault(state: &State, plural: &str) -> Option<ApiError> {
 
 async fn resource_request(state: &Arc<State>, req: Request<Incoming>, path: &str) -> Result<Response<Body>, ApiError> {
     let t = route(state, path)?;
+    let q = query(&req);
+    let method = req.method().clone();
+    let authorization = req.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let id = state.auth.authenticate(authorization, &state.store, &builtin(state, "", "serviceaccounts"))?;
+    let attrs = attributes(&t, &method, &q);
+    let allowed = rbac(state).allows(&id, &attrs);
+    state.auth.record(&id, &attrs, allowed, q.get("labelSelector").cloned());
+    if !allowed {
+        return Err(auth::forbidden(&id, &attrs, None));
+    }
     if let Some(e) = injected_fault(state, t.res.plural) {
         return Err(e);
     }
-    let q = query(&req);
-    let method = req.method().clone();
     let content_type = req
         .headers()
         .get(http::header::CONTENT_TYPE)
@@ -355,12 +431,14 @@ async fn resource_request(state: &Arc<State>, req: Request<Incoming>, path: &str
             let obj: Value =
                 serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
             check_kind(res, &obj)?;
+            admit(state, &id, res, &ns, &obj)?;
             Ok(json_response(StatusCode::CREATED, &store.create(res, &ns, obj)?))
         }
         (Method::PUT, Some(name)) => {
             let obj: Value =
                 serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
             check_kind(res, &obj)?;
+            admit(state, &id, res, &ns, &obj)?;
             Ok(json_response(StatusCode::OK, &store.update(res, &ns, name, obj, status_sub)?))
         }
         (Method::PATCH, Some(name)) => {
@@ -379,11 +457,20 @@ async fn resource_request(state: &Arc<State>, req: Request<Incoming>, path: &str
                             // Apply is not conditional on the stored version.
                             m.remove("resourceVersion");
                         }
+                        admit(state, &id, res, &ns, &next)?;
                         Ok(json_response(StatusCode::OK, &store.update(res, &ns, name, next, status_sub)?))
                     }
                     Err(e) if e.code == 404 && !status_sub => {
+                        // An apply that creates is authorized as a create too, as the real patch handler does.
+                        let create = Attributes { verb: "create".into(), ..attrs.clone() };
+                        let allowed = rbac(state).allows(&id, &create);
+                        state.auth.record(&id, &create, allowed, None);
+                        if !allowed {
+                            return Err(auth::forbidden(&id, &create, None));
+                        }
                         let mut fresh = patch::server_side_apply(&json!({"metadata": {}}), &patch, manager, force)?;
                         fresh["metadata"]["name"] = json!(name);
+                        admit(state, &id, res, &ns, &fresh)?;
                         Ok(json_response(StatusCode::CREATED, &store.create(res, &ns, fresh)?))
                     }
                     Err(e) => Err(e),
@@ -398,6 +485,7 @@ async fn resource_request(state: &Arc<State>, req: Request<Incoming>, path: &str
             {
                 m.remove("resourceVersion");
             }
+            admit(state, &id, res, &ns, &next)?;
             Ok(json_response(StatusCode::OK, &store.update(res, &ns, name, next, status_sub)?))
         }
         (Method::DELETE, Some(name)) => {
@@ -425,6 +513,141 @@ async fn resource_request(state: &Arc<State>, req: Request<Incoming>, path: &str
             "{method} on {path} ({}) is not supported by the test API server",
             if name.is_some() { "an object" } else { "a collection" }
         ))),
+    }
+}
+
+/// A registered resource by group and plural.
+fn builtin(state: &State, group: &str, plural: &str) -> Resource {
+    state
+        .resources
+        .iter()
+        .find(|r| r.group == group && r.plural == plural)
+        .cloned()
+        .unwrap_or_else(|| panic!("{group}/{plural} is not registered"))
+}
+
+fn rbac(state: &State) -> Rbac<'_> {
+    let find = |plural: &str| {
+        state
+            .resources
+            .iter()
+            .find(|r| r.group == "rbac.authorization.k8s.io" && r.plural == plural)
+            .unwrap_or_else(|| panic!("rbac.authorization.k8s.io/{plural} is not registered"))
+    };
+    Rbac {
+        store: &state.store,
+        roles: find("roles"),
+        cluster_roles: find("clusterroles"),
+        role_bindings: find("rolebindings"),
+        cluster_role_bindings: find("clusterrolebindings"),
+    }
+}
+
+/// The request in RBAC's terms. As the real request resolver does, a list or
+/// watch with a `metadata.name` field selector names its object, so that
+/// rules limited by `resourceNames` can allow it.
+fn attributes(t: &Target, method: &Method, q: &HashMap<String, String>) -> Attributes {
+    let watching = q.get("watch").is_some_and(|w| w == "true" || w == "1");
+    let verb = match (method, t.name.is_some()) {
+        (&Method::GET, false) if watching => "watch",
+        (&Method::GET, false) => "list",
+        (&Method::GET, true) => "get",
+        (&Method::POST, _) => "create",
+        (&Method::PUT, _) => "update",
+        (&Method::PATCH, _) => "patch",
+        (&Method::DELETE, true) => "delete",
+        (&Method::DELETE, false) => "deletecollection",
+        (m, _) => m.as_str(),
+    };
+    let by_field = || {
+        let fields = q.get("fieldSelector")?;
+        fields.split(',').find_map(|f| f.trim().strip_prefix("metadata.name=")).map(str::to_owned)
+    };
+    let name = match verb {
+        "list" | "watch" => by_field(),
+        _ => t.name.clone(),
+    };
+    Attributes {
+        verb: verb.to_owned(),
+        group: t.res.group.to_owned(),
+        resource: t.res.plural.to_owned(),
+        subresource: t.sub.clone(),
+        namespace: t.namespace.clone(),
+        name,
+    }
+}
+
+/// Admission of a write: RBAC's escalation prevention for roles and bindings.
+fn admit(state: &State, id: &Identity, res: &Resource, ns: &str, obj: &Value) -> Result<(), ApiError> {
+    if res.group != "rbac.authorization.k8s.io" {
+        return Ok(());
+    }
+    let rbac = rbac(state);
+    let scope = (!ns.is_empty()).then_some(ns);
+    let name = obj["metadata"]["name"].as_str().map(str::to_owned);
+    let holds = |verb: &str, plural: &str, target: Option<String>| {
+        let a = Attributes {
+            verb: verb.into(),
+            group: res.group.into(),
+            resource: plural.into(),
+            subresource: None,
+            namespace: scope.map(str::to_owned),
+            name: target,
+        };
+        rbac.allows(id, &a)
+    };
+    let attempt = |what: &str| {
+        let a = Attributes {
+            verb: "create".into(),
+            group: res.group.into(),
+            resource: res.plural.into(),
+            subresource: None,
+            namespace: scope.map(str::to_owned),
+            name: name.clone(),
+        };
+        auth::forbidden(
+            id,
+            &a,
+            Some(&format!(
+                "user {:?} (groups={:?}) is attempting to grant RBAC permissions not currently held:\n{what}",
+                id.user, id.groups
+            )),
+        )
+    };
+    match res.plural {
+        "roles" | "clusterroles" => {
+            if obj.get("aggregationRule").is_some_and(|a| !a.is_null()) {
+                return Err(ApiError::invalid("aggregated ClusterRoles are not modelled by the test API server"));
+            }
+            if holds("escalate", res.plural, name.clone()) {
+                return Ok(());
+            }
+            let rules = obj["rules"].as_array().cloned().unwrap_or_default();
+            rbac.covers(id, scope, &rules).map_err(|missing| attempt(&missing))
+        }
+        "rolebindings" | "clusterrolebindings" => {
+            let role_ref = &obj["roleRef"];
+            let plural = match role_ref["kind"].as_str() {
+                Some("ClusterRole") => "clusterroles",
+                Some("Role") if scope.is_some() => "roles",
+                other => return Err(ApiError::invalid(format!("roleRef.kind: Unsupported value: {other:?}"))),
+            };
+            let role_name = role_ref["name"].as_str().unwrap_or_default().to_owned();
+            if holds("bind", plural, Some(role_name.clone())) {
+                return Ok(());
+            }
+            let role = if plural == "roles" {
+                state.store.get(rbac.roles, ns, &role_name)
+            } else {
+                state.store.get(rbac.cluster_roles, "", &role_name)
+            };
+            // As in a real cluster, a binding to a role that does not exist
+            // (yet) needs `bind`: its rules cannot be checked.
+            let role = role.map_err(|e| ApiError::bad_request(e.message))?;
+            let rules = role["rules"].as_array().cloned().unwrap_or_default();
+            rbac.covers(id, scope, &rules).map_err(|missing| attempt(&missing))
+        }
+        _ => Ok(()),
     }
 }
 
