@@ -1,6 +1,7 @@
 //! The in-memory API server, tested the way operator code uses it: through
 //! `kube::Api`, kube-runtime's watcher and a Controller.
 
+mod admission;
 #[path = "../support/apiserver/mod.rs"]
 mod apiserver;
 mod rbac;

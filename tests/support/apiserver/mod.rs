@@ -11,6 +11,7 @@
 
 #![allow(dead_code)]
 
+pub mod admission;
 pub mod auth;
 pub mod patch;
 pub mod registry;
@@ -78,8 +79,22 @@ impl Drop for ApiServer {
 }
 
 impl ApiServer {
-    /// Starts a server on an ephemeral port of 127.0.0.1 with the built-in resources.
+    /// Starts a server on an ephemeral port of 127.0.0.1 with the built-in
+    /// resources and Fulcrum's CRD installed (from `crds/`), as a cluster
+    /// where Fulcrum is installed.
     pub async fn start() -> ApiServer {
+        let server = Self::start_bare().await;
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crds/loadbalancedapps.fulcrum.dev.yaml");
+        let text = std::fs::read_to_string(&path).expect("the checked-in CRD");
+        let crd: Value = serde_saphyr::from_str(&text).expect("the CRD parses");
+        let res = server.resource("apiextensions.k8s.io", "customresourcedefinitions");
+        server.store().create(&res, "", crd).expect("install the CRD");
+        server
+    }
+
+    /// Starts a server without any CustomResourceDefinition: custom resources
+    /// are not served until one is applied (as `kubectl apply` of install.yaml does).
+    pub async fn start_bare() -> ApiServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the test API server");
         let addr = listener.local_addr().expect("local address");
         let state = Arc::new(State {
@@ -336,12 +351,12 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
             &json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0", "platform": "linux/amd64"}),
         ),
         "/api" => json_response(StatusCode::OK, &registry::core_versions()),
-        "/apis" => json_response(StatusCode::OK, &registry::groups(&state.resources)),
+        "/apis" => json_response(StatusCode::OK, &registry::groups(&served(&state))),
         _ => {
             let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
             let discovery = match segs.as_slice() {
-                ["api", v] => Some(registry::resource_list(&state.resources, "", v)),
-                ["apis", g, v] => Some(registry::resource_list(&state.resources, g, v)),
+                ["api", v] => Some(registry::resource_list(&served(&state), "", v)),
+                ["apis", g, v] => Some(registry::resource_list(&served(&state), g, v)),
                 _ => None,
             };
             match discovery {
@@ -355,6 +370,20 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         }
     };
     Ok(resp)
+}
+
+/// The stored CustomResourceDefinition of a custom resource.
+fn crd_of(state: &State, res: &Resource) -> Option<Value> {
+    let crds = builtin(state, "apiextensions.k8s.io", "customresourcedefinitions");
+    let (found, _) = state
+        .store
+        .list(&crds, None, |c| c["spec"]["group"] == res.group && c["spec"]["names"]["plural"] == res.plural);
+    found.into_iter().next()
+}
+
+/// The resources served now: the built-in ones, and custom ones whose CRD is stored.
+fn served(state: &State) -> Vec<Resource> {
+    state.resources.iter().filter(|r| !r.custom || crd_of(state, r).is_some()).cloned().collect()
 }
 
 fn injected_fault(state: &State, plural: &str) -> Option<ApiError> {
@@ -376,6 +405,9 @@ fn injected_fault(state: &State, plural: &str) -> Option<ApiError> {
 
 async fn resource_request(state: &Arc<State>, req: Request<Incoming>, path: &str) -> Result<Response<Body>, ApiError> {
     let t = route(state, path)?;
+    if t.res.custom && crd_of(state, &t.res).is_none() {
+        return Err(ApiError::new(404, "NotFound", "the server could not find the requested resource"));
+    }
     let q = query(&req);
     let method = req.method().clone();
     let authorization = req.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
@@ -431,14 +463,15 @@ async fn resource_request(state: &Arc<State>, req: Request<Incoming>, path: &str
             let obj: Value =
                 serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
             check_kind(res, &obj)?;
-            admit(state, &id, res, &ns, &obj)?;
+            let obj = admit(state, &id, res, &ns, obj, None, &q)?;
             Ok(json_response(StatusCode::CREATED, &store.create(res, &ns, obj)?))
         }
         (Method::PUT, Some(name)) => {
             let obj: Value =
                 serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
             check_kind(res, &obj)?;
-            admit(state, &id, res, &ns, &obj)?;
+            let old = store.get(res, &ns, name).ok();
+            let obj = admit(state, &id, res, &ns, obj, old.as_ref(), &q)?;
             Ok(json_response(StatusCode::OK, &store.update(res, &ns, name, obj, status_sub)?))
         }
         (Method::PATCH, Some(name)) => {
@@ -457,7 +490,7 @@ async fn resource_request(state: &Arc<State>, req: Request<Incoming>, path: &str
                             // Apply is not conditional on the stored version.
                             m.remove("resourceVersion");
                         }
-                        admit(state, &id, res, &ns, &next)?;
+                        let next = admit(state, &id, res, &ns, next, Some(&current), &q)?;
                         Ok(json_response(StatusCode::OK, &store.update(res, &ns, name, next, status_sub)?))
                     }
                     Err(e) if e.code == 404 && !status_sub => {
@@ -470,7 +503,7 @@ async fn resource_request(state: &Arc<State>, req: Request<Incoming>, path: &str
                         }
                         let mut fresh = patch::server_side_apply(&json!({"metadata": {}}), &patch, manager, force)?;
                         fresh["metadata"]["name"] = json!(name);
-                        admit(state, &id, res, &ns, &fresh)?;
+                        let fresh = admit(state, &id, res, &ns, fresh, None, &q)?;
                         Ok(json_response(StatusCode::CREATED, &store.create(res, &ns, fresh)?))
                     }
                     Err(e) => Err(e),
@@ -485,7 +518,7 @@ async fn resource_request(state: &Arc<State>, req: Request<Incoming>, path: &str
             {
                 m.remove("resourceVersion");
             }
-            admit(state, &id, res, &ns, &next)?;
+            let next = admit(state, &id, res, &ns, next, Some(&current), &q)?;
             Ok(json_response(StatusCode::OK, &store.update(res, &ns, name, next, status_sub)?))
         }
         (Method::DELETE, Some(name)) => {
@@ -577,8 +610,29 @@ fn attributes(t: &Target, method: &Method, q: &HashMap<String, String>) -> Attri
     }
 }
 
-/// Admission of a write: RBAC's escalation prevention for roles and bindings.
-fn admit(state: &State, id: &Identity, res: &Resource, ns: &str, obj: &Value) -> Result<(), ApiError> {
+/// Admission of a write: a custom resource's schema, defaults and CEL rules;
+/// RBAC's escalation prevention for roles and bindings. Returns the object as stored.
+fn admit(
+    state: &State,
+    id: &Identity,
+    res: &Resource,
+    ns: &str,
+    obj: Value,
+    old: Option<&Value>,
+    q: &HashMap<String, String>,
+) -> Result<Value, ApiError> {
+    if res.custom {
+        let crd = crd_of(state, res)
+            .ok_or_else(|| ApiError::new(404, "NotFound", "the server could not find the requested resource"))?;
+        let strict = q.get("fieldValidation").is_some_and(|v| v == "Strict");
+        return admission::admit(&crd, res.version, obj, old, strict);
+    }
+    escalation_check(state, id, res, ns, &obj)?;
+    Ok(obj)
+}
+
+/// RBAC's escalation prevention: a Role or binding may grant only what its writer holds.
+fn escalation_check(state: &State, id: &Identity, res: &Resource, ns: &str, obj: &Value) -> Result<(), ApiError> {
     if res.group != "rbac.authorization.k8s.io" {
         return Ok(());
     }

@@ -15,6 +15,9 @@ pub struct Resource {
     pub status: bool,
     /// Has a `/scale` subresource.
     pub scale: bool,
+    /// A custom resource: served only while its CustomResourceDefinition is
+    /// stored, and admitted by its schema and CEL rules.
+    pub custom: bool,
 }
 
 impl Resource {
@@ -37,7 +40,7 @@ const fn res(
     namespaced: bool,
     status: bool,
 ) -> Resource {
-    Resource { group, version, kind, plural, namespaced, status, scale: false }
+    Resource { group, version, kind, plural, namespaced, status, scale: false, custom: false }
 }
 
 /// Everything Fulcrum reads or writes.
@@ -62,7 +65,7 @@ pub fn builtin() -> Vec<Resource> {
         res("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", true, false),
         res("coordination.k8s.io", "v1", "Lease", "leases", true, false),
         res("apiextensions.k8s.io", "v1", "CustomResourceDefinition", "customresourcedefinitions", false, true),
-        res("fulcrum.dev", "v1alpha1", "LoadBalancedApp", "loadbalancedapps", true, true),
+        Resource { custom: true, ..res("fulcrum.dev", "v1alpha1", "LoadBalancedApp", "loadbalancedapps", true, true) },
     ]
 }
 
