@@ -390,7 +390,15 @@ fn proxy_container(
         Some(r) => serde_json::to_value(r).map_err(|e| InvalidSpec(e.to_string()))?,
         None => json!({"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}}),
     };
-    let args = json!(["proxy", "--kubernetes", app]);
+    // The listeners are spelled out, so that the container's arguments and its
+    // declared ports visibly agree.
+    let args = json!([
+        "proxy",
+        "--kubernetes",
+        app,
+        format!("--listen=0.0.0.0:{PROXY_PORT}"),
+        format!("--admin=0.0.0.0:{ADMIN_PORT}"),
+    ]);
     typed::<Container>(
         "proxy container",
         json!({

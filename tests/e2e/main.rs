@@ -20,6 +20,8 @@ mod install;
 #[path = "../proxy/support.rs"]
 mod support;
 mod traffic;
+#[path = "../support/wait.rs"]
+mod wait;
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -135,19 +137,12 @@ impl Logged for install::OperatorPod {
 
 /// Polls `f` every 50 ms until it holds, for at most `limit`; on a timeout,
 /// fails with `process`'s log.
-async fn until<F, Fut>(what: &str, limit: Duration, process: &impl Logged, mut f: F)
+async fn until<F, Fut>(what: &str, limit: Duration, process: &impl Logged, f: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out after {limit:?} waiting for {what}\n{}", process.describe());
+    wait::until(what, limit, Duration::from_millis(50), || process.describe(), f).await;
 }
 
 async fn app_pods(client: &kube::Client, track: &str) -> Vec<Pod> {
@@ -335,7 +330,7 @@ async fn from_kubectl_apply_to_traffic_readiness_healing_reconfiguration_and_can
         proxy_endpoints().await["algorithm"] == "LeastConnections"
     })
     .await;
-    assert!(operators[standby].metrics().await.contains("fulcrum_operator_leader 1"));
+    assert!(operators[standby].metrics().await.lines().any(|l| l.trim() == "fulcrum_operator_leader 1"));
     assert!(operators[standby].still_running());
 
     // Over the whole run, not one request failed.
@@ -356,7 +351,7 @@ async fn from_kubectl_apply_to_traffic_readiness_healing_reconfiguration_and_can
 /// Index of the operator process that holds the lease.
 async fn leader_of(operators: &[install::OperatorPod]) -> Option<usize> {
     for (i, op) in operators.iter().enumerate() {
-        if op.metrics().await.contains("fulcrum_operator_leader 1") {
+        if op.metrics().await.lines().any(|l| l.trim() == "fulcrum_operator_leader 1") {
             return Some(i);
         }
     }

@@ -134,13 +134,13 @@ impl ApiServer {
 
     /// A kube client authenticating with `token`, default namespace `default`.
     pub fn client_with_token(&self, token: &str) -> kube::Client {
-        let mut config = kube::Config::new(self.url().parse().expect("server URL"));
-        config.root_cert = Some(vec![tls::pki().ca_der.clone()]);
-        config.default_namespace = "default".into();
-        config.read_timeout = Some(Duration::from_secs(30));
-        let bearer = http::HeaderValue::from_str(&format!("Bearer {token}")).expect("token header");
-        config.headers.push((http::header::AUTHORIZATION, bearer));
-        kube::Client::try_from(config).expect("kube client for the test API server")
+        client_for(self.addr, token)
+    }
+
+    /// A handle that issues ServiceAccount tokens and kubeconfigs, for the
+    /// parts of a cluster that hand out credentials (a kubelet mounting tokens).
+    pub fn issuer(&self) -> Issuer {
+        Issuer { state: self.state.clone(), addr: self.addr }
     }
 
     /// The server's URL.
@@ -152,20 +152,7 @@ impl ApiServer {
     /// namespace `namespace`, into `dir`, for processes (kubectl, the
     /// `fulcrum` binary); returns the kubeconfig's path.
     pub fn write_kubeconfig(&self, dir: &std::path::Path, token: &str, namespace: &str) -> std::path::PathBuf {
-        let ca = dir.join("ca.crt");
-        std::fs::write(&ca, &tls::pki().ca_pem).expect("write ca.crt");
-        let path = dir.join(format!("kubeconfig-{:016x}", seahash(token)));
-        let text = format!(
-            "apiVersion: v1\nkind: Config\n\
-             clusters: [{{name: test, cluster: {{server: \"{}\", certificate-authority: \"{}\"}}}}]\n\
-             users: [{{name: test, user: {{token: \"{token}\"}}}}]\n\
-             contexts: [{{name: test, context: {{cluster: test, user: test, namespace: {namespace}}}}}]\n\
-             current-context: test\n",
-            self.url(),
-            ca.display(),
-        );
-        std::fs::write(&path, text).expect("write kubeconfig");
-        path
+        write_kubeconfig(self.addr, dir, token, namespace)
     }
 
     /// The administrator's bearer token, for kubeconfigs and kubectl.
@@ -224,6 +211,56 @@ fn seahash(s: &str) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     s.hash(&mut h);
     h.finish()
+}
+
+/// Issues ServiceAccount tokens and kubeconfigs for a running [`ApiServer`].
+#[derive(Clone)]
+pub struct Issuer {
+    state: Arc<State>,
+    addr: SocketAddr,
+}
+
+impl Issuer {
+    /// A bearer token of the ServiceAccount `ns/name` (valid while the account exists).
+    pub fn token_for(&self, ns: &str, name: &str) -> String {
+        self.state.auth.token_for(ns, name)
+    }
+
+    /// A kube client as the administrator.
+    pub fn admin_client(&self) -> kube::Client {
+        client_for(self.addr, ADMIN_TOKEN)
+    }
+
+    /// Writes `ca.crt` and a kubeconfig (see [`ApiServer::write_kubeconfig`]).
+    pub fn write_kubeconfig(&self, dir: &std::path::Path, token: &str, namespace: &str) -> std::path::PathBuf {
+        write_kubeconfig(self.addr, dir, token, namespace)
+    }
+}
+
+fn client_for(addr: SocketAddr, token: &str) -> kube::Client {
+    let mut config = kube::Config::new(format!("https://{addr}").parse().expect("server URL"));
+    config.root_cert = Some(vec![tls::pki().ca_der.clone()]);
+    config.default_namespace = "default".into();
+    config.read_timeout = Some(Duration::from_secs(30));
+    let bearer = http::HeaderValue::from_str(&format!("Bearer {token}")).expect("token header");
+    config.headers.push((http::header::AUTHORIZATION, bearer));
+    kube::Client::try_from(config).expect("kube client for the test API server")
+}
+
+fn write_kubeconfig(addr: SocketAddr, dir: &std::path::Path, token: &str, namespace: &str) -> std::path::PathBuf {
+    let ca = dir.join("ca.crt");
+    std::fs::write(&ca, &tls::pki().ca_pem).expect("write ca.crt");
+    let path = dir.join(format!("kubeconfig-{:016x}-{namespace}", seahash(token)));
+    let text = format!(
+        "apiVersion: v1\nkind: Config\n\
+         clusters: [{{name: test, cluster: {{server: \"https://{addr}\", certificate-authority: \"{}\"}}}}]\n\
+         users: [{{name: test, user: {{token: \"{token}\"}}}}]\n\
+         contexts: [{{name: test, context: {{cluster: test, user: test, namespace: {namespace}}}}}]\n\
+         current-context: test\n",
+        ca.display(),
+    );
+    std::fs::write(&path, text).expect("write kubeconfig");
+    path
 }
 
 fn json_response(code: StatusCode, v: &Value) -> Response<Body> {
@@ -352,11 +389,20 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         ),
         "/api" => json_response(StatusCode::OK, &registry::core_versions()),
         "/apis" => json_response(StatusCode::OK, &registry::groups(&served(&state))),
+        "/openapi/v3" => json_response(StatusCode::OK, &registry::openapi_v3_root(&served(&state))),
+        p if p.starts_with("/openapi/v3/") => {
+            match registry::openapi_v3_doc(&served(&state), &p["/openapi/v3/".len()..]) {
+                Some(doc) => json_response(StatusCode::OK, &doc),
+                None => error_response(&ApiError::new(404, "NotFound", format!("{p} is not served"))),
+            }
+        }
         _ => {
             let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
             let discovery = match segs.as_slice() {
                 ["api", v] => Some(registry::resource_list(&served(&state), "", v)),
-                ["apis", g, v] => Some(registry::resource_list(&served(&state), g, v)),
+                ["apis", g, v] => {
+                    Some(registry::resource_list(&served(&state), g, v).map(|l| with_crd_names(&state, l)))
+                }
                 _ => None,
             };
             match discovery {
@@ -379,6 +425,21 @@ fn crd_of(state: &State, res: &Resource) -> Option<Value> {
         .store
         .list(&crds, None, |c| c["spec"]["group"] == res.group && c["spec"]["names"]["plural"] == res.plural);
     found.into_iter().next()
+}
+
+/// A discovery list with each custom resource's short names and categories from its CRD.
+fn with_crd_names(state: &State, mut list: Value) -> Value {
+    for entry in list["resources"].as_array_mut().into_iter().flatten() {
+        let Some(res) = state.resources.iter().find(|r| r.custom && r.plural == entry["name"]) else { continue };
+        if let Some(crd) = crd_of(state, res) {
+            for key in ["shortNames", "categories"] {
+                if let Some(v) = crd["spec"]["names"].get(key) {
+                    entry[key] = v.clone();
+                }
+            }
+        }
+    }
+    list
 }
 
 /// The resources served now: the built-in ones, and custom ones whose CRD is stored.
@@ -421,6 +482,13 @@ async fn resource_request(state: &Arc<State>, req: Request<Incoming>, path: &str
     if let Some(e) = injected_fault(state, t.res.plural) {
         return Err(e);
     }
+    // `kubectl get` asks for a server-side Table; custom resources get one from their CRD's printer columns.
+    let table_crd = req
+        .headers()
+        .get(http::header::ACCEPT)
+        .and_then(|a| a.to_str().ok())
+        .filter(|a| a.contains("as=Table"))
+        .and_then(|_| t.res.custom.then(|| crd_of(state, &t.res)).flatten());
     let content_type = req
         .headers()
         .get(http::header::CONTENT_TYPE)
@@ -451,6 +519,9 @@ async fn resource_request(state: &Arc<State>, req: Request<Incoming>, path: &str
             let limit: usize = q.get("limit").and_then(|l| l.parse().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
             let total = items.len();
             let page: Vec<Value> = items.into_iter().skip(start).take(limit).collect();
+            if let Some(crd) = &table_crd {
+                return Ok(json_response(StatusCode::OK, &admission::table(crd, res.version, &page, &rv.to_string())));
+            }
             let mut body = list_body(res, page, rv);
             if start.saturating_add(limit) < total {
                 body["metadata"]["continue"] = json!((start + limit).to_string());
@@ -458,7 +529,16 @@ async fn resource_request(state: &Arc<State>, req: Request<Incoming>, path: &str
             }
             Ok(json_response(StatusCode::OK, &body))
         }
-        (Method::GET, Some(name)) => Ok(json_response(StatusCode::OK, &store.get(res, &ns, name)?)),
+        (Method::GET, Some(name)) => {
+            let obj = store.get(res, &ns, name)?;
+            match &table_crd {
+                Some(crd) => {
+                    let rv = obj["metadata"]["resourceVersion"].as_str().unwrap_or_default().to_owned();
+                    Ok(json_response(StatusCode::OK, &admission::table(crd, res.version, &[obj], &rv)))
+                }
+                None => Ok(json_response(StatusCode::OK, &obj)),
+            }
+        }
         (Method::POST, None) => {
             let obj: Value =
                 serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;

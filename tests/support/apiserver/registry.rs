@@ -63,6 +63,7 @@ pub fn builtin() -> Vec<Resource> {
         res("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", false, false),
         res("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings", false, false),
         res("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", true, false),
+        res("networking.k8s.io", "v1", "NetworkPolicy", "networkpolicies", true, false),
         res("coordination.k8s.io", "v1", "Lease", "leases", true, false),
         res("apiextensions.k8s.io", "v1", "CustomResourceDefinition", "customresourcedefinitions", false, true),
         Resource { custom: true, ..res("fulcrum.dev", "v1alpha1", "LoadBalancedApp", "loadbalancedapps", true, true) },
@@ -117,4 +118,66 @@ pub fn resource_list(resources: &[Resource], group: &str, version: &str) -> Opti
     let gv = if group.is_empty() { version.to_owned() } else { format!("{group}/{version}") };
     let entries: Vec<Value> = matching.into_iter().flat_map(resource_list_entry).collect();
     Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": entries}))
+}
+
+/// `/openapi/v3`: where each group version's document is.
+pub fn openapi_v3_root(resources: &[Resource]) -> Value {
+    let mut paths = serde_json::Map::new();
+    for r in resources {
+        let gv = gv_path(r);
+        paths.insert(gv.clone(), json!({"serverRelativeURL": format!("/openapi/v3/{gv}?hash=fulcrum-test")}));
+    }
+    json!({"paths": paths})
+}
+
+fn gv_path(r: &Resource) -> String {
+    if r.group.is_empty() { format!("api/{}", r.version) } else { format!("apis/{}/{}", r.group, r.version) }
+}
+
+/// `/openapi/v3/api/v1` or `/openapi/v3/apis/{group}/{version}`: the paths of
+/// each resource with the operations the server serves and their query
+/// parameters, so that clients see which parameters (`fieldValidation`,
+/// `fieldManager`, `dryRun`) it honours. Schemas are left open: the server
+/// itself validates what it admits.
+pub fn openapi_v3_doc(resources: &[Resource], gv: &str) -> Option<Value> {
+    let matching: Vec<&Resource> = resources.iter().filter(|r| gv_path(r) == gv).collect();
+    if matching.is_empty() {
+        return None;
+    }
+    let query = |name: &str| json!({"name": name, "in": "query", "schema": {"type": "string"}});
+    let mut paths = serde_json::Map::new();
+    for r in matching {
+        let gvk = json!({"group": r.group, "version": r.version, "kind": r.kind});
+        let op = |action: &str, params: Vec<Value>| {
+            json!({
+                "operationId": format!("{action}{}", r.kind),
+                "parameters": params,
+                "x-kubernetes-action": action,
+                "x-kubernetes-group-version-kind": gvk,
+                "responses": {"200": {"description": "OK"}},
+            })
+        };
+        let writes = || vec![query("dryRun"), query("fieldManager"), query("fieldValidation")];
+        let base = if r.namespaced {
+            format!("/{gv}/namespaces/{{namespace}}/{}", r.plural)
+        } else {
+            format!("/{gv}/{}", r.plural)
+        };
+        paths.insert(
+            base.clone(),
+            json!({
+                "get": op("list", vec![query("labelSelector"), query("fieldSelector"), query("watch"), query("limit"), query("continue")]),
+                "post": op("post", writes()),
+            }),
+        );
+        let mut patch_params = writes();
+        patch_params.push(query("force"));
+        paths.insert(
+            format!("{base}/{{name}}"),
+            json!({"get": op("get", vec![]), "put": op("put", writes()), "patch": op("patch", patch_params), "delete": op("delete", vec![query("dryRun")])}),
+        );
+    }
+    Some(
+        json!({"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.33.0"}, "paths": paths, "components": {"schemas": {}}}),
+    )
 }
