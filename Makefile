@@ -23,7 +23,9 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets --locked -- -D warnings
 
-unit:
+## The install test (tests/install) renders the chart with its CI values through
+## the same tools, so the unit tests need the virtualenv too.
+unit: $(STAMP)
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --locked --no-fail-fast; \
 	else \

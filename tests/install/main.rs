@@ -65,7 +65,12 @@ impl Kubectl {
     }
 
     async fn must(&self, args: &[&str], node: &Node) -> String {
-        let r = self.run(args, None).await;
+        self.must_with(args, "", node).await
+    }
+
+    /// Like [`Kubectl::must`], with `stdin` as its input (when not empty).
+    async fn must_with(&self, args: &[&str], stdin: &str, node: &Node) -> String {
+        let r = self.run(args, (!stdin.is_empty()).then_some(stdin)).await;
         assert!(r.ok, "kubectl {args:?} failed:\n{}\n{}\n{}", r.stdout, r.stderr, node.logs());
         r.stdout
     }
@@ -111,6 +116,94 @@ fn is_leader(metrics: &str) -> bool {
 
 fn example(name: &str) -> String {
     Path::new(ROOT).join("manifests/examples").join(name).display().to_string()
+}
+
+/// `manifests/install.yaml` as it would be with the chart rendered with
+/// `values` (by Helm's Go SDK, through `tests/manifests/check.py --render`).
+async fn render_chart(values: &str) -> String {
+    let python = Path::new(ROOT).join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "the chart tools' virtualenv is missing: `make test` (or `make manifests-check`) installs it in .venv"
+    );
+    let out = tokio::process::Command::new(python)
+        .arg(Path::new(ROOT).join("tests/manifests/check.py"))
+        .arg("--render")
+        .arg(Path::new(ROOT).join("charts/fulcrum/ci").join(values))
+        .output()
+        .await
+        .expect("render the chart");
+    assert!(out.status.success(), "render {values}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("UTF-8 manifests")
+}
+
+/// What the chart's `ci/no-rbac-values.yaml` leaves to the platform team: the
+/// operator's ServiceAccount `fulcrum-operator`, bound to the rules of the
+/// default install's ClusterRole and leader-election Role.
+const RBAC_OUTSIDE_THE_CHART: &str = "
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: fulcrum-operator, namespace: fulcrum-system}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: fulcrum-operator}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: fulcrum}
+subjects: [{kind: ServiceAccount, name: fulcrum-operator, namespace: fulcrum-system}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: fulcrum-operator-leader-election, namespace: fulcrum-system}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: fulcrum-leader-election}
+subjects: [{kind: ServiceAccount, name: fulcrum-operator, namespace: fulcrum-system}]
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chart_with_its_ci_values_installs_and_serves_the_quickstart() {
+    for values in ["pinned-single-values.yaml", "no-rbac-values.yaml"] {
+        let dir = TempDir(std::env::temp_dir().join(format!("fulcrum-install-ci-{}-{values}", std::process::id())));
+        std::fs::create_dir_all(&dir.0).expect("temp dir");
+        let server = ApiServer::start_bare().await;
+        let node = Node::start(server.issuer(), NodeSettings { net: 110, cpu_millis: 8_000, dir: dir.0.join("node") });
+        let kubectl = Kubectl { kubeconfig: server.write_kubeconfig(&dir.0, server.admin_token(), "default") };
+        let rendered = render_chart(values).await;
+        if values == "no-rbac-values.yaml" {
+            // The rules come from the default install; the chart makes neither account nor bindings.
+            assert!(!rendered.contains("kind: ClusterRole"), "{values} renders RBAC");
+            let install = Path::new(ROOT).join("manifests/install.yaml");
+            let defaults = std::fs::read_to_string(install).expect("install.yaml");
+            let roles: Vec<&str> = defaults
+                .split("\n---\n")
+                .filter(|d| d.contains("\nkind: ClusterRole\n") || d.contains("\nkind: Role\n"))
+                .collect();
+            assert_eq!(roles.len(), 2);
+            kubectl.must_with(&["apply", "--server-side", "-f", "-"], &rendered, &node).await;
+            kubectl.must_with(&["apply", "--server-side", "-f", "-"], &roles.join("\n---\n"), &node).await;
+            kubectl.must_with(&["apply", "--server-side", "-f", "-"], RBAC_OUTSIDE_THE_CHART, &node).await;
+        } else {
+            kubectl.must_with(&["apply", "--server-side", "-f", "-"], &rendered, &node).await;
+        }
+        kubectl
+            .must(
+                &["-n", "fulcrum-system", "wait", "deployment", "--all", "--for=condition=Available", "--timeout=90s"],
+                &node,
+            )
+            .await;
+        kubectl.must(&["apply", "-f", &example("minimal.yaml")], &node).await;
+        kubectl.must(&["wait", "lba/web", "--for=condition=Available", "--timeout=120s"], &node).await;
+        let image = kubectl
+            .must(&["get", "deployment", "web", "-o", "jsonpath={.spec.template.spec.initContainers[0].image}"], &node)
+            .await;
+        if values == "pinned-single-values.yaml" {
+            assert_eq!(
+                image, "registry.example.com/platform/fulcrum:0.1.0",
+                "the chart's proxyImage reaches the sidecars"
+            );
+        }
+        let denied: Vec<_> =
+            server.audit().into_iter().filter(|e| e.user.starts_with("system:serviceaccount:") && !e.allowed).collect();
+        assert!(denied.is_empty(), "{values}: denied: {denied:#?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,4 +261,154 @@ async fn install_as_a_user_quickstart_traffic_healing_failover_examples_and_faul
         }
     }
     assert_eq!(seen, names, "every pod is reached through the sidecars");
+
+    // A pod whose app stops being ready leaves every proxy, and is replaced.
+    kubectl
+        .must(&["patch", "lba", "web", "--type=merge", "-p", r#"{"spec":{"healing":{"unreadyTimeout":"4s"}}}"#], &node)
+        .await;
+    let victim = web[0].name_any();
+    let victim_ip = pod_ip(&web[0]);
+    let witness = pod_ip(&web[1]);
+    node.set_unready(&victim, true);
+    until("the unready pod out of the other pods' proxies", Duration::from_secs(20), &node, || async {
+        let Some((200, body)) = get(&format!("http://{witness}:15090/endpoints")).await else { return false };
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        doc["endpoints"].as_array().is_some_and(|eps| {
+            eps.iter()
+                .filter(|e| e["healthy"] == true)
+                .all(|e| !e["address"].as_str().unwrap_or_default().starts_with(&format!("{victim_ip}:")))
+                && eps.iter().filter(|e| e["healthy"] == true).count() == 2
+        })
+    })
+    .await;
+    until("the unready pod healed", Duration::from_secs(40), &node, || async {
+        let now = pods(&client, "default", "fulcrum.dev/app=web").await;
+        !now.iter().any(|p| p.name_any() == victim) && now.len() == 3
+    })
+    .await;
+    kubectl.must(&["wait", "lba/web", "--for=condition=Available", "--timeout=60s"], &node).await;
+    let healed = kubectl
+        .must(&["get", "lba", "web", "-o", "jsonpath={.status.healedTotal} {.status.lastHealing.reason}"], &node)
+        .await;
+    assert_eq!(healed, "1 UnreadyTooLong");
+
+    // The leader goes: the standby takes the lease and reconciles the next change.
+    let mut leader = None;
+    for p in &operators {
+        if get(&format!("http://{}:8080/metrics", pod_ip(p))).await.is_some_and(|(_, m)| is_leader(&m)) {
+            leader = Some(p.name_any());
+        }
+    }
+    let leader = leader.expect("a leader");
+    kubectl.must(&["-n", "fulcrum-system", "delete", "pod", &leader, "--wait=false"], &node).await;
+    kubectl
+        .must(
+            &[
+                "patch",
+                "lba",
+                "web",
+                "--type=merge",
+                "-p",
+                r#"{"spec":{"loadBalancing":{"algorithm":"LeastConnections"}}}"#,
+            ],
+            &node,
+        )
+        .await;
+    until("the new leader's change in the proxies", Duration::from_secs(60), &node, || async {
+        let mut all = true;
+        for p in pods(&client, "default", "fulcrum.dev/app=web").await {
+            let doc = get(&format!("http://{}:15090/endpoints", pod_ip(&p))).await;
+            all &= doc.is_some_and(|(_, body)| body.contains("\"algorithm\": \"LeastConnections\""));
+        }
+        all
+    })
+    .await;
+
+    // Every example is accepted and turns Available: none deadlocks on readiness.
+    let examples = Path::new(ROOT).join("manifests/examples").display().to_string();
+    kubectl.must(&["apply", "-f", &examples], &node).await;
+    kubectl.must(&["wait", "lba", "--all", "--for=condition=Available", "--timeout=180s"], &node).await;
+    let all = kubectl.must(&["get", "lba"], &node).await;
+    eprintln!("{all}");
+    assert_eq!(all.lines().count(), 1 + 7, "seven apps: {all}");
+
+    // An invalid app is refused at apply time with the CEL rule's message.
+    let invalid = "apiVersion: fulcrum.dev/v1alpha1\nkind: LoadBalancedApp\nmetadata: {name: bad}\nspec:\n  port: 8080\n  loadBalancing: {algorithm: ConsistentHash}\n  template: {spec: {containers: [{name: app, image: registry.k8s.io/e2e-test-images/agnhost:2.53, args: [netexec]}]}}\n";
+    let refused = kubectl.run(&["apply", "-f", "-"], Some(invalid)).await;
+    assert!(!refused.ok, "an invalid app was accepted");
+    assert!(refused.stderr.contains("ConsistentHash needs hashOn"), "{}", refused.stderr);
+
+    // Pods that never start are reported, never deleted; a crash loop is reported.
+    let app = |name: &str, container: &str| {
+        format!(
+            "apiVersion: fulcrum.dev/v1alpha1\nkind: LoadBalancedApp\nmetadata: {{name: {name}}}\nspec:\n  replicas: 1\n  port: 8080\n  healing: {{unreadyTimeout: 3s}}\n  template: {{spec: {{containers: [{container}]}}}}\n"
+        )
+    };
+    let faults = [
+        app("no-image", "{name: app, image: registry.example/does-not-exist:1}"),
+        app("too-big", "{name: app, image: registry.k8s.io/e2e-test-images/agnhost:2.53, args: [netexec], resources: {requests: {cpu: '64'}}}"),
+        app("crasher", "{name: app, image: ghcr.io/fulcrum-dev/fulcrum:0.1.0, args: [proxy, --config, /nonexistent.yaml]}"),
+    ]
+    .join("---\n");
+    kubectl.must_with(&["apply", "-f", "-"], &faults, &node).await;
+    for (name, reason) in [("no-image", "PodsNotStarted"), ("too-big", "PodsNotStarted"), ("crasher", "CrashLoop")] {
+        until(&format!("{name} Degraded ({reason})"), Duration::from_secs(40), &node, || async {
+            let out = kubectl
+                .run(
+                    &["get", "lba", name, "-o", r#"jsonpath={.status.conditions[?(@.type=="Degraded")].reason}"#],
+                    None,
+                )
+                .await;
+            out.stdout == reason
+        })
+        .await;
+    }
+    let waiting =
+        kubectl.must(&["get", "lba", "no-image", "-o", "jsonpath={.status.notStarted[0].reason}"], &node).await;
+    assert!(["ErrImagePull", "ImagePullBackOff"].contains(&waiting.as_str()), "{waiting}");
+    let unschedulable =
+        kubectl.must(&["get", "lba", "too-big", "-o", "jsonpath={.status.notStarted[0].reason}"], &node).await;
+    assert_eq!(unschedulable, "Unschedulable");
+    let before: Vec<String> = pods(&client, "default", "fulcrum.dev/app in (no-image,too-big,crasher)")
+        .await
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after: Vec<String> = pods(&client, "default", "fulcrum.dev/app in (no-image,too-big,crasher)")
+        .await
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect();
+    assert_eq!(before, after, "a pod that cannot start or crash-loops is not deleted");
+    assert_eq!(before.len(), 3);
+    for name in ["no-image", "too-big", "crasher"] {
+        let healed = kubectl.must(&["get", "lba", name, "-o", "jsonpath={.status.healedTotal}"], &node).await;
+        assert_eq!(healed, "0", "{name}");
+    }
+
+    // Deleting an app collects everything the operator made for it.
+    kubectl.must(&["delete", "lba", "web", "--wait=true", "--timeout=60s"], &node).await;
+    until("the app's objects collected", Duration::from_secs(30), &node, || async {
+        let left = kubectl
+            .run(
+                &[
+                    "get",
+                    "deployments,services,configmaps,serviceaccounts,roles,rolebindings,poddisruptionbudgets,pods",
+                    "-l",
+                    "fulcrum.dev/app=web",
+                    "-o",
+                    "name",
+                ],
+                None,
+            )
+            .await;
+        left.ok && left.stdout.trim().is_empty()
+    })
+    .await;
+
+    // No request of a Fulcrum identity was denied anywhere in the run.
+    let denied: Vec<_> =
+        server.audit().into_iter().filter(|e| e.user.starts_with("system:serviceaccount:") && !e.allowed).collect();
+    assert!(denied.is_empty(), "denied: {denied:#?}");
 }

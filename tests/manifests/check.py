@@ -106,8 +106,8 @@ def rendered_objects(files: dict[str, str]) -> list[dict]:
     return out
 
 
-def install_yaml() -> str:
-    """The chart with default values, as one file for `kubectl apply -f`."""
+def install_yaml(values: dict | None = None) -> str:
+    """The chart with default values (or `values`), as one file for `kubectl apply -f`."""
     namespace = {
         "apiVersion": "v1",
         "kind": "Namespace",
@@ -127,7 +127,7 @@ def install_yaml() -> str:
         "---",
         CRD.read_text().rstrip(),
     ]
-    files = render(None)
+    files = render(values)
     for path in sorted(files):
         if path.endswith("NOTES.txt"):
             continue
@@ -387,7 +387,15 @@ def run_linters() -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--write", action="store_true", help="regenerate manifests/install.yaml")
+    ap.add_argument(
+        "--render",
+        metavar="VALUES",
+        help="print the install.yaml form of the chart rendered with this values file, and exit",
+    )
     args = ap.parse_args()
+    if args.render:
+        print(install_yaml(yaml.safe_load(pathlib.Path(args.render).read_text()) or {}))
+        return 0
 
     versions = kube_versions()
     print(f"Kubernetes versions of the k8s-openapi features: {versions[0]} .. {versions[1]}")

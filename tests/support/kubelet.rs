@@ -57,7 +57,7 @@ pub struct Control {
 
 /// The node's settings.
 pub struct NodeSettings {
-    /// Pods get 127.0.`net`.10 and up.
+    /// Pods get 127.0.`net`.30 and up (the next 200 in 127.0.`net + 1`, …).
     pub net: u8,
     /// Allocatable CPU, in millicores.
     pub cpu_millis: u64,
@@ -337,7 +337,7 @@ impl Kubelet {
         let name = p["metadata"]["name"].as_str().unwrap_or_default().to_owned();
         let host = self.next_host;
         self.next_host += 1;
-        let ip = format!("127.0.{}.{}", u16::from(self.settings.net) + host / 250, 10 + host % 240);
+        let ip = format!("127.0.{}.{}", u16::from(self.settings.net) + host / 200, 20 + host % 200);
         let mut containers = Vec::new();
         for (list, init) in [("initContainers", true), ("containers", false)] {
             for c in spec[list].as_array().into_iter().flatten() {
