@@ -158,9 +158,98 @@ roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: fulcrum-leader-
 subjects: [{kind: ServiceAccount, name: fulcrum-operator, namespace: fulcrum-system}]
 ";
 
+/// The part of the Prometheus Operator's ServiceMonitor CRD the chart's
+/// ServiceMonitor uses (as installed with the Prometheus Operator).
+const SERVICE_MONITOR_CRD: &str = "
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: servicemonitors.monitoring.coreos.com}
+spec:
+  group: monitoring.coreos.com
+  names: {kind: ServiceMonitor, listKind: ServiceMonitorList, plural: servicemonitors, singular: servicemonitor, categories: [prometheus-operator], shortNames: [smon]}
+  scope: Namespaced
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema:
+        openAPIV3Schema:
+          type: object
+          required: [spec]
+          properties:
+            spec:
+              type: object
+              required: [selector]
+              properties:
+                selector: {type: object, x-kubernetes-preserve-unknown-fields: true}
+                namespaceSelector:
+                  type: object
+                  properties:
+                    any: {type: boolean}
+                    matchNames: {type: array, items: {type: string}}
+                endpoints:
+                  type: array
+                  items:
+                    type: object
+                    properties:
+                      port: {type: string}
+                      path: {type: string}
+                      interval: {type: string, pattern: '^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$'}
+                      scheme: {type: string, enum: [http, https]}
+";
+
+/// Parses kubectl's `-o json` output.
+fn json_of(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("kubectl JSON: {e}: {text}"))
+}
+
+/// Scrapes the operators as Prometheus would from the chart's ServiceMonitor:
+/// the Services it selects, the port it names, the ready endpoints behind it.
+async fn scrape_through_the_service_monitor(kubectl: &Kubectl, node: &Node) {
+    let ns = ["-n", "fulcrum-system"];
+    let monitor =
+        json_of(&kubectl.must(&[&ns[..], &["get", "servicemonitor", "fulcrum", "-o", "json"]].concat(), node).await);
+    let selector: Vec<String> = monitor["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .expect("matchLabels")
+        .iter()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+        .collect();
+    let selector = selector.join(",");
+    let services =
+        json_of(&kubectl.must(&[&ns[..], &["get", "services", "-l", &selector, "-o", "json"]].concat(), node).await);
+    let endpoint = &monitor["spec"]["endpoints"][0];
+    let port_name = endpoint["port"].as_str().expect("endpoint port");
+    let service = services["items"]
+        .as_array()
+        .and_then(|s| {
+            s.iter().find(|s| s["spec"]["ports"].as_array().is_some_and(|p| p.iter().any(|p| p["name"] == port_name)))
+        })
+        .expect("a selected Service with the ServiceMonitor's port");
+    let by_service = format!("kubernetes.io/service-name={}", service["metadata"]["name"].as_str().expect("name"));
+    let slices = json_of(
+        &kubectl.must(&[&ns[..], &["get", "endpointslices", "-l", &by_service, "-o", "json"]].concat(), node).await,
+    );
+    let slice = &slices["items"][0];
+    let port =
+        slice["ports"].as_array().and_then(|p| p.iter().find(|p| p["name"] == port_name)).expect("slice port")["port"]
+            .as_u64()
+            .expect("port number");
+    let path = endpoint["path"].as_str().unwrap_or("/metrics");
+    let mut scraped = 0;
+    for e in slice["endpoints"].as_array().into_iter().flatten().filter(|e| e["conditions"]["ready"] == true) {
+        let ip = e["addresses"][0].as_str().expect("address");
+        let (status, body) = get(&format!("http://{ip}:{port}{path}")).await.expect("scrape");
+        assert_eq!(status, 200);
+        assert!(body.lines().any(|l| l.starts_with("fulcrum_operator_leader ")), "{body}");
+        scraped += 1;
+    }
+    assert!(scraped > 0, "no operator to scrape");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chart_with_its_ci_values_installs_and_serves_the_quickstart() {
-    for values in ["pinned-single-values.yaml", "no-rbac-values.yaml"] {
+    for values in ["pinned-single-values.yaml", "no-rbac-values.yaml", "servicemonitor-values.yaml"] {
         let dir = TempDir(std::env::temp_dir().join(format!("fulcrum-install-ci-{}-{values}", std::process::id())));
         std::fs::create_dir_all(&dir.0).expect("temp dir");
         let server = ApiServer::start_bare().await;
@@ -181,6 +270,9 @@ async fn the_chart_with_its_ci_values_installs_and_serves_the_quickstart() {
             kubectl.must_with(&["apply", "--server-side", "-f", "-"], &roles.join("\n---\n"), &node).await;
             kubectl.must_with(&["apply", "--server-side", "-f", "-"], RBAC_OUTSIDE_THE_CHART, &node).await;
         } else {
+            if values == "servicemonitor-values.yaml" {
+                kubectl.must_with(&["apply", "--server-side", "-f", "-"], SERVICE_MONITOR_CRD, &node).await;
+            }
             kubectl.must_with(&["apply", "--server-side", "-f", "-"], &rendered, &node).await;
         }
         kubectl
@@ -199,6 +291,9 @@ async fn the_chart_with_its_ci_values_installs_and_serves_the_quickstart() {
                 image, "registry.example.com/platform/fulcrum:0.1.0",
                 "the chart's proxyImage reaches the sidecars"
             );
+        }
+        if values == "servicemonitor-values.yaml" {
+            scrape_through_the_service_monitor(&kubectl, &node).await;
         }
         let denied: Vec<_> =
             server.audit().into_iter().filter(|e| e.user.starts_with("system:serviceaccount:") && !e.allowed).collect();

@@ -67,6 +67,11 @@ pub fn builtin() -> Vec<Resource> {
         res("coordination.k8s.io", "v1", "Lease", "leases", true, false),
         res("apiextensions.k8s.io", "v1", "CustomResourceDefinition", "customresourcedefinitions", false, true),
         Resource { custom: true, ..res("fulcrum.dev", "v1alpha1", "LoadBalancedApp", "loadbalancedapps", true, true) },
+        // The Prometheus Operator's, for the chart's optional ServiceMonitor.
+        Resource {
+            custom: true,
+            ..res("monitoring.coreos.com", "v1", "ServiceMonitor", "servicemonitors", true, false)
+        },
     ]
 }
 
