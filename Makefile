@@ -24,9 +24,11 @@ lint:
 	$(CARGO) clippy --all-targets --locked -- -D warnings
 
 ## The install test (tests/install) renders the chart with its CI values through
-## the same tools, so the unit tests need the virtualenv too.
+## the same tools, so the unit tests need the virtualenv too, and a kubectl
+## client (the machine's, or one installed into the virtualenv).
 unit: $(STAMP)
-	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+	bash tests/install/kubectl.sh $(VENV)
+	@export PATH="$$PATH:$(CURDIR)/$(VENV)/bin"; if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --locked --no-fail-fast; \
 	else \
 		echo "cargo-nextest not found: running cargo test"; \

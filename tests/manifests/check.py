@@ -371,7 +371,7 @@ def run_linters() -> None:
     if len(workflows) < 2:
         fail(f"expected ci.yml and e2e.yml in .github/workflows, found {workflows}")
     for cmd, what in [
-        ([str(bin_dir / "shellcheck"), "tests/e2e/kind.sh", ".ci/run", "bench/proxy/install.sh"], "shellcheck on the shell scripts"),
+        ([str(bin_dir / "shellcheck"), "tests/e2e/kind.sh", ".ci/run", "bench/proxy/install.sh", "tests/install/kubectl.sh"], "shellcheck on the shell scripts"),
         ([str(bin_dir / "check-jsonschema"), "--builtin-schema", "vendor.github-workflows", *workflows], "the GitHub workflows against their schema"),
     ]:
         if not pathlib.Path(cmd[0]).exists():
