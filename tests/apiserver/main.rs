@@ -552,3 +552,27 @@ async fn an_object_created_for_an_owner_already_gone_is_collected() {
     api.create(&PostParams::default(), &late).await.unwrap();
     assert!(api.get_opt("late-child").await.unwrap().is_none());
 }
+
+#[tokio::test]
+async fn a_pod_bound_to_a_node_is_deleted_gracefully_and_an_unbound_one_at_once() {
+    let server = ApiServer::start().await;
+    let pods: Api<Pod> = Api::default_namespaced(server.client());
+    let pod = |name: &str, node: Option<&str>| -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"nodeName": node, "terminationGracePeriodSeconds": 20, "containers": [{"name": "c", "image": "i"}]},
+        }))
+        .unwrap()
+    };
+    pods.create(&PostParams::default(), &pod("bound", Some("node-1"))).await.unwrap();
+    pods.create(&PostParams::default(), &pod("unbound", None)).await.unwrap();
+    pods.delete("unbound", &DeleteParams::default()).await.unwrap();
+    assert!(pods.get_opt("unbound").await.unwrap().is_none(), "no kubelet runs it: gone at once");
+    pods.delete("bound", &DeleteParams::default()).await.unwrap();
+    let terminating = pods.get("bound").await.unwrap();
+    assert_eq!(terminating.metadata.deletion_grace_period_seconds, Some(20), "the pod's own grace period");
+    assert!(terminating.metadata.deletion_timestamp.is_some());
+    // Its kubelet has stopped the containers: deleted for good.
+    pods.delete("bound", &DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() }).await.unwrap();
+    assert!(pods.get_opt("bound").await.unwrap().is_none());
+}

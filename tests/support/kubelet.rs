@@ -92,6 +92,7 @@ impl Node {
             next_pod: 0,
             slices: BTreeMap::new(),
             deployment_status: BTreeMap::new(),
+            terminating: Arc::default(),
         };
         let c = control.clone();
         let task = tokio::spawn(async move {
@@ -210,9 +211,13 @@ struct Kubelet {
     next_pod: u64,
     slices: BTreeMap<(String, String), Value>,
     deployment_status: BTreeMap<(String, String), Value>,
+    /// Pods (by uid) whose containers are being stopped after a graceful delete.
+    terminating: Arc<Mutex<BTreeSet<String>>>,
 }
 
 const TOKEN_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+/// The node's name.
+const NODE_NAME: &str = "node-1";
 
 fn labels_match(selector: &Value, labels: &Value) -> bool {
     selector.as_object().is_some_and(|sel| sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
@@ -287,11 +292,31 @@ impl Kubelet {
             }
         }
         let unready = control.lock().unwrap_or_else(std::sync::PoisonError::into_inner).unready.clone();
+        let terminating_now = self.terminating.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         for p in &listed {
             let key = (
                 p["metadata"]["namespace"].as_str().unwrap_or_default().to_owned(),
                 p["metadata"]["name"].as_str().unwrap_or_default().to_owned(),
             );
+            let uid = p["metadata"]["uid"].as_str().unwrap_or_default().to_owned();
+            if terminating_now.contains(&uid) {
+                continue;
+            }
+            if p["metadata"].get("deletionTimestamp").is_some() {
+                // Deleted gracefully: stop the containers, then delete it for good.
+                self.terminating.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(uid.clone());
+                let run = self.pods.remove(&key);
+                let (api, name, done) = (self.pods_api(Some(&key.0)), key.1.clone(), self.terminating.clone());
+                tokio::spawn(async move {
+                    if let Some(run) = run {
+                        stop_pod(run).await;
+                    }
+                    let dp = DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() };
+                    let _ = api.delete(&name, &dp).await;
+                    done.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&uid);
+                });
+                continue;
+            }
             if !self.pods.contains_key(&key) {
                 let run = self.admit(p);
                 self.pods.insert(key.clone(), run);
@@ -301,7 +326,14 @@ impl Kubelet {
             let issuer = self.issuer.clone();
             let Some(run) = self.pods.get_mut(&key) else { continue };
             if !run.scheduled && used + pod_cpu(&run.spec) <= capacity {
-                run.scheduled = true;
+                // Bound to the node, as the scheduler's binding does.
+                let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), &run.ns, &pod_resource());
+                let bind = json!({"spec": {"nodeName": NODE_NAME}});
+                match api.patch(&run.name, &PatchParams::default(), &Patch::Merge(&bind)).await {
+                    Ok(_) => run.scheduled = true,
+                    Err(kube::Error::Api(e)) if e.code == 404 => continue,
+                    Err(e) => return Err(e),
+                }
             }
             if run.scheduled {
                 run.advance(&issuer, unready.contains(&run.name)).await;
@@ -756,7 +788,7 @@ impl PodRun {
                         (_, Some("metadata.namespace")) => self.ns.clone(),
                         (_, Some("status.podIP")) => self.ip.clone(),
                         (_, Some("spec.serviceAccountName")) => self.service_account(),
-                        (_, Some("spec.nodeName")) => "node-1".into(),
+                        (_, Some("spec.nodeName")) => NODE_NAME.into(),
                         other => panic!("{}: env {key} from {other:?} is not modelled", self.name),
                     };
                     cmd.env(key, value);

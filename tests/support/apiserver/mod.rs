@@ -619,6 +619,23 @@ async fn resource_request(state: &Arc<State>, req: Request<Incoming>, path: &str
                     )));
                 }
             };
+            // A pod bound to a node is deleted gracefully, as the real server
+            // does: it stays, terminating, until its kubelet has stopped its
+            // containers and deletes it with no grace.
+            if res.group.is_empty() && res.plural == "pods" {
+                let pod = store.get(res, &ns, name)?;
+                let grace = q
+                    .get("gracePeriodSeconds")
+                    .and_then(|g| g.parse::<i64>().ok())
+                    .or_else(|| opts["gracePeriodSeconds"].as_i64())
+                    .or_else(|| pod["spec"]["terminationGracePeriodSeconds"].as_i64())
+                    .unwrap_or(30);
+                let bound = pod["spec"]["nodeName"].as_str().is_some_and(|n| !n.is_empty());
+                let finished = matches!(pod["status"]["phase"].as_str(), Some("Succeeded" | "Failed"));
+                if bound && !finished && grace > 0 {
+                    return Ok(json_response(StatusCode::OK, &store.begin_graceful_delete(res, &ns, name, grace)?));
+                }
+            }
             let (obj, gone) = store.delete(res, &ns, name, propagation)?;
             if gone { Ok(json_response(StatusCode::OK, &obj)) } else { Ok(json_response(StatusCode::ACCEPTED, &obj)) }
         }

@@ -339,6 +339,28 @@ impl Store {
         Ok(merged)
     }
 
+    /// Starts a graceful deletion: the object stays, with a `deletionTimestamp`
+    /// `grace` from now and `deletionGracePeriodSeconds`, until whoever runs it
+    /// (the kubelet, for a pod) deletes it again with no grace.
+    pub fn begin_graceful_delete(&self, res: &Resource, ns: &str, name: &str, grace: i64) -> Result<Value, ApiError> {
+        let mut inner = self.lock();
+        let key = (res.group.to_owned(), res.plural.to_owned(), ns.to_owned(), name.to_owned());
+        let Some(mut obj) = inner.objects.get(&key).cloned() else {
+            return Err(ApiError::not_found(res.kind, res.plural, name));
+        };
+        if obj["metadata"].get("deletionTimestamp").is_some() {
+            return Ok(obj);
+        }
+        let rv = Self::bump(&mut inner);
+        let at = k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(grace);
+        obj["metadata"]["deletionTimestamp"] = json!(at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string());
+        obj["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        inner.objects.insert(key, obj.clone());
+        self.record(&mut inner, "MODIFIED", res_key(res), obj.clone());
+        Ok(obj)
+    }
+
     /// Deletes an object, honouring finalizers and propagating to dependents.
     /// Returns the object as it was at deletion (or as it is now, being deleted).
     pub fn delete(
