@@ -330,3 +330,44 @@ async fn canary_endpoints_take_their_share_of_the_split() {
     let counts = spread(&client(), &r.proxy, 1000).await;
     assert_eq!(counts.get("canary"), Some(&100), "{counts:?}");
 }
+
+/// The real binary in Kubernetes mode: before its ConfigMap and slices it is
+/// alive but not ready (the kubelet neither restarts it nor sends it
+/// traffic); once it serves its configuration it is ready even though no
+/// endpoint is, as a sidecar must be (its pod's readiness waits for it), and
+/// answers 503 until one is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_process_is_ready_once_it_serves_its_configuration_not_once_an_endpoint_is() {
+    let server = ApiServer::start().await;
+    let dir = std::env::temp_dir().join(format!("fulcrum-discovery-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let kubeconfig = server.write_kubeconfig(&dir, server.admin_token(), "default");
+    let (listen, admin_addr) = ("127.0.75.1:15080", "127.0.75.1:15090");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+        .args(["proxy", "--kubernetes", "web", "--listen", listen, "--admin", admin_addr])
+        .env("KUBECONFIG", &kubeconfig)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start fulcrum proxy");
+    let status = |path: &'static str| async move {
+        let req = http::Request::get(format!("http://{admin_addr}{path}")).body(Default::default()).ok()?;
+        crate::support::send(&client(), req).await.ok().map(|r| r.status.as_u16())
+    };
+    assert!(eventually(Duration::from_secs(20), || async { status("/healthz").await == Some(200) }).await);
+    assert_eq!(status("/readyz").await, Some(503), "ready without a configuration");
+
+    put_config(&server, ROUND_ROBIN).await;
+    slices(&server)
+        .create(&PostParams::default(), &slice("web-backends-a", "web-backends", PORT, &[unready("127.0.75.2")]))
+        .await
+        .expect("slice");
+    assert!(eventually(Duration::from_secs(10), || async { status("/readyz").await == Some(200) }).await);
+    let req = http::Request::get(format!("http://{listen}/")).body(Default::default()).expect("request");
+    let reply = crate::support::send(&client(), req).await.expect("the proxy answers");
+    assert_eq!(reply.status.as_u16(), 503, "no endpoint is ready: the proxy answers for it");
+    let _ = child.kill().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

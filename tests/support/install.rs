@@ -1,24 +1,11 @@
 //! Fulcrum as a user installs it: the objects of `manifests/install.yaml`
-//! loaded into the test API server, the operator Deployment's container run
-//! as real `fulcrum` processes with the ServiceAccount, arguments, downward-API
-//! environment and probes of its pod spec, and the audit of what each
-//! identity did, checked against the rules the chart grants.
-//!
-//! The one liberty taken with the pod spec: pods on a node each have their
-//! own network namespace, processes here share the machine's, so a wildcard
-//! listen address in the arguments (`0.0.0.0:PORT`) is bound to the pod's own
-//! loopback address instead, and the probes go there, as the kubelet's go to
-//! the pod IP. Anything else the pod spec asks for that is not modelled (a
-//! `command`, volumes other than the token, env from Secrets) is refused
-//! loudly rather than ignored.
+//! loaded into the test API server, and the audit of what each identity did,
+//! checked against the rules the chart grants.
 
 #![allow(dead_code)]
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::Duration;
+use std::path::Path;
 
 use serde_json::{Value, json};
 
@@ -68,106 +55,6 @@ pub fn install_identity(server: &ApiServer, objects: &[Value]) -> String {
         server.store().create(&res, ns, o.clone()).unwrap_or_else(|e| panic!("install {}: {e:?}", o["kind"]));
     }
     server.token_for(OPERATOR_NS, OPERATOR_SA)
-}
-
-/// One `fulcrum operator` process of the chart's Deployment.
-pub struct OperatorPod {
-    pub name: String,
-    pub health: SocketAddr,
-    child: tokio::process::Child,
-    log: PathBuf,
-}
-
-impl OperatorPod {
-    /// Starts pod `name` of the Deployment `fulcrum` in `objects`, on the
-    /// loopback address `ip`, with `kubeconfig` standing for its mounted token.
-    pub fn start(objects: &[Value], name: &str, ip: &str, kubeconfig: &Path, dir: &Path) -> OperatorPod {
-        let deployment = find(objects, "Deployment", "fulcrum");
-        let pod = &deployment["spec"]["template"]["spec"];
-        assert_eq!(pod["serviceAccountName"], OPERATOR_SA, "the operator runs as the chart's ServiceAccount");
-        let containers = pod["containers"].as_array().expect("containers");
-        assert_eq!(containers.len(), 1, "one container is modelled");
-        let c = &containers[0];
-        assert!(c.get("command").is_none(), "the image's entrypoint is the binary; a command is not modelled");
-        let args: Vec<String> = c["args"]
-            .as_array()
-            .expect("args")
-            .iter()
-            .map(|a| a.as_str().expect("string arg").replace("0.0.0.0:", &format!("{ip}:")))
-            .collect();
-        let mut env = Vec::new();
-        for e in c["env"].as_array().into_iter().flatten() {
-            let key = e["name"].as_str().expect("env name").to_owned();
-            let value = match (&e["value"], &e["valueFrom"]["fieldRef"]["fieldPath"]) {
-                (Value::String(v), _) => v.clone(),
-                (_, Value::String(path)) if path == "metadata.name" => name.to_owned(),
-                (_, Value::String(path)) if path == "metadata.namespace" => OPERATOR_NS.to_owned(),
-                other => panic!("env {key}: {other:?} is not modelled"),
-            };
-            env.push((key, value));
-        }
-        let port =
-            c["ports"].as_array().and_then(|p| p.first()).and_then(|p| p["containerPort"].as_u64()).expect("port");
-        let health = format!("{ip}:{port}").parse().expect("health address");
-        let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).expect("log file");
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fulcrum"))
-            .args(&args)
-            .envs(env)
-            .env("KUBECONFIG", kubeconfig)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(out)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start fulcrum operator");
-        OperatorPod { name: name.to_owned(), health, child, log }
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The probe `path` on the health port, as the kubelet sends it: the status, or None.
-    pub async fn probe(&self, path: &str) -> Option<u16> {
-        let mut stream = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(self.health))
-            .await
-            .ok()?
-            .ok()?;
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.health);
-        stream.write_all(req.as_bytes()).await.ok()?;
-        let mut buf = Vec::new();
-        tokio::time::timeout(Duration::from_secs(1), stream.read_to_end(&mut buf)).await.ok()?.ok()?;
-        let text = String::from_utf8_lossy(&buf);
-        text.split_whitespace().nth(1)?.parse().ok()
-    }
-
-    /// The process's `/metrics` text.
-    pub async fn metrics(&self) -> String {
-        let Ok(Ok(mut stream)) =
-            tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(self.health)).await
-        else {
-            return String::new();
-        };
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let req = format!("GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.health);
-        if stream.write_all(req.as_bytes()).await.is_err() {
-            return String::new();
-        }
-        let mut buf = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(1), stream.read_to_end(&mut buf)).await;
-        String::from_utf8_lossy(&buf).into_owned()
-    }
-
-    /// Kills the process at once, as a node failure would.
-    pub async fn kill(&mut self) {
-        let _ = self.child.kill().await;
-    }
-
-    pub fn still_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
 }
 
 /// One permission a rule grants: (verb, group, resource[/sub], name or "").

@@ -53,6 +53,8 @@ use crate::support::Backend;
 pub struct Control {
     /// Pods (by name) whose app containers fail their readiness probe.
     pub unready: BTreeSet<String>,
+    /// Containers to kill at once (namespace, pod, container), as a crash would.
+    pub kill: Vec<(String, String, String)>,
 }
 
 /// The node's settings.
@@ -113,6 +115,13 @@ impl Node {
         } else {
             c.unready.remove(pod);
         }
+    }
+
+    /// Kills container `container` of pod `ns/pod` with SIGKILL, as a crash
+    /// would; the kubelet restarts it.
+    pub fn kill_container(&self, ns: &str, pod: &str, container: &str) {
+        let mut c = self.control.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        c.kill.push((ns.to_owned(), pod.to_owned(), container.to_owned()));
     }
 
     /// The log of container `container` of pod `ns/pod`.
@@ -291,7 +300,18 @@ impl Kubelet {
                 tokio::spawn(stop_pod(run));
             }
         }
-        let unready = control.lock().unwrap_or_else(std::sync::PoisonError::into_inner).unready.clone();
+        let (unready, kills) = {
+            let mut c = control.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            (c.unready.clone(), std::mem::take(&mut c.kill))
+        };
+        for (ns, pod, container) in kills {
+            let Some(run) = self.pods.get_mut(&(ns, pod)) else { continue };
+            for c in run.containers.iter_mut().filter(|c| c.name() == container) {
+                if let Some(Proc::Binary(child)) = &mut c.proc {
+                    let _ = child.start_kill();
+                }
+            }
+        }
         let terminating_now = self.terminating.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         for p in &listed {
             let key = (
