@@ -433,6 +433,12 @@ async fn install_as_a_user_quickstart_traffic_healing_failover_examples_and_faul
     assert!(!refused.ok, "an invalid app was accepted");
     assert!(refused.stderr.contains("ConsistentHash needs hashOn"), "{}", refused.stderr);
 
+    // A pod that turns token automounting off still has a working sidecar:
+    // the proxy mounts its own projected token.
+    let no_token = "apiVersion: fulcrum.dev/v1alpha1\nkind: LoadBalancedApp\nmetadata: {name: no-token}\nspec:\n  replicas: 2\n  port: 8080\n  template: {spec: {automountServiceAccountToken: false, containers: [{name: app, image: registry.k8s.io/e2e-test-images/agnhost:2.53, args: [netexec]}]}}\n";
+    kubectl.must_with(&["apply", "-f", "-"], no_token, &node).await;
+    kubectl.must(&["wait", "lba/no-token", "--for=condition=Available", "--timeout=60s"], &node).await;
+
     // Pods that never start are reported, never deleted; a crash loop is reported.
     let app = |name: &str, container: &str| {
         format!(
