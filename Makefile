@@ -70,8 +70,10 @@ kind-deploy:
 	bash tests/e2e/kind.sh deploy
 
 ## See the proxy work in about ten seconds (no cluster, loopback only).
-demo: build
-	./target/release/fulcrum demo
+demo:
+	@echo "building fulcrum with the quick profile (a few minutes on a fresh clone; cargo shows its progress)..."
+	$(CARGO) build --locked --profile quick
+	./target/quick/fulcrum demo
 
 ## All benchmarks (not part of `make test`): the balancing core, then the proxy
 ## against HAProxy and NGINX. Writes bench/results/ and bench/RESULTS.md.
