@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Turns criterion's results for benches/balance.rs into the Markdown table
-the README shows. Standard library only.
+docs/benchmarks.md shows. Standard library only.
 
 Usage: bench/balance_table.py [CRITERION_DIR] > bench/results/balance.md
 """

@@ -364,6 +364,45 @@ def run_checkov(manifest_dir: pathlib.Path) -> None:
             ok(f"checkov on {what}: {passed} checks passed, {skipped} skipped inline with a reason, none failed")
 
 
+def slug(heading: str) -> str:
+    """A heading's anchor, as GitHub makes it."""
+    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def check_docs() -> None:
+    """Every relative link of README.md and docs/ points at a file that exists
+    (and at a heading that exists, for an anchor), and every `make` target they
+    name is one the Makefile has."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    targets = set(re.findall(r"(?m)^([a-zA-Z][\w-]*):", (ROOT / "Makefile").read_text()))
+    anchors: dict[pathlib.Path, set[str]] = {}
+    for page in pages:
+        text = page.read_text()
+        anchors[page.resolve()] = {slug(h) for h in re.findall(r"(?m)^#{1,6} (.+)$", re.sub(r"(?s)```.*?```", "", text))}
+    links = 0
+    for page in pages:
+        text = page.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"^[a-z]+://", target) or target.startswith("mailto:"):
+                continue
+            links += 1
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page.resolve()
+            if not dest.exists():
+                fail(f"{page.relative_to(ROOT)}: link to {target}: no such file")
+            elif anchor and dest.suffix == ".md" and anchor not in anchors.get(dest, set()):
+                fail(f"{page.relative_to(ROOT)}: link to {target}: no such heading")
+        for target in re.findall(r"\bmake ([a-z][\w-]*)", text):
+            if target not in targets:
+                fail(f"{page.relative_to(ROOT)}: `make {target}`: the Makefile has no such target")
+    lines = len((ROOT / "README.md").read_text().splitlines())
+    if lines > 260:
+        fail(f"README.md has {lines} lines: it is the front page; the reference goes to docs/")
+    ok(f"{links} relative links and every `make` target named in README.md and docs/ exist; README.md is {lines} lines")
+
+
 def run_linters() -> None:
     """The kind end-to-end script and the workflows cannot run here: lint them."""
     bin_dir = pathlib.Path(sys.executable).parent
@@ -447,6 +486,7 @@ def main() -> int:
         check_image_contract(rendered_objects(render(None)), operator)
         run_checkov(out)
     run_linters()
+    check_docs()
 
     if failures:
         print(f"\n{len(failures)} manifest check(s) failed")
