@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: build test lint unit doc manifests-check manifests demo crds bench bench-balance bench-proxy bench-operator bench-discovery kind-deploy image clean
+.PHONY: build test lint unit doc docs manifests-check manifests demo crds bench bench-balance bench-proxy bench-operator bench-discovery kind-deploy image clean
 
 # The manifest checks' tools (Helm's Go SDK, kubernetes-validate, checkov) live
 # in a virtualenv in the repository, reinstalled when their pinned list changes.
@@ -37,6 +37,10 @@ unit: $(STAMP)
 
 doc:
 	$(CARGO) test --locked --doc
+
+## Regenerate docs/crd.md, the LoadBalancedApp field reference, from the CRD's schema (a test fails when it drifts).
+docs:
+	FULCRUM_WRITE_DOCS=1 $(CARGO) test --locked --test api -- the_crd_reference_in_docs_matches_the_schema
 
 ## Regenerate the checked-in CRD from the types in src/api/ (a test fails when they drift).
 crds:

@@ -3,6 +3,8 @@
 //! what it should, evaluated with kube's client-side CEL validator against
 //! the generated schema.
 
+mod reference;
+
 use fulcrum::api::{LoadBalancedApp, LoadBalancedAppSpec, crd_yaml};
 use kube::CustomResourceExt;
 use kube::core::cel::Validator;
