@@ -36,6 +36,14 @@ impl Drop for Running {
     }
 }
 
+impl Running {
+    /// Plays kubelet: stores `pod` (with its status) as a node would report it.
+    fn kubelet_adds(&self, pod: Value) {
+        let res = self.server.resource("", "pods");
+        self.server.store().create(&res, "default", pod).expect("store the pod");
+    }
+}
+
 async fn start() -> Running {
     let server = ApiServer::start().await;
     let ctx = Arc::new(Context::new(server.client(), Settings { proxy_image: "fulcrum:test".into() }));
@@ -99,9 +107,8 @@ async fn applying_an_app_creates_every_owned_object_and_the_status_converges_the
     assert_eq!(d.metadata.owner_references.unwrap()[0].uid, uid);
     assert_eq!(d.metadata.managed_fields.unwrap()[0].manager.as_deref(), Some("fulcrum-operator"));
     // Kubelet: two ready pods.
-    let res = r.server.resource("", "pods");
     for n in ["web-1", "web-2"] {
-        r.server.store().create(&res, "default", pod("web", n, true, 0)).unwrap();
+        r.kubelet_adds(pod("web", n, true, 0));
     }
     until("Available", || async {
         let s = apps.get("web").await.unwrap().status.unwrap_or_default();
@@ -166,10 +173,9 @@ async fn a_pod_unready_past_the_timeout_is_deleted_once_and_counted() {
     let client = r.server.client();
     let apps: Api<LoadBalancedApp> = Api::default_namespaced(client.clone());
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
-    let res = r.server.resource("", "pods");
-    r.server.store().create(&res, "default", pod("web", "web-1", true, 0)).unwrap();
-    r.server.store().create(&res, "default", pod("web", "web-2", true, 0)).unwrap();
-    r.server.store().create(&res, "default", pod("web", "web-3", false, 600)).unwrap();
+    r.kubelet_adds(pod("web", "web-1", true, 0));
+    r.kubelet_adds(pod("web", "web-2", true, 0));
+    r.kubelet_adds(pod("web", "web-3", false, 600));
     apps.create(&PostParams::default(), &lba("web", json!({"replicas": 3, "healing": {"unreadyTimeout": "1m"}})))
         .await
         .unwrap();
@@ -214,13 +220,12 @@ async fn pods_that_never_started_are_reported_by_reason_and_never_deleted() {
     let client = r.server.client();
     let apps: Api<LoadBalancedApp> = Api::default_namespaced(client.clone());
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
-    let res = r.server.resource("", "pods");
-    r.server.store().create(&res, "default", pod("web", "web-1", true, 0)).unwrap();
-    r.server.store().create(&res, "default", pending_pod("web", "web-2", 600, "ImagePullBackOff")).unwrap();
-    r.server.store().create(&res, "default", pending_pod("web", "web-3", 600, "ImagePullBackOff")).unwrap();
-    r.server.store().create(&res, "default", pending_pod("web", "web-4", 600, "Unschedulable")).unwrap();
-    r.server.store().create(&res, "default", pending_pod("web", "web-5", 600, "CreateContainerConfigError")).unwrap();
-    r.server.store().create(&res, "default", pending_pod("web", "web-6", 1, "ContainerCreating")).unwrap();
+    r.kubelet_adds(pod("web", "web-1", true, 0));
+    r.kubelet_adds(pending_pod("web", "web-2", 600, "ImagePullBackOff"));
+    r.kubelet_adds(pending_pod("web", "web-3", 600, "ImagePullBackOff"));
+    r.kubelet_adds(pending_pod("web", "web-4", 600, "Unschedulable"));
+    r.kubelet_adds(pending_pod("web", "web-5", 600, "CreateContainerConfigError"));
+    r.kubelet_adds(pending_pod("web", "web-6", 1, "ContainerCreating"));
     apps.create(
         &PostParams::default(),
         &lba("web", json!({"replicas": 6, "healing": {"unreadyTimeout": "1m", "maxConcurrent": 5}})),
@@ -266,14 +271,13 @@ async fn dedicated_proxy_pods_are_neither_counted_nor_healed_as_app_pods() {
     let client = r.server.client();
     let apps: Api<LoadBalancedApp> = Api::default_namespaced(client.clone());
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
-    let res = r.server.resource("", "pods");
-    r.server.store().create(&res, "default", pod("web", "web-1", true, 0)).unwrap();
-    r.server.store().create(&res, "default", pod("web", "web-2", true, 0)).unwrap();
+    r.kubelet_adds(pod("web", "web-1", true, 0));
+    r.kubelet_adds(pod("web", "web-2", true, 0));
     // Two dedicated proxy pods, unready for long (no app pod was ready when they started, say).
     for n in ["web-proxy-1", "web-proxy-2"] {
         let mut p = pod("web", n, false, 600);
         p["metadata"]["labels"] = json!({"fulcrum.dev/app": "web", "fulcrum.dev/component": "proxy"});
-        r.server.store().create(&res, "default", p).unwrap();
+        r.kubelet_adds(p);
     }
     apps.create(
         &PostParams::default(),

@@ -33,15 +33,15 @@
 
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
+use kube::Client;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -200,7 +200,6 @@ impl ContainerRun {
 struct PodRun {
     ns: String,
     name: String,
-    uid: String,
     ip: String,
     spec: Value,
     scheduled: bool,
@@ -208,7 +207,6 @@ struct PodRun {
     /// Condition type → (status, lastTransitionTime).
     conditions: BTreeMap<&'static str, (bool, String)>,
     last_status: Value,
-    created: Instant,
 }
 
 struct Kubelet {
@@ -418,14 +416,12 @@ impl Kubelet {
         PodRun {
             ns,
             name,
-            uid: p["metadata"]["uid"].as_str().unwrap_or_default().to_owned(),
             ip,
             spec,
             scheduled: false,
             containers,
             conditions: BTreeMap::new(),
             last_status: Value::Null,
-            created: Instant::now(),
         }
     }
 
@@ -704,9 +700,6 @@ impl PodRun {
         let mut may_start = true;
         for i in 0..self.containers.len() {
             let init = self.containers[i].init;
-            if !init && !may_start {
-                break;
-            }
             if !may_start {
                 break;
             }
@@ -951,18 +944,4 @@ async fn stop_pod(mut run: PodRun) {
             }
         }
     }
-}
-
-/// Counts of pods by phase, for reports.
-pub fn summarize(pods: &[Value]) -> HashMap<String, usize> {
-    let mut out = HashMap::new();
-    for p in pods {
-        *out.entry(p["status"]["phase"].as_str().unwrap_or("?").to_owned()).or_default() += 1;
-    }
-    out
-}
-
-/// The name of a pod object.
-pub fn name_of(p: &DynamicObject) -> String {
-    p.name_any()
 }

@@ -122,7 +122,7 @@ impl Auth {
 
     /// A token for the ServiceAccount `ns/name` (it authenticates only while the account exists).
     pub fn token_for(&self, ns: &str, name: &str) -> String {
-        let token = format!("sa-{ns}-{name}-{:016x}", token_suffix(ns, name));
+        let token = format!("sa-{ns}-{name}-{:016x}", digest(&(ns, name, "fulcrum-test")));
         let mut tokens = lock(&self.tokens);
         if !tokens.iter().any(|(t, _)| *t == token) {
             tokens.push((token.clone(), TokenOwner::ServiceAccount { ns: ns.into(), name: name.into() }));
@@ -169,11 +169,11 @@ impl Auth {
     }
 }
 
-/// A stable token suffix (tokens only need to be unguessable by accident).
-fn token_suffix(ns: &str, name: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
+/// A stable digest (tokens only need to be unguessable by accident; file names unique).
+pub fn digest(value: &impl std::hash::Hash) -> u64 {
+    use std::hash::Hasher;
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    (ns, name, "fulcrum-test").hash(&mut h);
+    value.hash(&mut h);
     h.finish()
 }
 

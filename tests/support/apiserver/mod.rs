@@ -177,12 +177,7 @@ impl ApiServer {
 
     /// The registration of `plural` in `group`.
     pub fn resource(&self, group: &str, plural: &str) -> Resource {
-        self.state
-            .resources
-            .iter()
-            .find(|r| r.group == group && r.plural == plural)
-            .cloned()
-            .unwrap_or_else(|| panic!("{group}/{plural} is not registered"))
+        builtin(&self.state, group, plural)
     }
 
     /// The next `n` requests for `plural` fail with `code` (500 InternalError, 503, 429...).
@@ -203,14 +198,6 @@ impl ApiServer {
     pub fn resume(&self) {
         self.state.paused.send_replace(false);
     }
-}
-
-/// A file-name-safe digest of a token.
-fn seahash(s: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    s.hash(&mut h);
-    h.finish()
 }
 
 /// Issues ServiceAccount tokens and kubeconfigs for a running [`ApiServer`].
@@ -250,7 +237,7 @@ fn client_for(addr: SocketAddr, token: &str) -> kube::Client {
 fn write_kubeconfig(addr: SocketAddr, dir: &std::path::Path, token: &str, namespace: &str) -> std::path::PathBuf {
     let ca = dir.join("ca.crt");
     std::fs::write(&ca, &tls::pki().ca_pem).expect("write ca.crt");
-    let path = dir.join(format!("kubeconfig-{:016x}-{namespace}", seahash(token)));
+    let path = dir.join(format!("kubeconfig-{:016x}-{namespace}", auth::digest(&token)));
     let text = format!(
         "apiVersion: v1\nkind: Config\n\
          clusters: [{{name: test, cluster: {{server: \"https://{addr}\", certificate-authority: \"{}\"}}}}]\n\
