@@ -61,6 +61,7 @@ pub fn proxy_config(spec: &LoadBalancedAppSpec) -> Result<ProxyConfig, InvalidSp
         Some(a) => Some(ActiveCheck {
             http: a.http.as_ref().map(|h| HttpCheck { path: h.path.clone() }),
             tcp: a.tcp.as_ref().map(|_| TcpCheck {}),
+            grpc: None,
             interval: duration("healthCheck.active.interval", &a.interval)?,
             timeout: duration("healthCheck.active.timeout", &a.timeout)?,
             healthy_threshold: count("healthCheck.active.healthyThreshold", a.healthy_threshold)?,
@@ -75,6 +76,7 @@ pub fn proxy_config(spec: &LoadBalancedAppSpec) -> Result<ProxyConfig, InvalidSp
             api::Protocol::Http => pc::Protocol::Http,
             api::Protocol::Tcp => pc::Protocol::Tcp,
         },
+        app_protocol: pc::AppProtocol::Http1,
         admin: Some(SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT))),
         workers: None,
         load_balancing: pc::LoadBalancing {
@@ -122,6 +124,7 @@ pub fn proxy_config(spec: &LoadBalancedAppSpec) -> Result<ProxyConfig, InvalidSp
             idle: duration("timeouts.idle", &spec.timeouts.idle)?,
             ..Timeouts::default()
         },
+        forwarding: pc::Forwarding::default(),
     };
     config.validate()?;
     Ok(config)

@@ -122,13 +122,17 @@ pub(crate) fn endpoints_json(shared: &Shared) -> String {
                 "failures": e.failures(),
                 "consecutiveFailures": e.consecutive_failures(),
                 "idleConnections": upstream.map_or(0, |u| u.idle_count()),
+                "http2Connections": upstream.map_or(0, |u| u.h2_connections()),
+                "tunnels": upstream.map_or(0, |u| u.stats.tunnels.load(Ordering::Relaxed)),
                 "responses": responses,
+                "grpc": upstream.map(|u| u.stats.grpc_responses().map(|(k, v)| (k.to_owned(), json!(v))).collect::<serde_json::Map<_, _>>()).unwrap_or_default(),
             })
         })
         .collect();
     let doc = json!({
         "generation": rt.generation,
         "protocol": rt.config.protocol,
+        "appProtocol": rt.config.app_protocol,
         "algorithm": rt.config.load_balancing.algorithm.name(),
         "panic": shared.in_panic(),
         "draining": shared.draining.load(Ordering::Relaxed),

@@ -31,6 +31,10 @@ pub struct ProxyConfig {
     /// HTTP (per-request balancing) or TCP (per-connection).
     #[serde(default)]
     pub protocol: Protocol,
+    /// What the endpoints speak, in HTTP mode: HTTP/1.1, HTTP/2 cleartext or gRPC.
+    /// Clients speak HTTP/1.1 or h2c to the proxy whatever this says.
+    #[serde(default, skip_serializing_if = "AppProtocol::is_default")]
+    pub app_protocol: AppProtocol,
     /// Address of the admin listener (/metrics, /healthz, /readyz, /endpoints). None: no admin listener.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<SocketAddr>,
@@ -53,6 +57,67 @@ pub struct ProxyConfig {
     /// Connection and request time limits.
     #[serde(default)]
     pub timeouts: Timeouts,
+    /// Which clients' forwarding headers (`X-Forwarded-For`, `X-Forwarded-Proto`) are believed.
+    #[serde(default, skip_serializing_if = "Forwarding::is_default")]
+    pub forwarding: Forwarding,
+}
+
+/// What the endpoints speak (HTTP mode).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AppProtocol {
+    /// HTTP/1.1 over pooled keep-alive connections.
+    #[default]
+    #[serde(rename = "HTTP1")]
+    Http1,
+    /// HTTP/2 cleartext with prior knowledge: each request is a stream,
+    /// multiplexed over few connections per endpoint.
+    #[serde(rename = "H2C")]
+    H2c,
+    /// gRPC: HTTP/2 cleartext, with gRPC's own status codes for the proxy's
+    /// answers and for passive health, and gRPC health checks.
+    #[serde(rename = "GRPC")]
+    Grpc,
+}
+
+impl AppProtocol {
+    fn is_default(&self) -> bool {
+        *self == AppProtocol::Http1
+    }
+
+    /// Whether endpoints are reached over HTTP/2.
+    pub fn is_http2(self) -> bool {
+        matches!(self, AppProtocol::H2c | AppProtocol::Grpc)
+    }
+
+    /// The name used in the configuration and the custom resource.
+    pub fn name(self) -> &'static str {
+        match self {
+            AppProtocol::Http1 => "HTTP1",
+            AppProtocol::H2c => "H2C",
+            AppProtocol::Grpc => "GRPC",
+        }
+    }
+}
+
+/// Trust in the forwarding headers clients send.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Forwarding {
+    /// Address ranges (CIDR, or single addresses) of proxies in front of this
+    /// one, such as a cloud load balancer that terminates TLS. A connection
+    /// from one of them keeps its `X-Forwarded-Proto` and the `X-Forwarded-For`
+    /// chain (the proxy's peer is appended), and the client address used for
+    /// `sourceIP` hashing is the right-most address of that chain outside these
+    /// ranges. Any other client's forwarding headers are replaced with what the
+    /// proxy saw. Empty (the default): trust no one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxies: Vec<String>,
+}
+
+impl Forwarding {
+    fn is_default(&self) -> bool {
+        self.trusted_proxies.is_empty()
+    }
 }
 
 /// What the proxy balances.
@@ -206,6 +271,9 @@ pub struct ActiveCheck {
     /// A TCP connect that must succeed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp: Option<TcpCheck>,
+    /// A `grpc.health.v1.Health/Check` call that must answer `SERVING` (appProtocol GRPC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcCheck>,
     /// Time between probes of one endpoint.
     #[serde(default = "two_seconds")]
     pub interval: Dur,
@@ -233,6 +301,15 @@ fn default_health_path() -> String {
     "/healthz".to_owned()
 }
 
+/// The gRPC probe: the standard health service.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcCheck {
+    /// The service name asked about; empty (the default) asks about the server as a whole.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub service: String,
+}
+
 /// The TCP probe (no options).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -245,6 +322,8 @@ pub enum Probe {
     Http(http::uri::PathAndQuery),
     /// TCP connect.
     Tcp,
+    /// `grpc.health.v1.Health/Check` for a service name, over HTTP/2.
+    Grpc(String),
 }
 
 /// Passive outlier ejection.
@@ -310,11 +389,20 @@ pub struct Timeouts {
     /// On SIGTERM, how long in-flight work may take to finish.
     #[serde(default = "default_drain")]
     pub drain: Dur,
+    /// An upgraded connection (WebSocket) with no byte either way for this long is closed.
+    #[serde(default = "one_hour")]
+    pub tunnel_idle: Dur,
 }
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Timeouts { connect: one_second(), request: thirty_seconds(), idle: sixty_seconds(), drain: default_drain() }
+        Timeouts {
+            connect: one_second(),
+            request: thirty_seconds(),
+            idle: sixty_seconds(),
+            drain: default_drain(),
+            tunnel_idle: one_hour(),
+        }
     }
 }
 
@@ -344,6 +432,9 @@ fn sixty_seconds() -> Dur {
 }
 fn five_minutes() -> Dur {
     Dur(Duration::from_secs(300))
+}
+fn one_hour() -> Dur {
+    Dur(Duration::from_secs(3600))
 }
 fn default_drain() -> Dur {
     Dur(Duration::from_secs(25))
@@ -523,7 +614,18 @@ impl ProxyConfig {
         if self.retries.budget_percent > 100 {
             return Err(invalid("retries.budgetPercent", "must be at most 100"));
         }
-        for (name, d) in [("connect", self.timeouts.connect), ("request", self.timeouts.request)] {
+        if self.protocol == Protocol::Tcp && self.app_protocol != AppProtocol::Http1 {
+            return Err(invalid(
+                "appProtocol",
+                format_args!("{} needs protocol HTTP (TCP mode copies bytes)", self.app_protocol.name()),
+            ));
+        }
+        self.trusted_proxies()?;
+        for (name, d) in [
+            ("connect", self.timeouts.connect),
+            ("request", self.timeouts.request),
+            ("tunnelIdle", self.timeouts.tunnel_idle),
+        ] {
             if d.0.is_zero() {
                 return Err(invalid(format!("timeouts.{name}"), "must be longer than zero"));
             }
@@ -598,17 +700,84 @@ impl ProxyConfig {
     pub fn probe(&self) -> Result<Option<Probe>, ConfigError> {
         let f = "healthCheck.active";
         let Some(active) = &self.health_check.active else { return Ok(None) };
-        match (&active.http, &active.tcp) {
-            (Some(h), None) => {
+        match (&active.http, &active.tcp, &active.grpc) {
+            (Some(h), None, None) => {
                 if !h.path.starts_with('/') {
                     return Err(invalid(format!("{f}.http.path"), "must start with /"));
                 }
                 let path = h.path.parse().map_err(|_| invalid(format!("{f}.http.path"), "is not a valid path"))?;
                 Ok(Some(Probe::Http(path)))
             }
-            (None, Some(_)) => Ok(Some(Probe::Tcp)),
-            _ => Err(invalid(f, "set exactly one of http or tcp")),
+            (None, Some(_), None) => Ok(Some(Probe::Tcp)),
+            (None, None, Some(g)) => {
+                if self.app_protocol != AppProtocol::Grpc {
+                    return Err(invalid(format!("{f}.grpc"), "needs appProtocol GRPC"));
+                }
+                Ok(Some(Probe::Grpc(g.service.clone())))
+            }
+            _ => Err(invalid(f, "set exactly one of http, tcp or grpc")),
         }
+    }
+}
+
+impl ProxyConfig {
+    /// The parsed `forwarding.trustedProxies`.
+    pub fn trusted_proxies(&self) -> Result<Vec<Cidr>, ConfigError> {
+        self.forwarding
+            .trusted_proxies
+            .iter()
+            .enumerate()
+            .map(|(i, s)| s.parse().map_err(|e| invalid(format!("forwarding.trustedProxies[{i}]"), e)))
+            .collect()
+    }
+}
+
+/// An address range: `10.0.0.0/8`, `fd00::/8`, or one address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    network: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is inside the range (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.network, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = s.split_once('/').map_or((s, None), |(a, p)| (a, Some(p)));
+        let network: std::net::IpAddr =
+            addr.parse().map_err(|_| format!("{s:?} is not an address or range like 10.0.0.0/8"))?;
+        let max = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: the prefix length must be between 0 and {max}"))?,
+        };
+        Ok(Cidr { network, prefix })
     }
 }
 

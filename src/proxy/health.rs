@@ -12,12 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Empty;
+use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
 use super::config::{ActiveCheck, Probe};
+use super::grpc;
 use super::state::Shared;
 use crate::balance::{Endpoint, HealthFlag, OutlierDetector, OutlierEvent};
 
@@ -143,12 +144,14 @@ async fn probe_loop(endpoint: Arc<Endpoint>, check: ActiveCheck, probe: Probe) {
     }
 }
 
-/// One probe: a TCP connect, or an HTTP GET on a fresh connection expecting 2xx.
+/// One probe: a TCP connect, an HTTP GET on a fresh connection expecting
+/// 2xx, or a gRPC health check expecting `SERVING`.
 async fn probe_once(addr: SocketAddr, probe: &Probe) -> bool {
     let Ok(stream) = TcpStream::connect(addr).await else { return false };
     let path = match probe {
         Probe::Tcp => return true,
         Probe::Http(path) => path,
+        Probe::Grpc(service) => return grpc_probe(addr, stream, service).await,
     };
     let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await else {
         return false;
@@ -161,6 +164,42 @@ async fn probe_once(addr: SocketAddr, probe: &Probe) -> bool {
         .body(Empty::<Bytes>::new());
     let ok = match req {
         Ok(req) => sender.send_request(req).await.is_ok_and(|r| r.status().is_success()),
+        Err(_) => false,
+    };
+    conn.abort();
+    ok
+}
+
+/// Largest health-check response read (the message is a few bytes).
+const MAX_PROBE_BODY: usize = 4096;
+
+/// `grpc.health.v1.Health/Check` over a fresh HTTP/2 connection: passes when
+/// the call ends with `grpc-status: 0` and the answer is `SERVING`.
+async fn grpc_probe(addr: SocketAddr, stream: TcpStream, service: &str) -> bool {
+    let handshake = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+        .await;
+    let Ok((mut sender, conn)) = handshake else { return false };
+    let conn = tokio::spawn(conn);
+    let req = http::Request::post(format!("http://{addr}/grpc.health.v1.Health/Check"))
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .header(http::header::USER_AGENT, "fulcrum-health-check")
+        .body(Full::new(Bytes::from(grpc::health_request(service))));
+    let ok = match req {
+        Ok(req) => match sender.send_request(req).await {
+            Ok(resp) if resp.status().is_success() => {
+                let header_status = grpc::status(resp.headers());
+                match http_body_util::Limited::new(resp.into_body(), MAX_PROBE_BODY).collect().await {
+                    Ok(collected) => {
+                        let status = collected.trailers().and_then(grpc::status).or(header_status);
+                        status == Some(grpc::code::OK) && grpc::health_serving(&collected.to_bytes())
+                    }
+                    Err(_) => false,
+                }
+            }
+            _ => false,
+        },
         Err(_) => false,
     };
     conn.abort();

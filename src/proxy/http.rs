@@ -1,15 +1,21 @@
 //! HTTP mode: one request in, one endpoint chosen, the request forwarded over
-//! a pooled keep-alive connection, the response streamed back.
+//! a pooled keep-alive HTTP/1.1 connection or as a stream of a multiplexed
+//! HTTP/2 connection, the response streamed back.
 //!
 //! [`serve`] is the whole request path, from the parsed request to the
-//! response headers; failures are mapped to a status in one place
-//! ([`Failure::status`]). Bodies stream in both directions and are never
-//! buffered whole. A request is retried on another endpoint only when that is
-//! safe: it has no body to replay, and the first try either failed to connect
-//! or used an idempotent method; and only within the retry budget.
+//! response headers; failures are mapped to what the client reads in one
+//! place ([`local_response`]): an HTTP status, or for a gRPC call a
+//! trailers-only gRPC status. Bodies stream in both directions and are never
+//! buffered whole. A request is retried on another endpoint only when that
+//! is safe: nothing reached the endpoint (the connection never opened, or an
+//! HTTP/2 stream was refused) or the method is idempotent; its body is still
+//! whole ([`replay`](super::replay)); and only within the retry budget.
+//! An HTTP/1.1 `Upgrade` request (WebSocket) becomes a tunnel on `101`
+//! ([`upgrade`](super::upgrade)).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -17,18 +23,56 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::{Either, Empty, Full};
+use http_body_util::{Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::config::{HashKey, MAX_RETRY_ATTEMPTS};
 use super::metrics::{NO_RESPONSE, class_of};
+use super::replay::{ReplayError, Replayable};
 use super::state::{Runtime, Shared};
-use super::upstream::{Lease, UpstreamError};
+use super::upstream::{ConnSettings, Lease, UpstreamError};
+use super::{forwarding, grpc, upgrade};
 use crate::balance::{self, AffinityToken, Outcome, Pick, hash_key};
 
-/// Body of a request sent to an endpoint: the client's, or empty on a retry
-/// of a request that had none.
-pub(crate) type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+/// Body of a request sent to an endpoint.
+pub(crate) enum UpstreamBody {
+    /// The client's, streamed once (no retries configured).
+    Client(Incoming),
+    /// The client's, kept for a replay while it is small.
+    Replay(Replayable),
+    /// No body.
+    Empty,
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = ReplayError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ReplayError>>> {
+        match self.get_mut() {
+            UpstreamBody::Client(b) => Pin::new(b).poll_frame(cx).map_err(|e| ReplayError::Client(e.into())),
+            UpstreamBody::Replay(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Client(b) => b.is_end_stream(),
+            UpstreamBody::Replay(b) => b.is_end_stream(),
+            UpstreamBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Client(b) => b.size_hint(),
+            UpstreamBody::Replay(b) => b.size_hint(),
+            UpstreamBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
 /// Body of a response to a client: an endpoint's, streamed, or the proxy's own.
 pub type ProxyBody = Either<TrackedBody, Full<Bytes>>;
 
@@ -37,36 +81,58 @@ pub type ProxyBody = Either<TrackedBody, Full<Bytes>>;
 pub(crate) enum Failure {
     /// No endpoint can take traffic.
     NoEndpoint,
-    /// Connecting to or exchanging with the endpoint failed (after any retries).
+    /// Every endpoint tried refused the connection: nothing reached any of them.
+    Unreachable,
+    /// Exchanging with the endpoint failed (after any retries).
     Upstream,
-    /// The endpoint did not answer within the request timeout.
+    /// The endpoint did not answer in time.
     Timeout,
 }
 
 impl Failure {
-    /// The one place that maps a failure to what the client reads.
+    /// The HTTP status a plain HTTP client reads.
     pub(crate) fn status(self) -> StatusCode {
         match self {
-            Failure::NoEndpoint => StatusCode::SERVICE_UNAVAILABLE,
+            Failure::NoEndpoint | Failure::Unreachable => StatusCode::SERVICE_UNAVAILABLE,
             Failure::Upstream => StatusCode::BAD_GATEWAY,
             Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
+    /// The gRPC status a gRPC client reads.
+    pub(crate) fn grpc_status(self) -> u16 {
+        match self {
+            Failure::Timeout => grpc::code::DEADLINE_EXCEEDED,
+            _ => grpc::code::UNAVAILABLE,
+        }
+    }
+
     fn message(self) -> &'static str {
         match self {
-            Failure::NoEndpoint => "no healthy endpoint\n",
-            Failure::Upstream => "endpoint failed\n",
-            Failure::Timeout => "endpoint timed out\n",
+            Failure::NoEndpoint => "no healthy endpoint",
+            Failure::Unreachable => "no endpoint reachable",
+            Failure::Upstream => "endpoint failed",
+            Failure::Timeout => "endpoint timed out",
         }
     }
 }
 
-/// A response the proxy writes itself.
-pub(crate) fn local_response(shared: &Shared, failure: Failure) -> Response<ProxyBody> {
+/// A response the proxy writes itself: plain text with an HTTP status, or
+/// for a gRPC call a trailers-only response carrying the gRPC status.
+pub(crate) fn local_response(shared: &Shared, failure: Failure, grpc_call: bool) -> Response<ProxyBody> {
+    if grpc_call {
+        let code = failure.grpc_status();
+        shared.metrics.local_grpc_response(code);
+        let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
+        grpc::status_headers(resp.headers_mut(), code, failure.message());
+        return resp;
+    }
     let status = failure.status();
     shared.metrics.local_response(status.as_u16());
-    let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(failure.message().as_bytes()))));
+    let mut body = String::with_capacity(32);
+    body.push_str(failure.message());
+    body.push('\n');
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body))));
     *resp.status_mut() = status;
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     resp
@@ -96,46 +162,97 @@ pub(crate) async fn serve(
     let rt = shared.current.load_full();
     let clock = rt.set.clock().clone();
     let start = clock.now();
+    let grpc_call = grpc::is_grpc(req.headers());
     let resp = match forward(&shared, &rt, &peer, req, start).await {
         Ok(resp) => resp,
-        Err(failure) => local_response(&shared, failure),
+        Err(failure) => local_response(&shared, failure, grpc_call),
     };
     shared.metrics.request_duration.observe_nanos(balance::duration_nanos(clock.now().since(start)));
     Ok(resp)
+}
+
+/// The request body as sent on each attempt.
+enum Sendable {
+    /// Sent once; a retry is impossible once it has gone.
+    Once(Option<Incoming>),
+    /// Read through a holder that can start it again.
+    Held(Replayable),
+    Empty,
+}
+
+impl Sendable {
+    fn next(&mut self) -> Option<UpstreamBody> {
+        match self {
+            Sendable::Once(b) => b.take().map(UpstreamBody::Client),
+            Sendable::Held(h) => h.replay().map(UpstreamBody::Replay),
+            Sendable::Empty => Some(UpstreamBody::Empty),
+        }
+    }
 }
 
 async fn forward(
     shared: &Shared,
     rt: &Runtime,
     peer: &Peer,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     start: balance::Nanos,
 ) -> Result<Response<ProxyBody>, Failure> {
+    let http2 = rt.config.app_protocol.is_http2();
+    // HTTP/2 has no Upgrade (RFC 9113 §8.6): towards an HTTP/2 endpoint the
+    // header is dropped with the other hop-by-hop ones and the request goes as is.
+    let upgrade = if http2 { None } else { upgrade::requested(&req) };
+    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    let hash = rt.hash.as_ref().and_then(|key| request_hash(key, &parts.headers, peer.addr));
+    let grpc_call = grpc::is_grpc(&parts.headers);
+    let timeouts = &rt.config.timeouts;
+    // A gRPC call's own deadline bounds the whole call when it is the shorter.
+    let call_timeout = if grpc_call { grpc::timeout(&parts.headers).filter(|t| *t < timeouts.request.0) } else { None };
     let presented = rt
         .affinity
         .as_ref()
         .and_then(|a| cookie(&parts.headers, &a.cookie))
         .and_then(|v| v.parse::<AffinityToken>().ok());
-    prepare_request(&mut parts, peer);
+    let hash_source = rt.hash.as_ref().map(|key| request_hash_input(key, &parts.headers));
+    let client_ip = prepare_request(&mut parts, peer, &rt.trusted, http2);
+    let hash = hash_source.and_then(|h| h.resolve(client_ip));
+    if let Some(value) = &upgrade {
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, value.clone());
+    }
+    // Towards HTTP/2 the client's host travels as `:authority`.
+    let authority = if http2 {
+        parts.headers.remove(header::HOST).and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+    } else {
+        None
+    };
 
+    let mut parts = Some(parts);
     let retries = rt.config.retries.attempts.min(MAX_RETRY_ATTEMPTS) as usize;
-    // Only a request without a body can be sent again: its body is streamed, not kept.
-    let replay = (retries > 0 && body.is_end_stream()).then(|| parts.clone());
-    let idempotent = is_idempotent(&parts.method);
+    let mut body = if body.is_end_stream() {
+        Sendable::Empty
+    } else if retries > 0 {
+        Sendable::Held(Replayable::new(body))
+    } else {
+        Sendable::Once(Some(body))
+    };
+    let idempotent = parts.as_ref().is_some_and(|p| is_idempotent(&p.method));
     if retries > 0 {
         shared.retry_budget.deposit();
     }
-    let timeouts = &rt.config.timeouts;
+    let settings = ConnSettings { connect_timeout: timeouts.connect.0, idle_timeout: timeouts.idle.0 };
+    let deadline = tokio::time::Instant::now() + call_timeout.unwrap_or(timeouts.request.0);
 
     let mut tried = [SocketAddr::from(([0, 0, 0, 0], 0)); MAX_RETRY_ATTEMPTS as usize + 1];
-    let mut first = Some((parts, body));
+    let mut all_refused = true;
     let mut now = start;
     for attempt in 0..=retries {
         let breq = balance::Request { hash, affinity: presented, exclude: &tried[..attempt] };
         let Some(mut pick) = shared.pick(rt, &breq, now) else {
-            return Err(if attempt == 0 { Failure::NoEndpoint } else { Failure::Upstream });
+            return Err(match attempt {
+                0 => Failure::NoEndpoint,
+                _ if all_refused => Failure::Unreachable,
+                _ => Failure::Upstream,
+            });
         };
         tried[attempt] = pick.addr();
         let Some(upstream) = rt.upstreams.get(&pick.addr()) else {
@@ -143,48 +260,70 @@ async fn forward(
             return Err(Failure::Upstream);
         };
         let stats = &upstream.stats;
-        let (mut head, body) = match first.take() {
-            Some((head, body)) => (head, Either::Left(body)),
-            None => match &replay {
-                Some(head) => (head.clone(), Either::Right(Empty::new())),
-                None => return Err(Failure::Upstream),
-            },
+        let Some(attempt_body) = body.next() else { return Err(Failure::Upstream) };
+        let Some(mut head) = (if attempt < retries { parts.clone() } else { parts.take() }) else {
+            return Err(Failure::Upstream);
         };
-        head.uri = upstream_uri(&head.uri, &upstream.authority);
-        let exchange = upstream.send(Request::from_parts(head, body), timeouts.connect.0, timeouts.idle.0);
-        let sent = tokio::time::timeout(timeouts.request.0, exchange).await;
+        head.uri = upstream_uri(&head.uri, authority.as_ref().unwrap_or(&upstream.authority), http2);
+        let exchange = upstream.send(Request::from_parts(head, attempt_body), settings);
+        let per_attempt =
+            if call_timeout.is_some() { deadline } else { tokio::time::Instant::now() + timeouts.request.0 };
+        let sent = tokio::time::timeout_at(per_attempt, exchange).await;
         let clock = rt.set.clock();
         now = clock.now();
         match sent {
-            Ok(Ok((resp, lease))) => {
+            Ok(Ok((mut resp, lease))) => {
                 pick.observe_latency_at(now);
                 let status = resp.status();
                 stats.count(class_of(status.as_u16()));
-                let outcome = if status.is_server_error() { Outcome::Failure } else { Outcome::Success };
-                let (mut rparts, rbody) = resp.into_parts();
-                strip_hop_by_hop(&mut rparts.headers);
+                if let (Some(client), Some(requested)) = (client_upgrade, &upgrade) {
+                    if status == StatusCode::SWITCHING_PROTOCOLS {
+                        return Ok(upgrade::tunnel(shared, rt, client, resp, requested, pick, lease));
+                    }
+                    shared.metrics.upgrade("refused");
+                }
+                let grpc_response = grpc::is_grpc(resp.headers());
+                let mut outcome = if status.is_server_error() { Outcome::Failure } else { Outcome::Success };
+                if grpc_response && let Some(code) = grpc::status(resp.headers()) {
+                    // A trailers-only answer: the call's outcome is in the headers.
+                    stats.count_grpc(code);
+                    if grpc::is_endpoint_failure(code) {
+                        outcome = Outcome::Failure;
+                    }
+                }
+                strip_hop_by_hop(resp.headers_mut());
                 if let Some(a) = &rt.affinity
                     && presented != Some(pick.affinity_token())
                     && let Ok(v) =
                         HeaderValue::from_str(&format!("{}={}{}", a.cookie, pick.affinity_token(), a.attributes))
                 {
-                    rparts.headers.append(header::SET_COOKIE, v);
+                    resp.headers_mut().append(header::SET_COOKIE, v);
                 }
-                return Ok(Response::from_parts(rparts, Either::Left(TrackedBody::new(rbody, pick, outcome, lease))));
+                let (rparts, rbody) = resp.into_parts();
+                let mut tracked = TrackedBody::new(rbody, pick, outcome, lease, grpc_response);
+                if call_timeout.is_some() {
+                    tracked.deadline = Some(Box::pin(tokio::time::sleep_until(deadline)));
+                }
+                return Ok(Response::from_parts(rparts, Either::Left(tracked)));
             }
             Ok(Err(e)) => {
                 stats.count(NO_RESPONSE);
                 shared.endpoint_failed(rt, pick, now);
-                let refused = matches!(e, UpstreamError::Connect(_));
-                let safe = replay.is_some() && (refused || idempotent);
+                let connect_failed = matches!(e, UpstreamError::Connect(_));
+                all_refused &= connect_failed;
+                let unprocessed = connect_failed || matches!(e, UpstreamError::Refused(_));
+                let safe = unprocessed || idempotent;
                 tracing::debug!(endpoint = %tried[attempt], error = %e, safe, "request to endpoint failed");
-                if !safe || attempt == retries {
-                    return Err(Failure::Upstream);
+                if upgrade.is_some() {
+                    shared.metrics.upgrade("failed");
                 }
-                // A connection that never opened cost the endpoints nothing, so its
+                if !safe || attempt == retries {
+                    return Err(if all_refused { Failure::Unreachable } else { Failure::Upstream });
+                }
+                // A request the endpoint never processed cost it nothing, so its
                 // retry is free; a retry of a request an endpoint may have worked on
                 // is paid from the budget.
-                if !refused && !shared.retry_budget.withdraw() {
+                if !unprocessed && !shared.retry_budget.withdraw() {
                     shared.metrics.retry(false);
                     return Err(Failure::Upstream);
                 }
@@ -205,16 +344,34 @@ fn is_idempotent(m: &Method) -> bool {
     matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
 }
 
-/// The consistent-hashing key of a request; none when the request lacks it.
-fn request_hash(key: &HashKey, headers: &HeaderMap, peer: SocketAddr) -> Option<u64> {
-    match key {
-        HashKey::SourceIp => Some(match peer.ip() {
-            std::net::IpAddr::V4(ip) => hash_key(&ip.octets()),
-            std::net::IpAddr::V6(ip) => hash_key(&ip.octets()),
-        }),
+/// What a request's consistent-hashing key is made of, read before the
+/// headers are rewritten; the client address is known only after.
+enum HashInput {
+    ClientIp,
+    Value(u64),
+    Missing,
+}
+
+impl HashInput {
+    fn resolve(self, client: IpAddr) -> Option<u64> {
+        match self {
+            HashInput::ClientIp => Some(match client {
+                IpAddr::V4(ip) => hash_key(&ip.octets()),
+                IpAddr::V6(ip) => hash_key(&ip.octets()),
+            }),
+            HashInput::Value(h) => Some(h),
+            HashInput::Missing => None,
+        }
+    }
+}
+
+fn request_hash_input(key: &HashKey, headers: &HeaderMap) -> HashInput {
+    let found = match key {
+        HashKey::SourceIp => return HashInput::ClientIp,
         HashKey::Header(name) => headers.get(name).map(|v| hash_key(v.as_bytes())),
         HashKey::Cookie(name) => cookie(headers, name).map(|v| hash_key(v.as_bytes())),
-    }
+    };
+    found.map_or(HashInput::Missing, HashInput::Value)
 }
 
 /// The value of cookie `name`, from any `Cookie` header.
@@ -264,51 +421,61 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::TRANSFER_ENCODING);
 }
 
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// Whether the client accepts trailers (`TE: trailers`); gRPC needs it to reach the endpoint.
+fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers")))
+}
 
-/// Rewrites a client request for an endpoint: HTTP/1.1, hop-by-hop headers
-/// removed, `Host` kept (taken from the URI for HTTP/2 clients),
-/// `x-forwarded-for` appended and `x-forwarded-proto` set when absent.
-fn prepare_request(parts: &mut http::request::Parts, peer: &Peer) {
+/// Rewrites a client request for an endpoint: hop-by-hop headers removed
+/// (`TE: trailers` kept), `Host` kept (taken from the URI for HTTP/2
+/// clients), the forwarding headers set ([`forwarding`]). Returns the
+/// client's address.
+fn prepare_request(
+    parts: &mut http::request::Parts,
+    peer: &Peer,
+    trusted: &[super::config::Cidr],
+    http2: bool,
+) -> IpAddr {
     let headers = &mut parts.headers;
+    let trailers = accepts_trailers(headers);
     strip_hop_by_hop(headers);
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     if !headers.contains_key(header::HOST)
         && let Some(auth) = parts.uri.authority()
         && let Ok(v) = HeaderValue::from_str(auth.as_str())
     {
         headers.insert(header::HOST, v);
     }
-    let forwarded = match headers.get(&X_FORWARDED_FOR).map(|v| v.as_bytes()) {
-        Some(prior) if !prior.is_empty() => {
-            let mut v = Vec::with_capacity(prior.len() + 2 + peer.ip_header.len());
-            v.extend_from_slice(prior);
-            v.extend_from_slice(b", ");
-            v.extend_from_slice(peer.ip_header.as_bytes());
-            HeaderValue::from_bytes(&v).unwrap_or_else(|_| peer.ip_header.clone())
-        }
-        _ => peer.ip_header.clone(),
-    };
-    headers.insert(X_FORWARDED_FOR.clone(), forwarded);
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    }
-    parts.version = Version::HTTP_11;
+    parts.version = if http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    forwarding::apply(headers, peer, trusted)
 }
 
-/// The request URI aimed at an endpoint: `http://<endpoint>/<path and query>`.
-fn upstream_uri(original: &Uri, authority: &http::uri::Authority) -> Uri {
+/// The request target sent to an endpoint. HTTP/1.1 gets the origin form
+/// (`/path?query`, RFC 9112 §3.2.1): an origin server takes the host from an
+/// absolute target, and it must see the client's `Host`, not the endpoint's
+/// address. HTTP/2 carries scheme and authority as pseudo-headers: the
+/// client's host, or the endpoint's address when the client sent none.
+fn upstream_uri(original: &Uri, authority: &http::uri::Authority, http2: bool) -> Uri {
+    // The asterisk form (`OPTIONS *`) is sent as `/`.
+    let path = original
+        .path_and_query()
+        .filter(|pq| pq.as_str().starts_with('/'))
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    if !http2 {
+        return Uri::from(path);
+    }
     let mut p = http::uri::Parts::default();
     p.scheme = Some(http::uri::Scheme::HTTP);
     p.authority = Some(authority.clone());
-    // Origin form only: the asterisk form (`OPTIONS *`) is sent as `/`.
-    p.path_and_query = Some(
-        original
-            .path_and_query()
-            .filter(|pq| pq.as_str().starts_with('/'))
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-    );
+    p.path_and_query = Some(path);
     // Scheme, authority and path are all present, which is all `from_parts` checks.
     Uri::from_parts(p).unwrap_or_default()
 }
@@ -323,11 +490,18 @@ fn upstream_uri(original: &Uri, authority: &http::uri::Authority) -> Uri {
 pub struct TrackedBody {
     inner: Incoming,
     done: Option<(Pick, Outcome, Lease)>,
+    /// A gRPC response: its `grpc-status` trailer decides the outcome, and a
+    /// failure mid-stream ends it with gRPC trailers rather than a reset.
+    grpc: bool,
+    /// The end of a gRPC call's `grpc-timeout`, if it set one.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The proxy ended the body itself (trailers sent).
+    ended: bool,
 }
 
 impl TrackedBody {
-    fn new(inner: Incoming, pick: Pick, outcome: Outcome, lease: Lease) -> Self {
-        let mut body = TrackedBody { inner, done: Some((pick, outcome, lease)) };
+    fn new(inner: Incoming, pick: Pick, outcome: Outcome, lease: Lease, grpc: bool) -> Self {
+        let mut body = TrackedBody { inner, done: Some((pick, outcome, lease)), grpc, deadline: None, ended: false };
         if body.inner.is_end_stream() {
             body.finish(false);
         }
@@ -344,6 +518,31 @@ impl TrackedBody {
             }
         }
     }
+
+    /// Reads a gRPC trailer block: counts the status and makes it the outcome.
+    fn grpc_trailers(&mut self, trailers: &HeaderMap) {
+        let code = grpc::status(trailers).unwrap_or(grpc::code::UNKNOWN);
+        if let Some((_, outcome, lease)) = &mut self.done {
+            lease.upstream().stats.count_grpc(code);
+            if grpc::is_endpoint_failure(code) {
+                *outcome = Outcome::Failure;
+            }
+        }
+    }
+
+    /// Ends a gRPC response with the proxy's own status: the endpoint failed
+    /// or the call's deadline passed after the response had started.
+    fn end_grpc(&mut self, failure: Failure) -> Frame<Bytes> {
+        if let Some((_, _, lease)) = &self.done {
+            lease.upstream().stats.count_grpc(failure.grpc_status());
+        }
+        self.finish(true);
+        self.ended = true;
+        let mut trailers = HeaderMap::with_capacity(2);
+        trailers.insert(grpc::GRPC_STATUS.clone(), HeaderValue::from(failure.grpc_status()));
+        trailers.insert(grpc::GRPC_MESSAGE.clone(), HeaderValue::from_static(failure.message()));
+        Frame::trailers(trailers)
+    }
 }
 
 impl Body for TrackedBody {
@@ -351,22 +550,46 @@ impl Body for TrackedBody {
     type Error = hyper::Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        if let Some(deadline) = &mut self.deadline
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            // The endpoint's stream is reset (cancelled) when this body is dropped.
+            return Poll::Ready(Some(Ok(self.end_grpc(Failure::Timeout))));
+        }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => self.finish(false),
+            Poll::Ready(Some(Err(_))) if self.grpc => {
+                // The endpoint went away mid-call: a clean UNAVAILABLE, which
+                // the client's retry policy understands, instead of a reset stream.
+                return Poll::Ready(Some(Ok(self.end_grpc(Failure::Upstream))));
+            }
             Poll::Ready(Some(Err(_))) => self.finish(true),
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.finish(false),
-            _ => {}
+            Poll::Ready(Some(Ok(frame))) => {
+                if self.grpc
+                    && let Some(trailers) = frame.trailers_ref()
+                {
+                    let trailers = trailers.clone();
+                    self.grpc_trailers(&trailers);
+                }
+                if self.inner.is_end_stream() {
+                    self.finish(false);
+                }
+            }
+            Poll::Pending => {}
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ended || (self.deadline.is_none() && self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        if self.grpc { SizeHint::default() } else { self.inner.size_hint() }
     }
 }
 
@@ -388,11 +611,12 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_for_is_appended_and_proto_set_once() {
+    fn forwarded_for_is_appended_for_a_trusted_peer_and_proto_set_once() {
         let peer = Peer::new("10.0.0.9:5555".parse().unwrap());
         let req = Request::builder().uri("/a?b=1").header("x-forwarded-for", "1.2.3.4").body(()).unwrap();
         let (mut parts, ()) = req.into_parts();
-        prepare_request(&mut parts, &peer);
+        let trusted = ["10.0.0.0/8".parse().unwrap()];
+        prepare_request(&mut parts, &peer, &trusted, false);
         assert_eq!(parts.headers["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
         assert_eq!(parts.headers["x-forwarded-proto"], "http");
         assert_eq!(parts.version, Version::HTTP_11);
@@ -403,16 +627,30 @@ mod tests {
         let peer = Peer::new("10.0.0.9:5555".parse().unwrap());
         let req = Request::builder().uri("http://shop.example:8080/x").version(Version::HTTP_2).body(()).unwrap();
         let (mut parts, ()) = req.into_parts();
-        prepare_request(&mut parts, &peer);
+        prepare_request(&mut parts, &peer, &[], false);
         assert_eq!(parts.headers[header::HOST], "shop.example:8080");
     }
 
     #[test]
-    fn the_upstream_uri_keeps_path_and_query_and_targets_the_endpoint() {
-        let auth = "127.0.0.2:8081".parse().unwrap();
-        let uri = upstream_uri(&"http://front/p/q?x=1".parse().unwrap(), &auth);
-        assert_eq!(uri.to_string(), "http://127.0.0.2:8081/p/q?x=1");
-        assert_eq!(upstream_uri(&"*".parse().unwrap(), &auth).to_string(), "http://127.0.0.2:8081/");
+    fn the_upstream_uri_is_origin_form_for_http1_and_carries_the_authority_for_http2() {
+        let auth = "shop.example".parse().unwrap();
+        let uri = upstream_uri(&"http://front/p/q?x=1".parse().unwrap(), &auth, false);
+        assert_eq!(uri.to_string(), "/p/q?x=1");
+        assert_eq!(upstream_uri(&"*".parse().unwrap(), &auth, false).to_string(), "/");
+        let uri = upstream_uri(&"/p?x=1".parse().unwrap(), &auth, true);
+        assert_eq!(uri.to_string(), "http://shop.example/p?x=1");
+    }
+
+    #[test]
+    fn te_trailers_survives_and_other_te_values_do_not() {
+        let peer = Peer::new("10.0.0.9:5555".parse().unwrap());
+        for (te, kept) in [("trailers", true), ("gzip, Trailers;q=1", true), ("gzip", false)] {
+            let req = Request::builder().uri("/").header("te", te).body(()).unwrap();
+            let (mut parts, ()) = req.into_parts();
+            prepare_request(&mut parts, &peer, &[], true);
+            assert_eq!(parts.headers.get("te").is_some(), kept, "{te}");
+            assert_eq!(parts.version, Version::HTTP_2);
+        }
     }
 
     #[test]
@@ -434,7 +672,11 @@ mod tests {
     #[test]
     fn each_failure_has_its_status() {
         assert_eq!(Failure::NoEndpoint.status(), 503);
+        assert_eq!(Failure::Unreachable.status(), 503);
         assert_eq!(Failure::Upstream.status(), 502);
         assert_eq!(Failure::Timeout.status(), 504);
+        assert_eq!(Failure::NoEndpoint.grpc_status(), grpc::code::UNAVAILABLE);
+        assert_eq!(Failure::Upstream.grpc_status(), grpc::code::UNAVAILABLE);
+        assert_eq!(Failure::Timeout.grpc_status(), grpc::code::DEADLINE_EXCEEDED);
     }
 }

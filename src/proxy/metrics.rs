@@ -48,6 +48,10 @@ pub struct EndpointStats {
     ejections: AtomicU64,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
+    /// gRPC responses by `grpc-status` (0..=16; anything else counts as UNKNOWN).
+    grpc: [AtomicU64; 17],
+    /// Upgraded connections (WebSocket) to the endpoint open now.
+    pub(crate) tunnels: AtomicU64,
 }
 
 impl EndpointStats {
@@ -58,7 +62,23 @@ impl EndpointStats {
             ejections: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
+            grpc: Default::default(),
+            tunnels: AtomicU64::new(0),
         }
+    }
+
+    pub(crate) fn count_grpc(&self, code: u16) {
+        let i = if usize::from(code) < self.grpc.len() { usize::from(code) } else { 2 };
+        self.grpc[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// gRPC responses by status name, only the statuses seen.
+    pub fn grpc_responses(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        super::grpc::CODE_NAMES
+            .iter()
+            .zip(&self.grpc)
+            .map(|(name, n)| (*name, n.load(Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
     }
 
     #[inline]
@@ -139,6 +159,48 @@ struct CodeLabel {
     code: u16,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GrpcCodeLabel {
+    grpc_status: &'static str,
+}
+
+/// The open-tunnels gauge.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Tunnels(Gauge);
+
+impl Tunnels {
+    /// Counts a tunnel as open until the guard is dropped.
+    pub(crate) fn open(&self) -> TunnelGuard {
+        self.0.inc();
+        TunnelGuard(self.0.clone())
+    }
+}
+
+/// Keeps a tunnel counted as open.
+pub(crate) struct TunnelGuard(Gauge);
+
+impl Drop for TunnelGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Keeps a tunnel counted as open on its endpoint.
+pub(crate) struct EndpointTunnel<'a>(&'a EndpointStats);
+
+impl<'a> EndpointTunnel<'a> {
+    pub(crate) fn open(stats: &'a EndpointStats) -> Self {
+        stats.tunnels.fetch_add(1, Ordering::Relaxed);
+        EndpointTunnel(stats)
+    }
+}
+
+impl Drop for EndpointTunnel<'_> {
+    fn drop(&mut self) {
+        self.0.tunnels.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The proxy's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -151,7 +213,12 @@ pub struct Metrics {
     pub request_duration: LatencyHistogram,
     /// Responses the proxy produced itself (no endpoint, timeout, failure), by status.
     local_responses: Family<CodeLabel, Counter>,
+    /// The same for gRPC calls, by gRPC status.
+    local_grpc_responses: Family<GrpcCodeLabel, Counter>,
     retries: Family<ResultLabel, Counter>,
+    upgrades: Family<ResultLabel, Counter>,
+    /// Upgraded connections (WebSocket) open now.
+    pub(crate) tunnels: Tunnels,
     source: SourceMetrics,
 }
 
@@ -174,6 +241,20 @@ impl Metrics {
             "Responses produced by the proxy itself (no endpoint, timeout, endpoint failure), by status code",
             local_responses.clone(),
         );
+        let local_grpc_responses = Family::default();
+        registry.register(
+            "local_grpc_responses",
+            "gRPC calls answered by the proxy itself (trailers-only), by gRPC status",
+            local_grpc_responses.clone(),
+        );
+        let upgrades = Family::default();
+        registry.register(
+            "upgrades",
+            "HTTP/1.1 upgrade requests (WebSocket): tunnelled (101), refused by the endpoint, or failed",
+            upgrades.clone(),
+        );
+        let tunnels = Tunnels::default();
+        registry.register("tunnels_open", "Upgraded connections (WebSocket) open now", tunnels.0.clone());
         let retries = Family::default();
         registry.register(
             "retries",
@@ -187,11 +268,31 @@ impl Metrics {
             source.watch_errors.clone(),
         );
         registry.register_collector(Box::new(EndpointCollector { current }));
-        Metrics { registry, active_connections, connections, request_duration, local_responses, retries, source }
+        Metrics {
+            registry,
+            active_connections,
+            connections,
+            request_duration,
+            local_responses,
+            local_grpc_responses,
+            retries,
+            upgrades,
+            tunnels,
+            source,
+        }
     }
 
     pub(crate) fn local_response(&self, code: u16) {
         self.local_responses.get_or_create(&CodeLabel { code }).inc();
+    }
+
+    pub(crate) fn local_grpc_response(&self, code: u16) {
+        let name = super::grpc::CODE_NAMES.get(usize::from(code)).copied().unwrap_or("UNKNOWN");
+        self.local_grpc_responses.get_or_create(&GrpcCodeLabel { grpc_status: name }).inc();
+    }
+
+    pub(crate) fn upgrade(&self, result: &'static str) {
+        self.upgrades.get_or_create(&ResultLabel { result }).inc();
     }
 
     pub(crate) fn retry(&self, sent: bool) {
@@ -236,6 +337,19 @@ impl Collector for EndpointCollector {
                 for (class, n) in s.responses() {
                     ConstCounter::new(n)
                         .encode(e.encode_family(&[("endpoint", s.label.as_str()), ("class", class)])?)?;
+                }
+            }
+            drop(e);
+            let mut e = encoder.encode_descriptor(
+                "upstream_grpc_responses",
+                "gRPC calls answered by each endpoint, by grpc-status (only the statuses seen)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (s, _) in &rows {
+                for (code, n) in s.grpc_responses() {
+                    ConstCounter::new(n)
+                        .encode(e.encode_family(&[("endpoint", s.label.as_str()), ("grpc_status", code)])?)?;
                 }
             }
         } else {

@@ -8,13 +8,17 @@
 
 mod admin;
 pub mod config;
+mod forwarding;
+mod grpc;
 mod health;
 mod http;
 pub mod metrics;
+mod replay;
 mod retry;
 pub mod server;
 mod state;
 mod tcp;
+mod upgrade;
 mod upstream;
 
 pub use retry::RetryBudget;

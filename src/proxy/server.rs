@@ -307,7 +307,7 @@ async fn accept_http(
             let client = http::Peer::new(peer);
             let svc_shared = shared.clone();
             let svc = service_fn(move |req| http::serve(svc_shared.clone(), client.clone(), req));
-            let conn = watcher.watch(builder.serve_connection(TokioIo::new(stream), svc));
+            let conn = watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(stream), svc));
             tokio::select! {
                 _ = conn => {}
                 () = hard_stop.cancelled() => {}

@@ -40,6 +40,8 @@ pub struct Runtime {
     pub(crate) balancer: BalancerConfig,
     pub(crate) hash: Option<HashKey>,
     pub(crate) affinity: Option<Affinity>,
+    /// `forwarding.trustedProxies`, parsed.
+    pub(crate) trusted: Vec<super::config::Cidr>,
     /// The endpoints.
     pub set: Arc<EndpointSet>,
     /// Per-endpoint counters and connection pools, by address.
@@ -220,7 +222,8 @@ fn build_runtime(
         }
     }
     let addrs = set.members().iter().map(|m| m.endpoint().addr());
-    let upstreams = upstream::carry(old.map(|o| &o.upstreams), addrs, config.worker_count());
+    let http2 = config.app_protocol.is_http2();
+    let upstreams = upstream::carry(old.map(|o| &o.upstreams), addrs, config.worker_count(), http2);
     let affinity = config.load_balancing.session_affinity.as_ref().map(|a| Affinity {
         cookie: a.cookie.clone(),
         attributes: format!("; Max-Age={}; Path=/; HttpOnly; SameSite=Lax", a.ttl.0.as_secs().max(1)),
@@ -230,6 +233,7 @@ fn build_runtime(
         balancer: config.balancer_config(),
         hash: config.hash_key()?,
         affinity,
+        trusted: config.trusted_proxies()?,
         set,
         upstreams,
         config,

@@ -89,11 +89,15 @@ const COPY_BUFFER: usize = 64 * 1024;
 
 /// Copies both ways until both directions end (`Some`), or until no byte has
 /// moved in either direction for `idle` (`None`; both connections then close).
-async fn copy_until_idle(
-    client: &mut TcpStream,
-    upstream: &mut TcpStream,
+pub(crate) async fn copy_until_idle<A, B>(
+    client: &mut A,
+    upstream: &mut B,
     idle: Duration,
-) -> Option<io::Result<(u64, u64)>> {
+) -> Option<io::Result<(u64, u64)>>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
     let origin = Instant::now();
     let last = AtomicU64::new(0);
     let mut watched = Watched { inner: client, origin, last: &last };

@@ -1,23 +1,34 @@
-//! Per-endpoint state of the proxy: counters for metrics, and the pool of
-//! keep-alive HTTP/1.1 connections to the endpoint.
+//! Per-endpoint state of the proxy: counters for metrics, and the
+//! connections to the endpoint: a pool of keep-alive HTTP/1.1 connections,
+//! or a few multiplexed HTTP/2 connections.
 //!
-//! The pool is the proxy's own rather than a generic client's: each worker
-//! thread has its own idle list per endpoint (its connections are driven by
-//! that worker's event loop, so a request never wakes another thread),
-//! checking a connection out and back in costs no task spawn, and a
-//! connection found closed when a request is about to use it gives the
-//! request back untouched, so it goes out on a fresh connection instead of
-//! failing.
+//! The pools are the proxy's own rather than a generic client's: each worker
+//! thread has its own connections per endpoint (driven by that worker's
+//! event loop, so a request never wakes another thread), checking a
+//! connection out and back in costs no task spawn, and a connection found
+//! closed when a request is about to use it gives the request back
+//! untouched, so it goes out on another connection instead of failing.
+//!
+//! HTTP/2: a request is a stream on the first connection of the worker with
+//! room under the endpoint's `SETTINGS_MAX_CONCURRENT_STREAMS` (read from the
+//! live connection); when all are full, another connection opens. A
+//! connection that received `GOAWAY` takes no new stream and finishes those
+//! below its last stream id; streams the endpoint refused (`REFUSED_STREAM`,
+//! or above the `GOAWAY` id) were never processed and are reported as
+//! [`UpstreamError::Refused`], so the caller may send them again elsewhere.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::http::UpstreamBody;
@@ -25,6 +36,9 @@ use super::metrics::EndpointStats;
 
 /// Idle keep-alive connections kept per endpoint and worker.
 pub(crate) const MAX_IDLE: usize = 256;
+
+/// HTTP/2 connections kept per endpoint and worker.
+const MAX_H2_CONNECTIONS: usize = 64;
 
 thread_local! {
     /// The worker this thread is (1-based); 0 on threads that are not workers.
@@ -36,6 +50,10 @@ pub(crate) fn enter_worker(index: usize) {
     WORKER.with(|w| w.set(index + 1));
 }
 
+fn worker_slot(slots: usize) -> usize {
+    WORKER.with(Cell::get).min(slots - 1)
+}
+
 /// One endpoint as the proxy sees it.
 #[derive(Debug)]
 pub(crate) struct Upstream {
@@ -43,13 +61,22 @@ pub(crate) struct Upstream {
     /// The address as an HTTP authority, built once.
     pub(crate) authority: http::uri::Authority,
     pub(crate) stats: EndpointStats,
-    /// Idle connections, one list per worker (and one for other threads).
+    /// Whether the endpoint is spoken to over HTTP/2.
+    pub(crate) http2: bool,
+    /// Idle HTTP/1.1 connections, one list per worker (and one for other threads).
     /// Each list is only ever locked by its own thread, so the lock is uncontended.
     idle: Box<[Mutex<Vec<Idle>>]>,
+    /// HTTP/2 connections, one list per worker (and one for other threads).
+    h2: Box<[Mutex<Vec<H2Conn>>]>,
+    /// Held while a worker opens an HTTP/2 connection, so a burst of requests
+    /// waits for one connection instead of opening one each.
+    h2_opening: Box<[tokio::sync::Mutex<()>]>,
+    /// Set once the endpoint failed its first HTTP/2 exchange (logged once).
+    warned: AtomicBool,
 }
 
 struct Idle {
-    sender: SendRequest<UpstreamBody>,
+    sender: http1::SendRequest<UpstreamBody>,
     since: Instant,
 }
 
@@ -59,57 +86,167 @@ impl std::fmt::Debug for Idle {
     }
 }
 
+/// One HTTP/2 connection to an endpoint.
+struct H2Conn {
+    sender: http2::SendRequest<UpstreamBody>,
+    state: Arc<H2State>,
+}
+
+impl std::fmt::Debug for H2Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2Conn").field("streams", &self.state.streams.load(Ordering::Relaxed)).finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct H2State {
+    /// Streams open now.
+    streams: AtomicUsize,
+    /// Streams opened so far.
+    opened: AtomicU64,
+    /// The endpoint's `SETTINGS_MAX_CONCURRENT_STREAMS`, updated as the connection runs.
+    max_streams: AtomicUsize,
+    /// Milliseconds since [`epoch`] when the last stream ended.
+    idle_since_ms: AtomicU64,
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+impl H2Conn {
+    fn has_room(&self) -> bool {
+        !self.sender.is_closed()
+            && self.state.streams.load(Ordering::Relaxed) < self.state.max_streams.load(Ordering::Relaxed).max(1)
+    }
+
+    fn idle_for(&self) -> Option<Duration> {
+        (self.state.streams.load(Ordering::Relaxed) == 0)
+            .then(|| Duration::from_millis(now_ms().saturating_sub(self.state.idle_since_ms.load(Ordering::Relaxed))))
+    }
+}
+
 /// Why an exchange with an endpoint produced no response.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum UpstreamError {
     /// No connection could be opened: nothing reached the endpoint.
     #[error("connect: {0}")]
     Connect(std::io::Error),
+    /// The endpoint refused the stream (`REFUSED_STREAM`, or above its
+    /// `GOAWAY`): it never processed the request.
+    #[error("refused by the endpoint: {0}")]
+    Refused(hyper::Error),
     /// The connection failed after the request may have been sent.
     #[error("exchange: {0}")]
     Exchange(hyper::Error),
 }
 
-/// A connection in use by one request; back to the pool when the response ends.
+/// A connection in use by one request: an HTTP/1.1 connection goes back to
+/// the pool when the response ends; an HTTP/2 stream frees its slot.
 pub(crate) struct Lease {
     upstream: Arc<Upstream>,
-    sender: SendRequest<UpstreamBody>,
+    kind: Option<LeaseKind>,
+}
+
+enum LeaseKind {
+    Http1(http1::SendRequest<UpstreamBody>),
+    Http2(Arc<H2State>),
 }
 
 impl Lease {
+    /// The endpoint.
+    pub(crate) fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
     /// Returns the connection for the next request (the response has ended cleanly).
-    pub(crate) fn release(self) {
-        self.upstream.checkin(self.sender);
+    pub(crate) fn release(mut self) {
+        if let Some(LeaseKind::Http1(sender)) = self.kind.take() {
+            self.upstream.checkin(sender);
+        }
+    }
+
+    /// Gives up an HTTP/1.1 connection for good (it was upgraded to a tunnel).
+    pub(crate) fn detach(mut self) {
+        if let Some(LeaseKind::Http1(_)) = self.kind {
+            self.kind = None;
+        }
     }
 }
 
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(LeaseKind::Http2(state)) = &self.kind
+            && state.streams.fetch_sub(1, Ordering::Relaxed) == 1
+        {
+            state.idle_since_ms.store(now_ms(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// Settings of the connections to an endpoint.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ConnSettings {
+    pub(crate) connect_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+}
+
 impl Upstream {
-    pub(crate) fn new(addr: SocketAddr, workers: usize) -> Self {
+    pub(crate) fn new(addr: SocketAddr, workers: usize, http2: bool) -> Self {
         let label = addr.to_string();
         // A socket address always formats as a valid authority.
         let authority = label.parse().unwrap_or_else(|_| http::uri::Authority::from_static("invalid"));
-        let idle = (0..=workers).map(|_| Mutex::new(Vec::new())).collect();
-        Upstream { addr, authority, stats: EndpointStats::new(label), idle }
+        let slots = if http2 { 0 } else { workers + 1 };
+        let idle = (0..slots).map(|_| Mutex::new(Vec::new())).collect();
+        let h2_slots = if http2 { workers + 1 } else { 0 };
+        let h2 = (0..h2_slots).map(|_| Mutex::new(Vec::new())).collect();
+        let h2_opening = (0..h2_slots).map(|_| tokio::sync::Mutex::new(())).collect();
+        Upstream {
+            addr,
+            authority,
+            stats: EndpointStats::new(label),
+            http2,
+            idle,
+            h2,
+            h2_opening,
+            warned: AtomicBool::new(false),
+        }
     }
 
     fn idle_list(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
-        let i = WORKER.with(Cell::get).min(self.idle.len() - 1);
-        self.idle[i].lock().unwrap_or_else(|p| p.into_inner())
+        self.idle[worker_slot(self.idle.len())].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn h2_list(&self) -> std::sync::MutexGuard<'_, Vec<H2Conn>> {
+        self.h2[worker_slot(self.h2.len())].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends `req` to the endpoint, over HTTP/1.1 or HTTP/2 as configured.
+    pub(crate) async fn send(
+        self: &Arc<Self>,
+        req: Request<UpstreamBody>,
+        settings: ConnSettings,
+    ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
+        if self.http2 { self.send_h2(req, settings).await } else { self.send_h1(req, settings).await }
     }
 
     /// Sends `req` on a pooled connection, or a new one. A pooled connection
     /// that turns out closed before the request was written is skipped and
     /// the request goes out on the next one.
-    pub(crate) async fn send(
+    async fn send_h1(
         self: &Arc<Self>,
         mut req: Request<UpstreamBody>,
-        connect_timeout: Duration,
-        idle_timeout: Duration,
+        settings: ConnSettings,
     ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
         loop {
-            let (mut sender, pooled) = match self.checkout(idle_timeout) {
+            let (mut sender, pooled) = match self.checkout(settings.idle_timeout) {
                 Some(s) => (s, true),
-                None => (self.connect(connect_timeout).await?, false),
+                None => (self.connect_h1(settings.connect_timeout).await?, false),
             };
             // A pooled connection may still be finishing the previous response.
             if sender.ready().await.is_err() {
@@ -119,7 +256,9 @@ impl Upstream {
                 return Err(UpstreamError::Connect(std::io::Error::other("connection closed before use")));
             }
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, Lease { upstream: self.clone(), sender })),
+                Ok(resp) => {
+                    return Ok((resp, Lease { upstream: self.clone(), kind: Some(LeaseKind::Http1(sender)) }));
+                }
                 Err(mut e) => match e.take_message() {
                     // Never written: safe to send on another connection, whatever the method.
                     Some(unsent) if pooled => req = unsent,
@@ -129,25 +268,29 @@ impl Upstream {
         }
     }
 
-    async fn connect(&self, timeout: Duration) -> Result<SendRequest<UpstreamBody>, UpstreamError> {
+    async fn tcp(&self, timeout: Duration) -> Result<TokioIo<TcpStream>, UpstreamError> {
         let stream = match tokio::time::timeout(timeout, TcpStream::connect(self.addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(UpstreamError::Connect(e)),
             Err(_) => return Err(UpstreamError::Connect(std::io::ErrorKind::TimedOut.into())),
         };
         let _ = stream.set_nodelay(true);
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;
+        Ok(TokioIo::new(stream))
+    }
+
+    async fn connect_h1(&self, timeout: Duration) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
+        let io = self.tcp(timeout).await?;
+        let (sender, conn) =
+            http1::Builder::new().handshake(io).await.map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;
         tokio::spawn(async move {
-            // Ends when the endpoint or the pool closes the connection.
-            let _ = conn.await;
+            // Ends when the endpoint or the pool closes the connection, or
+            // when a 101 response hands the socket to a tunnel.
+            let _ = conn.with_upgrades().await;
         });
         Ok(sender)
     }
 
-    fn checkout(&self, idle_timeout: Duration) -> Option<SendRequest<UpstreamBody>> {
+    fn checkout(&self, idle_timeout: Duration) -> Option<http1::SendRequest<UpstreamBody>> {
         let mut idle = self.idle_list();
         // Most recently used first: its socket is warm and least likely to have been closed.
         while let Some(i) = idle.pop() {
@@ -158,7 +301,7 @@ impl Upstream {
         None
     }
 
-    fn checkin(&self, sender: SendRequest<UpstreamBody>) {
+    fn checkin(&self, sender: http1::SendRequest<UpstreamBody>) {
         if sender.is_closed() {
             return;
         }
@@ -168,30 +311,164 @@ impl Upstream {
         }
     }
 
+    /// Sends `req` as a stream on this worker's first HTTP/2 connection with
+    /// room, opening one when all are full.
+    async fn send_h2(
+        self: &Arc<Self>,
+        mut req: Request<UpstreamBody>,
+        settings: ConnSettings,
+    ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
+        // A connection that closes between checkout and dispatch hands the request back;
+        // bounded, in case connections keep closing as they open.
+        for _ in 0..4 {
+            let (mut sender, state) = self.h2_stream(settings).await?;
+            state.streams.fetch_add(1, Ordering::Relaxed);
+            let first = state.opened.fetch_add(1, Ordering::Relaxed) == 0;
+            let lease = Lease { upstream: self.clone(), kind: Some(LeaseKind::Http2(state)) };
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok((resp, lease)),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => req = unsent,
+                    None => {
+                        let e = e.into_error();
+                        if first && !self.warned.swap(true, Ordering::Relaxed) {
+                            tracing::warn!(
+                                endpoint = %self.addr, error = %e,
+                                "the first HTTP/2 exchange with the endpoint failed: does it speak HTTP/2 cleartext \
+                                 (prior knowledge), as appProtocol says? It is treated as failing"
+                            );
+                        }
+                        return Err(if refused(&e) { UpstreamError::Refused(e) } else { UpstreamError::Exchange(e) });
+                    }
+                },
+            }
+        }
+        Err(UpstreamError::Connect(std::io::Error::other("HTTP/2 connections kept closing before use")))
+    }
+
+    /// A connection with room for one more stream: an open one, or a new one.
+    async fn h2_stream(
+        &self,
+        settings: ConnSettings,
+    ) -> Result<(http2::SendRequest<UpstreamBody>, Arc<H2State>), UpstreamError> {
+        if let Some(found) = self.h2_with_room() {
+            return Ok(found);
+        }
+        let _opening = self.h2_opening[worker_slot(self.h2_opening.len())].lock().await;
+        // Another request of this worker may have opened one meanwhile.
+        if let Some(found) = self.h2_with_room() {
+            return Ok(found);
+        }
+        let (sender, state) = self.connect_h2(settings).await?;
+        let mut list = self.h2_list();
+        list.retain(|c| !c.sender.is_closed());
+        if list.len() < MAX_H2_CONNECTIONS {
+            list.push(H2Conn { sender: sender.clone(), state: state.clone() });
+        }
+        Ok((sender, state))
+    }
+
+    fn h2_with_room(&self) -> Option<(http2::SendRequest<UpstreamBody>, Arc<H2State>)> {
+        let list = self.h2_list();
+        list.iter().find(|c| c.has_room()).map(|c| (c.sender.clone(), c.state.clone()))
+    }
+
+    async fn connect_h2(
+        &self,
+        settings: ConnSettings,
+    ) -> Result<(http2::SendRequest<UpstreamBody>, Arc<H2State>), UpstreamError> {
+        let io = self.tcp(settings.connect_timeout).await?;
+        let ping = (settings.idle_timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(ping)
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true)
+            .handshake(io)
+            .await
+            .map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;
+        let state = Arc::new(H2State {
+            streams: AtomicUsize::new(0),
+            opened: AtomicU64::new(0),
+            max_streams: AtomicUsize::new(100),
+            idle_since_ms: AtomicU64::new(now_ms()),
+        });
+        let watched = state.clone();
+        tokio::spawn(async move {
+            // Drives the connection until the endpoint closes it or every
+            // sender is gone, publishing the endpoint's stream limit as it changes.
+            let mut conn = std::pin::pin!(conn);
+            std::future::poll_fn(|cx| {
+                let polled = conn.as_mut().poll(cx);
+                watched.max_streams.store(conn.current_max_send_streams(), Ordering::Relaxed);
+                match polled {
+                    Poll::Ready(_) => Poll::Ready(()),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await;
+        });
+        Ok((sender, state))
+    }
+
     /// Closes connections idle for longer than `idle_timeout` (or closed by the endpoint).
     pub(crate) fn prune(&self, idle_timeout: Duration) {
         for list in &self.idle {
             let mut idle = list.lock().unwrap_or_else(|p| p.into_inner());
             idle.retain(|i| !i.sender.is_closed() && i.since.elapsed() < idle_timeout);
         }
+        for list in &self.h2 {
+            let mut conns = list.lock().unwrap_or_else(|p| p.into_inner());
+            conns.retain(|c| !c.sender.is_closed() && c.idle_for().is_none_or(|d| d < idle_timeout));
+        }
     }
 
-    /// Idle connections held now, over all workers.
+    /// Connections held now with no request on them, over all workers.
     pub(crate) fn idle_count(&self) -> usize {
-        self.idle.iter().map(|l| l.lock().map(|v| v.len()).unwrap_or(0)).sum()
+        let h1: usize = self.idle.iter().map(|l| l.lock().map(|v| v.len()).unwrap_or(0)).sum();
+        let h2: usize = self
+            .h2
+            .iter()
+            .map(|l| l.lock().map(|v| v.iter().filter(|c| c.idle_for().is_some()).count()).unwrap_or(0))
+            .sum();
+        h1 + h2
+    }
+
+    /// HTTP/2 connections open now, over all workers.
+    pub(crate) fn h2_connections(&self) -> usize {
+        self.h2.iter().map(|l| l.lock().map(|v| v.iter().filter(|c| !c.sender.is_closed()).count()).unwrap_or(0)).sum()
     }
 }
 
+/// Whether an HTTP/2 failure proves the endpoint never processed the stream:
+/// it reset it with `REFUSED_STREAM`, or it was above the endpoint's `GOAWAY`
+/// (RFC 9113 §8.7). Streams below the `GOAWAY` id that end because the
+/// connection closes fail with an I/O error instead, and are not retried.
+fn refused(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2e) = s.downcast_ref::<h2::Error>() {
+            return h2e.is_remote() && (h2e.is_go_away() || h2e.reason() == Some(h2::Reason::REFUSED_STREAM));
+        }
+        source = s.source();
+    }
+    false
+}
+
 /// Upstreams for a new endpoint set, reusing those of endpoints that stay
-/// (their counters and pooled connections survive the update).
+/// (their counters and pooled connections survive the update) unless the
+/// protocol spoken to the endpoints changed.
 pub(crate) fn carry(
     previous: Option<&std::collections::HashMap<SocketAddr, Arc<Upstream>>>,
     addrs: impl Iterator<Item = SocketAddr>,
     workers: usize,
+    http2: bool,
 ) -> std::collections::HashMap<SocketAddr, Arc<Upstream>> {
     addrs
         .map(|a| {
-            let u = previous.and_then(|p| p.get(&a).cloned()).unwrap_or_else(|| Arc::new(Upstream::new(a, workers)));
+            let u = previous
+                .and_then(|p| p.get(&a).filter(|u| u.http2 == http2).cloned())
+                .unwrap_or_else(|| Arc::new(Upstream::new(a, workers, http2)));
             (a, u)
         })
         .collect()

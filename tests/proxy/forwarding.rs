@@ -30,23 +30,112 @@ async fn http1_keep_alive_and_h2c_share_the_listener() {
     p.shutdown().await;
 }
 
+/// The head a raw backend received for one request sent through the proxy.
+async fn head_through(
+    p: &fulcrum::proxy::ProxyHandle,
+    raw: &RawBackend,
+    req: Request<Full<Bytes>>,
+    h2: bool,
+) -> String {
+    let before = raw.heads().len();
+    let c = if h2 { h2_client() } else { client() };
+    let r = send(&c, req).await.unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    let heads = raw.heads();
+    assert_eq!(heads.len(), before + 1, "{heads:?}");
+    heads[before].to_lowercase()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hop_by_hop_headers_are_removed_and_forwarding_headers_added() {
-    let bs = backends(1).await;
-    let p = proxy(&endpoints_yaml(&bs)).await;
-    let r = get_with(
-        &client(),
-        &p,
-        "/headers",
-        &[("connection", "x-private"), ("x-private", "1"), ("x-forwarded-for", "203.0.113.7"), ("x-app", "kept")],
+async fn endpoints_get_origin_form_the_clients_host_and_no_hop_by_hop_headers() {
+    let raw = RawBackend::start(2).await;
+    let p = proxy(&format!("endpoints: [{{address: \"{}\"}}]\n", raw.addr)).await;
+    let req = Request::get(format!("http://{}/p?q=1", p.addr))
+        .header("host", "shop.example")
+        .header("connection", "x-private")
+        .header("x-private", "1")
+        .header("keep-alive", "timeout=5")
+        .header("x-app", "kept")
+        .body(Full::default())
+        .unwrap();
+    let head = head_through(&p, &raw, req, false).await;
+    assert!(head.starts_with("get /p?q=1 http/1.1\r\n"), "origin form, not the endpoint's absolute URI: {head}");
+    assert!(head.contains("\r\nhost: shop.example\r\n"), "{head}");
+    assert!(!head.contains("x-private") && !head.contains("keep-alive"), "{head}");
+    assert!(head.contains("\r\nx-app: kept\r\n"), "{head}");
+    // An HTTP/2 client's :authority becomes the Host; the request line is origin form too.
+    let req = Request::get("http://api.example:8443/v1/items?x=%20y").body(Full::default()).unwrap();
+    let head = head_through_authority(&p, &raw, req).await;
+    assert!(head.starts_with("get /v1/items?x=%20y http/1.1\r\n"), "{head}");
+    assert!(head.contains("\r\nhost: api.example:8443\r\n"), "{head}");
+    p.shutdown().await;
+}
+
+/// Sends an HTTP/2 request with its own authority over a connection to the proxy.
+async fn head_through_authority(
+    p: &fulcrum::proxy::ProxyHandle,
+    raw: &RawBackend,
+    req: Request<Full<Bytes>>,
+) -> String {
+    let before = raw.heads().len();
+    let stream = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
     )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    conn.abort();
+    let heads = raw.heads();
+    assert_eq!(heads.len(), before + 1, "{heads:?}");
+    heads[before].to_lowercase()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_are_what_the_proxy_saw_unless_the_peer_is_trusted() {
+    let raw = RawBackend::start(3).await;
+    let get = |p: &fulcrum::proxy::ProxyHandle| {
+        Request::get(format!("http://{}/", p.addr))
+            .header("x-forwarded-proto", "https")
+            .header("x-forwarded-for", "203.0.113.7")
+            .body(Full::default())
+            .unwrap()
+    };
+    let endpoints = format!("endpoints: [{{address: \"{}\"}}]\n", raw.addr);
+    let p = proxy(&endpoints).await;
+    let head = head_through(&p, &raw, get(&p), false).await;
+    assert!(head.contains("\r\nx-forwarded-proto: http\r\n"), "a plain-HTTP client cannot claim https: {head}");
+    assert!(head.contains("\r\nx-forwarded-for: 127.0.0.1\r\n"), "nor another address: {head}");
+    p.shutdown().await;
+    // The same request from a trusted load balancer in front keeps its claims.
+    let p = proxy(&format!("forwarding: {{trustedProxies: [127.0.0.0/8]}}\n{endpoints}")).await;
+    let head = head_through(&p, &raw, get(&p), false).await;
+    assert!(head.contains("\r\nx-forwarded-proto: https\r\n"), "{head}");
+    assert!(head.contains("\r\nx-forwarded-for: 203.0.113.7, 127.0.0.1\r\n"), "{head}");
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_ip_hashing_behind_a_trusted_proxy_follows_the_real_client() {
+    let bs = backends(3).await;
+    let p = proxy(&format!(
+        "forwarding: {{trustedProxies: [127.0.0.1/32]}}\nloadBalancing: {{algorithm: ConsistentHash, hashOn: {{sourceIP: true}}}}\n{}",
+        endpoints_yaml(&bs)
+    ))
     .await;
-    let body = r.body.to_lowercase();
-    assert!(!body.contains("x-private"), "{body}");
-    assert!(body.contains("x-forwarded-for: 203.0.113.7, 127.0.0.1"), "{body}");
-    assert!(body.contains("x-forwarded-proto: http"), "{body}");
-    assert!(body.contains("x-app: kept"), "{body}");
-    assert!(body.contains(&format!("host: {}", p.addr)), "the client's Host is kept: {body}");
+    let c = client();
+    let mut owners = std::collections::HashSet::new();
+    for client_ip in ["198.51.100.1", "198.51.100.2", "198.51.100.3", "198.51.100.4", "198.51.100.5", "198.51.100.6"] {
+        let first = get_with(&c, &p, "/", &[("x-forwarded-for", client_ip)]).await.backend().to_owned();
+        for _ in 0..3 {
+            assert_eq!(get_with(&c, &p, "/", &[("x-forwarded-for", client_ip)]).await.backend(), first);
+        }
+        owners.insert(first);
+    }
+    assert!(owners.len() > 1, "clients behind one load balancer are spread by their own address: {owners:?}");
     p.shutdown().await;
 }
 

@@ -280,3 +280,62 @@ pub async fn admin(proxy: &ProxyHandle, path: &str) -> Reply {
     let req = Request::get(format!("http://{addr}{path}")).body(Full::default()).expect("request");
     send(&client(), req).await.expect("admin request")
 }
+
+/// A raw HTTP/1.1 backend that records each request head as received (the
+/// request line and the header lines, byte for byte) and answers 200.
+pub struct RawBackend {
+    pub addr: SocketAddr,
+    pub heads: Arc<Mutex<Vec<String>>>,
+    task: JoinHandle<()>,
+}
+
+impl RawBackend {
+    pub async fn start(host: u8) -> RawBackend {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, host], 0))).await.expect("bind raw backend");
+        let addr = listener.local_addr().expect("raw backend address");
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let recorded = heads.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let recorded = recorded.clone();
+                conns.spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    // Bodyless requests only; at most 64 KiB of heads per connection.
+                    while buf.len() < 65536 {
+                        let Ok(n) = stream.read(&mut chunk).await else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head: Vec<u8> = buf.drain(..end + 4).collect();
+                            recorded
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push(String::from_utf8_lossy(&head).into_owned());
+                            let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if stream.write_all(reply).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        RawBackend { addr, heads, task }
+    }
+
+    /// The request heads received so far.
+    pub fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Drop for RawBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
