@@ -339,7 +339,6 @@ impl Collector for EndpointCollector {
                         .encode(e.encode_family(&[("endpoint", s.label.as_str()), ("class", class)])?)?;
                 }
             }
-            drop(e);
             let mut e = encoder.encode_descriptor(
                 "upstream_grpc_responses",
                 "gRPC calls answered by each endpoint, by grpc-status (only the statuses seen)",

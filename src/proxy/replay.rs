@@ -156,7 +156,7 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.held().hint.clone()
+        self.held().hint
     }
 }
 

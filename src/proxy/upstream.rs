@@ -108,7 +108,36 @@ struct H2State {
     max_streams: AtomicUsize,
     /// Milliseconds since [`epoch`] when the last stream ended.
     idle_since_ms: AtomicU64,
+    /// The endpoint's first SETTINGS frame has been read.
+    settled: AtomicBool,
+    settled_notify: tokio::sync::Notify,
 }
+
+impl H2State {
+    fn settle(&self, max_streams: usize) {
+        self.max_streams.store(max_streams, Ordering::Relaxed);
+        self.settled.store(true, Ordering::Release);
+        self.settled_notify.notify_waiters();
+    }
+
+    /// Waits until the endpoint's SETTINGS are known (or `limit` passes).
+    async fn settled(&self, limit: Duration) {
+        let wait = async {
+            loop {
+                let notified = self.settled_notify.notified();
+                if self.settled.load(Ordering::Acquire) {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        let _ = tokio::time::timeout(limit, wait).await;
+    }
+}
+
+/// Streams allowed on a connection whose endpoint sets no limit: h2's initial
+/// value, which stays in force until the endpoint sets one.
+const DEFAULT_MAX_STREAMS: usize = 100;
 
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -360,6 +389,10 @@ impl Upstream {
             return Ok(found);
         }
         let (sender, state) = self.connect_h2(settings).await?;
+        // The endpoint's limit arrives in its first frame, one round trip
+        // after the connection opens: wait for it, so a burst of requests on a
+        // new connection does not pile onto it past the limit.
+        state.settled(settings.connect_timeout).await;
         let mut list = self.h2_list();
         list.retain(|c| !c.sender.is_closed());
         if list.len() < MAX_H2_CONNECTIONS {
@@ -377,7 +410,21 @@ impl Upstream {
         &self,
         settings: ConnSettings,
     ) -> Result<(http2::SendRequest<UpstreamBody>, Arc<H2State>), UpstreamError> {
-        let io = self.tcp(settings.connect_timeout).await?;
+        let stream = match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(self.addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(UpstreamError::Connect(e)),
+            Err(_) => return Err(UpstreamError::Connect(std::io::ErrorKind::TimedOut.into())),
+        };
+        let _ = stream.set_nodelay(true);
+        let state = Arc::new(H2State {
+            streams: AtomicUsize::new(0),
+            opened: AtomicU64::new(0),
+            max_streams: AtomicUsize::new(DEFAULT_MAX_STREAMS),
+            idle_since_ms: AtomicU64::new(now_ms()),
+            settled: AtomicBool::new(false),
+            settled_notify: tokio::sync::Notify::new(),
+        });
+        let io = TokioIo::new(PrefaceTap { io: stream, state: state.clone(), head: Some(Vec::new()) });
         let ping = (settings.idle_timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -387,20 +434,20 @@ impl Upstream {
             .handshake(io)
             .await
             .map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;
-        let state = Arc::new(H2State {
-            streams: AtomicUsize::new(0),
-            opened: AtomicU64::new(0),
-            max_streams: AtomicUsize::new(100),
-            idle_since_ms: AtomicU64::new(now_ms()),
-        });
         let watched = state.clone();
         tokio::spawn(async move {
             // Drives the connection until the endpoint closes it or every
-            // sender is gone, publishing the endpoint's stream limit as it changes.
+            // sender is gone, publishing the endpoint's stream limit when a
+            // later SETTINGS frame changes it.
             let mut conn = std::pin::pin!(conn);
+            let mut last = DEFAULT_MAX_STREAMS;
             std::future::poll_fn(|cx| {
                 let polled = conn.as_mut().poll(cx);
-                watched.max_streams.store(conn.current_max_send_streams(), Ordering::Relaxed);
+                let now = conn.current_max_send_streams();
+                if now != last {
+                    last = now;
+                    watched.max_streams.store(now, Ordering::Relaxed);
+                }
                 match polled {
                     Poll::Ready(_) => Poll::Ready(()),
                     Poll::Pending => Poll::Pending,
@@ -437,6 +484,102 @@ impl Upstream {
     /// HTTP/2 connections open now, over all workers.
     pub(crate) fn h2_connections(&self) -> usize {
         self.h2.iter().map(|l| l.lock().map(|v| v.iter().filter(|c| !c.sender.is_closed()).count()).unwrap_or(0)).sum()
+    }
+}
+
+/// A connection's socket, reading the endpoint's first frame on its way to
+/// the HTTP/2 codec: the server preface, a SETTINGS frame (RFC 9113 §3.4),
+/// whose `SETTINGS_MAX_CONCURRENT_STREAMS` sizes the connection before the
+/// first stream is placed on it. Anything else there (an HTTP/1.1 answer)
+/// settles the connection too; the codec then fails it.
+struct PrefaceTap {
+    io: TcpStream,
+    state: Arc<H2State>,
+    /// The bytes of the first frame read so far; `None` once it is parsed.
+    head: Option<Vec<u8>>,
+}
+
+/// Largest first frame inspected (the default maximum frame size).
+const MAX_PREFACE: usize = 16384 + 9;
+
+impl PrefaceTap {
+    fn inspect(&mut self, bytes: &[u8]) {
+        let Some(head) = &mut self.head else { return };
+        head.extend_from_slice(&bytes[..bytes.len().min(MAX_PREFACE.saturating_sub(head.len()))]);
+        if head.len() < 9 {
+            return;
+        }
+        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+        let is_settings = head[3] == 0x4 && head[5..9] == [0, 0, 0, 0];
+        if is_settings && head.len() < 9 + len && head.len() < MAX_PREFACE {
+            return;
+        }
+        let mut max = DEFAULT_MAX_STREAMS;
+        if is_settings {
+            for s in head[9..head.len().min(9 + len)].chunks_exact(6) {
+                if u16::from_be_bytes([s[0], s[1]]) == 0x3 {
+                    max = u32::from_be_bytes([s[2], s[3], s[4], s[5]]) as usize;
+                }
+            }
+        }
+        self.head = None;
+        self.state.settle(max);
+    }
+}
+
+impl tokio::io::AsyncRead for PrefaceTap {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        if self.head.is_some() {
+            match &polled {
+                Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                    let fresh = buf.filled()[before..].to_vec();
+                    self.inspect(&fresh);
+                }
+                // Closed or failed before a frame: nothing to wait for.
+                Poll::Ready(_) => {
+                    self.head = None;
+                    self.state.settle(DEFAULT_MAX_STREAMS);
+                }
+                Poll::Pending => {}
+            }
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for PrefaceTap {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

@@ -31,14 +31,9 @@ async fn http1_keep_alive_and_h2c_share_the_listener() {
 }
 
 /// The head a raw backend received for one request sent through the proxy.
-async fn head_through(
-    p: &fulcrum::proxy::ProxyHandle,
-    raw: &RawBackend,
-    req: Request<Full<Bytes>>,
-    h2: bool,
-) -> String {
+async fn head_through(raw: &RawBackend, req: Request<Full<Bytes>>) -> String {
     let before = raw.heads().len();
-    let c = if h2 { h2_client() } else { client() };
+    let c = client();
     let r = send(&c, req).await.unwrap();
     assert_eq!(r.status, 200, "{r:?}");
     let heads = raw.heads();
@@ -58,7 +53,7 @@ async fn endpoints_get_origin_form_the_clients_host_and_no_hop_by_hop_headers() 
         .header("x-app", "kept")
         .body(Full::default())
         .unwrap();
-    let head = head_through(&p, &raw, req, false).await;
+    let head = head_through(&raw, req).await;
     assert!(head.starts_with("get /p?q=1 http/1.1\r\n"), "origin form, not the endpoint's absolute URI: {head}");
     assert!(head.contains("\r\nhost: shop.example\r\n"), "{head}");
     assert!(!head.contains("x-private") && !head.contains("keep-alive"), "{head}");
@@ -106,13 +101,13 @@ async fn forwarding_headers_are_what_the_proxy_saw_unless_the_peer_is_trusted() 
     };
     let endpoints = format!("endpoints: [{{address: \"{}\"}}]\n", raw.addr);
     let p = proxy(&endpoints).await;
-    let head = head_through(&p, &raw, get(&p), false).await;
+    let head = head_through(&raw, get(&p)).await;
     assert!(head.contains("\r\nx-forwarded-proto: http\r\n"), "a plain-HTTP client cannot claim https: {head}");
     assert!(head.contains("\r\nx-forwarded-for: 127.0.0.1\r\n"), "nor another address: {head}");
     p.shutdown().await;
     // The same request from a trusted load balancer in front keeps its claims.
     let p = proxy(&format!("forwarding: {{trustedProxies: [127.0.0.0/8]}}\n{endpoints}")).await;
-    let head = head_through(&p, &raw, get(&p), false).await;
+    let head = head_through(&raw, get(&p)).await;
     assert!(head.contains("\r\nx-forwarded-proto: https\r\n"), "{head}");
     assert!(head.contains("\r\nx-forwarded-for: 203.0.113.7, 127.0.0.1\r\n"), "{head}");
     p.shutdown().await;

@@ -6,6 +6,8 @@ mod config;
 mod demo;
 mod faults;
 mod forwarding;
+mod grpc;
+mod grpc_peer;
 mod health;
 mod process;
 mod reload;
