@@ -13,3 +13,4 @@ mod process;
 mod reload;
 mod support;
 mod tcp;
+mod websocket;
