@@ -49,6 +49,14 @@ pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h))+$";
         .message("with protocol TCP, ConsistentHash can only hash on sourceIP")
         .reason(Reason::FieldValueForbidden)
         .field_path(".loadBalancing.hashOn"),
+    validation = Rule::new("self.protocol == 'HTTP' || !has(self.appProtocol) || self.appProtocol == 'HTTP1'")
+        .message("appProtocol says how the proxy speaks HTTP to the replicas and needs protocol HTTP")
+        .reason(Reason::FieldValueForbidden)
+        .field_path(".appProtocol"),
+    validation = Rule::new("!has(self.healthCheck.active) || !has(self.healthCheck.active.grpc) || (has(self.appProtocol) && self.appProtocol == 'GRPC')")
+        .message("healthCheck.active.grpc needs appProtocol GRPC")
+        .reason(Reason::FieldValueForbidden)
+        .field_path(".healthCheck.active.grpc"),
     validation = Rule::new("self.proxy.mode == 'Dedicated' || !has(self.proxy.replicas)")
         .message("proxy.replicas applies only to proxy.mode Dedicated (in Sidecar mode there is one proxy per app replica)")
         .reason(Reason::FieldValueForbidden)
@@ -80,6 +88,15 @@ pub struct LoadBalancedAppSpec {
     #[serde(default)]
     pub protocol: Protocol,
 
+    /// What the replicas speak, with protocol HTTP: `HTTP1` (pooled keep-alive
+    /// HTTP/1.1), `H2C` (HTTP/2 cleartext with prior knowledge: each request
+    /// a stream, multiplexed) or `GRPC` (H2C plus gRPC statuses for the
+    /// proxy's own answers and for passive health, and gRPC health checks).
+    /// Clients speak HTTP/1.1 or h2c to the proxy whatever this says. Also set
+    /// as the `appProtocol` of the Services' ports.
+    #[serde(default)]
+    pub app_protocol: AppProtocol,
+
     /// Where the proxy runs.
     #[serde(default)]
     pub proxy: ProxySpec,
@@ -104,6 +121,10 @@ pub struct LoadBalancedAppSpec {
     /// Time limits of the proxy.
     #[serde(default)]
     pub timeouts: Timeouts,
+
+    /// Which clients' forwarding headers the proxy believes.
+    #[serde(default, skip_serializing_if = "Forwarding::is_empty")]
+    pub forwarding: Forwarding,
 
     /// Replacement of replicas that stay broken.
     #[serde(default)]
@@ -156,6 +177,39 @@ pub enum Protocol {
     /// Raw TCP; each connection is balanced.
     #[serde(rename = "TCP")]
     Tcp,
+}
+
+/// What the replicas speak (protocol HTTP).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum AppProtocol {
+    /// HTTP/1.1.
+    #[default]
+    #[serde(rename = "HTTP1")]
+    Http1,
+    /// HTTP/2 cleartext, prior knowledge.
+    #[serde(rename = "H2C")]
+    H2c,
+    /// gRPC over HTTP/2 cleartext.
+    #[serde(rename = "GRPC")]
+    Grpc,
+}
+
+/// Trust in the forwarding headers clients send.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Forwarding {
+    /// Address ranges (CIDR) of load balancers in front of the proxy whose
+    /// `X-Forwarded-For` and `X-Forwarded-Proto` are kept; any other client's
+    /// are replaced with what the proxy saw. Empty: trust no one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub trusted_proxies: Vec<String>,
+}
+
+impl Forwarding {
+    fn is_empty(&self) -> bool {
+        self.trusted_proxies.is_empty()
+    }
 }
 
 /// The front Service.
@@ -373,7 +427,7 @@ pub struct HealthCheck {
 /// Active health checks.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.http) != has(self.tcp)").message("set exactly one of http or tcp").reason(Reason::FieldValueInvalid))]
+#[x_kube(validation = Rule::new("[has(self.http), has(self.tcp), has(self.grpc)].filter(x, x).size() == 1").message("set exactly one of http, tcp or grpc").reason(Reason::FieldValueInvalid))]
 pub struct ActiveCheck {
     /// An HTTP GET that must answer 2xx.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -381,6 +435,9 @@ pub struct ActiveCheck {
     /// A TCP connect that must succeed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp: Option<TcpCheck>,
+    /// A `grpc.health.v1.Health/Check` call that must answer `SERVING` (appProtocol GRPC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcCheck>,
     /// Time between probes, e.g. `2s`.
     #[serde(default = "two_seconds")]
     #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
@@ -416,6 +473,15 @@ fn default_path() -> String {
 /// The TCP probe (no options).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub struct TcpCheck {}
+
+/// The gRPC probe: the standard health service.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GrpcCheck {
+    /// The service name asked about; empty asks about the server as a whole.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub service: String,
+}
 
 /// Passive outlier ejection.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
@@ -481,11 +547,15 @@ pub struct Timeouts {
     #[serde(default = "sixty_seconds")]
     #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
     pub idle: String,
+    /// An upgraded connection (WebSocket) with no byte either way for this long is closed, e.g. `1h`.
+    #[serde(default = "one_hour")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub tunnel_idle: String,
 }
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Timeouts { connect: one_second(), request: thirty_seconds(), idle: sixty_seconds() }
+        Timeouts { connect: one_second(), request: thirty_seconds(), idle: sixty_seconds(), tunnel_idle: one_hour() }
     }
 }
 
@@ -555,6 +625,9 @@ fn thirty_seconds() -> String {
 }
 fn sixty_seconds() -> String {
     "60s".into()
+}
+fn one_hour() -> String {
+    "1h".into()
 }
 fn two_minutes() -> String {
     "2m".into()

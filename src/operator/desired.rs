@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::render::{ADMIN_PORT, InvalidSpec, PROXY_PORT, proxy_config};
-use crate::api::{LoadBalancedApp, ProxyMode};
+use crate::api::{AppProtocol, LoadBalancedApp, LoadBalancedAppSpec, Protocol, ProxyMode};
 
 /// Label naming the app a pod belongs to.
 pub const APP_LABEL: &str = "fulcrum.dev/app";
@@ -171,7 +171,10 @@ pub fn desired(app: &LoadBalancedApp, settings: &Settings) -> Result<Desired, In
                     // Headless: only its EndpointSlices matter, to the proxy.
                     "clusterIP": "None",
                     "selector": {APP_LABEL: name, TRACK_LABEL: track},
-                    "ports": [{"name": BACKEND_PORT_NAME, "port": port_number(&spec.port), "targetPort": app_port, "protocol": "TCP"}],
+                    "ports": [{
+                        "name": BACKEND_PORT_NAME, "port": port_number(&spec.port), "targetPort": app_port,
+                        "protocol": "TCP", "appProtocol": app_protocol(spec),
+                    }],
                     "publishNotReadyAddresses": false,
                 },
             }),
@@ -197,7 +200,10 @@ pub fn desired(app: &LoadBalancedApp, settings: &Settings) -> Result<Desired, In
             "spec": {
                 "type": format!("{:?}", spec.service.type_),
                 "selector": proxy_selector,
-                "ports": [{"name": "traffic", "port": spec.service.port, "targetPort": PROXY_CONTAINER, "protocol": "TCP"}],
+                "ports": [{
+                    "name": "traffic", "port": spec.service.port, "targetPort": PROXY_CONTAINER,
+                    "protocol": "TCP", "appProtocol": app_protocol(spec),
+                }],
             },
         }),
     )?;
@@ -356,6 +362,18 @@ fn common_labels(app: &str, component: &str) -> Value {
         "app.kubernetes.io/managed-by": "fulcrum",
         APP_LABEL: app,
     })
+}
+
+/// The Services' `appProtocol`: what the replicas speak, in the values
+/// Istio, Envoy Gateway and Kubernetes itself recognise. The front Service
+/// says the same: its clients speak the app's protocol to the proxy.
+fn app_protocol(spec: &LoadBalancedAppSpec) -> &'static str {
+    match (spec.protocol, spec.app_protocol) {
+        (Protocol::Tcp, _) => "tcp",
+        (Protocol::Http, AppProtocol::Http1) => "http",
+        (Protocol::Http, AppProtocol::H2c) => "kubernetes.io/h2c",
+        (Protocol::Http, AppProtocol::Grpc) => "grpc",
+    }
 }
 
 /// A number for the backends Service port: the app port when numeric, else 8080 (only a label there).

@@ -61,7 +61,7 @@ pub fn proxy_config(spec: &LoadBalancedAppSpec) -> Result<ProxyConfig, InvalidSp
         Some(a) => Some(ActiveCheck {
             http: a.http.as_ref().map(|h| HttpCheck { path: h.path.clone() }),
             tcp: a.tcp.as_ref().map(|_| TcpCheck {}),
-            grpc: None,
+            grpc: a.grpc.as_ref().map(|g| pc::GrpcCheck { service: g.service.clone() }),
             interval: duration("healthCheck.active.interval", &a.interval)?,
             timeout: duration("healthCheck.active.timeout", &a.timeout)?,
             healthy_threshold: count("healthCheck.active.healthyThreshold", a.healthy_threshold)?,
@@ -76,7 +76,11 @@ pub fn proxy_config(spec: &LoadBalancedAppSpec) -> Result<ProxyConfig, InvalidSp
             api::Protocol::Http => pc::Protocol::Http,
             api::Protocol::Tcp => pc::Protocol::Tcp,
         },
-        app_protocol: pc::AppProtocol::Http1,
+        app_protocol: match spec.app_protocol {
+            api::AppProtocol::Http1 => pc::AppProtocol::Http1,
+            api::AppProtocol::H2c => pc::AppProtocol::H2c,
+            api::AppProtocol::Grpc => pc::AppProtocol::Grpc,
+        },
         admin: Some(SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT))),
         workers: None,
         load_balancing: pc::LoadBalancing {
@@ -122,9 +126,10 @@ pub fn proxy_config(spec: &LoadBalancedAppSpec) -> Result<ProxyConfig, InvalidSp
             connect: duration("timeouts.connect", &spec.timeouts.connect)?,
             request: duration("timeouts.request", &spec.timeouts.request)?,
             idle: duration("timeouts.idle", &spec.timeouts.idle)?,
+            tunnel_idle: duration("timeouts.tunnelIdle", &spec.timeouts.tunnel_idle)?,
             ..Timeouts::default()
         },
-        forwarding: pc::Forwarding::default(),
+        forwarding: pc::Forwarding { trusted_proxies: spec.forwarding.trusted_proxies.clone() },
     };
     config.validate()?;
     Ok(config)

@@ -118,6 +118,10 @@ fn valid_specs_pass_every_rule() {
         json!({"proxy": {"mode": "Dedicated", "replicas": 3}}),
         json!({"replicas": 3, "availability": {"minAvailable": 2}}),
         json!({"healthCheck": {"active": {"tcp": {}}}}),
+        json!({"appProtocol": "GRPC", "healthCheck": {"active": {"grpc": {"service": "shop"}}}}),
+        json!({"appProtocol": "H2C"}),
+        json!({"protocol": "TCP", "appProtocol": "HTTP1"}),
+        json!({"forwarding": {"trustedProxies": ["10.0.0.0/8", "192.0.2.1"]}}),
         json!({"canary": {"weight": 10, "template": {"spec": {"containers": []}}}}),
     ] {
         assert_eq!(check(ok.clone()), Ok(()), "{ok}");
@@ -144,8 +148,11 @@ fn each_cross_field_rule_refuses_what_it_guards() {
         ),
         (json!({"proxy": {"replicas": 3}}), "applies only to proxy.mode Dedicated"),
         (json!({"replicas": 2, "availability": {"minAvailable": 2}}), "must be below replicas"),
-        (json!({"healthCheck": {"active": {"http": {}, "tcp": {}}}}), "exactly one of http or tcp"),
-        (json!({"healthCheck": {"active": {}}}), "exactly one of http or tcp"),
+        (json!({"healthCheck": {"active": {"http": {}, "tcp": {}}}}), "exactly one of http, tcp or grpc"),
+        (json!({"healthCheck": {"active": {}}}), "exactly one of http, tcp or grpc"),
+        (json!({"protocol": "TCP", "appProtocol": "GRPC"}), "appProtocol says how the proxy speaks HTTP"),
+        (json!({"appProtocol": "H2C", "healthCheck": {"active": {"grpc": {}}}}), "grpc needs appProtocol GRPC"),
+        (json!({"healthCheck": {"active": {"grpc": {}}}}), "grpc needs appProtocol GRPC"),
     ] {
         let e = check(bad.clone()).expect_err(&bad.to_string());
         assert!(e.contains(expected), "{bad}: expected {expected:?} in {e}");
