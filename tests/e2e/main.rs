@@ -11,6 +11,10 @@
 
 #[path = "../support/apiserver/mod.rs"]
 mod apiserver;
+mod grpc;
+#[allow(dead_code)]
+#[path = "../proxy/grpc_peer.rs"]
+mod grpc_peer;
 #[path = "../support/install.rs"]
 mod install;
 #[path = "../support/kubelet.rs"]
@@ -45,8 +49,8 @@ const APP_PORT: u16 = 18080;
 struct TempDir(PathBuf);
 
 impl TempDir {
-    fn new() -> TempDir {
-        let p = std::env::temp_dir().join(format!("fulcrum-e2e-{}", std::process::id()));
+    fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("fulcrum-e2e-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&p).expect("temp dir");
         TempDir(p)
     }
@@ -94,8 +98,13 @@ where
 }
 
 async fn app_pods(client: &kube::Client, track: &str) -> Vec<Pod> {
+    pods_of(client, "web", track).await
+}
+
+/// The live pods of track `track` of app `app`.
+async fn pods_of(client: &kube::Client, app: &str, track: &str) -> Vec<Pod> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    pods.list(&ListParams::default().labels(&format!("fulcrum.dev/app=web,fulcrum.dev/track={track}")))
+    pods.list(&ListParams::default().labels(&format!("fulcrum.dev/app={app},fulcrum.dev/track={track}")))
         .await
         .map(|l| l.items.into_iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect())
         .unwrap_or_default()
@@ -143,8 +152,13 @@ fn share(counts: &std::collections::BTreeMap<String, usize>, pred: impl Fn(&str)
 
 /// Whether `ip` is listed in the app's slices as ready.
 async fn ready_in_slices(client: &kube::Client, ip: &str) -> bool {
+    ready_in_slices_of(client, "web", ip).await
+}
+
+async fn ready_in_slices_of(client: &kube::Client, app: &str, ip: &str) -> bool {
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
-    let listed = slices.list(&ListParams::default().labels("kubernetes.io/service-name=web-backends")).await;
+    let selector = format!("kubernetes.io/service-name={app}-backends");
+    let listed = slices.list(&ListParams::default().labels(&selector)).await;
     listed
         .map(|l| {
             l.items.iter().flat_map(|s| s.endpoints.iter()).any(|e| {
@@ -173,39 +187,48 @@ async fn leader(client: &kube::Client) -> Option<Pod> {
     None
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn from_kubectl_apply_to_traffic_readiness_healing_reconfiguration_and_canary() {
-    let dir = TempDir::new();
-    let server = ApiServer::start().await;
+/// The operator, installed as a user installs it: the chart's RBAC and its
+/// Deployment of two replicas, run by the node; returns the installed
+/// objects once one replica is elected.
+async fn install_operator(server: &ApiServer, node: &Node) -> Vec<Value> {
     let client = server.client();
-    let node = Node::start(server.issuer(), NodeSettings { net: 80, cpu_millis: 8_000, dir: dir.0.join("node") });
-
-    // The operator, installed as a user installs it: the chart's RBAC and its
-    // Deployment of two replicas, run by the node; one is elected.
     let objects = install::install_yaml();
-    install::install_identity(&server, &objects);
+    install::install_identity(server, &objects);
     let deployment = install::find(&objects, "Deployment", "fulcrum").clone();
     server
         .store()
         .create(&server.resource("apps", "deployments"), install::OPERATOR_NS, deployment)
         .expect("operator Deployment");
-    until("an elected operator", Duration::from_secs(30), &node, || async { leader(&client).await.is_some() }).await;
+    until("an elected operator", Duration::from_secs(30), node, || async { leader(&client).await.is_some() }).await;
+    objects
+}
 
+/// Whether app `app` has `n` pods, each with a sidecar serving all `n`.
+async fn sidecars_ready(client: &kube::Client, app: &str, n: usize) -> bool {
+    let pods = pods_of(client, app, "stable").await;
+    let mut ready = 0;
+    for p in &pods {
+        if let Some(ip) = pod_ip(p) {
+            ready += usize::from(serving_addresses(format!("{ip}:15090").parse().expect("admin")).await.len() == n);
+        }
+    }
+    pods.len() == n && ready == n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_kubectl_apply_to_traffic_readiness_healing_reconfiguration_and_canary() {
+    let dir = TempDir::new("web");
+    let server = ApiServer::start().await;
+    let client = server.client();
+    let node = Node::start(server.issuer(), NodeSettings { net: 80, cpu_millis: 8_000, dir: dir.0.join("node") });
+
+    let objects = install_operator(&server, &node).await;
     let apps: Api<LoadBalancedApp> = Api::namespaced(client.clone(), "default");
     apps.create(&PostParams::default(), &web()).await.expect("kubectl apply");
 
     // Three pods, ready, each with a ready sidecar that balances over all three.
-    until("three ready pods", Duration::from_secs(30), &node, || async {
-        let pods = app_pods(&client, "stable").await;
-        let mut ready = 0;
-        for p in &pods {
-            if let Some(ip) = pod_ip(p) {
-                ready += usize::from(serving_addresses(format!("{ip}:15090").parse().expect("admin")).await.len() == 3);
-            }
-        }
-        pods.len() == 3 && ready == 3
-    })
-    .await;
+    until("three ready pods", Duration::from_secs(30), &node, || async { sidecars_ready(&client, "web", 3).await })
+        .await;
     let pods = app_pods(&client, "stable").await;
     // Traffic enters through the first pod's sidecar; the other two are the faults' targets.
     let entry = pods[0].name_any();

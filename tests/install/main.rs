@@ -10,6 +10,9 @@
 
 #[path = "../support/apiserver/mod.rs"]
 mod apiserver;
+#[allow(dead_code)]
+#[path = "../proxy/grpc_peer.rs"]
+mod grpc_peer;
 #[path = "../support/kubelet.rs"]
 mod kubelet;
 #[allow(dead_code)]
@@ -425,7 +428,7 @@ async fn install_as_a_user_quickstart_traffic_healing_failover_examples_and_faul
     kubectl.must(&["wait", "lba", "--all", "--for=condition=Available", "--timeout=180s"], &node).await;
     let all = kubectl.must(&["get", "lba"], &node).await;
     eprintln!("{all}");
-    assert_eq!(all.lines().count(), 1 + 7, "seven apps: {all}");
+    assert_eq!(all.lines().count(), 1 + 8, "eight apps: {all}");
 
     // An invalid app is refused at apply time with the CEL rule's message.
     let invalid = "apiVersion: fulcrum.dev/v1alpha1\nkind: LoadBalancedApp\nmetadata: {name: bad}\nspec:\n  port: 8080\n  loadBalancing: {algorithm: ConsistentHash}\n  template: {spec: {containers: [{name: app, image: registry.k8s.io/e2e-test-images/agnhost:2.53, args: [netexec]}]}}\n";

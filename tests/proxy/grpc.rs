@@ -324,6 +324,8 @@ async fn the_standard_grpc_health_check_takes_a_not_serving_endpoint_out() {
     ))
     .await;
     bs[0].set_serving(false).await;
+    assert!(!health_check(bs[0].addr, Duration::from_secs(2)).await, "tonic-health's client agrees");
+    assert!(health_check(bs[1].addr, Duration::from_secs(2)).await);
     assert!(
         eventually(Duration::from_secs(3), || async {
             admin(&p, "/endpoints").await.body.contains("activeCheckFailed")

@@ -185,8 +185,12 @@ pub struct GrpcBackend {
 impl GrpcBackend {
     /// Starts `name` on 127.0.0.`host`; `max_streams` sets its `SETTINGS_MAX_CONCURRENT_STREAMS`.
     pub async fn start(name: &str, host: u8, max_streams: Option<u32>) -> GrpcBackend {
-        let listener =
-            std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, host], 0))).expect("bind gRPC backend");
+        Self::start_on(name, SocketAddr::from(([127, 0, 0, host], 0)), max_streams).await
+    }
+
+    /// Starts `name` on `addr`.
+    pub async fn start_on(name: &str, addr: SocketAddr, max_streams: Option<u32>) -> GrpcBackend {
+        let listener = std::net::TcpListener::bind(addr).expect("bind gRPC backend");
         listener.set_nonblocking(true).expect("non-blocking listener");
         let addr = listener.local_addr().expect("gRPC backend address");
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -251,6 +255,18 @@ pub async fn grpc_backends(n: u8, first_host: u8, max_streams: Option<u32>) -> V
         v.push(GrpcBackend::start(&format!("g{}", i + 1), first_host + i, max_streams).await);
     }
     v
+}
+
+/// Whether the standard health service at `addr` answers `SERVING` within `limit`.
+pub async fn health_check(addr: SocketAddr, limit: Duration) -> bool {
+    use tonic_health::pb::health_check_response::ServingStatus as Status;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let check = async {
+        let channel = Endpoint::from_shared(format!("http://{addr}")).ok()?.connect().await.ok()?;
+        let resp = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await.ok()?;
+        Some(resp.into_inner().status == Status::Serving as i32)
+    };
+    tokio::time::timeout(limit, check).await.ok().flatten().unwrap_or(false)
 }
 
 /// One tonic client channel (one HTTP/2 connection) to `addr`.

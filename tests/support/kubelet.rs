@@ -46,6 +46,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::apiserver::Issuer;
+use crate::grpc_peer::{GrpcBackend, health_check};
 use crate::support::Backend;
 
 /// What a test can change on the node while it runs.
@@ -152,6 +153,7 @@ impl Node {
 enum Proc {
     Binary(tokio::process::Child),
     Backend(Backend),
+    Grpc(GrpcBackend),
 }
 
 /// A probe's running state.
@@ -191,7 +193,7 @@ impl ContainerRun {
     fn running(&mut self) -> bool {
         match &mut self.proc {
             Some(Proc::Binary(child)) => matches!(child.try_wait(), Ok(None)),
-            Some(Proc::Backend(_)) => true,
+            Some(Proc::Backend(_) | Proc::Grpc(_)) => true,
             None => false,
         }
     }
@@ -260,7 +262,14 @@ fn template_hash(template: &Value) -> String {
 /// The image's program, or None when the image cannot be pulled.
 enum Image {
     Fulcrum,
-    Netexec { port: u16 },
+    Netexec {
+        port: u16,
+    },
+    /// `agnhost grpc-health-checking`: a gRPC server with the standard
+    /// health service (and, here, the tests' `test.Echo`).
+    GrpcHealth {
+        port: u16,
+    },
 }
 
 fn image_of(c: &Value) -> Option<Image> {
@@ -272,9 +281,14 @@ fn image_of(c: &Value) -> Option<Image> {
     }
     if repo.ends_with("/agnhost") {
         let args: Vec<&str> = c["args"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
-        assert_eq!(args.first(), Some(&"netexec"), "agnhost: only netexec is modelled: {args:?}");
-        let port = args.iter().find_map(|a| a.strip_prefix("--http-port=")).map_or(8080, |p| p.parse().expect("port"));
-        return Some(Image::Netexec { port });
+        let flag = |name: &str, default: u16| {
+            args.iter().find_map(|a| a.strip_prefix(name)).map_or(default, |p| p.parse().expect("port"))
+        };
+        return Some(match args.first() {
+            Some(&"netexec") => Image::Netexec { port: flag("--http-port=", 8080) },
+            Some(&"grpc-health-checking") => Image::GrpcHealth { port: flag("--port=", 5000) },
+            _ => panic!("agnhost: only netexec and grpc-health-checking are modelled: {args:?}"),
+        });
     }
     None
 }
@@ -673,6 +687,9 @@ impl PodRun {
             let port = self.port(&c, &get["port"]).expect("probe port");
             let path = get["path"].as_str().unwrap_or("/");
             http_get(&format!("{}:{port}", self.ip), path, timeout).await.is_some_and(|s| (200..400).contains(&s))
+        } else if let Some(grpc) = spec.get("grpc") {
+            let port = grpc["port"].as_u64().expect("gRPC probe port");
+            health_check(format!("{}:{port}", self.ip).parse().expect("pod address"), timeout).await
         } else if let Some(tcp) = spec.get("tcpSocket") {
             let port = self.port(&c, &tcp["port"]).expect("probe port");
             tokio::time::timeout(timeout, tokio::net::TcpStream::connect(format!("{}:{port}", self.ip)))
@@ -743,8 +760,10 @@ impl PodRun {
             if !self.containers[i].running() {
                 continue;
             }
-            if let Some(Proc::Backend(b)) = &self.containers[i].proc {
-                b.set_healthy(!app_unready);
+            match &self.containers[i].proc {
+                Some(Proc::Backend(b)) => b.set_healthy(!app_unready),
+                Some(Proc::Grpc(g)) => g.set_serving(!app_unready).await,
+                _ => {}
             }
             let has_readiness = !self.containers[i].spec["readinessProbe"].is_null();
             if let Some(_passed) = self.probe(i, "readinessProbe").await {
@@ -783,6 +802,10 @@ impl PodRun {
             Image::Netexec { port } => {
                 let addr = format!("{}:{port}", self.ip).parse().expect("pod address");
                 Proc::Backend(Backend::start_on(&self.name, addr).await)
+            }
+            Image::GrpcHealth { port } => {
+                let addr = format!("{}:{port}", self.ip).parse().expect("pod address");
+                Proc::Grpc(GrpcBackend::start_on(&self.name, addr, None).await)
             }
             Image::Fulcrum => {
                 let args: Vec<String> = c["args"]
@@ -930,6 +953,7 @@ async fn stop_pod(mut run: PodRun) {
             match c.proc.take() {
                 Some(Proc::Binary(child)) => children.push(child),
                 Some(Proc::Backend(mut b)) => b.kill().await,
+                Some(Proc::Grpc(mut g)) => g.shut_down(),
                 None => {}
             }
         }
