@@ -180,6 +180,8 @@ pub struct GrpcBackend {
     health: HealthReporter,
     runtime: Option<tokio::runtime::Runtime>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Completes when the server has stopped (after a graceful shutdown, once its calls end).
+    served: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl GrpcBackend {
@@ -203,7 +205,7 @@ impl GrpcBackend {
         let calls = Arc::new(AtomicU64::new(0));
         let routes = Routes { echo: Echo { name: name.into(), calls: calls.clone() }, health: health_service };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        runtime.spawn(async move {
+        let served = runtime.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).expect("register listener");
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
             let _ = tonic::transport::Server::builder()
@@ -213,7 +215,7 @@ impl GrpcBackend {
                 })
                 .await;
         });
-        GrpcBackend { addr, calls, health, runtime: Some(runtime), stop: Some(stop) }
+        GrpcBackend { addr, calls, health, runtime: Some(runtime), stop: Some(stop), served: Some(served) }
     }
 
     /// Calls received (health checks excluded).
@@ -232,6 +234,16 @@ impl GrpcBackend {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+
+    /// Stops like a process on SIGTERM: a graceful shutdown, then a kill if
+    /// calls are still running after `grace`.
+    pub async fn terminate(mut self, grace: std::time::Duration) {
+        self.shut_down();
+        if let Some(served) = self.served.take() {
+            let _ = tokio::time::timeout(grace, served).await;
+        }
+        self.kill();
     }
 
     /// Drops the server and all its connections at once.

@@ -953,7 +953,7 @@ async fn stop_pod(mut run: PodRun) {
             match c.proc.take() {
                 Some(Proc::Binary(child)) => children.push(child),
                 Some(Proc::Backend(mut b)) => b.kill().await,
-                Some(Proc::Grpc(mut g)) => g.shut_down(),
+                Some(Proc::Grpc(g)) => g.terminate(grace).await,
                 None => {}
             }
         }
