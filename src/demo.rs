@@ -3,7 +3,9 @@
 //! In one process: four backends on 127.0.0.2–5 (two fast, one ten times
 //! slower, one killed half-way through each run), a proxy per algorithm in
 //! front of them, and a closed-loop load generator. At the end, a table per
-//! algorithm: each backend's share, latency percentiles and errors.
+//! algorithm: each backend's share, latency percentiles and errors. Then
+//! [`grpc`]: one gRPC channel's calls, spread call by call, next to what a
+//! per-connection balancer makes of the same channel.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -22,6 +24,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
+
+pub mod grpc;
 
 use crate::balance::Algorithm;
 use crate::discovery::Snapshot;

@@ -224,6 +224,18 @@ fn demo(opts: &DemoOptions) -> ExitCode {
         Ok(reports) => {
             print!("{}", fulcrum::demo::render(&reports));
             println!("\nShares are of the requests the backends answered; errors are requests the clients saw fail.");
+        }
+        Err(e) => {
+            eprintln!("fulcrum demo: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    const CALLS: usize = 600;
+    println!("\ngRPC: one client channel (one HTTP/2 connection), {CALLS} unary calls, 3 backends on 127.0.0.2-4.\n");
+    match runtime.block_on(fulcrum::demo::grpc::run(&opts.algorithms, CALLS)) {
+        Ok(reports) => {
+            print!("{}", fulcrum::demo::grpc::render(&reports));
+            println!("\nA per-connection balancer sends the whole channel to one backend; Fulcrum balances each call.");
             ExitCode::SUCCESS
         }
         Err(e) => {
