@@ -92,8 +92,9 @@ bench-balance:
 ## Proxy benchmarks: fulcrum vs HAProxy vs NGINX on loopback; installs wrk,
 ## haproxy and nginx from Debian's packages when missing.
 bench-proxy: build
+	$(CARGO) build --release --locked --example bench_peer
 	bash bench/proxy/install.sh
-	python3 bench/proxy/run.py --fulcrum target/release/fulcrum --out bench/RESULTS.md
+	python3 bench/proxy/run.py --fulcrum target/release/fulcrum --peer target/release/examples/bench_peer --out bench/RESULTS.md
 	@cat bench/RESULTS.md
 
 ## Operator at scale: 500 apps on the in-memory API server; the table goes into bench/RESULTS.md.

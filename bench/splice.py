@@ -7,18 +7,21 @@ from pathlib import Path
 
 
 def main() -> int:
-    target, snippet = Path(sys.argv[1]), Path(sys.argv[2]).read_text()
+    splice(Path(sys.argv[1]), Path(sys.argv[2]).read_text())
+    return 0
+
+
+def splice(target: Path, snippet: str) -> None:
     heading = next(l for l in snippet.splitlines() if l.startswith("## "))
     lines = target.read_text().splitlines(keepends=True) if target.exists() else []
     try:
         start = next(i for i, l in enumerate(lines) if l.rstrip("\n") == heading)
     except StopIteration:
         target.write_text("".join(lines).rstrip("\n") + "\n\n" + snippet.strip("\n") + "\n")
-        return 0
+        return
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
     new = lines[:start] + [snippet.strip("\n") + "\n\n"] + lines[end:]
     target.write_text("".join(new))
-    return 0
 
 
 if __name__ == "__main__":

@@ -39,7 +39,13 @@ PORTS = {
     "fulcrum-tcp": 18180,
     "haproxy-tcp": 18190,
     "nginx-tcp": 18200,
+    "fulcrum-grpc": 18280,
+    "haproxy-grpc": 18290,
+    "fulcrum-ws": 18380,
+    "haproxy-ws": 18390,
 }
+GRPC_BACKENDS = [a.replace(":18081", ":18083") for a in BACKENDS]
+WS_BACKENDS = [a.replace(":18081", ":18084") for a in BACKENDS]
 FULCRUM_ADMIN = 19901
 ALGORITHMS = ["RoundRobin", "WeightedRoundRobin", "Random", "LeastConnections", "LeastRequest", "PeakEwma", "ConsistentHash"]
 
@@ -171,6 +177,53 @@ def fulcrum_conf(work: Path, algorithm: str = "RoundRobin", protocol: str = "HTT
     )
     p = work / f"fulcrum-{protocol}-{algorithm}.yaml"
     p.write_text(text)
+    return p
+
+
+def fulcrum_peer_conf(work: Path, kind: str) -> Path:
+    """Fulcrum in front of the gRPC (appProtocol GRPC) or WebSocket backends."""
+    backends = GRPC_BACKENDS if kind == "grpc" else WS_BACKENDS
+    eps = "".join(f"  - {{address: {a}}}\n" for a in backends)
+    app = "appProtocol: GRPC\n" if kind == "grpc" else ""
+    text = (
+        f"listen: 127.0.0.1:{PORTS['fulcrum-' + kind]}\n{app}"
+        f"loadBalancing:\n  algorithm: RoundRobin\ntimeouts: {{idle: 300s}}\nendpoints:\n{eps}"
+    )
+    p = work / f"fulcrum-{kind}.yaml"
+    p.write_text(text)
+    return p
+
+
+def haproxy_peer_conf(work: Path) -> Path:
+    """HAProxy with HTTP/2 on both sides for gRPC, and HTTP mode (tunnels) for WebSocket."""
+    grpc = "".join(f"    server g{i} {a} proto h2\n" for i, a in enumerate(GRPC_BACKENDS))
+    ws = "".join(f"    server w{i} {a}\n" for i, a in enumerate(WS_BACKENDS))
+    p = work / "haproxy-peers.cfg"
+    p.write_text(
+        f"""
+global
+    maxconn 9000
+    nbthread 2
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 300s
+    timeout server 30s
+    timeout tunnel 1h
+frontend grpc
+    bind 127.0.0.1:{PORTS['haproxy-grpc']} proto h2
+    default_backend grpc
+backend grpc
+    balance roundrobin
+{grpc}
+frontend ws
+    bind 127.0.0.1:{PORTS['haproxy-ws']}
+    default_backend ws
+backend ws
+    balance roundrobin
+{ws}
+"""
+    )
     return p
 
 
@@ -325,6 +378,90 @@ def median_result(rs: list[WrkResult]) -> WrkResult:
     )
 
 
+# --- h2load and the WebSocket load generator ---------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    rate: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    cpu_us: float = float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process and its children, in seconds."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (FileNotFoundError, IndexError, ValueError):
+            pass
+    return total
+
+
+def grpc_body(work: Path) -> Path:
+    """A gRPC unary request: test.Echo's Msg with a 16-byte payload, framed."""
+    msg = bytes([0x12, 16]) + b"x" * 16
+    p = work / "grpc-request.bin"
+    p.write_bytes(bytes([0]) + len(msg).to_bytes(4, "big") + msg)
+    return p
+
+
+def h2load(url: str, body: Path, conns: int, streams: int, seconds: int, work: Path) -> LoadResult:
+    logf = work / "h2load.log"
+    argv = [
+        "h2load", "-c", str(conns), "-m", str(streams), "-D", str(seconds), "--warm-up-time", "1",
+        "-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers",
+        "--log-file", str(logf), url,
+    ]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60).stdout
+    m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+    if not m:
+        raise RuntimeError(f"h2load produced no result for {url}:\n{out}")
+    done = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
+    errors = int(done.group(2)) + int(done.group(3)) if done else 0
+    times = sorted(int(l.split("\t")[2]) for l in logf.read_text().splitlines() if l.count("\t") >= 2)
+    pct = lambda q: times[min(len(times) - 1, int(len(times) * q))] / 1000 if times else float("nan")
+    return LoadResult(rate=float(m.group(1)), p50_ms=pct(0.5), p99_ms=pct(0.99), errors=errors)
+
+
+def ws_load(peer: str, url: str, conns: int, seconds: int) -> LoadResult:
+    out = subprocess.run([peer, "ws-load", url, str(conns), str(seconds)], capture_output=True, text=True, timeout=seconds + 60)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return LoadResult(rate=r["messages_per_s"], p50_ms=r["p50_us"] / 1000, p99_ms=r["p99_us"] / 1000, errors=r["errors"])
+
+
+def interleaved_load(targets: dict[str, tuple[str, int | None]], rounds: int, run) -> dict[str, LoadResult]:
+    """Like `interleaved`, with the CPU time per request or message of the process behind each target."""
+    results: dict[str, list[LoadResult]] = {t: [] for t in targets}
+    for r in range(rounds):
+        for name, (url, pid) in targets.items():
+            before = cpu_seconds(pid) if pid else 0.0
+            res = run(url)
+            if pid and res.rate > 0:
+                res.cpu_us = (cpu_seconds(pid) - before) * 1e6 / (res.rate * args_seconds[0])
+            log(f"  round {r + 1} {name:<12} {res.rate:>10.0f}/s  p50 {res.p50_ms:.3f} ms  p99 {res.p99_ms:.3f} ms  cpu {res.cpu_us:.1f} us  errors {res.errors}")
+            results[name].append(res)
+    return {
+        t: LoadResult(
+            rate=statistics.median(x.rate for x in v),
+            p50_ms=statistics.median(x.p50_ms for x in v),
+            p99_ms=statistics.median(x.p99_ms for x in v),
+            errors=sum(x.errors for x in v),
+            cpu_us=statistics.median(x.cpu_us for x in v),
+        )
+        for t, v in results.items()
+    }
+
+
+# Length of one load run, for the CPU-per-request figure (set in main).
+args_seconds = [5]
+
+
 # --- scenarios -------------------------------------------------------------------------------
 
 
@@ -420,10 +557,13 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=5, help="length of each wrk run")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per comparison")
     ap.add_argument("--connections", type=int, default=50)
-    ap.add_argument("--sections", default="http,tcp,memory,quality,failover", help="comma-separated subset to run")
+    ap.add_argument("--sections", default="http,tcp,memory,quality,failover,grpc,websocket", help="comma-separated subset to run")
     ap.add_argument("--idle", type=int, default=8000, help="idle connections for the memory run (file descriptors here are capped at 20000)")
+    ap.add_argument("--peer", default="target/release/examples/bench_peer", help="the gRPC and WebSocket peers (examples/bench_peer.rs)")
+    ap.add_argument("--splice", action="store_true", help="replace only the sections run in --out, keeping the others")
     args = ap.parse_args()
-    for tool in ["wrk", "haproxy", "nginx"]:
+    args_seconds[0] = args.seconds
+    for tool in ["wrk", "haproxy", "nginx", "h2load"]:
         if not shutil.which(tool):
             log(f"{tool} is missing: run bench/proxy/install.sh")
             return 1
@@ -539,9 +679,51 @@ def main() -> int:
                 failover[name] = (out.get("r"), reroute)
                 log(f"  {name:<8} errors {out['r'].errors} of {out['r'].requests}, reroute {reroute}")
             sections.append(failover_table(failover))
+        if "grpc" in only or "websocket" in only:
+            for i, (g, w) in enumerate(zip(GRPC_BACKENDS, WS_BACKENDS)):
+                procs.start(f"grpc{i}", [args.peer, "grpc-server", g, f"g{i + 1}"])
+                procs.start(f"ws{i}", [args.peer, "ws-server", w])
+            for a in GRPC_BACKENDS + WS_BACKENDS:
+                wait_port(a)
+            start_fulcrum(procs, args.fulcrum, fulcrum_peer_conf(work, "grpc"), name="fulcrum-grpc")
+            start_fulcrum(procs, args.fulcrum, fulcrum_peer_conf(work, "ws"), name="fulcrum-ws")
+            procs.start("haproxy-peers", ["haproxy", "-db", "-f", str(haproxy_peer_conf(work))])
+            wait_port(f"127.0.0.1:{PORTS['haproxy-grpc']}")
+
+        if "grpc" in only:
+            body = grpc_body(work)
+            targets = {
+                "direct": (f"http://{GRPC_BACKENDS[0]}/test.Echo/Unary", procs.procs["grpc0"].pid),
+                "fulcrum": (f"http://127.0.0.1:{PORTS['fulcrum-grpc']}/test.Echo/Unary", procs.procs["fulcrum-grpc"].pid),
+                "haproxy": (f"http://127.0.0.1:{PORTS['haproxy-grpc']}/test.Echo/Unary", procs.procs["haproxy-peers"].pid),
+            }
+            grpc = {}
+            for conns, streams in [(1, 64), (16, 10)]:
+                log(f"gRPC unary over h2c, {conns} connection(s) x {streams} streams")
+                grpc[(conns, streams)] = interleaved_load(targets, rounds, lambda u: h2load(u, body, conns, streams, s, work))
+            sections.append(grpc_table(grpc))
+
+        if "websocket" in only:
+            targets = {
+                "direct": (f"ws://{WS_BACKENDS[0]}/", None),
+                "fulcrum": (f"ws://127.0.0.1:{PORTS['fulcrum-ws']}/", procs.procs["fulcrum-ws"].pid),
+                "haproxy": (f"ws://127.0.0.1:{PORTS['haproxy-ws']}/", procs.procs["haproxy-peers"].pid),
+            }
+            log("WebSocket echo, 16 connections")
+            ws = interleaved_load(targets, rounds, lambda u: ws_load(args.peer, u, 16, s))
+            sections.append(ws_table(ws))
     finally:
         procs.stop_all()
         shutil.rmtree(work, ignore_errors=True)
+
+    if args.splice:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from splice import splice  # noqa: E402
+
+        for section in sections:
+            splice(Path(args.out), section)
+        log(f"updated {len(sections)} section(s) of {args.out}")
+        return 0
 
     header = f"""# Proxy benchmarks
 
@@ -561,6 +743,41 @@ Versions: fulcrum {version([args.fulcrum, '--version'])}, {version(['haproxy', '
     Path(args.out).write_text(header + "\n" + "\n".join(sections))
     log(f"wrote {args.out}")
     return 0
+
+
+def grpc_table(runs: dict[tuple[int, int], dict[str, LoadResult]]) -> str:
+    rows = [
+        "## gRPC unary over HTTP/2 cleartext",
+        "",
+        "h2load (`-m` concurrent streams per connection) sends `test.Echo/Unary` (a 16-byte payload) to three tonic",
+        "servers (`examples/bench_peer.rs`), directly to one of them or through each proxy balancing round robin per",
+        "call: Fulcrum with `appProtocol: GRPC`, HAProxy with `proto h2` on both sides. CPU is the proxy process's",
+        "(or, for direct, the server's) user and system time per call, from `/proc/<pid>/stat`.",
+        "",
+        "| connections × streams | target | calls/s | p50 | p99 | CPU µs/call | errors |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for (c, m), res in runs.items():
+        for name, r in res.items():
+            rows.append(f"| {c} × {m} | {name} | {r.rate:,.0f} | {r.p50_ms:.2f} ms | {r.p99_ms:.2f} ms | {r.cpu_us:.1f} | {r.errors} |")
+    return "\n".join(rows) + "\n"
+
+
+def ws_table(res: dict[str, LoadResult]) -> str:
+    rows = [
+        "## WebSocket echo through a tunnel",
+        "",
+        "16 WebSocket connections (tokio-tungstenite, `examples/bench_peer.rs`), each sending a 64-byte message and",
+        "awaiting its echo, back to back; echo servers on 127.0.0.2-4. Fulcrum in HTTP mode, HAProxy in `mode http`:",
+        "both balance the upgrade request, then copy bytes. CPU is the proxy process's time per echoed message.",
+        "",
+        "| target | messages/s | p50 | p99 | CPU µs/message | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in res.items():
+        cpu = "" if r.cpu_us != r.cpu_us else f"{r.cpu_us:.1f}"
+        rows.append(f"| {name} | {r.rate:,.0f} | {r.p50_ms:.3f} ms | {r.p99_ms:.3f} ms | {cpu} | {r.errors} |")
+    return "\n".join(rows) + "\n"
 
 
 def http_table(ka: dict[str, WrkResult], nc: dict[str, WrkResult], conns: int, seconds: int) -> str:
