@@ -111,7 +111,8 @@ async fn ws_load(url: String, conns: usize, length: Duration) -> ExitCode {
         errors += e;
     }
     rtts.sort_unstable();
-    let pct = |q: f64| rtts.get(((rtts.len() as f64 * q) as usize).min(rtts.len().saturating_sub(1))).copied().unwrap_or(0);
+    let pct =
+        |q: f64| rtts.get(((rtts.len() as f64 * q) as usize).min(rtts.len().saturating_sub(1))).copied().unwrap_or(0);
     println!(
         "{{\"messages_per_s\": {:.1}, \"p50_us\": {}, \"p99_us\": {}, \"errors\": {errors}}}",
         rtts.len() as f64 / length.as_secs_f64(),
