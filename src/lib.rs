@@ -11,3 +11,4 @@ pub mod demo;
 pub mod discovery;
 pub mod operator;
 pub mod proxy;
+pub mod small_http;

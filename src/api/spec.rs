@@ -531,9 +531,17 @@ impl Default for Retries {
     }
 }
 
-/// Time limits of the proxy.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+/// Time limits of the proxy, each bounded (see the configuration reference).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("duration(self.connect) >= duration('10ms') && duration(self.connect) <= duration('5m')").message("timeouts.connect must be between 10ms and 5m").reason(Reason::FieldValueInvalid),
+    validation = Rule::new("duration(self.request) >= duration('10ms') && duration(self.request) <= duration('24h')").message("timeouts.request must be between 10ms and 24h").reason(Reason::FieldValueInvalid),
+    validation = Rule::new("duration(self.idle) >= duration('100ms') && duration(self.idle) <= duration('24h')").message("timeouts.idle must be between 100ms and 24h").reason(Reason::FieldValueInvalid),
+    validation = Rule::new("duration(self.header) >= duration('100ms') && duration(self.header) <= duration('5m')").message("timeouts.header must be between 100ms and 5m").reason(Reason::FieldValueInvalid),
+    validation = Rule::new("duration(self.bodyIdle) >= duration('100ms') && duration(self.bodyIdle) <= duration('24h')").message("timeouts.bodyIdle must be between 100ms and 24h").reason(Reason::FieldValueInvalid),
+    validation = Rule::new("duration(self.tunnelIdle) >= duration('100ms') && duration(self.tunnelIdle) <= duration('168h')").message("timeouts.tunnelIdle must be between 100ms and 168h").reason(Reason::FieldValueInvalid)
+)]
 pub struct Timeouts {
     /// Connecting to a replica, e.g. `1s`.
     #[serde(default = "one_second")]
@@ -551,11 +559,27 @@ pub struct Timeouts {
     #[serde(default = "one_hour")]
     #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
     pub tunnel_idle: String,
+    /// A client's first bytes, and each HTTP/1 request head once begun, e.g. `10s`.
+    #[serde(default = "ten_seconds")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub header: String,
+    /// With requests in flight on a client connection, no byte either way for this long closes it, e.g. `5m`
+    /// (long enough for quiet gRPC streams and server-sent events).
+    #[serde(default = "five_minutes")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub body_idle: String,
 }
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Timeouts { connect: one_second(), request: thirty_seconds(), idle: sixty_seconds(), tunnel_idle: one_hour() }
+        Timeouts {
+            connect: one_second(),
+            request: thirty_seconds(),
+            idle: sixty_seconds(),
+            tunnel_idle: one_hour(),
+            header: ten_seconds(),
+            body_idle: five_minutes(),
+        }
     }
 }
 
@@ -625,6 +649,12 @@ fn thirty_seconds() -> String {
 }
 fn sixty_seconds() -> String {
     "60s".into()
+}
+fn ten_seconds() -> String {
+    "10s".into()
+}
+fn five_minutes() -> String {
+    "5m".into()
 }
 fn one_hour() -> String {
     "1h".into()

@@ -127,9 +127,13 @@ pub fn proxy_config(spec: &LoadBalancedAppSpec) -> Result<ProxyConfig, InvalidSp
             request: duration("timeouts.request", &spec.timeouts.request)?,
             idle: duration("timeouts.idle", &spec.timeouts.idle)?,
             tunnel_idle: duration("timeouts.tunnelIdle", &spec.timeouts.tunnel_idle)?,
+            header: duration("timeouts.header", &spec.timeouts.header)?,
+            body_idle: duration("timeouts.bodyIdle", &spec.timeouts.body_idle)?,
             ..Timeouts::default()
         },
         forwarding: pc::Forwarding { trusted_proxies: spec.forwarding.trusted_proxies.clone() },
+        limits: pc::Limits::default(),
+        circuit_breakers: pc::CircuitBreakers::default(),
     };
     config.validate()?;
     Ok(config)

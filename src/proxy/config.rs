@@ -22,6 +22,9 @@ pub const MAX_RETRY_ATTEMPTS: u32 = 5;
 /// Most worker threads.
 pub const MAX_WORKERS: u16 = 256;
 
+/// Largest Maglev table (a prime; 8 bytes an entry per worker).
+pub const MAX_MAGLEV_TABLE: u64 = 1_000_003;
+
 /// The whole proxy configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -60,7 +63,85 @@ pub struct ProxyConfig {
     /// Which clients' forwarding headers (`X-Forwarded-For`, `X-Forwarded-Proto`) are believed.
     #[serde(default, skip_serializing_if = "Forwarding::is_default")]
     pub forwarding: Forwarding,
+    /// Caps on what clients can make the proxy hold.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Caps per endpoint, beyond which requests fail fast instead of piling up.
+    #[serde(default)]
+    pub circuit_breakers: CircuitBreakers,
 }
+
+/// Caps on what clients can make the proxy hold; each bounded (see [`LIMIT_BOUNDS`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Limits {
+    /// Client connections open at once, over all workers; past it the proxy
+    /// stops accepting (new connections wait in the kernel's backlog).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// Largest HTTP/1 request head, and HTTP/2 header list, in bytes (`431` beyond).
+    #[serde(default = "default_max_header_bytes")]
+    pub max_request_header_bytes: u32,
+    /// Most header fields in an HTTP/1 request (`431` beyond).
+    #[serde(default = "default_max_headers")]
+    pub max_request_headers: u32,
+    /// Concurrent streams a client may open on one HTTP/2 connection.
+    #[serde(default = "default_max_streams")]
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: default_max_connections(),
+            max_request_header_bytes: default_max_header_bytes(),
+            max_request_headers: default_max_headers(),
+            max_concurrent_streams: default_max_streams(),
+        }
+    }
+}
+
+/// Per-endpoint caps (Envoy's circuit breakers).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CircuitBreakers {
+    /// Requests (or TCP connections) in flight to one endpoint; one more goes
+    /// to another endpoint, or fails fast with 503 (gRPC `UNAVAILABLE`).
+    #[serde(default = "default_max_requests")]
+    pub max_requests: u32,
+}
+
+impl Default for CircuitBreakers {
+    fn default() -> Self {
+        CircuitBreakers { max_requests: default_max_requests() }
+    }
+}
+
+fn default_max_connections() -> u32 {
+    10_000
+}
+fn default_max_header_bytes() -> u32 {
+    64 * 1024
+}
+fn default_max_headers() -> u32 {
+    100
+}
+fn default_max_streams() -> u32 {
+    128
+}
+fn default_max_requests() -> u32 {
+    1024
+}
+
+/// The bounds of each limit: (field, minimum, maximum).
+pub const LIMIT_BOUNDS: [(&str, u32, u32); 5] = [
+    ("limits.maxConnections", 1, 1_000_000),
+    // hyper's HTTP/1 read buffer cannot be smaller than 8 KiB.
+    ("limits.maxRequestHeaderBytes", 8192, 1 << 20),
+    ("limits.maxRequestHeaders", 1, 1000),
+    ("limits.maxConcurrentStreams", 1, 10_000),
+    ("circuitBreakers.maxRequests", 1, 1_000_000),
+];
 
 /// What the endpoints speak (HTTP mode).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -392,6 +473,32 @@ pub struct Timeouts {
     /// An upgraded connection (WebSocket) with no byte either way for this long is closed.
     #[serde(default = "one_hour")]
     pub tunnel_idle: Dur,
+    /// A new connection's first bytes, and each HTTP/1 request head once its first byte arrived.
+    #[serde(default = "ten_seconds")]
+    pub header: Dur,
+    /// With requests in flight on a client connection, no byte either way for this long closes it.
+    #[serde(default = "five_minutes")]
+    pub body_idle: Dur,
+}
+
+/// The bounds of each timeout: none can be zero where that disables a
+/// protection, and none is so long it would overflow a clock.
+pub const TIMEOUT_BOUNDS: [(&str, Duration, Duration); 7] = [
+    ("connect", Duration::from_millis(10), Duration::from_secs(300)),
+    ("request", Duration::from_millis(10), Duration::from_secs(86_400)),
+    ("idle", Duration::from_millis(100), Duration::from_secs(86_400)),
+    ("drain", Duration::ZERO, Duration::from_secs(3_600)),
+    ("tunnelIdle", Duration::from_millis(100), Duration::from_secs(7 * 86_400)),
+    ("header", Duration::from_millis(100), Duration::from_secs(300)),
+    ("bodyIdle", Duration::from_millis(100), Duration::from_secs(86_400)),
+];
+
+impl Timeouts {
+    /// Each timeout with its name and (minimum, maximum).
+    fn bounded(&self) -> impl Iterator<Item = (&'static str, Dur, (Duration, Duration))> {
+        let values = [self.connect, self.request, self.idle, self.drain, self.tunnel_idle, self.header, self.body_idle];
+        TIMEOUT_BOUNDS.iter().zip(values).map(|((name, min, max), v)| (*name, v, (*min, *max)))
+    }
 }
 
 impl Default for Timeouts {
@@ -402,6 +509,8 @@ impl Default for Timeouts {
             idle: sixty_seconds(),
             drain: default_drain(),
             tunnel_idle: one_hour(),
+            header: ten_seconds(),
+            body_idle: five_minutes(),
         }
     }
 }
@@ -423,6 +532,9 @@ fn one_second() -> Dur {
 }
 fn two_seconds() -> Dur {
     Dur(Duration::from_secs(2))
+}
+fn ten_seconds() -> Dur {
+    Dur(Duration::from_secs(10))
 }
 fn thirty_seconds() -> Dur {
     Dur(Duration::from_secs(30))
@@ -621,13 +733,32 @@ impl ProxyConfig {
             ));
         }
         self.trusted_proxies()?;
-        for (name, d) in [
-            ("connect", self.timeouts.connect),
-            ("request", self.timeouts.request),
-            ("tunnelIdle", self.timeouts.tunnel_idle),
-        ] {
-            if d.0.is_zero() {
-                return Err(invalid(format!("timeouts.{name}"), "must be longer than zero"));
+        let l = &self.limits;
+        let values = [
+            l.max_connections,
+            l.max_request_header_bytes,
+            l.max_request_headers,
+            l.max_concurrent_streams,
+            self.circuit_breakers.max_requests,
+        ];
+        for ((field, min, max), v) in LIMIT_BOUNDS.iter().zip(values) {
+            if v < *min || v > *max {
+                return Err(invalid(*field, format_args!("must be between {min} and {max}")));
+            }
+        }
+        if self.load_balancing.maglev_table_size > MAX_MAGLEV_TABLE {
+            return Err(invalid("loadBalancing.maglevTableSize", format_args!("must be at most {MAX_MAGLEV_TABLE}")));
+        }
+        for (name, d, (min, max)) in self.timeouts.bounded() {
+            if d.0 < min || d.0 > max {
+                return Err(invalid(
+                    format!("timeouts.{name}"),
+                    format_args!(
+                        "must be between {} and {}",
+                        humantime::format_duration(min),
+                        humantime::format_duration(max)
+                    ),
+                ));
             }
         }
         if let Some(admin) = self.admin

@@ -87,13 +87,15 @@ pub(crate) enum Failure {
     Upstream,
     /// The endpoint did not answer in time.
     Timeout,
+    /// Every endpoint tried was at its `circuitBreakers.maxRequests`.
+    Overflow,
 }
 
 impl Failure {
     /// The HTTP status a plain HTTP client reads.
     pub(crate) fn status(self) -> StatusCode {
         match self {
-            Failure::NoEndpoint | Failure::Unreachable => StatusCode::SERVICE_UNAVAILABLE,
+            Failure::NoEndpoint | Failure::Unreachable | Failure::Overflow => StatusCode::SERVICE_UNAVAILABLE,
             Failure::Upstream => StatusCode::BAD_GATEWAY,
             Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -113,6 +115,7 @@ impl Failure {
             Failure::Unreachable => "no endpoint reachable",
             Failure::Upstream => "endpoint failed",
             Failure::Timeout => "endpoint timed out",
+            Failure::Overflow => "endpoints at their request limit",
         }
     }
 }
@@ -260,6 +263,16 @@ async fn forward(
             return Err(Failure::Upstream);
         };
         let stats = &upstream.stats;
+        // Circuit breaking: an endpoint at its cap is skipped before anything is
+        // sent, so the next attempt is free; past the last one, a fast 503.
+        if pick.endpoint().in_flight() > rt.config.circuit_breakers.max_requests {
+            pick.complete(Outcome::Cancelled);
+            shared.metrics.overflow();
+            if attempt == retries {
+                return Err(Failure::Overflow);
+            }
+            continue;
+        }
         let Some(attempt_body) = body.next() else { return Err(Failure::Upstream) };
         let Some(mut head) = (if attempt < retries { parts.clone() } else { parts.take() }) else {
             return Err(Failure::Upstream);

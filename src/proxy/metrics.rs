@@ -160,6 +160,11 @@ struct CodeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TimeoutLabel {
+    timeout: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct GrpcCodeLabel {
     grpc_status: &'static str,
 }
@@ -217,6 +222,9 @@ pub struct Metrics {
     local_grpc_responses: Family<GrpcCodeLabel, Counter>,
     retries: Family<ResultLabel, Counter>,
     upgrades: Family<ResultLabel, Counter>,
+    timeouts: Family<TimeoutLabel, Counter>,
+    at_cap: Counter<f64, AtomicU64>,
+    overflows: Counter,
     /// Upgraded connections (WebSocket) open now.
     pub(crate) tunnels: Tunnels,
     source: SourceMetrics,
@@ -253,6 +261,24 @@ impl Metrics {
             "HTTP/1.1 upgrade requests (WebSocket): tunnelled (101), refused by the endpoint, or failed",
             upgrades.clone(),
         );
+        let timeouts = Family::default();
+        registry.register(
+            "client_timeouts",
+            "Client connections closed for overrunning a timeout: header (first bytes or a request head), bodyIdle",
+            timeouts.clone(),
+        );
+        let at_cap = Counter::<f64, AtomicU64>::default();
+        registry.register(
+            "connection_cap_seconds",
+            "Time the workers spent not accepting because limits.maxConnections client connections were open",
+            at_cap.clone(),
+        );
+        let overflows = Counter::default();
+        registry.register(
+            "circuit_breaker_overflows",
+            "Requests and TCP connections turned away from an endpoint at circuitBreakers.maxRequests",
+            overflows.clone(),
+        );
         let tunnels = Tunnels::default();
         registry.register("tunnels_open", "Upgraded connections (WebSocket) open now", tunnels.0.clone());
         let retries = Family::default();
@@ -277,6 +303,9 @@ impl Metrics {
             local_grpc_responses,
             retries,
             upgrades,
+            timeouts,
+            at_cap,
+            overflows,
             tunnels,
             source,
         }
@@ -289,6 +318,18 @@ impl Metrics {
     pub(crate) fn local_grpc_response(&self, code: u16) {
         let name = super::grpc::CODE_NAMES.get(usize::from(code)).copied().unwrap_or("UNKNOWN");
         self.local_grpc_responses.get_or_create(&GrpcCodeLabel { grpc_status: name }).inc();
+    }
+
+    pub(crate) fn at_connection_cap(&self, waited: std::time::Duration) {
+        self.at_cap.inc_by(waited.as_secs_f64());
+    }
+
+    pub(crate) fn overflow(&self) {
+        self.overflows.inc();
+    }
+
+    pub(crate) fn timed_out(&self, timeout: &'static str) {
+        self.timeouts.get_or_create(&TimeoutLabel { timeout }).inc();
     }
 
     pub(crate) fn upgrade(&self, result: &'static str) {

@@ -8,6 +8,7 @@
 
 mod admin;
 pub mod config;
+mod conn;
 mod forwarding;
 mod grpc;
 mod health;

@@ -17,7 +17,6 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
@@ -26,8 +25,9 @@ use tokio_util::task::TaskTracker;
 
 use super::config::{Protocol, ProxyConfig};
 use super::state::{ApplyError, Shared};
-use super::{admin, health, http, tcp};
+use super::{admin, conn, health, http, tcp};
 use crate::discovery::{Snapshot, SourceMetrics};
+use crate::small_http;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -225,7 +225,7 @@ async fn apply_updates(shared: Arc<Shared>, mut updates: watch::Receiver<Arc<Sna
 /// Open client connections: a graceful signal for HTTP, a count for all,
 /// and a hard stop once the grace period is over.
 struct Connections {
-    graceful: GracefulShutdown,
+    graceful: CancellationToken,
     tracker: TaskTracker,
     hard_stop: CancellationToken,
 }
@@ -233,7 +233,7 @@ struct Connections {
 impl Connections {
     fn new() -> Self {
         Connections {
-            graceful: GracefulShutdown::new(),
+            graceful: CancellationToken::new(),
             tracker: TaskTracker::new(),
             hard_stop: CancellationToken::new(),
         }
@@ -242,11 +242,8 @@ impl Connections {
     async fn drain(self, grace: Duration) {
         self.tracker.close();
         let Connections { graceful, tracker, hard_stop } = self;
-        let drained = tokio::time::timeout(grace, async {
-            graceful.shutdown().await;
-            tracker.wait().await;
-        })
-        .await;
+        graceful.cancel();
+        let drained = tokio::time::timeout(grace, tracker.wait()).await;
         match drained {
             Ok(()) => tracing::debug!("worker drained"),
             Err(_) => {
@@ -258,18 +255,55 @@ impl Connections {
     }
 }
 
-/// Accepts until `shutdown`; a failed accept (out of file descriptors) backs off briefly.
+/// A client connection counted against `limits.maxConnections` until dropped.
+pub(crate) struct Admitted(Arc<Shared>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.active_connections.dec();
+        self.0.connection_closed.notify_waiters();
+    }
+}
+
+/// Accepts until `shutdown`, holding off while `limits.maxConnections` are
+/// open (new connections wait in the kernel's backlog); a failed accept (out
+/// of file descriptors) backs off briefly.
 async fn accept_loop(
+    shared: &Arc<Shared>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
-    mut on_conn: impl FnMut(TcpStream, SocketAddr),
+    mut on_conn: impl FnMut(TcpStream, SocketAddr, Admitted),
 ) {
     tokio::pin!(shutdown);
+    let max = shared.runtime().config.limits.max_connections as usize;
     loop {
+        let mut capped: Option<std::time::Instant> = None;
+        loop {
+            let closed = shared.connection_closed.notified();
+            if shared.open_connections.load(Ordering::Relaxed) < max {
+                break;
+            }
+            capped.get_or_insert_with(std::time::Instant::now);
+            tokio::select! {
+                () = &mut shutdown => return,
+                () = closed => {}
+                // A notification may go to another worker first; look again soon.
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+        if let Some(since) = capped {
+            shared.metrics.at_connection_cap(since.elapsed());
+        }
         tokio::select! {
             () = &mut shutdown => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => on_conn(stream, peer),
+                Ok((stream, peer)) => {
+                    shared.open_connections.fetch_add(1, Ordering::Relaxed);
+                    shared.metrics.connections.inc();
+                    shared.metrics.active_connections.inc();
+                    on_conn(stream, peer, Admitted(shared.clone()));
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -286,36 +320,107 @@ async fn accept_http(
     shutdown: impl Future<Output = ()>,
 ) {
     let config: Arc<ProxyConfig> = shared.runtime().config.clone();
+    let t = &config.timeouts;
+    let limits = conn::Limits { header: t.header.0, idle: t.idle.0, body_idle: t.body_idle.0 };
+    let l = &config.limits;
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(config.timeouts.idle.0);
+    // hyper's timer ends the wait for the next request head on a kept-alive
+    // connection; the watchdog bounds the head itself and everything else.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(t.idle.0)
+        .max_buf_size(l.max_request_header_bytes as usize)
+        .max_headers(l.max_request_headers as usize);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .keep_alive_interval(config.timeouts.idle.0 / 2)
-        .keep_alive_timeout(Duration::from_secs(20));
+        .keep_alive_interval((t.idle.0 / 2).min(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .max_concurrent_streams(l.max_concurrent_streams)
+        .max_header_list_size(l.max_request_header_bytes)
+        // Rapid reset (CVE-2023-44487) and its variants: streams a client
+        // resets before they are served, or that make the proxy reset them,
+        // end the connection past these counts.
+        .max_pending_accept_reset_streams(Some(32))
+        .max_local_error_reset_streams(Some(256));
     let builder = Arc::new(builder);
-    accept_loop(listener, shutdown, |stream, peer| {
+    accept_loop(shared, listener, shutdown, |stream, peer, admitted| {
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         let builder = builder.clone();
-        let watcher = conns.graceful.watcher();
+        let graceful = conns.graceful.clone();
         let hard_stop = conns.hard_stop.clone();
         conns.tracker.spawn(async move {
-            let metrics = &shared.metrics;
-            metrics.connections.inc();
-            metrics.active_connections.inc();
-            let client = http::Peer::new(peer);
-            let svc_shared = shared.clone();
-            let svc = service_fn(move |req| http::serve(svc_shared.clone(), client.clone(), req));
-            let conn = watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(stream), svc));
+            let _admitted = admitted;
             tokio::select! {
-                _ = conn => {}
+                () = serve_http_connection(&shared, &builder, stream, peer, limits, &graceful) => {}
                 () = hard_stop.cancelled() => {}
             }
-            shared.metrics.active_connections.dec();
         });
     })
     .await;
+}
+
+/// One HTTP client connection, from protocol detection to its close, under
+/// the watchdog of [`conn`].
+async fn serve_http_connection(
+    shared: &Arc<Shared>,
+    builder: &auto::Builder<TokioExecutor>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    limits: conn::Limits,
+    graceful: &CancellationToken,
+) {
+    let Some((prefix, http1)) = conn::detect(&mut stream, limits.header).await else {
+        shared.metrics.timed_out("header");
+        return;
+    };
+    let activity = conn::Activity::new();
+    let io = TokioIo::new(conn::ClientIo::new(stream, prefix, http1, activity.clone()));
+    let client = http::Peer::new(peer);
+    let svc_shared = shared.clone();
+    let svc_activity = activity.clone();
+    let svc = service_fn(move |req| {
+        let guard = svc_activity.request();
+        let served = http::serve(svc_shared.clone(), client.clone(), req);
+        async move { served.await.map(|resp| resp.map(|body| conn::Guarded::new(body, guard))) }
+    });
+    let connection = builder.serve_connection_with_upgrades(io, svc);
+    tokio::pin!(connection);
+    let mut draining: Option<std::time::Instant> = None;
+    loop {
+        let wake = match activity.check(&limits) {
+            conn::Verdict::Wait(at) => at,
+            conn::Verdict::Drain => match draining {
+                None => {
+                    connection.as_mut().graceful_shutdown();
+                    draining = Some(std::time::Instant::now());
+                    std::time::Instant::now() + limits.header
+                }
+                // A peer that does not take part in the graceful close (an
+                // HTTP/2 client that never answers the GOAWAY's PING) is let go.
+                Some(since) if since.elapsed() >= limits.header => {
+                    shared.metrics.timed_out("idle");
+                    return;
+                }
+                Some(since) => since + limits.header,
+            },
+            conn::Verdict::Close(timeout) => {
+                tracing::debug!(%peer, timeout, "client connection past its timeout; closed");
+                shared.metrics.timed_out(timeout);
+                return;
+            }
+        };
+        tokio::select! {
+            _ = connection.as_mut() => return,
+            () = tokio::time::sleep_until(wake.into()) => {}
+            () = graceful.cancelled(), if draining.is_none() => {
+                connection.as_mut().graceful_shutdown();
+                draining = Some(std::time::Instant::now());
+            }
+        }
+    }
 }
 
 async fn accept_tcp(
@@ -324,34 +429,27 @@ async fn accept_tcp(
     conns: &Connections,
     shutdown: impl Future<Output = ()>,
 ) {
-    accept_loop(listener, shutdown, |stream, peer| {
+    accept_loop(shared, listener, shutdown, |stream, peer, admitted| {
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         let hard_stop = conns.hard_stop.clone();
         conns.tracker.spawn(async move {
-            shared.metrics.connections.inc();
-            shared.metrics.active_connections.inc();
+            let _admitted = admitted;
             tokio::select! {
                 () = tcp::serve(shared.clone(), stream, peer) => {}
                 () = hard_stop.cancelled() => {}
             }
-            shared.metrics.active_connections.dec();
         });
     })
     .await;
 }
 
 async fn serve_admin(shared: Arc<Shared>, listener: TcpListener) {
+    let gate = small_http::Gate::default();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        };
+        let (stream, permit) = gate.accept(&listener).await;
         let shared = shared.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| admin::serve(shared.clone(), req));
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-        });
+        small_http::serve(stream, permit, move |req| admin::serve(shared.clone(), req));
     }
 }
 
@@ -361,21 +459,13 @@ async fn serve_admin(shared: Arc<Shared>, listener: TcpListener) {
 /// (`/readyz` 503), so the kubelet neither restarts it nor sends it traffic.
 pub async fn serve_admin_until(listener: TcpListener, ready: impl Future<Output = ()>) -> TcpListener {
     let mut ready = std::pin::pin!(ready);
+    let gate = small_http::Gate::default();
     loop {
-        let stream = tokio::select! {
+        let (stream, permit) = tokio::select! {
             () = &mut ready => return listener,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
+            accepted = gate.accept(&listener) => accepted,
         };
-        tokio::spawn(async move {
-            let svc = service_fn(admin::serve_waiting);
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-        });
+        small_http::serve(stream, permit, admin::serve_waiting);
     }
 }
 

@@ -76,6 +76,10 @@ pub struct Shared {
     pub(crate) draining: AtomicBool,
     /// Wakes the outlier sweep before its next tick.
     pub(crate) sweep_now: tokio::sync::Notify,
+    /// Client connections open now, over all workers (for `limits.maxConnections`).
+    pub(crate) open_connections: std::sync::atomic::AtomicUsize,
+    /// Wakes the workers' accept loops when a connection closes.
+    pub(crate) connection_closed: tokio::sync::Notify,
     /// Identifies this proxy's balancers in each thread's table.
     token: Arc<()>,
     next_generation: AtomicU64,
@@ -110,6 +114,8 @@ impl Shared {
             retry_budget: budget,
             draining: AtomicBool::new(false),
             sweep_now: tokio::sync::Notify::new(),
+            open_connections: std::sync::atomic::AtomicUsize::new(0),
+            connection_closed: tokio::sync::Notify::new(),
             token: Arc::new(()),
             next_generation: AtomicU64::new(2),
         }))

@@ -43,6 +43,12 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: Sock
         let addr = pick.addr();
         tried[attempt] = addr;
         let Some(stats) = rt.upstreams.get(&addr).map(|u| &u.stats) else { return };
+        if pick.endpoint().in_flight() > rt.config.circuit_breakers.max_requests {
+            pick.complete(Outcome::Cancelled);
+            shared.metrics.overflow();
+            tracing::debug!(endpoint = %addr, "endpoint at circuitBreakers.maxRequests; trying another");
+            continue;
+        }
         let connected = tokio::time::timeout(rt.config.timeouts.connect.0, TcpStream::connect(addr)).await;
         match connected {
             Ok(Ok(mut upstream)) => {
@@ -50,8 +56,22 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: Sock
                 stats.count(CONNECTED);
                 let _ = upstream.set_nodelay(true);
                 // Nothing has been sent yet, so a connection failure above was safe to retry;
-                // from here on, bytes flow and the connection is the client's.
-                let outcome = match copy_until_idle(&mut client, &mut upstream, rt.config.timeouts.idle.0).await {
+                // from here on, bytes flow and the connection is the client's. The copy
+                // buffers are allocated once either side has something to say, so an
+                // idle connection costs its sockets and little else.
+                let idle = rt.config.timeouts.idle.0;
+                let woke = tokio::time::timeout(idle, async {
+                    tokio::select! {
+                        r = client.readable() => r,
+                        r = upstream.readable() => r,
+                    }
+                })
+                .await;
+                if !matches!(woke, Ok(Ok(()))) {
+                    pick.complete(Outcome::Cancelled);
+                    return;
+                }
+                let outcome = match copy_until_idle(&mut client, &mut upstream, idle).await {
                     Some(Ok((to_endpoint, to_client))) => {
                         stats.count_bytes(to_endpoint, to_client);
                         Outcome::Success

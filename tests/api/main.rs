@@ -122,6 +122,7 @@ fn valid_specs_pass_every_rule() {
         json!({"appProtocol": "H2C"}),
         json!({"protocol": "TCP", "appProtocol": "HTTP1"}),
         json!({"forwarding": {"trustedProxies": ["10.0.0.0/8", "192.0.2.1"]}}),
+        json!({"timeouts": {"idle": "1h30m", "header": "500ms", "bodyIdle": "2m", "tunnelIdle": "24h"}}),
         json!({"canary": {"weight": 10, "template": {"spec": {"containers": []}}}}),
     ] {
         assert_eq!(check(ok.clone()), Ok(()), "{ok}");
@@ -153,6 +154,10 @@ fn each_cross_field_rule_refuses_what_it_guards() {
         (json!({"protocol": "TCP", "appProtocol": "GRPC"}), "appProtocol says how the proxy speaks HTTP"),
         (json!({"appProtocol": "H2C", "healthCheck": {"active": {"grpc": {}}}}), "grpc needs appProtocol GRPC"),
         (json!({"healthCheck": {"active": {"grpc": {}}}}), "grpc needs appProtocol GRPC"),
+        (json!({"timeouts": {"idle": "0s"}}), "timeouts.idle must be between 100ms and 24h"),
+        (json!({"timeouts": {"request": "100000h"}}), "timeouts.request must be between 10ms and 24h"),
+        (json!({"timeouts": {"header": "1h"}}), "timeouts.header must be between 100ms and 5m"),
+        (json!({"timeouts": {"bodyIdle": "10ms"}}), "timeouts.bodyIdle must be between"),
     ] {
         let e = check(bad.clone()).expect_err(&bad.to_string());
         assert!(e.contains(expected), "{bad}: expected {expected:?} in {e}");

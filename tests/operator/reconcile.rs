@@ -45,6 +45,11 @@ impl Running {
 }
 
 async fn start() -> Running {
+    // The operator's log goes to the test's output, shown when a test fails.
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("fulcrum=debug,kube_runtime=debug"))
+        .try_init();
     let server = ApiServer::start().await;
     let ctx = Arc::new(Context::new(server.client(), Settings { proxy_image: "fulcrum:test".into() }));
     let task = tokio::spawn(run(ctx.clone()));
@@ -151,16 +156,16 @@ async fn an_admitted_but_unworkable_spec_is_degraded_and_nothing_is_deleted() {
     apps.create(&PostParams::default(), &lba("web", json!({}))).await.unwrap();
     let deployments: Api<Deployment> = Api::default_namespaced(client.clone());
     until("the Deployment", || async { deployments.get_opt("web").await.unwrap().is_some() }).await;
-    apps.patch("web", &PatchParams::default(), &Patch::Merge(json!({"spec": {"timeouts": {"connect": "0s"}}})))
-        .await
-        .unwrap();
+    // The schema cannot tell an address range from any string; the proxy's rules can.
+    let patch = json!({"spec": {"forwarding": {"trustedProxies": ["10.0.0.0/99"]}}});
+    apps.patch("web", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
     until("Degraded", || async {
         let s = apps.get("web").await.unwrap().status.unwrap_or_default();
         s.conditions.iter().any(|c| {
             c.type_ == "Degraded"
                 && c.status == "True"
                 && c.reason == "InvalidSpec"
-                && c.message.contains("timeouts.connect")
+                && c.message.contains("forwarding.trustedProxies[0]")
         })
     })
     .await;

@@ -1,6 +1,7 @@
 //! Proxy integration tests over real sockets on loopback (tier 2): test
 //! backends on 127.0.0.2.., the proxy in front, faults injected.
 
+mod abuse;
 mod algorithms;
 mod config;
 mod demo;

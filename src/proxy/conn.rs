@@ -1,0 +1,333 @@
+//! A client connection's life in HTTP mode, bounded in every phase.
+//!
+//! hyper bounds an HTTP/1 request head only once the protocol is known, and
+//! an HTTP/2 connection only by its PINGs; a connection that sends nothing,
+//! one that dribbles a head, one with no stream for an hour or one whose
+//! response stopped moving would otherwise be held for ever. Each connection
+//! therefore has an [`Activity`] record, kept up to date by its socket
+//! wrapper ([`ClientIo`]) and by the requests in flight on it ([`InFlight`]),
+//! and a watchdog that sleeps until the earliest deadline it implies:
+//!
+//! - **detection** (`timeouts.header`): the first bytes, enough to tell
+//!   HTTP/1 from the HTTP/2 preface, arrive in time ([`detect`]);
+//! - **request head** (`timeouts.header`, HTTP/1): once a byte of a request
+//!   has arrived on an idle connection, the whole head does, and the request
+//!   starts;
+//! - **idle** (`timeouts.idle`): a connection with no request in flight is
+//!   closed gracefully (HTTP/2: `GOAWAY`), PINGs and other control frames
+//!   notwithstanding (hyper's own HTTP/1 keep-alive timer ends the wait for
+//!   the next head at the same time);
+//! - **body idle** (`timeouts.bodyIdle`): with requests in flight, no byte in
+//!   either direction for this long ends the connection, releasing the
+//!   endpoints (a client that stopped reading, an endpoint that stopped
+//!   sending).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+
+/// The HTTP/2 client preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What a connection has been doing, in milliseconds since its start.
+#[derive(Debug)]
+pub(crate) struct Activity {
+    start: Instant,
+    /// Requests in flight (from the service call to the end of the response body).
+    in_flight: AtomicU32,
+    /// When the connection last had no request in flight (or started).
+    idle_since: AtomicU64,
+    /// When the first byte of a request arrived on an idle connection; `u64::MAX`: none pending.
+    head_since: AtomicU64,
+    /// When a byte last moved either way.
+    last_io: AtomicU64,
+    /// HTTP/1 (request heads are timed) rather than HTTP/2.
+    http1: AtomicBool,
+}
+
+impl Activity {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Activity {
+            start: Instant::now(),
+            in_flight: AtomicU32::new(0),
+            idle_since: AtomicU64::new(0),
+            head_since: AtomicU64::new(u64::MAX),
+            last_io: AtomicU64::new(0),
+            http1: AtomicBool::new(true),
+        })
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
+    }
+
+    fn read(&self) {
+        let now = self.now();
+        self.last_io.store(now, Ordering::Relaxed);
+        if self.in_flight.load(Ordering::Relaxed) == 0 && self.head_since.load(Ordering::Relaxed) == u64::MAX {
+            self.head_since.store(now, Ordering::Relaxed);
+        }
+    }
+
+    fn wrote(&self) {
+        self.last_io.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// Counts a request as in flight until the guard drops.
+    pub(crate) fn request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.head_since.store(u64::MAX, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// What the watchdog should do now, or when to look again.
+    pub(crate) fn check(&self, limits: &Limits) -> Verdict {
+        let now = self.now();
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 4);
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            let due = self.last_io.load(Ordering::Relaxed).saturating_add(ms(limits.body_idle));
+            return if now >= due { Verdict::Close("bodyIdle") } else { self.at(due, limits) };
+        }
+        let mut next = self.idle_since.load(Ordering::Relaxed).saturating_add(ms(limits.idle));
+        if now >= next {
+            return Verdict::Drain;
+        }
+        let head = self.head_since.load(Ordering::Relaxed);
+        if head != u64::MAX && self.http1.load(Ordering::Relaxed) {
+            let due = head.saturating_add(ms(limits.header));
+            if now >= due {
+                return Verdict::Close("header");
+            }
+            next = next.min(due);
+        }
+        self.at(next, limits)
+    }
+
+    /// Waits until `ms`, or less: the socket and the requests change the
+    /// state without waking the watchdog, and a request that starts (or a
+    /// head that begins) now may be due after the shortest limit.
+    fn at(&self, ms: u64, limits: &Limits) -> Verdict {
+        let soonest = limits.header.min(limits.body_idle).min(limits.idle);
+        Verdict::Wait((self.start + Duration::from_millis(ms)).min(Instant::now() + soonest))
+    }
+}
+
+/// The time limits the watchdog applies.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    pub(crate) header: Duration,
+    pub(crate) idle: Duration,
+    pub(crate) body_idle: Duration,
+}
+
+/// The watchdog's decision.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Nothing is due before this instant.
+    Wait(Instant),
+    /// Idle too long: close gracefully.
+    Drain,
+    /// A phase overran (named by its timeout: `header`, `bodyIdle`): close now.
+    Close(&'static str),
+}
+
+/// A request in flight on a connection.
+#[derive(Debug)]
+pub(crate) struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let a = &self.0;
+        if a.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            a.idle_since.store(a.now(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// A response body that keeps its request counted in flight until it ends.
+pub(crate) struct Guarded<B> {
+    inner: B,
+    _in_flight: InFlight,
+}
+
+impl<B> Guarded<B> {
+    pub(crate) fn new(inner: B, in_flight: InFlight) -> Self {
+        Guarded { inner, _in_flight: in_flight }
+    }
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Guarded<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Reads the first bytes of a connection, enough to tell the HTTP/2 preface
+/// from an HTTP/1 request, within `limit`. Returns them (to be read again by
+/// the HTTP server) and whether the connection speaks HTTP/1; `None` when
+/// the client sent too little in time or closed.
+pub(crate) async fn detect<S: AsyncRead + Unpin>(io: &mut S, limit: Duration) -> Option<(Bytes, bool)> {
+    let mut buf = Vec::with_capacity(H2_PREFACE.len());
+    let read = async {
+        loop {
+            let mut chunk = [0u8; 24];
+            let want = H2_PREFACE.len() - buf.len();
+            let n = io.read(&mut chunk[..want]).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if buf[..] != H2_PREFACE[..buf.len()] {
+                return Some(true);
+            }
+            if buf.len() == H2_PREFACE.len() {
+                return Some(false);
+            }
+        }
+    };
+    let http1 = tokio::time::timeout(limit, read).await.ok()??;
+    Some((Bytes::from(buf), http1))
+}
+
+/// A client socket that replays the bytes [`detect`] read, and records its
+/// activity.
+pub(crate) struct ClientIo<S> {
+    io: S,
+    prefix: Bytes,
+    activity: Arc<Activity>,
+}
+
+impl<S> ClientIo<S> {
+    pub(crate) fn new(io: S, prefix: Bytes, http1: bool, activity: Arc<Activity>) -> Self {
+        activity.http1.store(http1, Ordering::Relaxed);
+        activity.read();
+        ClientIo { io, prefix, activity }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ClientIo<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.activity.read();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, data);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.wrote();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.wrote();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        header: Duration::from_millis(100),
+        idle: Duration::from_millis(300),
+        body_idle: Duration::from_millis(200),
+    };
+
+    #[tokio::test]
+    async fn detection_tells_http1_from_the_preface_and_gives_up_on_silence() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut b, b"GET / HTTP/1.1\r\n").await.unwrap();
+        let (bytes, http1) = detect(&mut a, Duration::from_secs(1)).await.unwrap();
+        assert!(http1 && bytes.starts_with(b"G"));
+        let (mut a, mut b) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut b, H2_PREFACE).await.unwrap();
+        assert_eq!(detect(&mut a, Duration::from_secs(1)).await.map(|(b, h)| (b.len(), h)), Some((24, false)));
+        // The preface's first bytes, then nothing: not a hang.
+        let (mut a, mut b) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut b, b"PRI * HTTP").await.unwrap();
+        assert!(detect(&mut a, Duration::from_millis(50)).await.is_none());
+        let (mut a, _b) = tokio::io::duplex(64);
+        assert!(detect(&mut a, Duration::from_millis(50)).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn each_phase_has_its_deadline() {
+        let a = Activity::new();
+        // Idle from the start, with nothing pending: drained after `idle`.
+        assert!(matches!(a.check(&LIMITS), Verdict::Wait(_)));
+        a.read();
+        tokio::time::sleep(Duration::from_millis(130)).await;
+        assert_eq!(a.check(&LIMITS), Verdict::Close("header"));
+        // A request in flight: the head timer stops; no byte for body_idle closes.
+        let guard = a.request();
+        a.wrote();
+        assert!(matches!(a.check(&LIMITS), Verdict::Wait(_)));
+        tokio::time::sleep(Duration::from_millis(230)).await;
+        assert_eq!(a.check(&LIMITS), Verdict::Close("bodyIdle"));
+        drop(guard);
+        assert!(matches!(a.check(&LIMITS), Verdict::Wait(_)), "idle time counts from the last request's end");
+        tokio::time::sleep(Duration::from_millis(330)).await;
+        assert_eq!(a.check(&LIMITS), Verdict::Drain);
+        // HTTP/2 connections have no head timer (control frames arrive while idle).
+        let h2 = Activity::new();
+        h2.http1.store(false, Ordering::Relaxed);
+        h2.read();
+        tokio::time::sleep(Duration::from_millis(130)).await;
+        assert!(matches!(h2.check(&LIMITS), Verdict::Wait(_)));
+    }
+}
