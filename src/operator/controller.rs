@@ -58,13 +58,34 @@ pub struct Context {
     pub settings: Settings,
     pub recorder: Recorder,
     pub metrics: Arc<OperatorMetrics>,
+    /// Owned objects already seen under their app's control: (kind, namespace,
+    /// name, app uid). Only objects not in here are read before they are
+    /// applied, so the check costs a read per object once, not per reconcile.
+    verified: std::sync::Mutex<std::collections::HashSet<(&'static str, String, String, String)>>,
+    /// Consecutive failed reconciles per app, for the back-off.
+    failures: std::sync::Mutex<std::collections::HashMap<(String, String), u32>>,
 }
 
 impl Context {
     pub fn new(client: Client, settings: Settings) -> Self {
         let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
-        Context { recorder: Recorder::new(client.clone(), reporter), client, settings, metrics: Arc::default() }
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            settings,
+            metrics: Arc::default(),
+            verified: Default::default(),
+            failures: Default::default(),
+        }
     }
+}
+
+/// The wait before retrying a reconcile that failed `failures` times in a
+/// row: 1 s doubling to 5 min, spread by ±20% (`jitter` in [0, 1)) so that
+/// many apps failing together do not retry together.
+pub fn backoff(failures: u32, jitter: f64) -> Duration {
+    let base = Duration::from_secs(1).saturating_mul(1u32 << failures.saturating_sub(1).min(9));
+    base.min(Duration::from_secs(300)).mul_f64(0.8 + 0.4 * jitter.clamp(0.0, 1.0))
 }
 
 /// Runs the controller until the stream of reconciles ends.
@@ -97,8 +118,91 @@ pub async fn run(ctx: Arc<Context>) {
 
 fn error_policy(app: Arc<LoadBalancedApp>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.error(error.metric_label());
-    warn!(name = %app.name_any(), error = %error, kind = error.metric_label(), "reconcile error; retrying");
-    Action::requeue(Duration::from_secs(5))
+    let key = (app.namespace().unwrap_or_default(), app.name_any());
+    let failures = {
+        let mut f = ctx.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = f.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let wait = backoff(failures, fastrand::f64());
+    warn!(
+        name = %app.name_any(), error = %error, kind = error.metric_label(), failures,
+        retry_in_seconds = wait.as_secs_f64(), "reconcile error; retrying"
+    );
+    Action::requeue(wait)
+}
+
+/// Whether `obj` names the app with `owner_uid` as its controller.
+fn controlled_by<K: Resource>(obj: &K, owner_uid: &str) -> bool {
+    obj.owner_references().iter().any(|o| o.controller == Some(true) && o.uid == owner_uid)
+}
+
+/// An object the app would write that exists under someone else's control,
+/// described for the status (`Service web`), or none.
+async fn foreign<K>(ctx: &Context, ns: &str, obj: &K, owner_uid: &str) -> Result<Option<String>, Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + DeserializeOwned + Clone + std::fmt::Debug,
+{
+    let name = obj.meta().name.clone().ok_or_else(|| Error::Malformed("an owned object has no name".into()))?;
+    let kind = match K::kind(&()) {
+        std::borrow::Cow::Borrowed(k) => k,
+        std::borrow::Cow::Owned(_) => "object",
+    };
+    let key = (kind, ns.to_owned(), name.clone(), owner_uid.to_owned());
+    if ctx.verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&key) {
+        return Ok(None);
+    }
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
+    // ConfigMaps are listed by name rather than read: the operator may list
+    // them (it watches its own) and needs no `get` on every ConfigMap.
+    let existing = if kind == "ConfigMap" {
+        api.list(&ListParams::default().fields(&format!("metadata.name={name}"))).await?.items.into_iter().next()
+    } else {
+        api.get_opt(&name).await?
+    };
+    match existing {
+        Some(existing) if !controlled_by(&existing, owner_uid) => Ok(Some(format!("{kind} {name}"))),
+        Some(_) => {
+            let mut verified = ctx.verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Entries of deleted apps linger; a full set starts over (and re-reads once).
+            if verified.len() >= 100_000 {
+                verified.clear();
+            }
+            verified.insert(key);
+            Ok(None)
+        }
+        // Created by this reconcile's apply; verified on the next.
+        None => Ok(None),
+    }
+}
+
+/// The desired objects that already exist under someone else's control.
+async fn conflicts(ctx: &Context, ns: &str, d: &Desired, uid: &str) -> Result<Vec<String>, Error> {
+    let mut found = Vec::new();
+    if let Some(sa) = &d.service_account {
+        found.extend(foreign(ctx, ns, sa, uid).await?);
+    }
+    found.extend(foreign(ctx, ns, &d.role, uid).await?);
+    found.extend(foreign(ctx, ns, &d.role_binding, uid).await?);
+    found.extend(foreign(ctx, ns, &d.proxy_config, uid).await?);
+    found.extend(foreign(ctx, ns, &d.backends, uid).await?);
+    if let Some(s) = &d.canary_backends {
+        found.extend(foreign(ctx, ns, s, uid).await?);
+    }
+    found.extend(foreign(ctx, ns, &d.front, uid).await?);
+    found.extend(foreign(ctx, ns, &d.deployment, uid).await?);
+    if let Some(c) = &d.canary_deployment {
+        found.extend(foreign(ctx, ns, c, uid).await?);
+    }
+    if let Some(p) = &d.proxy_deployment {
+        found.extend(foreign(ctx, ns, p, uid).await?);
+    }
+    found.extend(foreign(ctx, ns, &d.pdb, uid).await?);
+    if let Some(p) = &d.proxy_pdb {
+        found.extend(foreign(ctx, ns, p, uid).await?);
+    }
+    Ok(found)
 }
 
 async fn apply<K>(client: &Client, ns: &str, obj: &K) -> Result<(), Error>
@@ -146,7 +250,7 @@ where
 {
     let api: Api<K> = Api::namespaced(client.clone(), ns);
     let Some(obj) = api.get_opt(name).await? else { return Ok(()) };
-    if !obj.owner_references().iter().any(|o| o.controller == Some(true) && o.uid == owner_uid) {
+    if !controlled_by(&obj, owner_uid) {
         return Ok(());
     }
     let dp = DeleteParams {
@@ -307,8 +411,12 @@ pub async fn reconcile(app: Arc<LoadBalancedApp>, ctx: Arc<Context>) -> Result<A
     let span = info_span!("reconcile", app = %name, namespace = %ns);
     let started = std::time::Instant::now();
     let metrics = ctx.metrics.clone();
-    let result = reconcile_app(app, ctx, name, ns).instrument(span).await;
+    let key = (ns.clone(), name.clone());
+    let result = reconcile_app(app, ctx.clone(), name, ns).instrument(span).await;
     metrics.reconciled(result.is_ok(), started.elapsed().as_secs_f64());
+    if result.is_ok() {
+        ctx.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
+    }
     result
 }
 
@@ -327,42 +435,24 @@ async fn reconcile_app(
     let d = match desired(&app, &ctx.settings) {
         Ok(d) => d,
         Err(invalid) => {
-            // Keep everything that exists; report why nothing changes.
-            let mut status = old.clone();
-            status.observed_generation = generation;
-            let msg = invalid.to_string();
-            status.conditions = vec![
-                condition(
-                    &old.conditions,
-                    "Available",
-                    available(&old),
-                    "AsBefore",
-                    "the last good configuration keeps serving".into(),
-                    generation,
-                ),
-                condition(&old.conditions, "Progressing", false, "InvalidSpec", msg.clone(), generation),
-                condition(&old.conditions, "Degraded", true, "InvalidSpec", msg.clone(), generation),
-            ];
-            if status != old {
-                warn!(reason = %msg, "spec cannot be reconciled");
-                let _ = ctx
-                    .recorder
-                    .publish(
-                        &Event {
-                            type_: EventType::Warning,
-                            reason: "InvalidSpec".into(),
-                            note: Some(msg),
-                            action: "Reconcile".into(),
-                            secondary: None,
-                        },
-                        &reference,
-                    )
-                    .await;
-                write_status(&apps, &name, &status, 0).await?;
-            }
+            refuse(&ctx, &apps, &app, "InvalidSpec", invalid.to_string()).await?;
             return Ok(Action::await_change());
         }
     };
+    let uid = app.uid().ok_or_else(|| Error::Malformed(format!("LoadBalancedApp {name} has no uid")))?;
+    let taken = conflicts(&ctx, &ns, &d, &uid).await?;
+    if !taken.is_empty() {
+        // Never take over what this app did not create: deleting the app
+        // would then delete it. The user renames the app or the object.
+        let msg = format!(
+            "{} already exist{} and {} not controlled by this app; nothing was changed (rename the app or remove them)",
+            taken.join(", "),
+            if taken.len() == 1 { "s" } else { "" },
+            if taken.len() == 1 { "is" } else { "are" },
+        );
+        refuse(&ctx, &apps, &app, "OwnershipConflict", msg).await?;
+        return Ok(Action::requeue(Duration::from_secs(60)));
+    }
     let created = old.observed_generation.is_none();
     apply_all(client, &ns, &d).await?;
     if !created && old.observed_generation != generation {
@@ -520,6 +610,46 @@ async fn reconcile_app(
         .next_check
         .map_or(Duration::from_secs(60), |d| d.min(Duration::from_secs(60)) + Duration::from_millis(100));
     Ok(Action::requeue(if plan.held.is_empty() { next } else { Duration::from_secs(2) }))
+}
+
+/// Changes nothing of what exists and says why in the status (`Degraded`
+/// with `reason`) and in a Warning Event.
+async fn refuse(
+    ctx: &Context,
+    apps: &Api<LoadBalancedApp>,
+    app: &LoadBalancedApp,
+    reason: &str,
+    msg: String,
+) -> Result<(), Error> {
+    let old = app.status.clone().unwrap_or_default();
+    let generation = app.metadata.generation;
+    let mut status = old.clone();
+    status.observed_generation = generation;
+    status.conditions = vec![
+        condition(
+            &old.conditions,
+            "Available",
+            available(&old),
+            "AsBefore",
+            "the last good configuration keeps serving".into(),
+            generation,
+        ),
+        condition(&old.conditions, "Progressing", false, reason, msg.clone(), generation),
+        condition(&old.conditions, "Degraded", true, reason, msg.clone(), generation),
+    ];
+    if status != old {
+        warn!(reason, message = %msg, "app cannot be reconciled");
+        let event = Event {
+            type_: EventType::Warning,
+            reason: reason.into(),
+            note: Some(msg),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        let _ = ctx.recorder.publish(&event, &app.object_ref(&())).await;
+        write_status(apps, &app.name_any(), &status, 0).await?;
+    }
+    Ok(())
 }
 
 fn available(s: &LoadBalancedAppStatus) -> bool {

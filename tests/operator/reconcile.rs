@@ -376,3 +376,60 @@ async fn objects_the_spec_stops_asking_for_are_deleted_and_only_those_the_app_co
     assert!(pdbs.get_opt("web-proxy").await.unwrap().is_some(), "an object the app does not control was deleted");
     assert!(pdbs.get_opt("web").await.unwrap().is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_the_app_did_not_create_is_never_taken_over() {
+    let r = start().await;
+    let client = r.server.client();
+    // Someone's Service named like the app's front Service.
+    let services: Api<Service> = Api::default_namespaced(client.clone());
+    let theirs: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web", "labels": {"team": "payments"}},
+        "spec": {"selector": {"app": "payments"}, "ports": [{"port": 443, "targetPort": 8443}]},
+    }))
+    .unwrap();
+    services.create(&PostParams::default(), &theirs).await.unwrap();
+    let apps: Api<LoadBalancedApp> = Api::default_namespaced(client.clone());
+    apps.create(&PostParams::default(), &lba("web", json!({}))).await.unwrap();
+    until("Degraded with OwnershipConflict", || async {
+        let s = apps.get("web").await.unwrap().status.unwrap_or_default();
+        s.conditions.iter().any(|c| {
+            c.type_ == "Degraded"
+                && c.status == "True"
+                && c.reason == "OwnershipConflict"
+                && c.message.contains("Service web ")
+        })
+    })
+    .await;
+    // Nothing of theirs changed, and nothing of the app was created.
+    let after = services.get("web").await.unwrap();
+    assert!(after.metadata.owner_references.unwrap_or_default().is_empty());
+    assert_eq!(after.metadata.labels.unwrap_or_default().get("team").map(String::as_str), Some("payments"));
+    assert_eq!(after.spec.unwrap().ports.unwrap()[0].port, 443);
+    let deployments: Api<Deployment> = Api::default_namespaced(client.clone());
+    assert!(deployments.get_opt("web").await.unwrap().is_none());
+    // Once their Service is gone, the app is created on its next change.
+    services.delete("web", &Default::default()).await.unwrap();
+    apps.patch("web", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 3}}))).await.unwrap();
+    until("the app's objects", || async {
+        deployments.get_opt("web").await.unwrap().is_some()
+            && services
+                .get_opt("web")
+                .await
+                .unwrap()
+                .is_some_and(|s| !s.metadata.owner_references.unwrap_or_default().is_empty())
+    })
+    .await;
+}
+
+#[test]
+fn failed_reconciles_back_off_exponentially_with_jitter_and_a_cap() {
+    use fulcrum::operator::controller::backoff;
+    assert_eq!(backoff(1, 0.5), Duration::from_secs(1));
+    assert_eq!(backoff(2, 0.5), Duration::from_secs(2));
+    assert_eq!(backoff(5, 0.5), Duration::from_secs(16));
+    assert_eq!(backoff(30, 0.5), Duration::from_secs(300));
+    assert_eq!(backoff(u32::MAX, 0.5), Duration::from_secs(300));
+    assert_eq!(backoff(3, 0.0), Duration::from_secs(4).mul_f64(0.8));
+    assert_eq!(backoff(3, 1.0), Duration::from_secs(4).mul_f64(1.2));
+}
