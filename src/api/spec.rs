@@ -126,6 +126,14 @@ pub struct LoadBalancedAppSpec {
     #[serde(default, skip_serializing_if = "Forwarding::is_empty")]
     pub forwarding: Forwarding,
 
+    /// Caps on what clients can have each proxy hold.
+    #[serde(default)]
+    pub limits: Limits,
+
+    /// Caps per replica, beyond which requests fail fast instead of piling up.
+    #[serde(default)]
+    pub circuit_breakers: CircuitBreakers,
+
     /// Replacement of replicas that stay broken.
     #[serde(default)]
     pub healing: Healing,
@@ -210,6 +218,72 @@ impl Forwarding {
     fn is_empty(&self) -> bool {
         self.trusted_proxies.is_empty()
     }
+}
+
+/// Caps on what clients can have each proxy hold.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Limits {
+    /// Client connections open at once per proxy; past it new ones wait in the kernel's backlog.
+    #[serde(default = "max_connections")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub max_connections: i32,
+    /// Largest request head (HTTP/1) or header list (HTTP/2), in bytes; beyond it 431.
+    #[serde(default = "max_header_bytes")]
+    #[schemars(range(min = 8192, max = 1_048_576))]
+    pub max_request_header_bytes: i32,
+    /// Most header fields of an HTTP/1 request; beyond it 431.
+    #[serde(default = "max_headers")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_request_headers: i32,
+    /// Concurrent streams a client may open on one HTTP/2 connection.
+    #[serde(default = "max_streams")]
+    #[schemars(range(min = 1, max = 10_000))]
+    pub max_concurrent_streams: i32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: max_connections(),
+            max_request_header_bytes: max_header_bytes(),
+            max_request_headers: max_headers(),
+            max_concurrent_streams: max_streams(),
+        }
+    }
+}
+
+/// Caps per replica (Envoy's circuit breakers).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CircuitBreakers {
+    /// Requests (TCP: connections) in flight to one replica from one proxy;
+    /// one more goes to another replica, or fails fast with 503 (gRPC UNAVAILABLE).
+    #[serde(default = "max_requests")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub max_requests: i32,
+}
+
+impl Default for CircuitBreakers {
+    fn default() -> Self {
+        CircuitBreakers { max_requests: max_requests() }
+    }
+}
+
+fn max_connections() -> i32 {
+    10_000
+}
+fn max_header_bytes() -> i32 {
+    65_536
+}
+fn max_headers() -> i32 {
+    100
+}
+fn max_streams() -> i32 {
+    128
+}
+fn max_requests() -> i32 {
+    1024
 }
 
 /// The front Service.

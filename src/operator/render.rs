@@ -132,8 +132,15 @@ pub fn proxy_config(spec: &LoadBalancedAppSpec) -> Result<ProxyConfig, InvalidSp
             ..Timeouts::default()
         },
         forwarding: pc::Forwarding { trusted_proxies: spec.forwarding.trusted_proxies.clone() },
-        limits: pc::Limits::default(),
-        circuit_breakers: pc::CircuitBreakers::default(),
+        limits: pc::Limits {
+            max_connections: count("limits.maxConnections", spec.limits.max_connections)?,
+            max_request_header_bytes: count("limits.maxRequestHeaderBytes", spec.limits.max_request_header_bytes)?,
+            max_request_headers: count("limits.maxRequestHeaders", spec.limits.max_request_headers)?,
+            max_concurrent_streams: count("limits.maxConcurrentStreams", spec.limits.max_concurrent_streams)?,
+        },
+        circuit_breakers: pc::CircuitBreakers {
+            max_requests: count("circuitBreakers.maxRequests", spec.circuit_breakers.max_requests)?,
+        },
     };
     config.validate()?;
     Ok(config)
