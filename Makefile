@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: build test lint unit doc docs manifests-check manifests demo crds bench bench-balance bench-proxy bench-operator bench-discovery kind-deploy image clean
+.PHONY: build test lint unit doc fuzz docs manifests-check manifests demo crds bench bench-balance bench-proxy bench-operator bench-discovery kind-deploy image clean
 
 # The manifest checks' tools (Helm's Go SDK, kubernetes-validate, checkov) live
 # in a virtualenv in the repository, reinstalled when their pinned list changes.
@@ -37,6 +37,10 @@ unit: $(STAMP)
 
 doc:
 	$(CARGO) test --locked --doc
+
+## Fuzzing: every target of tests/fuzz for 100 000 cases each (make test runs 256).
+fuzz:
+	PROPTEST_CASES=100000 $(CARGO) test --locked --test fuzz
 
 ## Regenerate docs/crd.md, the LoadBalancedApp field reference, from the CRD's schema (a test fails when it drifts).
 docs:
