@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
 use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -455,8 +455,11 @@ async fn reconcile_app(
     }
     let created = old.observed_generation.is_none();
     apply_all(client, &ns, &d).await?;
-    if !created && old.observed_generation != generation {
-        // The spec changed: objects it no longer asks for go.
+    if old.observed_generation != generation {
+        // A generation not yet observed: objects it no longer asks for go. Also
+        // when no status was ever written (`created`): the first status write
+        // may have failed while the spec changed, and a generation whose
+        // objects were never pruned must not be marked observed.
         prune(client, &ns, &app, &d).await?;
     }
     if created {
@@ -477,9 +480,13 @@ async fn reconcile_app(
     }
 
     // Observe the app's pods (those with a track: dedicated proxy pods carry
-    // the app label too, but are not the app's replicas) and heal.
+    // the app label too, but are not the app's replicas) and heal. A label
+    // is anyone's to set: only pods whose controller chain leads to the app
+    // (pod → ReplicaSet → one of the app's Deployments) are counted or healed.
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let listed = pods.list(&ListParams::default().labels(&format!("{APP_LABEL}={name},{TRACK_LABEL}"))).await?;
+    let mut listed = pods.list(&ListParams::default().labels(&format!("{APP_LABEL}={name},{TRACK_LABEL}"))).await?;
+    let sets = app_replica_sets(client, &ns, &name, &uid).await?;
+    listed.items.retain(|p| p.owner_references().iter().any(|o| o.controller == Some(true) && sets.contains(&o.uid)));
     let views: Vec<PodView> = listed.items.iter().map(pod_view).collect();
     let spec = &app.spec;
     let min_available = spec.availability.min_available.unwrap_or((spec.replicas - 1).max(0));
@@ -610,6 +617,29 @@ async fn reconcile_app(
         .next_check
         .map_or(Duration::from_secs(60), |d| d.min(Duration::from_secs(60)) + Duration::from_millis(100));
     Ok(Action::requeue(if plan.held.is_empty() { next } else { Duration::from_secs(2) }))
+}
+
+/// The uids of the ReplicaSets of the app's Deployments (its own and its canary's).
+async fn app_replica_sets(client: &Client, ns: &str, name: &str, app_uid: &str) -> Result<Vec<String>, Error> {
+    let n = Names { app: name.to_owned() };
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let mut ours = Vec::new();
+    for d in [name.to_owned(), n.canary()] {
+        if let Some(d) = deployments.get_opt(&d).await?
+            && controlled_by(&d, app_uid)
+            && let Some(uid) = d.uid()
+        {
+            ours.push(uid);
+        }
+    }
+    let sets: Api<ReplicaSet> = Api::namespaced(client.clone(), ns);
+    let listed = sets.list(&ListParams::default().labels(&format!("{APP_LABEL}={name}"))).await?;
+    Ok(listed
+        .items
+        .iter()
+        .filter(|s| s.owner_references().iter().any(|o| o.controller == Some(true) && ours.contains(&o.uid)))
+        .filter_map(ResourceExt::uid)
+        .collect())
 }
 
 /// Changes nothing of what exists and says why in the status (`Degraded`

@@ -37,10 +37,52 @@ impl Drop for Running {
 }
 
 impl Running {
-    /// Plays kubelet: stores `pod` (with its status) as a node would report it.
-    fn kubelet_adds(&self, pod: Value) {
+    /// Plays the ReplicaSet controller and the kubelet: stores `pod` (with
+    /// its status) as a node would report it, owned by a ReplicaSet of its
+    /// app's Deployment (created once that Deployment exists), as in a real
+    /// cluster. Pods without a track stand for pods of other controllers.
+    async fn kubelet_adds(&self, mut pod: Value) {
+        let labels = pod["metadata"]["labels"].clone();
+        let app = labels["fulcrum.dev/app"].as_str().unwrap_or_default().to_owned();
+        let deployment = match labels["fulcrum.dev/track"].as_str() {
+            Some("canary") => format!("{app}-canary"),
+            Some(_) => app.clone(),
+            None => format!("{app}-proxy"),
+        };
+        let store = self.server.store();
+        let deployments = self.server.resource("apps", "deployments");
+        let mut found = None;
+        for _ in 0..1500 {
+            if let Ok(d) = store.get(&deployments, "default", &deployment) {
+                found = Some(d);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let d = found.unwrap_or_else(|| panic!("Deployment {deployment} never appeared"));
+        let sets = self.server.resource("apps", "replicasets");
+        let set_name = format!("{deployment}-5d8f7c");
+        let set = match store.get(&sets, "default", &set_name) {
+            Ok(s) => s,
+            Err(_) => store
+                .create(
+                    &sets,
+                    "default",
+                    json!({
+                        "apiVersion": "apps/v1", "kind": "ReplicaSet",
+                        "metadata": {"name": set_name, "labels": labels, "ownerReferences": [
+                            {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment, "uid": d["metadata"]["uid"], "controller": true}
+                        ]},
+                        "spec": {"selector": {"matchLabels": {"fulcrum.dev/app": app}}, "template": {}},
+                    }),
+                )
+                .expect("store the ReplicaSet"),
+        };
+        pod["metadata"]["ownerReferences"] = json!([
+            {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": set_name, "uid": set["metadata"]["uid"], "controller": true}
+        ]);
         let res = self.server.resource("", "pods");
-        self.server.store().create(&res, "default", pod).expect("store the pod");
+        store.create(&res, "default", pod).expect("store the pod");
     }
 }
 
@@ -113,7 +155,7 @@ async fn applying_an_app_creates_every_owned_object_and_the_status_converges_the
     assert_eq!(d.metadata.managed_fields.unwrap()[0].manager.as_deref(), Some("fulcrum-operator"));
     // Kubelet: two ready pods.
     for n in ["web-1", "web-2"] {
-        r.kubelet_adds(pod("web", n, true, 0));
+        r.kubelet_adds(pod("web", n, true, 0)).await;
     }
     until("Available", || async {
         let s = apps.get("web").await.unwrap().status.unwrap_or_default();
@@ -178,12 +220,12 @@ async fn a_pod_unready_past_the_timeout_is_deleted_once_and_counted() {
     let client = r.server.client();
     let apps: Api<LoadBalancedApp> = Api::default_namespaced(client.clone());
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
-    r.kubelet_adds(pod("web", "web-1", true, 0));
-    r.kubelet_adds(pod("web", "web-2", true, 0));
-    r.kubelet_adds(pod("web", "web-3", false, 600));
     apps.create(&PostParams::default(), &lba("web", json!({"replicas": 3, "healing": {"unreadyTimeout": "1m"}})))
         .await
         .unwrap();
+    r.kubelet_adds(pod("web", "web-1", true, 0)).await;
+    r.kubelet_adds(pod("web", "web-2", true, 0)).await;
+    r.kubelet_adds(pod("web", "web-3", false, 600)).await;
     until("the stuck pod deleted", || async { pods.get_opt("web-3").await.unwrap().is_none() }).await;
     until("the healing recorded", || async {
         let s = apps.get("web").await.unwrap().status.unwrap_or_default();
@@ -225,18 +267,18 @@ async fn pods_that_never_started_are_reported_by_reason_and_never_deleted() {
     let client = r.server.client();
     let apps: Api<LoadBalancedApp> = Api::default_namespaced(client.clone());
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
-    r.kubelet_adds(pod("web", "web-1", true, 0));
-    r.kubelet_adds(pending_pod("web", "web-2", 600, "ImagePullBackOff"));
-    r.kubelet_adds(pending_pod("web", "web-3", 600, "ImagePullBackOff"));
-    r.kubelet_adds(pending_pod("web", "web-4", 600, "Unschedulable"));
-    r.kubelet_adds(pending_pod("web", "web-5", 600, "CreateContainerConfigError"));
-    r.kubelet_adds(pending_pod("web", "web-6", 1, "ContainerCreating"));
     apps.create(
         &PostParams::default(),
         &lba("web", json!({"replicas": 6, "healing": {"unreadyTimeout": "1m", "maxConcurrent": 5}})),
     )
     .await
     .unwrap();
+    r.kubelet_adds(pod("web", "web-1", true, 0)).await;
+    r.kubelet_adds(pending_pod("web", "web-2", 600, "ImagePullBackOff")).await;
+    r.kubelet_adds(pending_pod("web", "web-3", 600, "ImagePullBackOff")).await;
+    r.kubelet_adds(pending_pod("web", "web-4", 600, "Unschedulable")).await;
+    r.kubelet_adds(pending_pod("web", "web-5", 600, "CreateContainerConfigError")).await;
+    r.kubelet_adds(pending_pod("web", "web-6", 1, "ContainerCreating")).await;
     until("the pods that never started reported", || async {
         let s = apps.get("web").await.unwrap().status.unwrap_or_default();
         s.not_started.len() == 3
@@ -276,20 +318,20 @@ async fn dedicated_proxy_pods_are_neither_counted_nor_healed_as_app_pods() {
     let client = r.server.client();
     let apps: Api<LoadBalancedApp> = Api::default_namespaced(client.clone());
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
-    r.kubelet_adds(pod("web", "web-1", true, 0));
-    r.kubelet_adds(pod("web", "web-2", true, 0));
-    // Two dedicated proxy pods, unready for long (no app pod was ready when they started, say).
-    for n in ["web-proxy-1", "web-proxy-2"] {
-        let mut p = pod("web", n, false, 600);
-        p["metadata"]["labels"] = json!({"fulcrum.dev/app": "web", "fulcrum.dev/component": "proxy"});
-        r.kubelet_adds(p);
-    }
     apps.create(
         &PostParams::default(),
         &lba("web", json!({"proxy": {"mode": "Dedicated"}, "healing": {"unreadyTimeout": "1m"}})),
     )
     .await
     .unwrap();
+    r.kubelet_adds(pod("web", "web-1", true, 0)).await;
+    r.kubelet_adds(pod("web", "web-2", true, 0)).await;
+    // Two dedicated proxy pods, unready for long (no app pod was ready when they started, say).
+    for n in ["web-proxy-1", "web-proxy-2"] {
+        let mut p = pod("web", n, false, 600);
+        p["metadata"]["labels"] = json!({"fulcrum.dev/app": "web", "fulcrum.dev/component": "proxy"});
+        r.kubelet_adds(p).await;
+    }
     until("the status", || async {
         let s = apps.get("web").await.unwrap().status.unwrap_or_default();
         s.ready_replicas == 2
@@ -432,4 +474,29 @@ fn failed_reconciles_back_off_exponentially_with_jitter_and_a_cap() {
     assert_eq!(backoff(u32::MAX, 0.5), Duration::from_secs(300));
     assert_eq!(backoff(3, 0.0), Duration::from_secs(4).mul_f64(0.8));
     assert_eq!(backoff(3, 1.0), Duration::from_secs(4).mul_f64(1.2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_that_only_carries_the_apps_labels_is_neither_counted_nor_healed() {
+    let r = start().await;
+    let client = r.server.client();
+    let apps: Api<LoadBalancedApp> = Api::default_namespaced(client.clone());
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    apps.create(&PostParams::default(), &lba("web", json!({"replicas": 2, "healing": {"unreadyTimeout": "1m"}})))
+        .await
+        .unwrap();
+    r.kubelet_adds(pod("web", "web-1", true, 0)).await;
+    r.kubelet_adds(pod("web", "web-2", true, 0)).await;
+    // Someone else's pod, labelled like the app's and unready for long: not the app's to delete.
+    let stranger = pod("web", "not-yours", false, 600);
+    r.server.store().create(&r.server.resource("", "pods"), "default", stranger).expect("store the pod");
+    until("the status", || async {
+        let s = apps.get("web").await.unwrap().status.unwrap_or_default();
+        s.ready_replicas == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s = apps.get("web").await.unwrap().status.unwrap();
+    assert_eq!((s.replicas, s.healed_total), (2, 0), "only the app's pods are counted");
+    assert!(pods.get_opt("not-yours").await.unwrap().is_some(), "a stranger's pod was deleted");
 }

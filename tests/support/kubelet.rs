@@ -439,10 +439,14 @@ impl Kubelet {
         }
     }
 
-    /// The Deployment controller: pods for each Deployment, and its status.
+    /// The Deployment and ReplicaSet controllers: a ReplicaSet per template
+    /// of each Deployment (owned by it), pods owned by the ReplicaSet (as in a
+    /// real cluster: pod → ReplicaSet → Deployment), and the status.
     async fn deployments(&mut self) -> Result<(), kube::Error> {
         let deployments: Api<DynamicObject> = Api::all_with(self.client.clone(), &deployment_resource());
         let all_pods = list_all(&self.pods_api(None)).await?;
+        let replica_sets: Api<DynamicObject> = Api::all_with(self.client.clone(), &replica_set_resource());
+        let all_sets = list_all(&replica_sets).await?;
         for d in list_all(&deployments).await? {
             let ns = d["metadata"]["namespace"].as_str().unwrap_or_default().to_owned();
             let name = d["metadata"]["name"].as_str().unwrap_or_default().to_owned();
@@ -453,11 +457,35 @@ impl Kubelet {
             let want = d["spec"]["replicas"].as_u64().unwrap_or(1) as usize;
             let template = &d["spec"]["template"];
             let hash = template_hash(template);
+            let owned_by = |o: &Value, owner: &str| {
+                o["metadata"]["ownerReferences"].as_array().into_iter().flatten().any(|r| r["uid"] == owner)
+            };
+            let sets: Vec<&Value> = all_sets.iter().filter(|s| owned_by(s, &uid)).collect();
+            let set_name = format!("{name}-{hash:.10}");
+            let set_uid = match sets.iter().find(|s| s["metadata"]["name"] == set_name.as_str()) {
+                Some(s) => s["metadata"]["uid"].as_str().unwrap_or_default().to_owned(),
+                None => {
+                    let mut labels = template["metadata"]["labels"].clone();
+                    labels["pod-template-hash"] = json!(hash);
+                    let rs = json!({
+                        "apiVersion": "apps/v1", "kind": "ReplicaSet",
+                        "metadata": {
+                            "name": set_name, "namespace": ns, "labels": labels,
+                            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": name, "uid": uid, "controller": true}],
+                        },
+                        "spec": {"replicas": want, "selector": d["spec"]["selector"], "template": template},
+                    });
+                    let rs: DynamicObject = serde_json::from_value(rs).map_err(kube::Error::SerdeError)?;
+                    let api: Api<DynamicObject> =
+                        Api::namespaced_with(self.client.clone(), &ns, &replica_set_resource());
+                    let created = api.create(&PostParams::default(), &rs).await?;
+                    created.metadata.uid.unwrap_or_default()
+                }
+            };
+            let set_uids: Vec<&str> = sets.iter().filter_map(|s| s["metadata"]["uid"].as_str()).collect();
             let owned: Vec<&Value> = all_pods
                 .iter()
-                .filter(|p| {
-                    p["metadata"]["ownerReferences"].as_array().into_iter().flatten().any(|o| o["uid"] == uid.as_str())
-                })
+                .filter(|p| set_uids.iter().any(|s| owned_by(p, s)) || owned_by(p, &set_uid))
                 .filter(|p| p["metadata"].get("deletionTimestamp").is_none())
                 .collect();
             let current: Vec<&&Value> =
@@ -477,7 +505,7 @@ impl Kubelet {
                 let mut meta = template["metadata"].clone();
                 meta["name"] = json!(format!("{name}-{hash:.8}-{:05x}", self.next_pod));
                 meta["labels"] = labels;
-                meta["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "Deployment", "name": name, "uid": uid, "controller": true}]);
+                meta["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": set_name, "uid": set_uid, "controller": true}]);
                 let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": template["spec"]});
                 let pod: DynamicObject = serde_json::from_value(pod).map_err(kube::Error::SerdeError)?;
                 api.create(&PostParams::default(), &pod).await?;
@@ -622,6 +650,10 @@ fn pod_resource() -> kube::api::ApiResource {
 
 fn deployment_resource() -> kube::api::ApiResource {
     resource("apps", "v1", "Deployment", "deployments")
+}
+
+fn replica_set_resource() -> kube::api::ApiResource {
+    resource("apps", "v1", "ReplicaSet", "replicasets")
 }
 
 fn service_resource() -> kube::api::ApiResource {
