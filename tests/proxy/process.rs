@@ -219,3 +219,179 @@ async fn with_a_shutdown_delay_sigterm_first_fails_readiness_while_still_serving
     assert!(tokio::net::TcpStream::connect(p.listen).await.is_err());
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// Starts the binary with `yaml` plus a listener and an admin address of its own.
+fn start_yaml(name: &str, yaml: &str) -> (Running, PathBuf, SocketAddr, SocketAddr) {
+    let dir = temp_dir(name);
+    let (listen, admin) = (free_addr(), free_addr());
+    let config = dir.join("fulcrum.yaml");
+    write(&config, &format!("listen: {listen}\nadmin: {admin}\n{yaml}"));
+    (start(&config, listen), dir, listen, admin)
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The abuse suite against the binary: thousands of connections that send
+/// nothing, dribble a head or open HTTP/2 and no stream, and an HTTP/2 client
+/// resetting streams as fast as it can, all at once. The proxy's memory stays
+/// bounded, every abusive connection is let go after its timeout, and a
+/// well-behaved client running alongside sees no failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abusive_clients_cost_bounded_memory_and_no_failure_of_a_good_client() {
+    use tokio::io::AsyncWriteExt;
+    let bs = backends(2).await;
+    let (proxy, dir, listen, admin) =
+        start_yaml("abuse", &format!("workers: 2\ntimeouts: {{header: 2s, idle: 3s}}\n{}", endpoints_yaml(&bs)));
+    let pid = proxy.0.id();
+    let idle_rss = rss_kib(pid);
+
+    // The good client.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let good = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut failures = Vec::new();
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 5000 {
+                n += 1;
+                match get_at(listen, "/").await {
+                    Ok(r) if r.status == 200 => {}
+                    Ok(r) => failures.push(format!("status {}", r.status)),
+                    Err(e) => failures.push(e),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (n, failures)
+        })
+    };
+
+    // 2 000 silent, 2 000 slowloris, 2 000 idle HTTP/2 connections.
+    let mut abusers = Vec::new();
+    for i in 0..6000 {
+        let Ok(mut s) = tokio::net::TcpStream::connect(listen).await else { continue };
+        let first: &[u8] = match i % 3 {
+            0 => b"",
+            1 => b"GET / HTTP/1.1\r\nHost: x\r\n",
+            _ => b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00",
+        };
+        let _ = s.write_all(first).await;
+        abusers.push(s);
+    }
+    // Slowloris: a header byte a second to a third of them.
+    let drip = tokio::spawn(async move {
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            for (i, s) in abusers.iter_mut().enumerate() {
+                if i % 3 == 1 {
+                    let _ = s.write_all(b"X").await;
+                }
+            }
+        }
+        abusers
+    });
+    // Rapid reset: streams opened and cancelled at once, on one connection.
+    let reset = tokio::spawn(async move {
+        let Ok(stream) = tokio::net::TcpStream::connect(listen).await else { return 0 };
+        let Ok((sender, conn)) = hyper::client::conn::http2::handshake::<_, _, http_body_util::Full<bytes::Bytes>>(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        else {
+            return 0;
+        };
+        let conn = tokio::spawn(conn);
+        let mut sent = 0;
+        for _ in 0..5000 {
+            let mut sender = sender.clone();
+            let req = http::Request::get(format!("http://{listen}/")).body(Default::default()).unwrap();
+            // Dropping the response future resets the stream.
+            let _ = tokio::time::timeout(Duration::from_micros(1), sender.send_request(req)).await;
+            sent += 1;
+            if sender.is_closed() {
+                break;
+            }
+        }
+        conn.abort();
+        sent
+    });
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let peak = rss_kib(pid);
+    let resets = reset.await.unwrap();
+    let mut abusers = drip.await.unwrap();
+    // Every abusive connection is closed by the proxy within its timeouts.
+    let mut open = 0;
+    for s in &mut abusers {
+        let mut buf = [0u8; 256];
+        let closed = loop {
+            match tokio::time::timeout(Duration::from_secs(6), tokio::io::AsyncReadExt::read(s, &mut buf)).await {
+                Err(_) => break false,
+                Ok(Ok(0) | Err(_)) => break true,
+                Ok(Ok(_)) => {}
+            }
+        };
+        open += usize::from(!closed);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (requests, failures) = good.await.unwrap();
+    eprintln!(
+        "{} abusive connections, {resets} reset streams: RSS {idle_rss} KiB idle, {peak} KiB at peak; {requests} good requests",
+        abusers.len()
+    );
+    assert_eq!(open, 0, "abusive connections still open past their timeouts");
+    assert_eq!(failures, Vec::<String>::new(), "the good client failed");
+    assert!(peak < 256 * 1024, "{peak} KiB resident with 6 000 abusive connections");
+    let m = get_at(admin, "/metrics").await.unwrap().body;
+    assert!(m.contains("fulcrum_proxy_client_timeouts_total{timeout=\"header\"}"), "{m}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// TCP mode: 5 000 idle client connections, each joined to an endpoint
+/// connection, keep the proxy's memory bounded (the copy buffers wait for a
+/// first byte), and are closed after `timeouts.idle`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tcp_connections_are_cheap_and_closed_after_idle() {
+    let bs = backends(1).await;
+    // All 5 000 on one endpoint: its circuit breaker (1 024 connections by default) raised.
+    let yaml = format!(
+        "protocol: TCP\ntimeouts: {{idle: 3s}}\ncircuitBreakers: {{maxRequests: 10000}}\n{}",
+        endpoints_yaml(&bs)
+    );
+    let (proxy, dir, listen, _admin) = start_yaml("tcp-idle", &yaml);
+    let pid = proxy.0.id();
+    let before = rss_kib(pid);
+    let mut idle = Vec::new();
+    for _ in 0..5000 {
+        if let Ok(s) = tokio::net::TcpStream::connect(listen).await {
+            idle.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let during = rss_kib(pid);
+    let per_connection = (during.saturating_sub(before)) as f64 / idle.len() as f64;
+    eprintln!(
+        "{} idle TCP connections: {before} KiB before, {during} KiB during, {per_connection:.1} KiB each",
+        idle.len()
+    );
+    // A loose bound for a loaded machine; the figure itself is a benchmark's.
+    assert!(during < 256 * 1024, "{during} KiB resident with 5 000 idle TCP connections");
+    // The good client still gets through, and the idle ones are let go.
+    assert_eq!(get_at(listen, "/").await.unwrap().status, 200);
+    let mut open = 0;
+    for s in &mut idle {
+        let mut buf = [0u8; 16];
+        let r = tokio::time::timeout(Duration::from_secs(6), tokio::io::AsyncReadExt::read(s, &mut buf)).await;
+        open += usize::from(r.is_err());
+    }
+    assert_eq!(open, 0, "idle TCP connections past timeouts.idle");
+    let _ = std::fs::remove_dir_all(&dir);
+}
