@@ -74,6 +74,10 @@ enum Command {
         /// Address of /healthz, /readyz and /metrics.
         #[arg(long, default_value = "0.0.0.0:8080")]
         health_addr: std::net::SocketAddr,
+        /// Serve only the LoadBalancedApps of these namespaces (comma-separated),
+        /// watching nothing elsewhere; all namespaces when unset.
+        #[arg(long, env = "FULCRUM_NAMESPACES", value_delimiter = ',')]
+        namespaces: Vec<String>,
     },
     /// Print the LoadBalancedApp CustomResourceDefinition (YAML) generated from the types.
     Crd,
@@ -133,9 +137,9 @@ fn main() -> ExitCode {
             eprintln!("fulcrum proxy: give --config FILE or --kubernetes APP");
             ExitCode::from(EXIT_CONFIG)
         }
-        Command::Operator { proxy_image, health_addr } => {
+        Command::Operator { proxy_image, health_addr, namespaces } => {
             init_tracing("info");
-            operator(proxy_image, health_addr)
+            operator(proxy_image, health_addr, namespaces)
         }
         Command::Render { file, namespace, proxy_image } => render(&file, &namespace, proxy_image),
         Command::Crd => {
@@ -256,7 +260,7 @@ async fn kube_client(command: &str) -> Option<kube::Client> {
     }
 }
 
-fn operator(proxy_image: String, health_addr: std::net::SocketAddr) -> ExitCode {
+fn operator(proxy_image: String, health_addr: std::net::SocketAddr, namespaces: Vec<String>) -> ExitCode {
     let Some(runtime) = async_runtime() else { return ExitCode::FAILURE };
     runtime.block_on(async move {
         let Some(client) = kube_client("operator").await else { return ExitCode::FAILURE };
@@ -267,10 +271,10 @@ fn operator(proxy_image: String, health_addr: std::net::SocketAddr) -> ExitCode 
                 return ExitCode::FAILURE;
             }
         };
-        let ctx = std::sync::Arc::new(fulcrum::operator::controller::Context::new(
-            client,
-            fulcrum::operator::desired::Settings { proxy_image },
-        ));
+        let ctx = std::sync::Arc::new(
+            fulcrum::operator::controller::Context::new(client, fulcrum::operator::desired::Settings { proxy_image })
+                .confined_to(namespaces),
+        );
         tokio::spawn(fulcrum::operator::health::serve(health, ctx.metrics.clone()));
         let namespace = ctx.client.default_namespace().to_owned();
         let identity = std::env::var("POD_NAME")

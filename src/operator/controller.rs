@@ -64,6 +64,8 @@ pub struct Context {
     verified: std::sync::Mutex<std::collections::HashSet<(&'static str, String, String, String)>>,
     /// Consecutive failed reconciles per app, for the back-off.
     failures: std::sync::Mutex<std::collections::HashMap<(String, String), u32>>,
+    /// The namespaces served; empty: all.
+    namespaces: Vec<String>,
 }
 
 impl Context {
@@ -76,7 +78,15 @@ impl Context {
             metrics: Arc::default(),
             verified: Default::default(),
             failures: Default::default(),
+            namespaces: Vec::new(),
         }
+    }
+
+    /// Serves only the apps of `namespaces` (all when empty): every watch is
+    /// namespaced, so the operator needs rights in those namespaces only.
+    pub fn confined_to(mut self, namespaces: Vec<String>) -> Self {
+        self.namespaces = namespaces.into_iter().map(|n| n.trim().to_owned()).filter(|n| !n.is_empty()).collect();
+        self
     }
 }
 
@@ -88,18 +98,40 @@ pub fn backoff(failures: u32, jitter: f64) -> Duration {
     base.min(Duration::from_secs(300)).mul_f64(0.8 + 0.4 * jitter.clamp(0.0, 1.0))
 }
 
-/// Runs the controller until the stream of reconciles ends.
+/// Runs the controller until the stream of reconciles ends: one over all
+/// namespaces, or one per namespace the operator is confined to.
 pub async fn run(ctx: Arc<Context>) {
+    if ctx.namespaces.is_empty() {
+        run_in(ctx, None).await;
+    } else {
+        info!(namespaces = ?ctx.namespaces, "serving these namespaces only");
+        let controllers = ctx.namespaces.clone().into_iter().map(|ns| run_in(ctx.clone(), Some(ns)));
+        futures::future::join_all(controllers).await;
+    }
+}
+
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+async fn run_in(ctx: Arc<Context>, namespace: Option<String>) {
     let client = ctx.client.clone();
-    let apps: Api<LoadBalancedApp> = Api::all(client.clone());
-    let pods: Api<Pod> = Api::all(client.clone());
+    let ns = namespace.as_deref();
+    let apps: Api<LoadBalancedApp> = api(&client, ns);
+    let pods: Api<Pod> = api(&client, ns);
     // Only the objects the operator made are watched (and cached): a cluster's
     // other ConfigMaps, Services and Deployments would cost memory for nothing.
     let owned = || watcher::Config::default().labels(MANAGED_BY_SELECTOR);
     Controller::new(apps, watcher::Config::default())
-        .owns(Api::<Deployment>::all(client.clone()), owned())
-        .owns(Api::<Service>::all(client.clone()), owned())
-        .owns(Api::<ConfigMap>::all(client.clone()), owned())
+        .owns(api::<Deployment>(&client, ns), owned())
+        .owns(api::<Service>(&client, ns), owned())
+        .owns(api::<ConfigMap>(&client, ns), owned())
         // App pods belong to ReplicaSets, not to the app: map them back by label.
         .watches(pods, watcher::Config::default().labels(APP_LABEL), |pod: Pod| {
             let ns = pod.namespace()?;

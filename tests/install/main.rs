@@ -13,6 +13,8 @@ mod apiserver;
 #[allow(dead_code)]
 #[path = "../proxy/grpc_peer.rs"]
 mod grpc_peer;
+#[path = "../support/install.rs"]
+mod install;
 #[path = "../support/kubelet.rs"]
 mod kubelet;
 #[allow(dead_code)]
@@ -121,23 +123,9 @@ fn example(name: &str) -> String {
     Path::new(ROOT).join("manifests/examples").join(name).display().to_string()
 }
 
-/// `manifests/install.yaml` as it would be with the chart rendered with
-/// `values` (by Helm's Go SDK, through `tests/manifests/check.py --render`).
 async fn render_chart(values: &str) -> String {
-    let python = Path::new(ROOT).join(".venv/bin/python");
-    assert!(
-        python.exists(),
-        "the chart tools' virtualenv is missing: `make test` (or `make manifests-check`) installs it in .venv"
-    );
-    let out = tokio::process::Command::new(python)
-        .arg(Path::new(ROOT).join("tests/manifests/check.py"))
-        .arg("--render")
-        .arg(Path::new(ROOT).join("charts/fulcrum/ci").join(values))
-        .output()
-        .await
-        .expect("render the chart");
-    assert!(out.status.success(), "render {values}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).expect("UTF-8 manifests")
+    let values = values.to_owned();
+    tokio::task::spawn_blocking(move || install::render_chart(&values)).await.expect("render the chart")
 }
 
 /// What the chart's `ci/no-rbac-values.yaml` leaves to the platform team: the

@@ -110,3 +110,40 @@ async fn removing_a_rule_from_the_cluster_role_fails_the_operator_with_a_403_in_
     assert!(apps.get("web").await.unwrap().status.is_none(), "no status without observing the pods");
     task.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confined_to_namespaces_the_operator_serves_and_touches_only_those() {
+    let server = ApiServer::start().await;
+    // The chart rendered with `watchNamespaces: [shop, payments]`.
+    let objects = crate::install::objects(&crate::install::render_chart("watch-namespaces-values.yaml"));
+    assert!(!objects.iter().any(|o| o["kind"] == "ClusterRoleBinding"), "no cluster-wide binding");
+    let bound: Vec<&str> = objects
+        .iter()
+        .filter(|o| o["kind"] == "RoleBinding")
+        .filter_map(|o| o["metadata"]["namespace"].as_str())
+        .collect();
+    assert!(bound.contains(&"shop") && bound.contains(&"payments"), "{bound:?}");
+    let token = install_identity(&server, &objects);
+    let ctx = Arc::new(
+        Context::new(server.client_with_token(&token), Settings { proxy_image: "fulcrum:test".into() })
+            .confined_to(vec!["shop".into(), "payments".into()]),
+    );
+    let task = tokio::spawn(run(ctx.clone()));
+    let admin = server.client();
+    for ns in ["shop", "elsewhere"] {
+        let apps: Api<LoadBalancedApp> = Api::namespaced(admin.clone(), ns);
+        apps.create(&PostParams::default(), &app(json!({}))).await.unwrap();
+    }
+    let shop: Api<Deployment> = Api::namespaced(admin.clone(), "shop");
+    until("the app in shop", || async { shop.get_opt("web").await.unwrap().is_some() }).await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let elsewhere: Api<Deployment> = Api::namespaced(admin.clone(), "elsewhere");
+    assert!(elsewhere.get_opt("web").await.unwrap().is_none(), "an app outside the namespaces was served");
+    task.abort();
+    let audit = server.audit();
+    let mine: Vec<_> = audit.iter().filter(|e| e.user == OPERATOR_USER).collect();
+    assert!(mine.iter().all(|e| e.allowed), "denied: {:#?}", mine.iter().filter(|e| !e.allowed).collect::<Vec<_>>());
+    let outside: Vec<_> =
+        mine.iter().filter(|e| !matches!(e.namespace.as_deref(), Some("shop" | "payments"))).collect();
+    assert!(outside.is_empty(), "requests outside the namespaces: {outside:#?}");
+}

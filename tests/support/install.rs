@@ -20,12 +20,36 @@ pub const OPERATOR_SA: &str = "fulcrum";
 /// Every object of `manifests/install.yaml`.
 pub fn install_yaml() -> Vec<Value> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/install.yaml");
-    let text = std::fs::read_to_string(&path).expect("manifests/install.yaml");
-    serde_saphyr::from_multiple::<Value>(&text)
-        .expect("install.yaml parses")
+    objects(&std::fs::read_to_string(&path).expect("manifests/install.yaml"))
+}
+
+/// The objects of a multi-document YAML text.
+pub fn objects(text: &str) -> Vec<Value> {
+    serde_saphyr::from_multiple::<Value>(text)
+        .expect("the manifests parse")
         .into_iter()
         .filter(|o| o.is_object())
         .collect()
+}
+
+/// `manifests/install.yaml` as it would be with the chart rendered with the
+/// values file `charts/fulcrum/ci/<values>` (by Helm's Go SDK, through
+/// `tests/manifests/check.py --render`).
+pub fn render_chart(values: &str) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = root.join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "the chart tools' virtualenv is missing: `make test` (or `make manifests-check`) installs it in .venv"
+    );
+    let out = std::process::Command::new(python)
+        .arg(root.join("tests/manifests/check.py"))
+        .arg("--render")
+        .arg(root.join("charts/fulcrum/ci").join(values))
+        .output()
+        .expect("render the chart");
+    assert!(out.status.success(), "render {values}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("UTF-8 manifests")
 }
 
 /// The first object of `kind` named `name`.
