@@ -156,28 +156,45 @@ async fn an_endpoint_that_stalls_its_body_is_let_go_after_body_idle() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_a_large_response_is_let_go_after_body_idle() {
-    let bs = backends(1).await;
-    let p = proxy(&format!("timeouts: {{bodyIdle: 500ms}}\n{}", endpoints_yaml(&bs))).await;
-    let mut s = TcpStream::connect(p.addr).await.unwrap();
-    // /echo streams the request body back: 64 MiB up, never read.
-    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\ncontent-length: 67108864\r\n\r\n").await.unwrap();
-    let chunk = vec![b'x'; 1 << 16];
-    let started = Instant::now();
-    let mut sent = 0usize;
-    // Write until the proxy stops taking the body (its answer backs up), then stop.
-    while sent < 64 << 20 {
-        match tokio::time::timeout(Duration::from_millis(300), s.write_all(&chunk)).await {
-            Ok(Ok(())) => sent += chunk.len(),
-            _ => break,
+    // An endpoint with a 1 GiB answer, written as fast as the proxy takes it.
+    let listener = tokio::net::TcpListener::bind("127.0.0.3:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (gone_tx, gone) = tokio::sync::oneshot::channel::<Duration>();
+    let endpoint = tokio::spawn(async move {
+        let Ok((mut s, _)) = listener.accept().await else { return };
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1073741824\r\n\r\n").await;
+        let chunk = vec![b'x'; 1 << 16];
+        let mut stalled_since = None;
+        for _ in 0..16384 {
+            match tokio::time::timeout(Duration::from_millis(100), s.write_all(&chunk)).await {
+                Ok(Ok(())) => stalled_since = None,
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    stalled_since.get_or_insert_with(Instant::now);
+                }
+            }
         }
-    }
-    assert!(sent < 64 << 20, "the proxy took the whole body from a client that never read");
+        // The proxy closed the endpoint's connection: how long after the stall began.
+        let _ = gone_tx.send(stalled_since.map_or(Duration::ZERO, |t| t.elapsed()));
+    });
+    let p = proxy(&format!("timeouts: {{bodyIdle: 500ms}}\nendpoints: [{{address: \"{addr}\"}}]\n")).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    // Never read: the answer backs up, the proxy lets both connections go.
+    let after_stall =
+        tokio::time::timeout(Duration::from_secs(10), gone).await.expect("the endpoint was let go").unwrap();
+    assert!(after_stall < Duration::from_secs(3), "{after_stall:?}");
     assert!(
         eventually(Duration::from_secs(3), || async { admin(&p, "/endpoints").await.body.contains("\"inFlight\": 0") })
             .await,
         "the endpoint is released"
     );
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    let m = admin(&p, "/metrics").await.body;
+    assert!(m.contains("fulcrum_proxy_client_timeouts_total{timeout=\"bodyIdle\"} 1"), "{m}");
+    endpoint.abort();
+    drop(s);
     p.shutdown().await;
 }
 
