@@ -173,7 +173,8 @@ def fulcrum_conf(work: Path, algorithm: str = "RoundRobin", protocol: str = "HTT
     text = (
         f"listen: 127.0.0.1:{port}\nprotocol: {protocol}\nadmin: 127.0.0.1:{FULCRUM_ADMIN + (protocol == 'TCP')}\n"
         f"loadBalancing:\n  algorithm: {algorithm}\n{hash_on}"
-        f"timeouts: {{idle: 300s}}\nendpoints:\n{eps}"
+        # The memory run holds thousands of TCP connections on three backends.
+        f"timeouts: {{idle: 300s}}\ncircuitBreakers: {{maxRequests: 100000}}\nendpoints:\n{eps}"
     )
     p = work / f"fulcrum-{protocol}-{algorithm}.yaml"
     p.write_text(text)
@@ -498,19 +499,31 @@ def process_tree(pid: int) -> list[int]:
     return pids
 
 
-def idle_memory(pid: int, port: int, n: int) -> float:
-    """KiB of resident memory per idle client connection."""
+H2_OPEN = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def idle_memory(pid: int, port: int, n: int, kind: str = "http1") -> float:
+    """KiB of resident memory per idle client connection: an HTTP/1.1
+    keep-alive connection after one request, an HTTP/2 connection after its
+    preface and SETTINGS (no stream), or a TCP-mode connection joined to a
+    backend with nothing sent."""
     before = rss_kib(process_tree(pid))
     socks = []
     try:
         for _ in range(n):
             s = socket.create_connection(("127.0.0.1", port), timeout=5)
             socks.append(s)
-        # One small request per connection, so that each is a live keep-alive connection.
-        for s in socks:
-            s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
-        for s in socks:
-            s.recv(4096)
+        if kind == "http1":
+            # One small request per connection, so that each is a live keep-alive connection.
+            for s in socks:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+            for s in socks:
+                s.recv(4096)
+        elif kind == "h2":
+            for s in socks:
+                s.sendall(H2_OPEN)
+            for s in socks:
+                s.recv(4096)  # the server's SETTINGS
         time.sleep(1.0)
         after = rss_kib(process_tree(pid))
     finally:
@@ -610,15 +623,18 @@ def main() -> int:
             sections.append(tcp_table(bulk))
 
         if "memory" in only:
-            log(f"memory per idle keep-alive connection, {args.idle} connections")
-            mem = {}
-            for name, proc_name, port in [
-                ("fulcrum", "fulcrum", PORTS["fulcrum"]),
-                ("haproxy", "haproxy", PORTS["haproxy"]),
-                ("nginx", "nginx-proxy", PORTS["nginx"]),
+            log(f"memory per idle connection, {args.idle} connections")
+            mem: dict[str, dict[str, float]] = {}
+            for kind, targets in [
+                ("http1", [("fulcrum", "fulcrum", "fulcrum"), ("haproxy", "haproxy", "haproxy"), ("nginx", "nginx-proxy", "nginx")]),
+                # NGINX 1.22 cannot serve HTTP/1.1 and h2c on one cleartext port.
+                ("h2", [("fulcrum", "fulcrum", "fulcrum"), ("haproxy", "haproxy", "haproxy")]),
+                ("tcp", [("fulcrum", "fulcrum-tcp", "fulcrum-tcp"), ("haproxy", "haproxy", "haproxy-tcp"), ("nginx", "nginx-proxy", "nginx-tcp")]),
             ]:
-                mem[name] = idle_memory(procs.procs[proc_name].pid, port, args.idle)
-                log(f"  {name:<8} {mem[name]:.1f} KiB per connection")
+                for name, proc_name, port_name in targets:
+                    kib = idle_memory(procs.procs[proc_name].pid, PORTS[port_name], args.idle, kind)
+                    mem.setdefault(name, {})[kind] = kib
+                    log(f"  {kind:<5} {name:<8} {kib:.1f} KiB per connection")
             sections.append(memory_table(mem, args.idle))
 
         if "quality" in only:
@@ -816,17 +832,21 @@ def tcp_table(bulk: dict[str, WrkResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def memory_table(mem: dict[str, float], n: int) -> str:
+def memory_table(mem: dict[str, dict[str, float]], n: int) -> str:
     lines = [
         "## Memory per idle connection",
         "",
-        f"Resident memory added by {n:,} idle HTTP/1.1 keep-alive client connections (each after one request), divided by {n:,}.",
+        f"Resident memory added by {n:,} idle client connections, divided by {n:,}: HTTP/1.1 keep-alive connections",
+        "after one request each, HTTP/2 connections after their preface and SETTINGS (no stream; NGINX 1.22 cannot",
+        "serve h2c next to HTTP/1.1 on one port), and TCP-mode connections, each joined to a backend, with nothing sent.",
         "",
-        "| proxy | KiB per connection | MiB per 10k |",
-        "|---|---:|---:|",
+        "| proxy | HTTP/1.1 KiB | HTTP/2 KiB | TCP KiB | HTTP/1.1 MiB per 10k |",
+        "|---|---:|---:|---:|---:|",
     ]
-    for t, kib in mem.items():
-        lines.append(f"| {t} | {kib:.1f} | {kib * 10000 / 1024:.0f} |")
+    for t, kinds in mem.items():
+        cell = lambda k: f"{kinds[k]:.1f}" if k in kinds else "—"
+        per10k = f"{kinds['http1'] * 10000 / 1024:.0f}" if "http1" in kinds else "—"
+        lines.append(f"| {t} | {cell('http1')} | {cell('h2')} | {cell('tcp')} | {per10k} |")
     return "\n".join(lines) + "\n"
 
 
