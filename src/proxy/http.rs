@@ -166,7 +166,7 @@ pub(crate) async fn serve(
     let clock = rt.set.clock().clone();
     let start = clock.now();
     let grpc_call = grpc::is_grpc(req.headers());
-    let resp = match forward(&shared, &rt, &peer, req, start).await {
+    let resp = match forward(&shared, &rt, &peer, req, start, grpc_call).await {
         Ok(resp) => resp,
         Err(failure) => local_response(&shared, failure, grpc_call),
     };
@@ -199,6 +199,7 @@ async fn forward(
     peer: &Peer,
     mut req: Request<Incoming>,
     start: balance::Nanos,
+    grpc_call: bool,
 ) -> Result<Response<ProxyBody>, Failure> {
     let http2 = rt.config.app_protocol.is_http2();
     // HTTP/2 has no Upgrade (RFC 9113 §8.6): towards an HTTP/2 endpoint the
@@ -206,7 +207,6 @@ async fn forward(
     let upgrade = if http2 { None } else { upgrade::requested(&req) };
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    let grpc_call = grpc::is_grpc(&parts.headers);
     let timeouts = &rt.config.timeouts;
     // A gRPC call's own deadline bounds the whole call when it is the shorter.
     let call_timeout = if grpc_call { grpc::timeout(&parts.headers).filter(|t| *t < timeouts.request.0) } else { None };
@@ -532,9 +532,8 @@ impl TrackedBody {
         }
     }
 
-    /// Reads a gRPC trailer block: counts the status and makes it the outcome.
-    fn grpc_trailers(&mut self, trailers: &HeaderMap) {
-        let code = grpc::status(trailers).unwrap_or(grpc::code::UNKNOWN);
+    /// Counts the `grpc-status` of the trailer block and makes it the outcome.
+    fn grpc_outcome(&mut self, code: u16) {
         if let Some((_, outcome, lease)) = &mut self.done {
             lease.upstream().stats.count_grpc(code);
             if grpc::is_endpoint_failure(code) {
@@ -585,8 +584,7 @@ impl Body for TrackedBody {
                 if self.grpc
                     && let Some(trailers) = frame.trailers_ref()
                 {
-                    let trailers = trailers.clone();
-                    self.grpc_trailers(&trailers);
+                    self.grpc_outcome(grpc::status(trailers).unwrap_or(grpc::code::UNKNOWN));
                 }
                 if self.inner.is_end_stream() {
                     self.finish(false);
