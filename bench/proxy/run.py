@@ -174,7 +174,7 @@ def fulcrum_conf(work: Path, algorithm: str = "RoundRobin", protocol: str = "HTT
         f"listen: 127.0.0.1:{port}\nprotocol: {protocol}\nadmin: 127.0.0.1:{FULCRUM_ADMIN + (protocol == 'TCP')}\n"
         f"loadBalancing:\n  algorithm: {algorithm}\n{hash_on}"
         # The memory run holds thousands of TCP connections on three backends.
-        f"timeouts: {{idle: 300s}}\ncircuitBreakers: {{maxRequests: 100000}}\nendpoints:\n{eps}"
+        f"timeouts: {{idle: 300s}}\ncircuitBreakers: {{maxRequests: 100000, maxConnections: 100000}}\nendpoints:\n{eps}"
     )
     p = work / f"fulcrum-{protocol}-{algorithm}.yaml"
     p.write_text(text)

@@ -262,11 +262,26 @@ pub struct CircuitBreakers {
     #[serde(default = "max_requests")]
     #[schemars(range(min = 1, max = 1_000_000))]
     pub max_requests: i32,
+    /// Connections open to one replica from one proxy (TCP mode: the smaller
+    /// of this and maxRequests caps its connections); a request that needs
+    /// one more waits for one to free up.
+    #[serde(default = "max_requests")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub max_connections: i32,
+    /// Requests waiting for a connection to one replica at maxConnections;
+    /// one more goes to another replica, or fails fast with 503 (gRPC UNAVAILABLE).
+    #[serde(default = "max_requests")]
+    #[schemars(range(min = 0, max = 1_000_000))]
+    pub max_pending_requests: i32,
 }
 
 impl Default for CircuitBreakers {
     fn default() -> Self {
-        CircuitBreakers { max_requests: max_requests() }
+        CircuitBreakers {
+            max_requests: max_requests(),
+            max_connections: max_requests(),
+            max_pending_requests: max_requests(),
+        }
     }
 }
 

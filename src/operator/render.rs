@@ -140,6 +140,11 @@ pub fn proxy_config(spec: &LoadBalancedAppSpec) -> Result<ProxyConfig, InvalidSp
         },
         circuit_breakers: pc::CircuitBreakers {
             max_requests: count("circuitBreakers.maxRequests", spec.circuit_breakers.max_requests)?,
+            max_connections: count("circuitBreakers.maxConnections", spec.circuit_breakers.max_connections)?,
+            max_pending_requests: count(
+                "circuitBreakers.maxPendingRequests",
+                spec.circuit_breakers.max_pending_requests,
+            )?,
         },
     };
     config.validate()?;

@@ -121,6 +121,8 @@ pub(crate) fn endpoints_json(shared: &Shared) -> String {
                 "requests": e.requests(),
                 "failures": e.failures(),
                 "consecutiveFailures": e.consecutive_failures(),
+                "connections": upstream.map_or(0, |u| u.connections()),
+                "pendingRequests": upstream.map_or(0, |u| u.pending()),
                 "idleConnections": upstream.map_or(0, |u| u.idle_count()),
                 "http2Connections": upstream.map_or(0, |u| u.h2_connections()),
                 "tunnels": upstream.map_or(0, |u| u.stats.tunnels.load(Ordering::Relaxed)),

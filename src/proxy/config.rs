@@ -109,11 +109,24 @@ pub struct CircuitBreakers {
     /// to another endpoint, or fails fast with 503 (gRPC `UNAVAILABLE`).
     #[serde(default = "default_max_requests")]
     pub max_requests: u32,
+    /// Connections open to one endpoint over all workers (HTTP modes; in TCP
+    /// mode a connection is a request, capped by the smaller of the two). A
+    /// request that needs one more waits for one to free up.
+    #[serde(default = "default_max_requests")]
+    pub max_connections: u32,
+    /// Requests waiting for a connection to one endpoint at `maxConnections`;
+    /// one more goes to another endpoint, or fails fast like `maxRequests`.
+    #[serde(default = "default_max_requests")]
+    pub max_pending_requests: u32,
 }
 
 impl Default for CircuitBreakers {
     fn default() -> Self {
-        CircuitBreakers { max_requests: default_max_requests() }
+        CircuitBreakers {
+            max_requests: default_max_requests(),
+            max_connections: default_max_requests(),
+            max_pending_requests: default_max_requests(),
+        }
     }
 }
 
@@ -134,13 +147,16 @@ fn default_max_requests() -> u32 {
 }
 
 /// The bounds of each limit: (field, minimum, maximum).
-pub const LIMIT_BOUNDS: [(&str, u32, u32); 5] = [
+pub const LIMIT_BOUNDS: [(&str, u32, u32); 7] = [
     ("limits.maxConnections", 1, 1_000_000),
     // hyper's HTTP/1 read buffer cannot be smaller than 8 KiB.
     ("limits.maxRequestHeaderBytes", 8192, 1 << 20),
     ("limits.maxRequestHeaders", 1, 1000),
     ("limits.maxConcurrentStreams", 1, 10_000),
     ("circuitBreakers.maxRequests", 1, 1_000_000),
+    ("circuitBreakers.maxConnections", 1, 1_000_000),
+    // 0: a request never waits for a connection.
+    ("circuitBreakers.maxPendingRequests", 0, 1_000_000),
 ];
 
 /// What the endpoints speak (HTTP mode).
@@ -740,6 +756,8 @@ impl ProxyConfig {
             l.max_request_headers,
             l.max_concurrent_streams,
             self.circuit_breakers.max_requests,
+            self.circuit_breakers.max_connections,
+            self.circuit_breakers.max_pending_requests,
         ];
         for ((field, min, max), v) in LIMIT_BOUNDS.iter().zip(values) {
             if v < *min || v > *max {

@@ -87,7 +87,8 @@ pub(crate) enum Failure {
     Upstream,
     /// The endpoint did not answer in time.
     Timeout,
-    /// Every endpoint tried was at its `circuitBreakers.maxRequests`.
+    /// Every endpoint tried was at its `circuitBreakers.maxRequests`, or had
+    /// `maxConnections` open and `maxPendingRequests` waiting.
     Overflow,
 }
 
@@ -242,7 +243,13 @@ async fn forward(
     if retries > 0 {
         shared.retry_budget.deposit();
     }
-    let settings = ConnSettings { connect_timeout: timeouts.connect.0, idle_timeout: timeouts.idle.0 };
+    let breakers = &rt.config.circuit_breakers;
+    let settings = ConnSettings {
+        connect_timeout: timeouts.connect.0,
+        idle_timeout: timeouts.idle.0,
+        max_connections: breakers.max_connections as usize,
+        max_pending: breakers.max_pending_requests as usize,
+    };
     let deadline = tokio::time::Instant::now() + call_timeout.unwrap_or(timeouts.request.0);
 
     let mut tried = [SocketAddr::from(([0, 0, 0, 0], 0)); MAX_RETRY_ATTEMPTS as usize + 1];
@@ -265,9 +272,9 @@ async fn forward(
         let stats = &upstream.stats;
         // Circuit breaking: an endpoint at its cap is skipped before anything is
         // sent, so the next attempt is free; past the last one, a fast 503.
-        if pick.endpoint().in_flight() > rt.config.circuit_breakers.max_requests {
+        if pick.endpoint().in_flight() > breakers.max_requests {
             pick.complete(Outcome::Cancelled);
-            shared.metrics.overflow();
+            shared.metrics.overflow("maxRequests");
             if attempt == retries {
                 return Err(Failure::Overflow);
             }
@@ -318,6 +325,14 @@ async fn forward(
                     tracked.deadline = Some(Box::pin(tokio::time::sleep_until(deadline)));
                 }
                 return Ok(Response::from_parts(rparts, Either::Left(tracked)));
+            }
+            Ok(Err(UpstreamError::Overflow)) => {
+                // Nothing was sent and the endpoint is not at fault: like maxRequests.
+                pick.complete(Outcome::Cancelled);
+                shared.metrics.overflow("maxPendingRequests");
+                if attempt == retries {
+                    return Err(Failure::Overflow);
+                }
             }
             Ok(Err(e)) => {
                 stats.count(NO_RESPONSE);

@@ -160,6 +160,11 @@ struct CodeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabel {
+    limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TimeoutLabel {
     timeout: &'static str,
 }
@@ -224,7 +229,7 @@ pub struct Metrics {
     upgrades: Family<ResultLabel, Counter>,
     timeouts: Family<TimeoutLabel, Counter>,
     at_cap: Counter<f64, AtomicU64>,
-    overflows: Counter,
+    overflows: Family<LimitLabel, Counter>,
     /// Upgraded connections (WebSocket) open now.
     pub(crate) tunnels: Tunnels,
     source: SourceMetrics,
@@ -273,10 +278,11 @@ impl Metrics {
             "Time the workers spent not accepting because limits.maxConnections client connections were open",
             at_cap.clone(),
         );
-        let overflows = Counter::default();
+        let overflows = Family::default();
         registry.register(
             "circuit_breaker_overflows",
-            "Requests and TCP connections turned away from an endpoint at circuitBreakers.maxRequests",
+            "Requests and TCP connections turned away from an endpoint by a circuit breaker, by limit \
+             (maxRequests, maxPendingRequests; TCP mode: maxRequests or maxConnections)",
             overflows.clone(),
         );
         let tunnels = Tunnels::default();
@@ -324,8 +330,8 @@ impl Metrics {
         self.at_cap.inc_by(waited.as_secs_f64());
     }
 
-    pub(crate) fn overflow(&self) {
-        self.overflows.inc();
+    pub(crate) fn overflow(&self, limit: &'static str) {
+        self.overflows.get_or_create(&LimitLabel { limit }).inc();
     }
 
     pub(crate) fn timed_out(&self, timeout: &'static str) {
@@ -390,6 +396,26 @@ impl Collector for EndpointCollector {
                 for (code, n) in s.grpc_responses() {
                     ConstCounter::new(n)
                         .encode(e.encode_family(&[("endpoint", s.label.as_str()), ("grpc_status", code)])?)?;
+                }
+            }
+            for (name, help, value) in [
+                (
+                    "endpoint_connections",
+                    "Connections open to the endpoint (HTTP/1.1 and HTTP/2), capped by circuitBreakers.maxConnections",
+                    super::upstream::Upstream::connections as fn(&super::upstream::Upstream) -> usize,
+                ),
+                (
+                    "endpoint_pending_requests",
+                    "Requests waiting for a connection to the endpoint, capped by circuitBreakers.maxPendingRequests",
+                    super::upstream::Upstream::pending,
+                ),
+            ] {
+                let mut e = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+                for (s, m) in &rows {
+                    if let Some(u) = rt.upstreams.get(&m.endpoint().addr()) {
+                        ConstGauge::new(i64::try_from(value(u)).unwrap_or(i64::MAX))
+                            .encode(e.encode_family(&[("endpoint", s.label.as_str())])?)?;
+                    }
                 }
             }
         } else {

@@ -43,10 +43,17 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: Sock
         let addr = pick.addr();
         tried[attempt] = addr;
         let Some(stats) = rt.upstreams.get(&addr).map(|u| &u.stats) else { return };
-        if pick.endpoint().in_flight() > rt.config.circuit_breakers.max_requests {
+        // A TCP connection is both a request and a connection to the endpoint.
+        let breakers = &rt.config.circuit_breakers;
+        let (cap, limit) = if breakers.max_connections < breakers.max_requests {
+            (breakers.max_connections, "maxConnections")
+        } else {
+            (breakers.max_requests, "maxRequests")
+        };
+        if pick.endpoint().in_flight() > cap {
             pick.complete(Outcome::Cancelled);
-            shared.metrics.overflow();
-            tracing::debug!(endpoint = %addr, "endpoint at circuitBreakers.maxRequests; trying another");
+            shared.metrics.overflow(limit);
+            tracing::debug!(endpoint = %addr, limit, "endpoint at its circuit breaker; trying another");
             continue;
         }
         let connected = tokio::time::timeout(rt.config.timeouts.connect.0, TcpStream::connect(addr)).await;

@@ -16,6 +16,15 @@
 //! below its last stream id; streams the endpoint refused (`REFUSED_STREAM`,
 //! or above the `GOAWAY` id) were never processed and are reported as
 //! [`UpstreamError::Refused`], so the caller may send them again elsewhere.
+//!
+//! Circuit breaking (Envoy's `max_connections` and `max_pending_requests`):
+//! the connections to an endpoint are counted over all workers, and a request
+//! that needs a new one while the endpoint has `maxConnections` open waits
+//! for one to come back to a pool (or for an HTTP/2 stream to end), taking
+//! idle connections from other workers' pools too. At most
+//! `maxPendingRequests` wait; one more is turned away at once
+//! ([`UpstreamError::Overflow`]), and a waiter is bounded by the request's
+//! own timeout.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -73,6 +82,63 @@ pub(crate) struct Upstream {
     h2_opening: Box<[tokio::sync::Mutex<()>]>,
     /// Set once the endpoint failed its first HTTP/2 exchange (logged once).
     warned: AtomicBool,
+    /// Connections open and requests waiting for one.
+    capacity: Arc<Capacity>,
+}
+
+/// The connections open to an endpoint over all workers, and the requests
+/// waiting for one. Shared with each connection's task (which must not hold
+/// the [`Upstream`]: its pools hold the connection).
+#[derive(Debug, Default)]
+struct Capacity {
+    connections: AtomicUsize,
+    pending: AtomicUsize,
+    /// Woken when a connection or an HTTP/2 stream frees up while requests wait.
+    freed: tokio::sync::Notify,
+}
+
+impl Capacity {
+    /// Counts one more connection unless `max` are open.
+    fn try_open(self: &Arc<Self>, max: usize) -> Option<OpenConn> {
+        self.connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| OpenConn(self.clone()))
+    }
+
+    /// Counts one more waiting request unless `max` wait.
+    fn queue(self: &Arc<Self>, max: usize) -> Option<Pending> {
+        self.pending
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| Pending(self.clone()))
+    }
+
+    /// Wakes the waiting requests, if any, to look again.
+    fn wake(&self) {
+        if self.pending.load(Ordering::SeqCst) > 0 {
+            self.freed.notify_waiters();
+        }
+    }
+}
+
+/// One connection counted against `maxConnections`, until its task ends.
+struct OpenConn(Arc<Capacity>);
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        self.0.wake();
+    }
+}
+
+/// One request counted against `maxPendingRequests` while it waits.
+struct Pending(Arc<Capacity>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 struct Idle {
@@ -173,6 +239,10 @@ pub(crate) enum UpstreamError {
     /// The connection failed after the request may have been sent.
     #[error("exchange: {0}")]
     Exchange(hyper::Error),
+    /// The endpoint has `maxConnections` open and `maxPendingRequests`
+    /// waiting: the request was not sent.
+    #[error("maxConnections open and maxPendingRequests waiting")]
+    Overflow,
 }
 
 /// A connection in use by one request: an HTTP/1.1 connection goes back to
@@ -195,8 +265,10 @@ impl Lease {
 
     /// Returns the connection for the next request (the response has ended cleanly).
     pub(crate) fn release(mut self) {
-        if let Some(LeaseKind::Http1(sender)) = self.kind.take() {
-            self.upstream.checkin(sender);
+        match self.kind.take() {
+            Some(LeaseKind::Http1(sender)) => self.upstream.checkin(sender),
+            // An HTTP/2 stream's slot is freed by `drop`, whichever way the lease ends.
+            other => self.kind = other,
         }
     }
 
@@ -210,10 +282,11 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let Some(LeaseKind::Http2(state)) = &self.kind
-            && state.streams.fetch_sub(1, Ordering::Relaxed) == 1
-        {
-            state.idle_since_ms.store(now_ms(), Ordering::Relaxed);
+        if let Some(LeaseKind::Http2(state)) = &self.kind {
+            if state.streams.fetch_sub(1, Ordering::Relaxed) == 1 {
+                state.idle_since_ms.store(now_ms(), Ordering::Relaxed);
+            }
+            self.upstream.capacity.wake();
         }
     }
 }
@@ -223,6 +296,10 @@ impl Drop for Lease {
 pub(crate) struct ConnSettings {
     pub(crate) connect_timeout: Duration,
     pub(crate) idle_timeout: Duration,
+    /// `circuitBreakers.maxConnections`.
+    pub(crate) max_connections: usize,
+    /// `circuitBreakers.maxPendingRequests`.
+    pub(crate) max_pending: usize,
 }
 
 impl Upstream {
@@ -244,7 +321,18 @@ impl Upstream {
             h2,
             h2_opening,
             warned: AtomicBool::new(false),
+            capacity: Arc::default(),
         }
+    }
+
+    /// Connections open to the endpoint now (HTTP/1.1 and HTTP/2), over all workers.
+    pub(crate) fn connections(&self) -> usize {
+        self.capacity.connections.load(Ordering::Relaxed)
+    }
+
+    /// Requests waiting for a connection to the endpoint now.
+    pub(crate) fn pending(&self) -> usize {
+        self.capacity.pending.load(Ordering::Relaxed)
     }
 
     fn idle_list(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
@@ -273,10 +361,7 @@ impl Upstream {
         settings: ConnSettings,
     ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
         loop {
-            let (mut sender, pooled) = match self.checkout(settings.idle_timeout) {
-                Some(s) => (s, true),
-                None => (self.connect_h1(settings.connect_timeout).await?, false),
-            };
+            let (mut sender, pooled) = self.h1_connection(settings).await?;
             // A pooled connection may still be finishing the previous response.
             if sender.ready().await.is_err() {
                 if pooled {
@@ -307,20 +392,58 @@ impl Upstream {
         Ok(TokioIo::new(stream))
     }
 
-    async fn connect_h1(&self, timeout: Duration) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
+    /// A pooled connection (and `true`), or a new one while fewer than
+    /// `maxConnections` are open; otherwise waits, among at most
+    /// `maxPendingRequests`, for one to come back to any worker's pool or to close.
+    async fn h1_connection(
+        &self,
+        settings: ConnSettings,
+    ) -> Result<(http1::SendRequest<UpstreamBody>, bool), UpstreamError> {
+        if let Some(s) = Self::checkout(&mut self.idle_list(), settings.idle_timeout) {
+            return Ok((s, true));
+        }
+        let mut queued = None;
+        loop {
+            // Armed before looking, so a connection freed meanwhile is not missed.
+            let freed = self.capacity.freed.notified();
+            let mut freed = std::pin::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(slot) = self.capacity.try_open(settings.max_connections) {
+                return Ok((self.connect_h1(settings.connect_timeout, slot).await?, false));
+            }
+            if queued.is_some() {
+                for list in &self.idle {
+                    let mut idle = list.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(s) = Self::checkout(&mut idle, settings.idle_timeout) {
+                        return Ok((s, true));
+                    }
+                }
+                freed.await;
+            } else {
+                queued = Some(self.capacity.queue(settings.max_pending).ok_or(UpstreamError::Overflow)?);
+            }
+        }
+    }
+
+    async fn connect_h1(
+        &self,
+        timeout: Duration,
+        slot: OpenConn,
+    ) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
         let io = self.tcp(timeout).await?;
         let (sender, conn) =
             http1::Builder::new().handshake(io).await.map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;
         tokio::spawn(async move {
             // Ends when the endpoint or the pool closes the connection, or
-            // when a 101 response hands the socket to a tunnel.
+            // when a 101 response hands the socket to a tunnel (which then
+            // counts as a request in flight, not as a connection).
             let _ = conn.with_upgrades().await;
+            drop(slot);
         });
         Ok(sender)
     }
 
-    fn checkout(&self, idle_timeout: Duration) -> Option<http1::SendRequest<UpstreamBody>> {
-        let mut idle = self.idle_list();
+    fn checkout(idle: &mut Vec<Idle>, idle_timeout: Duration) -> Option<http1::SendRequest<UpstreamBody>> {
         // Most recently used first: its socket is warm and least likely to have been closed.
         while let Some(i) = idle.pop() {
             if !i.sender.is_closed() && i.since.elapsed() < idle_timeout {
@@ -334,10 +457,13 @@ impl Upstream {
         if sender.is_closed() {
             return;
         }
-        let mut idle = self.idle_list();
-        if idle.len() < MAX_IDLE {
-            idle.push(Idle { sender, since: Instant::now() });
+        {
+            let mut idle = self.idle_list();
+            if idle.len() < MAX_IDLE {
+                idle.push(Idle { sender, since: Instant::now() });
+            }
         }
+        self.capacity.wake();
     }
 
     /// Sends `req` as a stream on this worker's first HTTP/2 connection with
@@ -380,35 +506,56 @@ impl Upstream {
         &self,
         settings: ConnSettings,
     ) -> Result<(http2::SendRequest<UpstreamBody>, Arc<H2State>), UpstreamError> {
-        if let Some(found) = self.h2_with_room() {
+        if let Some(found) = Self::h2_with_room(&self.h2_list()) {
             return Ok(found);
         }
-        let _opening = self.h2_opening[worker_slot(self.h2_opening.len())].lock().await;
-        // Another request of this worker may have opened one meanwhile.
-        if let Some(found) = self.h2_with_room() {
-            return Ok(found);
+        let mut queued = None;
+        loop {
+            let freed = self.capacity.freed.notified();
+            let mut freed = std::pin::pin!(freed);
+            freed.as_mut().enable();
+            {
+                let _opening = self.h2_opening[worker_slot(self.h2_opening.len())].lock().await;
+                // Another request of this worker may have opened one meanwhile.
+                if let Some(found) = Self::h2_with_room(&self.h2_list()) {
+                    return Ok(found);
+                }
+                if let Some(slot) = self.capacity.try_open(settings.max_connections) {
+                    let (sender, state) = self.connect_h2(settings, slot).await?;
+                    // The endpoint's limit arrives in its first frame, one round trip
+                    // after the connection opens: wait for it, so a burst of requests on a
+                    // new connection does not pile onto it past the limit.
+                    state.settled(settings.connect_timeout).await;
+                    let mut list = self.h2_list();
+                    list.retain(|c| !c.sender.is_closed());
+                    if list.len() < MAX_H2_CONNECTIONS {
+                        list.push(H2Conn { sender: sender.clone(), state: state.clone() });
+                    }
+                    return Ok((sender, state));
+                }
+            }
+            if queued.is_some() {
+                // At maxConnections: a stream ending on any worker's connection makes room.
+                for list in &self.h2 {
+                    if let Some(found) = Self::h2_with_room(&list.lock().unwrap_or_else(|p| p.into_inner())) {
+                        return Ok(found);
+                    }
+                }
+                freed.await;
+            } else {
+                queued = Some(self.capacity.queue(settings.max_pending).ok_or(UpstreamError::Overflow)?);
+            }
         }
-        let (sender, state) = self.connect_h2(settings).await?;
-        // The endpoint's limit arrives in its first frame, one round trip
-        // after the connection opens: wait for it, so a burst of requests on a
-        // new connection does not pile onto it past the limit.
-        state.settled(settings.connect_timeout).await;
-        let mut list = self.h2_list();
-        list.retain(|c| !c.sender.is_closed());
-        if list.len() < MAX_H2_CONNECTIONS {
-            list.push(H2Conn { sender: sender.clone(), state: state.clone() });
-        }
-        Ok((sender, state))
     }
 
-    fn h2_with_room(&self) -> Option<(http2::SendRequest<UpstreamBody>, Arc<H2State>)> {
-        let list = self.h2_list();
+    fn h2_with_room(list: &[H2Conn]) -> Option<(http2::SendRequest<UpstreamBody>, Arc<H2State>)> {
         list.iter().find(|c| c.has_room()).map(|c| (c.sender.clone(), c.state.clone()))
     }
 
     async fn connect_h2(
         &self,
         settings: ConnSettings,
+        slot: OpenConn,
     ) -> Result<(http2::SendRequest<UpstreamBody>, Arc<H2State>), UpstreamError> {
         let stream = match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(self.addr)).await {
             Ok(Ok(s)) => s,
@@ -454,6 +601,7 @@ impl Upstream {
                 }
             })
             .await;
+            drop(slot);
         });
         Ok((sender, state))
     }

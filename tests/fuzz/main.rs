@@ -54,7 +54,7 @@ fn value() -> impl Strategy<Value = Value> {
     })
 }
 
-const CONFIG_KEYS: [&str; 22] = [
+const CONFIG_KEYS: [&str; 24] = [
     "listen",
     "protocol",
     "appProtocol",
@@ -77,6 +77,8 @@ const CONFIG_KEYS: [&str; 22] = [
     "limits.maxConnections",
     "limits.maxRequestHeaderBytes",
     "circuitBreakers.maxRequests",
+    "circuitBreakers.maxConnections",
+    "circuitBreakers.maxPendingRequests",
 ];
 
 /// A near-valid configuration: a valid base with some fields set to anything.

@@ -294,6 +294,95 @@ async fn an_endpoint_at_its_request_cap_turns_requests_away_fast() {
         assert_eq!(s.await.unwrap().unwrap().status, 200);
     }
     let m = admin(&p, "/metrics").await.body;
-    assert!(m.contains("fulcrum_proxy_circuit_breaker_overflows_total 1"), "{m}");
+    assert!(m.contains("fulcrum_proxy_circuit_breaker_overflows_total{limit=\"maxRequests\"} 1"), "{m}");
+    p.shutdown().await;
+}
+
+/// `n` requests to `path` at once; their statuses (or errors) and bodies.
+async fn burst(p: &fulcrum::proxy::ProxyHandle, n: usize) -> Vec<(u16, String)> {
+    let c = client();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let (c, url) = (c.clone(), format!("http://{}/", p.addr));
+        set.spawn(async move {
+            match send(&c, http::Request::get(url).body(Default::default()).unwrap()).await {
+                Ok(r) => (r.status.as_u16(), r.body),
+                Err(e) => (0, e),
+            }
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(r) = set.join_next().await {
+        out.push(r.unwrap());
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_max_connections_wait_for_a_connection_and_reuse_it() {
+    let bs = backends(1).await;
+    bs[0].set_delay(Duration::from_millis(300));
+    let p = proxy(&format!(
+        "circuitBreakers: {{maxConnections: 2, maxPendingRequests: 100}}\nretries: {{attempts: 0}}\n{}",
+        endpoints_yaml(&bs)
+    ))
+    .await;
+    // Six slow requests at once, on both workers: two go out, four wait and
+    // take the connections as they come back, whichever worker pooled them.
+    let started = Instant::now();
+    let replies = burst(&p, 6).await;
+    assert!(replies.iter().all(|(s, _)| *s == 200), "{replies:?}");
+    assert_eq!(
+        bs[0].behaviour.accepted.load(std::sync::atomic::Ordering::Relaxed),
+        2,
+        "never more than two connections"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(850), "three rounds of two: {:?}", started.elapsed());
+    let doc = admin(&p, "/endpoints").await.body;
+    let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    assert_eq!(
+        (doc["endpoints"][0]["connections"].as_u64(), doc["endpoints"][0]["pendingRequests"].as_u64()),
+        (Some(2), Some(0))
+    );
+    let m = admin(&p, "/metrics").await.body;
+    assert!(m.contains(&format!("fulcrum_proxy_endpoint_connections{{endpoint=\"{}\"}} 2", bs[0].addr)), "{m}");
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_of_pending_requests_turns_more_away_fast_or_to_another_endpoint() {
+    let bs = backends(1).await;
+    bs[0].set_delay(Duration::from_millis(600));
+    let p = proxy(&format!(
+        "circuitBreakers: {{maxConnections: 1, maxPendingRequests: 1}}\nretries: {{attempts: 0}}\n{}",
+        endpoints_yaml(&bs)
+    ))
+    .await;
+    // One in flight, one waiting; the other two are refused at once.
+    let started = Instant::now();
+    let replies = burst(&p, 4).await;
+    let statuses: Vec<u16> = replies.iter().map(|(s, _)| *s).collect();
+    assert_eq!(statuses, [200, 200, 503, 503], "{replies:?}");
+    assert!(replies.iter().filter(|(s, _)| *s == 503).all(|(_, b)| b == "endpoints at their request limit\n"));
+    assert!(started.elapsed() < Duration::from_millis(2000), "{:?}", started.elapsed());
+    let m = admin(&p, "/metrics").await.body;
+    assert!(m.contains("fulcrum_proxy_circuit_breaker_overflows_total{limit=\"maxPendingRequests\"} 2"), "{m}");
+    p.shutdown().await;
+
+    // With two endpoints and a retry, an overflow on one goes to the other, for free.
+    let bs = backends(2).await;
+    for b in &bs {
+        b.set_delay(Duration::from_millis(400));
+    }
+    let p = proxy1(&format!(
+        "loadBalancing: {{algorithm: RoundRobin}}\ncircuitBreakers: {{maxConnections: 1, maxPendingRequests: 0}}\n\
+         retries: {{attempts: 1}}\n{}",
+        endpoints_yaml(&bs)
+    ))
+    .await;
+    let replies = burst(&p, 2).await;
+    assert!(replies.iter().all(|(s, _)| *s == 200), "{replies:?}");
+    assert!(bs.iter().all(|b| b.hits() == 1), "one on each endpoint");
     p.shutdown().await;
 }

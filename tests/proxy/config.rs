@@ -129,6 +129,8 @@ fn every_rule_names_the_field_it_guards() {
         ("limits: {maxRequestHeaders: 0}", "limits.maxRequestHeaders"),
         ("limits: {maxConcurrentStreams: 0}", "limits.maxConcurrentStreams"),
         ("circuitBreakers: {maxRequests: 0}", "circuitBreakers.maxRequests"),
+        ("circuitBreakers: {maxConnections: 0}", "circuitBreakers.maxConnections"),
+        ("circuitBreakers: {maxPendingRequests: 1000001}", "circuitBreakers.maxPendingRequests"),
         ("loadBalancing: {maglevTableSize: 4294967291}", "loadBalancing.maglevTableSize"),
         ("admin: 127.0.0.1:8080", "admin"),
         ("workers: 0", "workers"),

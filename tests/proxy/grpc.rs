@@ -297,6 +297,51 @@ async fn the_endpoints_stream_limit_opens_more_connections() {
         started.elapsed()
     );
     assert_eq!(doc(&p).await["endpoints"][0]["http2Connections"], 3, "no more connections than needed");
+    // Ended streams free their slots: more calls than the three connections
+    // ever had room for reuse them.
+    let mut c = c.clone();
+    for _ in 0..10 {
+        c.unary(Request::new(msg(8))).await.expect("a call after the burst");
+    }
+    let after = doc(&p).await;
+    assert_eq!(
+        (after["endpoints"][0]["http2Connections"].as_u64(), after["endpoints"][0]["inFlight"].as_u64()),
+        (Some(3), Some(0)),
+        "{after}"
+    );
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_max_connections_calls_wait_for_a_stream_of_the_open_connection() {
+    let bs = grpc_backends(1, 39, Some(2)).await;
+    let p = proxy(&format!("circuitBreakers: {{maxConnections: 1}}\n{}", grpc_endpoints(&bs))).await;
+    let c = EchoClient::new(channel(p.addr).await);
+    let mut calls = tokio::task::JoinSet::new();
+    let started = Instant::now();
+    for _ in 0..6 {
+        let mut c = c.clone();
+        calls.spawn(async move { c.unary(Request::new(Msg { delay_ms: 300, ..msg(8) })).await });
+    }
+    let endpoint = |p: &fulcrum::proxy::ProxyHandle| {
+        let url = format!("http://{}/endpoints", p.admin.unwrap());
+        async move {
+            let body = send(&client(), http::Request::get(url).body(Default::default()).unwrap()).await.unwrap().body;
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()["endpoints"][0].clone()
+        }
+    };
+    // Two streams on the one connection; the four other calls wait (on either worker).
+    let queued = eventually(Duration::from_secs(2), || async {
+        let e = endpoint(&p).await;
+        e["pendingRequests"] == 4 && e["connections"] == 1
+    })
+    .await;
+    assert!(queued, "{}", endpoint(&p).await);
+    while let Some(r) = calls.join_next().await {
+        r.unwrap().expect("every call succeeds");
+    }
+    assert!(started.elapsed() >= Duration::from_millis(850), "three rounds of two: {:?}", started.elapsed());
+    assert_eq!(endpoint(&p).await["http2Connections"], 1);
     p.shutdown().await;
 }
 

@@ -363,7 +363,7 @@ async fn idle_tcp_connections_are_cheap_and_closed_after_idle() {
     let bs = backends(1).await;
     // All 5 000 on one endpoint: its circuit breaker (1 024 connections by default) raised.
     let yaml = format!(
-        "protocol: TCP\ntimeouts: {{idle: 3s}}\ncircuitBreakers: {{maxRequests: 10000}}\n{}",
+        "protocol: TCP\ntimeouts: {{idle: 3s}}\ncircuitBreakers: {{maxRequests: 10000, maxConnections: 10000}}\n{}",
         endpoints_yaml(&bs)
     );
     let (proxy, dir, listen, _admin) = start_yaml("tcp-idle", &yaml);

@@ -30,6 +30,8 @@ pub struct Behaviour {
     /// Close the connection on each request instead of answering.
     pub hang_up: AtomicBool,
     pub hits: AtomicU64,
+    /// Connections accepted so far.
+    pub accepted: AtomicU64,
 }
 
 /// An HTTP backend on its own loopback address.
@@ -56,6 +58,7 @@ impl Backend {
             healthy: AtomicBool::new(true),
             hang_up: AtomicBool::new(false),
             hits: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
         });
         let (b, n) = (behaviour.clone(), name.to_owned());
         let conns = Arc::new(Mutex::new(JoinSet::new()));
@@ -63,6 +66,7 @@ impl Backend {
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
+                b.accepted.fetch_add(1, Ordering::Relaxed);
                 let (b, n) = (b.clone(), n.clone());
                 let mut set = accepted.lock().unwrap_or_else(|p| p.into_inner());
                 set.spawn(async move {
