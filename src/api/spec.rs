@@ -652,8 +652,9 @@ pub struct Timeouts {
     #[serde(default = "ten_seconds")]
     #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
     pub header: String,
-    /// With requests in flight on a client connection, no byte either way for this long closes it, e.g. `5m`
-    /// (long enough for quiet gRPC streams and server-sent events).
+    /// With requests in flight on a client connection, no byte either way for this long closes it (an
+    /// HTTP/2 stream silent this long is ended on its own), e.g. `5m` (long enough for quiet gRPC
+    /// streams and server-sent events).
     #[serde(default = "five_minutes")]
     #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
     pub body_idle: String,

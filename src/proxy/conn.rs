@@ -20,7 +20,10 @@
 //! - **body idle** (`timeouts.bodyIdle`): with requests in flight, no byte in
 //!   either direction for this long ends the connection, releasing the
 //!   endpoints (a client that stopped reading, an endpoint that stopped
-//!   sending).
+//!   sending). On an HTTP/2 connection each stream also has its own
+//!   [`StreamClock`]: a stream whose response stops while others keep the
+//!   connection busy is ended on its own after the same time (the response
+//!   body enforces it; see `TrackedBody`).
 
 use std::io;
 use std::pin::Pin;
@@ -31,6 +34,32 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+
+/// Milliseconds since the first call in this process: a cheap, shared time base.
+pub(crate) fn now_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// When a byte of one HTTP/2 stream last moved, either way: its request body
+/// marks it as the client sends, its response body as the endpoint answers.
+#[derive(Clone, Debug)]
+pub(crate) struct StreamClock(Arc<AtomicU64>);
+
+impl StreamClock {
+    pub(crate) fn new() -> Self {
+        StreamClock(Arc::new(AtomicU64::new(now_ms())))
+    }
+
+    pub(crate) fn touch(&self) {
+        self.0.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// How long the stream has been silent.
+    pub(crate) fn idle_for(&self) -> Duration {
+        Duration::from_millis(now_ms().saturating_sub(self.0.load(Ordering::Relaxed)))
+    }
+}
 
 /// The HTTP/2 client preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";

@@ -27,6 +27,7 @@ use http_body_util::{Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::config::{HashKey, MAX_RETRY_ATTEMPTS};
+use super::conn::StreamClock;
 use super::metrics::{NO_RESPONSE, class_of};
 use super::replay::{ReplayError, Replayable};
 use super::state::{Runtime, Shared};
@@ -34,12 +35,41 @@ use super::upstream::{ConnSettings, Lease, UpstreamError};
 use super::{forwarding, grpc, upgrade};
 use crate::balance::{self, AffinityToken, Outcome, Pick, hash_key};
 
+/// A client's request body; on an HTTP/2 connection each frame marks its
+/// stream's progress.
+pub(crate) struct ClientBody {
+    inner: Incoming,
+    clock: Option<StreamClock>,
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let (Some(clock), Poll::Ready(Some(Ok(_)))) = (&this.clock, &polled) {
+            clock.touch();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Body of a request sent to an endpoint.
 pub(crate) enum UpstreamBody {
     /// The client's, streamed once (no retries configured).
-    Client(Incoming),
+    Client(ClientBody),
     /// The client's, kept for a replay while it is small.
-    Replay(Replayable),
+    Replay(Replayable<ClientBody>),
     /// No body.
     Empty,
 }
@@ -158,16 +188,20 @@ impl Peer {
 }
 
 /// Serves one client request.
+///
+/// `stream` is the clock of the request's HTTP/2 stream: its response is
+/// ended once neither direction has moved for `timeouts.bodyIdle`.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     peer: Peer,
     req: Request<Incoming>,
+    stream: Option<StreamClock>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let rt = shared.current.load_full();
     let clock = rt.set.clock().clone();
     let start = clock.now();
     let grpc_call = grpc::is_grpc(req.headers());
-    let resp = match forward(&shared, &rt, &peer, req, start, grpc_call).await {
+    let resp = match forward(&shared, &rt, &peer, req, start, grpc_call, stream).await {
         Ok(resp) => resp,
         Err(failure) => local_response(&shared, failure, grpc_call),
     };
@@ -178,9 +212,9 @@ pub(crate) async fn serve(
 /// The request body as sent on each attempt.
 enum Sendable {
     /// Sent once; a retry is impossible once it has gone.
-    Once(Option<Incoming>),
+    Once(Option<ClientBody>),
     /// Read through a holder that can start it again.
-    Held(Replayable),
+    Held(Replayable<ClientBody>),
     Empty,
 }
 
@@ -195,12 +229,13 @@ impl Sendable {
 }
 
 async fn forward(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     rt: &Runtime,
     peer: &Peer,
     mut req: Request<Incoming>,
     start: balance::Nanos,
     grpc_call: bool,
+    stream: Option<StreamClock>,
 ) -> Result<Response<ProxyBody>, Failure> {
     let http2 = rt.config.app_protocol.is_http2();
     // HTTP/2 has no Upgrade (RFC 9113 §8.6): towards an HTTP/2 endpoint the
@@ -235,9 +270,9 @@ async fn forward(
     let mut body = if body.is_end_stream() {
         Sendable::Empty
     } else if retries > 0 {
-        Sendable::Held(Replayable::new(body))
+        Sendable::Held(Replayable::new(ClientBody { inner: body, clock: stream.clone() }))
     } else {
-        Sendable::Once(Some(body))
+        Sendable::Once(Some(ClientBody { inner: body, clock: stream.clone() }))
     };
     let idempotent = parts.as_ref().is_some_and(|p| is_idempotent(&p.method));
     if retries > 0 {
@@ -323,6 +358,11 @@ async fn forward(
                 let mut tracked = TrackedBody::new(rbody, pick, outcome, lease, grpc_response);
                 if call_timeout.is_some() {
                     tracked.deadline = Some(Box::pin(tokio::time::sleep_until(deadline)));
+                }
+                if let Some(clock) = stream {
+                    clock.touch();
+                    tracked.idle =
+                        Some(StreamIdle { clock, limit: timeouts.body_idle.0, timer: None, shared: shared.clone() });
                 }
                 return Ok(Response::from_parts(rparts, Either::Left(tracked)));
             }
@@ -523,13 +563,54 @@ pub struct TrackedBody {
     grpc: bool,
     /// The end of a gRPC call's `grpc-timeout`, if it set one.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The stream's `bodyIdle` watch (HTTP/2 clients).
+    idle: Option<StreamIdle>,
     /// The proxy ended the body itself (trailers sent).
     ended: bool,
 }
 
+/// Why an endpoint's response body did not reach its end.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The endpoint's connection failed.
+    #[error("endpoint body: {0}")]
+    Endpoint(hyper::Error),
+    /// Neither direction of the HTTP/2 stream moved for `timeouts.bodyIdle`.
+    #[error("stream idle past timeouts.bodyIdle")]
+    StreamIdle,
+}
+
+/// The `timeouts.bodyIdle` of one HTTP/2 stream. Its timer is armed only
+/// when the endpoint's body is waited on, and not reset on every frame: when
+/// it fires, the stream's clock says whether anything moved meanwhile.
+struct StreamIdle {
+    clock: StreamClock,
+    limit: std::time::Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    shared: Arc<Shared>,
+}
+
+impl StreamIdle {
+    /// Whether the stream has been silent for its limit (polling the timer
+    /// until then, so the task wakes when it may have been).
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let left = self.limit.saturating_sub(self.clock.idle_for());
+        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(left)));
+        while timer.as_mut().poll(cx).is_ready() {
+            let idle = self.clock.idle_for();
+            if idle >= self.limit {
+                return true;
+            }
+            timer.as_mut().reset(tokio::time::Instant::now() + (self.limit - idle));
+        }
+        false
+    }
+}
+
 impl TrackedBody {
     fn new(inner: Incoming, pick: Pick, outcome: Outcome, lease: Lease, grpc: bool) -> Self {
-        let mut body = TrackedBody { inner, done: Some((pick, outcome, lease)), grpc, deadline: None, ended: false };
+        let mut body =
+            TrackedBody { inner, done: Some((pick, outcome, lease)), grpc, deadline: None, idle: None, ended: false };
         if body.inner.is_end_stream() {
             body.finish(false);
         }
@@ -574,9 +655,9 @@ impl TrackedBody {
 
 impl Body for TrackedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         if self.ended {
             return Poll::Ready(None);
         }
@@ -587,6 +668,21 @@ impl Body for TrackedBody {
             return Poll::Ready(Some(Ok(self.end_grpc(Failure::Timeout))));
         }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Some(idle) = &mut self.idle {
+            if polled.is_ready() {
+                idle.clock.touch();
+            } else if idle.expired(cx) {
+                // Nothing moved either way on this stream: the endpoint is let go
+                // (its stream reset when this body drops) and the client's stream ends.
+                idle.shared.metrics.timed_out("bodyIdle");
+                if self.grpc {
+                    return Poll::Ready(Some(Ok(self.end_grpc(Failure::Timeout))));
+                }
+                self.finish(true);
+                self.ended = true;
+                return Poll::Ready(Some(Err(BodyError::StreamIdle)));
+            }
+        }
         match &polled {
             Poll::Ready(None) => self.finish(false),
             Poll::Ready(Some(Err(_))) if self.grpc => {
@@ -607,7 +703,7 @@ impl Body for TrackedBody {
             }
             Poll::Pending => {}
         }
-        polled
+        polled.map_err(BodyError::Endpoint)
     }
 
     fn is_end_stream(&self) -> bool {

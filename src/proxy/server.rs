@@ -383,7 +383,10 @@ async fn serve_http_connection(
     let svc_activity = activity.clone();
     let svc = service_fn(move |req| {
         let guard = svc_activity.request();
-        let served = http::serve(svc_shared.clone(), client.clone(), req);
+        // HTTP/1 has one exchange at a time, bounded by the connection's
+        // watchdog; an HTTP/2 stream has its own clock.
+        let stream = (!http1).then(conn::StreamClock::new);
+        let served = http::serve(svc_shared.clone(), client.clone(), req, stream);
         async move { served.await.map(|resp| resp.map(|body| conn::Guarded::new(body, guard))) }
     });
     let connection = builder.serve_connection_with_upgrades(io, svc);

@@ -154,6 +154,98 @@ async fn an_endpoint_that_stalls_its_body_is_let_go_after_body_idle() {
     p.shutdown().await;
 }
 
+/// An endpoint whose `/stall` answer sends ten bytes and then nothing, for
+/// an hour; any other path is answered at once.
+async fn half_stalling_endpoint(host: u8) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use http_body_util::{Either, Full, StreamBody};
+    let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::new(127, 0, 0, host), 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((s, _)) = listener.accept().await {
+            conns.spawn(async move {
+                let svc = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                    if req.uri().path() != "/stall" {
+                        return Ok::<_, std::convert::Infallible>(http::Response::new(Either::Left(Full::new(
+                            bytes::Bytes::from_static(b"ok"),
+                        ))));
+                    }
+                    let (tx, rx) =
+                        tokio::sync::mpsc::channel::<Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>>(1);
+                    let _ = tx.send(Ok(hyper::body::Frame::data(bytes::Bytes::from_static(b"0123456789")))).await;
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        drop(tx);
+                    });
+                    let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+                    Ok(http::Response::new(Either::Right(body)))
+                });
+                let io = hyper_util::rt::TokioIo::new(s);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_stalled_http2_stream_is_ended_while_the_others_keep_its_connection_busy() {
+    use http_body_util::BodyExt;
+    let (addr, endpoint) = half_stalling_endpoint(21).await;
+    let p = proxy(&format!("timeouts: {{bodyIdle: 600ms}}\nendpoints: [{{address: \"{addr}\"}}]\n")).await;
+    let stream = TcpStream::connect(p.addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .handshake::<_, http_body_util::Full<bytes::Bytes>>(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let url = format!("http://{}/", p.addr);
+    let mut stalled = sender
+        .clone()
+        .send_request(http::Request::get(format!("{url}stall")).body(Default::default()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(stalled.status(), 200);
+    let first = stalled.body_mut().frame().await.unwrap().unwrap();
+    assert_eq!(first.into_data().unwrap(), "0123456789");
+    // Another stream every 50 ms keeps the connection busy while the first is silent.
+    let busy = {
+        let sender = sender.clone();
+        let url = url.clone();
+        tokio::spawn(async move {
+            let mut failures = 0;
+            for _ in 0..80 {
+                let req = http::Request::get(&url).body(Default::default()).unwrap();
+                match sender.clone().send_request(req).await {
+                    Ok(r) if r.status() == 200 => {}
+                    _ => failures += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            failures
+        })
+    };
+    let started = Instant::now();
+    let rest = tokio::time::timeout(Duration::from_secs(5), stalled.body_mut().frame()).await;
+    let ended = match rest {
+        Ok(Some(Err(_))) | Ok(None) => true,
+        Ok(Some(Ok(_))) | Err(_) => false,
+    };
+    assert!(ended, "the stalled stream was not ended: {rest:?}");
+    assert!(started.elapsed() >= Duration::from_millis(450), "{:?}", started.elapsed());
+    assert!(!busy.is_finished(), "ended on its own, while the connection was still busy");
+    assert_eq!(busy.await.unwrap(), 0, "the other streams on the connection all succeed");
+    assert!(!conn.is_finished(), "the connection stays open");
+    assert!(
+        eventually(Duration::from_secs(2), || async { admin(&p, "/endpoints").await.body.contains("\"inFlight\": 0") })
+            .await
+    );
+    let m = admin(&p, "/metrics").await.body;
+    assert!(m.contains("fulcrum_proxy_client_timeouts_total{timeout=\"bodyIdle\"} 1"), "{m}");
+    endpoint.abort();
+    p.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_a_large_response_is_let_go_after_body_idle() {
     // An endpoint with a 1 GiB answer, written as fast as the proxy takes it.
