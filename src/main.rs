@@ -170,28 +170,37 @@ fn render(file: &std::path::Path, namespace: &str, proxy_image: String) -> ExitC
         Ok(t) => t,
         Err(e) => return invalid(e.to_string()),
     };
-    let mut app: fulcrum::api::LoadBalancedApp = match serde_saphyr::from_str(&text) {
-        Ok(a) => a,
-        Err(e) => {
-            let first = e.to_string().lines().next().unwrap_or_default().to_owned();
-            return invalid(format!("not a LoadBalancedApp: {first}"));
-        }
+    let first_line = |e: &dyn std::fmt::Display| e.to_string().lines().next().unwrap_or_default().to_owned();
+    // Every LoadBalancedApp of the file; other objects beside them (an
+    // autoscaler, a namespace) are not the operator's to render.
+    let docs: Vec<serde_json::Value> = match serde_saphyr::from_multiple(&text) {
+        Ok(d) => d,
+        Err(e) => return invalid(format!("not YAML: {}", first_line(&e))),
     };
-    app.metadata.namespace.get_or_insert_with(|| namespace.to_owned());
-    app.metadata.uid = Some("00000000-0000-0000-0000-000000000000".into());
-    let settings = fulcrum::operator::desired::Settings { proxy_image };
-    match fulcrum::operator::desired::desired(&app, &settings) {
-        Ok(d) => {
-            for o in d.objects() {
-                match serde_saphyr::to_string(&o) {
-                    Ok(y) => print!("---\n{y}"),
-                    Err(e) => return invalid(e.to_string()),
-                }
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => invalid(e.to_string()),
+    let apps: Vec<_> = docs.into_iter().filter(|d| d["kind"] == "LoadBalancedApp").collect();
+    if apps.is_empty() {
+        return invalid("no LoadBalancedApp in the file".into());
     }
+    let settings = fulcrum::operator::desired::Settings { proxy_image };
+    for doc in apps {
+        let mut app: fulcrum::api::LoadBalancedApp = match serde_json::from_value(doc) {
+            Ok(a) => a,
+            Err(e) => return invalid(format!("not a valid LoadBalancedApp: {}", first_line(&e))),
+        };
+        app.metadata.namespace.get_or_insert_with(|| namespace.to_owned());
+        app.metadata.uid = Some("00000000-0000-0000-0000-000000000000".into());
+        let d = match fulcrum::operator::desired::desired(&app, &settings) {
+            Ok(d) => d,
+            Err(e) => return invalid(e.to_string()),
+        };
+        for o in d.objects() {
+            match serde_saphyr::to_string(&o) {
+                Ok(y) => print!("---\n{y}"),
+                Err(e) => return invalid(e.to_string()),
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn init_tracing(default: &str) {

@@ -27,6 +27,13 @@ pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h))+$";
     shortname = "lbapp",
     namespaced,
     status = "LoadBalancedAppStatus",
+    // `kubectl scale` and a HorizontalPodAutoscaler act on the app itself:
+    // its stable replicas, the pods `status.selector` names.
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
     derive = "PartialEq",
     doc = "LoadBalancedApp: an application kept up and load-balanced by Fulcrum.",
     printcolumn = r#"{"name":"Algorithm","type":"string","jsonPath":".spec.loadBalancing.algorithm"}"#,
@@ -482,19 +489,40 @@ fn default_ttl() -> String {
 }
 
 /// A canary track.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.replicas) || !has(self.replicasPercent)")
+    .message("set canary.replicas or canary.replicasPercent, not both")
+    .reason(Reason::FieldValueForbidden)
+    .field_path(".replicasPercent"))]
 pub struct Canary {
-    /// Canary replicas.
-    #[serde(default = "one")]
+    /// Canary replicas; when neither this nor replicasPercent is set, 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1000))]
-    pub replicas: i32,
+    pub replicas: Option<i32>,
+    /// Canary replicas as a percentage of the stable replicas, rounded up
+    /// (at least one while there are stable replicas), so the canary keeps
+    /// its share when the app is scaled or autoscaled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub replicas_percent: Option<i32>,
     /// Percentage of the traffic sent to the canary track.
     #[schemars(range(min = 0, max = 100))]
     pub weight: i32,
     /// The canary pods, as in a Deployment's `spec.template`.
     #[schemars(schema_with = "pod_template_schema")]
     pub template: PodTemplateSpec,
+}
+
+impl Canary {
+    /// The canary's replica count next to `stable` stable replicas.
+    pub fn replica_count(&self, stable: i32) -> i32 {
+        match (self.replicas, self.replicas_percent) {
+            (Some(n), _) => n,
+            (None, Some(pct)) => (stable.max(0) * pct.clamp(0, 100) + 99) / 100,
+            (None, None) => 1,
+        }
+    }
 }
 
 fn one() -> i32 {

@@ -14,6 +14,11 @@ pub struct LoadBalancedAppStatus {
     /// App replicas (stable track) that exist.
     #[serde(default)]
     pub replicas: i32,
+    /// Label selector of the stable track's pods, in the string form
+    /// (`fulcrum.dev/app=web,fulcrum.dev/track=stable`): what the scale
+    /// subresource reports, so an autoscaler measures only these pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
     /// App replicas (stable track) that are ready.
     #[serde(default)]
     pub ready_replicas: i32,

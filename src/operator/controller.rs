@@ -23,7 +23,9 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use tracing::{Instrument, info, info_span, warn};
 
-use super::desired::{APP_LABEL, Desired, MANAGED_BY_SELECTOR, Names, PROXY_CONTAINER, Settings, TRACK_LABEL, desired};
+use super::desired::{
+    APP_LABEL, Desired, MANAGED_BY_SELECTOR, Names, PROXY_CONTAINER, Settings, TRACK_LABEL, desired, stable_selector,
+};
 use super::healing::{Phase, PodView, Policy, heal_plan};
 use super::metrics::OperatorMetrics;
 use crate::api::{Counts, Healed, LoadBalancedApp, LoadBalancedAppStatus, ProxyMode};
@@ -729,6 +731,7 @@ async fn write_status(
     healed_now: i64,
 ) -> Result<(), Error> {
     let mut status = status.clone();
+    status.selector = Some(stable_selector(name));
     for attempt in 0..5 {
         let current = apps.get(name).await?;
         let stored = current.status.clone().unwrap_or_default();

@@ -35,6 +35,13 @@ pub const MANAGED_BY_SELECTOR: &str = "app.kubernetes.io/managed-by=fulcrum";
 /// Name of the backends Services' port, which the proxy looks up in their EndpointSlices.
 pub const BACKEND_PORT_NAME: &str = "app";
 
+/// Label selector, in string form, of an app's stable pods: never its
+/// canary or its dedicated proxies. The scale subresource reports it, so an
+/// autoscaler targeting the app measures the pods it scales.
+pub fn stable_selector(app: &str) -> String {
+    format!("{APP_LABEL}={app},{TRACK_LABEL}=stable")
+}
+
 /// Settings of the operator that shape what it creates.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
@@ -156,7 +163,7 @@ pub fn desired(app: &LoadBalancedApp, settings: &Settings) -> Result<Desired, In
     };
     let deployment = app_deployment(&name, "stable", spec.replicas, &spec.template)?;
     let canary_deployment = match &spec.canary {
-        Some(c) => Some(app_deployment(&n.canary(), "canary", c.replicas, &c.template)?),
+        Some(c) => Some(app_deployment(&n.canary(), "canary", c.replica_count(spec.replicas), &c.template)?),
         None => None,
     };
 

@@ -195,8 +195,13 @@ fn every_example_passes_the_cel_rules_and_the_operator_accepts_it() {
     paths.push("tests/e2e/kind-app.yaml".into());
     for path in paths {
         let text = std::fs::read_to_string(&path).expect("example");
+        // An example may hold other objects beside its app (an autoscaler).
+        let docs: Vec<Value> =
+            serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("{}: not YAML: {e}", path.display()));
+        let doc = docs.into_iter().find(|d| d["kind"] == "LoadBalancedApp");
+        let doc = doc.unwrap_or_else(|| panic!("{}: no LoadBalancedApp", path.display()));
         let mut app: LoadBalancedApp =
-            serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: not a LoadBalancedApp: {e}", path.display()));
+            serde_json::from_value(doc).unwrap_or_else(|e| panic!("{}: not a LoadBalancedApp: {e}", path.display()));
         // Typed round trip: the defaults, as the API server applies them.
         let object = serde_json::to_value(&app).expect("json");
         Validator::new()

@@ -104,6 +104,9 @@ async fn cel_rules_are_evaluated_on_create_update_and_patch() {
     let e = apps.patch("web", &PatchParams::apply("someone"), &Patch::Apply(&apply)).await.unwrap_err();
     assert!(matches!(&e, kube::Error::Api(s) if s.code == 422 && s.message.contains("proxy.mode Dedicated")), "{e}");
     assert_eq!(apps.get("web").await.unwrap().spec.replicas, 3, "nothing refused was stored");
+    let both = json!({"spec": {"canary": {"replicas": 1, "replicasPercent": 10, "weight": 5, "template": {"spec": {"containers": [{"name": "web", "image": "web:2"}]}}}}});
+    let e = apps.patch("web", &PatchParams::default(), &Patch::Merge(&both)).await.unwrap_err();
+    assert!(matches!(&e, kube::Error::Api(s) if s.code == 422 && s.message.contains("not both")), "{e}");
 }
 
 #[tokio::test]
@@ -147,4 +150,79 @@ async fn custom_resources_are_not_served_before_their_crd_is_installed() {
     apps.list(&ListParams::default()).await.unwrap();
     let discovery = kube::discovery::Discovery::new(server.client()).run().await.unwrap();
     assert!(discovery.groups().any(|g| g.name() == "fulcrum.dev"));
+}
+
+/// Runs the real kubectl against `server` as its administrator.
+async fn kubectl(server: &ApiServer, args: &[&str]) -> std::process::Output {
+    let dir = std::env::temp_dir().join(format!("fulcrum-kubectl-scale-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = server.write_kubeconfig(&dir, server.admin_token(), "default");
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new("kubectl").arg("--kubeconfig").arg(&kubeconfig).args(&args).output()
+    })
+    .await
+    .unwrap()
+    .expect("kubectl is part of this project's test environment (client only)")
+}
+
+#[tokio::test]
+async fn the_app_scales_through_its_scale_subresource_with_kubectl_and_an_autoscalers_update() {
+    use kube::api::{Api, PostParams};
+    let server = ApiServer::start().await;
+    create(&dynamic(&server), lba(with(json!({"replicas": 2})))).await.unwrap();
+    let apps: Api<LoadBalancedApp> = Api::default_namespaced(server.client());
+    // What the operator reports: the stable pods and their selector.
+    let selector = "fulcrum.dev/app=web,fulcrum.dev/track=stable";
+    let status = json!({"status": {"replicas": 2, "selector": selector}});
+    apps.patch_status("web", &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+
+    // kubectl finds the subresource in discovery and patches it.
+    let out = kubectl(&server, &["scale", "lba/web", "--replicas=5"]).await;
+    assert!(out.status.success(), "kubectl scale: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(apps.get("web").await.unwrap().spec.replicas, 5);
+    let out = kubectl(&server, &["scale", "lba/web", "--current-replicas=4", "--replicas=6"]).await;
+    assert!(!out.status.success(), "a failed precondition is refused");
+    assert_eq!(apps.get("web").await.unwrap().spec.replicas, 5);
+
+    // An autoscaler reads the Scale (the selector tells it which pods to measure) and updates it.
+    let mut scale = apps.get_scale("web").await.unwrap();
+    let st = scale.status.clone().unwrap();
+    assert_eq!(
+        (scale.spec.as_ref().unwrap().replicas, st.replicas, st.selector.as_deref()),
+        (Some(5), 2, Some(selector))
+    );
+    let stale = scale.clone();
+    scale.spec = Some(k8s_openapi::api::autoscaling::v1::ScaleSpec { replicas: Some(3) });
+    apps.replace_scale("web", &PostParams::default(), &scale).await.unwrap();
+    assert_eq!(apps.get("web").await.unwrap().spec.replicas, 3);
+    let conflict = apps.replace_scale("web", &PostParams::default(), &stale).await.unwrap_err();
+    assert!(matches!(conflict, kube::Error::Api(ref s) if s.code == 409), "{conflict}");
+
+    // The app's own schema and rules bound what the Scale may say.
+    let mut too_many = apps.get_scale("web").await.unwrap();
+    too_many.spec = Some(k8s_openapi::api::autoscaling::v1::ScaleSpec { replicas: Some(1001) });
+    let e = apps.replace_scale("web", &PostParams::default(), &too_many).await.unwrap_err();
+    assert!(matches!(e, kube::Error::Api(ref s) if s.code == 422 && s.message.contains("spec.replicas")), "{e}");
+    let negative = json!({"spec": {"replicas": -1}});
+    let e = apps.patch_scale("web", &PatchParams::default(), &Patch::Merge(&negative)).await.unwrap_err();
+    assert!(matches!(e, kube::Error::Api(ref s) if s.code == 422), "{e}");
+    assert_eq!(apps.get("web").await.unwrap().spec.replicas, 3);
+}
+
+#[tokio::test]
+async fn only_the_subresources_a_crd_declares_are_served() {
+    let server = ApiServer::start().await;
+    create(&dynamic(&server), lba(minimal())).await.unwrap();
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(server.client());
+    let name = "loadbalancedapps.fulcrum.dev";
+    let mut crd = serde_json::to_value(crds.get(name).await.unwrap()).unwrap();
+    crd["spec"]["versions"][0]["subresources"] = json!({"status": {}});
+    crds.replace(name, &PostParams::default(), &serde_json::from_value(crd).unwrap()).await.unwrap();
+    let apps: Api<LoadBalancedApp> = Api::default_namespaced(server.client());
+    let e = apps.get_scale("web").await.unwrap_err();
+    assert!(matches!(e, kube::Error::Api(ref s) if s.code == 404), "{e}");
+    let out = kubectl(&server, &["scale", "lba/web", "--replicas=3"]).await;
+    assert!(!out.status.success(), "kubectl cannot scale what has no scale subresource");
 }

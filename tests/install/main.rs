@@ -256,7 +256,9 @@ async fn the_chart_with_its_ci_values_installs_and_serves_the_quickstart() {
                 .split("\n---\n")
                 .filter(|d| d.contains("\nkind: ClusterRole\n") || d.contains("\nkind: Role\n"))
                 .collect();
-            assert_eq!(roles.len(), 2);
+            // The operator's ClusterRole and leader-election Role, and the two
+            // aggregated into the default user roles.
+            assert_eq!(roles.len(), 4);
             kubectl.must_with(&["apply", "--server-side", "-f", "-"], &rendered, &node).await;
             kubectl.must_with(&["apply", "--server-side", "-f", "-"], &roles.join("\n---\n"), &node).await;
             kubectl.must_with(&["apply", "--server-side", "-f", "-"], RBAC_OUTSIDE_THE_CHART, &node).await;
@@ -410,13 +412,30 @@ async fn install_as_a_user_quickstart_traffic_healing_failover_examples_and_faul
     })
     .await;
 
+    // `kubectl scale` acts on the app (as an autoscaler would, through its
+    // scale subresource); the operator carries the count to the pods.
+    kubectl.must(&["scale", "lba/web", "--replicas=4"], &node).await;
+    kubectl.must(&["wait", "lba/web", "--for=jsonpath={.status.readyReplicas}=4", "--timeout=60s"], &node).await;
+    let scale = json_of(
+        &kubectl
+            .must(&["get", "--raw", "/apis/fulcrum.dev/v1alpha1/namespaces/default/loadbalancedapps/web/scale"], &node)
+            .await,
+    );
+    assert_eq!(scale["status"]["replicas"], 4);
+    let selector = scale["status"]["selector"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(pods(&client, "default", &selector).await.len(), 4, "the Scale's selector names the app's pods");
+
     // Every example is accepted and turns Available: none deadlocks on readiness.
     let examples = Path::new(ROOT).join("manifests/examples").display().to_string();
     kubectl.must(&["apply", "-f", &examples], &node).await;
     kubectl.must(&["wait", "lba", "--all", "--for=condition=Available", "--timeout=180s"], &node).await;
     let all = kubectl.must(&["get", "lba"], &node).await;
     eprintln!("{all}");
-    assert_eq!(all.lines().count(), 1 + 8, "eight apps: {all}");
+    assert_eq!(all.lines().count(), 1 + 9, "nine apps: {all}");
+    let hpa = kubectl
+        .must(&["get", "horizontalpodautoscalers", "catalog", "-o", "jsonpath={.spec.scaleTargetRef.kind}"], &node)
+        .await;
+    assert_eq!(hpa, "LoadBalancedApp", "the example's autoscaler targets the app");
 
     // An invalid app is refused at apply time with the CEL rule's message.
     let invalid = "apiVersion: fulcrum.dev/v1alpha1\nkind: LoadBalancedApp\nmetadata: {name: bad}\nspec:\n  port: 8080\n  loadBalancing: {algorithm: ConsistentHash}\n  template: {spec: {containers: [{name: app, image: registry.k8s.io/e2e-test-images/agnhost:2.53, args: [netexec]}]}}\n";

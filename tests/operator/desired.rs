@@ -196,6 +196,24 @@ fn a_canary_gets_its_deployment_backends_and_traffic_split() {
 }
 
 #[test]
+fn a_canary_sized_by_percentage_follows_the_stable_replicas() {
+    let template = json!({"spec": {"containers": [{"name": "web", "image": "web:2"}]}});
+    let canary_replicas = |replicas: i32, canary: serde_json::Value| {
+        let mut canary = canary;
+        canary["weight"] = json!(10);
+        canary["template"] = template.clone();
+        let d = desired(&app(json!({"replicas": replicas, "canary": canary})), &settings()).unwrap();
+        d.canary_deployment.unwrap().spec.unwrap().replicas.unwrap()
+    };
+    assert_eq!(canary_replicas(10, json!({"replicasPercent": 20})), 2);
+    assert_eq!(canary_replicas(11, json!({"replicasPercent": 20})), 3, "rounded up");
+    assert_eq!(canary_replicas(1, json!({"replicasPercent": 1})), 1, "at least one beside a stable replica");
+    assert_eq!(canary_replicas(0, json!({"replicasPercent": 50})), 0, "none when the app is scaled to zero");
+    assert_eq!(canary_replicas(10, json!({})), 1, "one by default");
+    assert_eq!(canary_replicas(10, json!({"replicas": 4})), 4);
+}
+
+#[test]
 fn the_rendered_proxy_config_follows_the_spec_and_parses_back() {
     let spec = app(json!({
         "loadBalancing": {"algorithm": "ConsistentHash", "hashOn": {"cookie": "user"}, "slowStart": "30s"},

@@ -500,3 +500,44 @@ async fn a_pod_that_only_carries_the_apps_labels_is_neither_counted_nor_healed()
     assert_eq!((s.replicas, s.healed_total), (2, 0), "only the app's pods are counted");
     assert!(pods.get_opt("not-yours").await.unwrap().is_some(), "a stranger's pod was deleted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_autoscalers_update_of_the_apps_scale_reaches_the_deployment_and_the_status() {
+    let r = start().await;
+    let client = r.server.client();
+    let apps: Api<LoadBalancedApp> = Api::default_namespaced(client.clone());
+    let canary = json!({"replicasPercent": 50, "weight": 10, "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "web", "image": "web:2"}]}}});
+    apps.create(&PostParams::default(), &lba("web", json!({"canary": canary}))).await.unwrap();
+    let deployments: Api<Deployment> = Api::default_namespaced(client.clone());
+    for n in ["web-1", "web-2"] {
+        r.kubelet_adds(pod("web", n, true, 0)).await;
+    }
+    // The selector an autoscaler measures names the stable pods only.
+    until("the Scale's selector and replicas", || async {
+        let s = apps.get_scale("web").await.unwrap().status.unwrap_or_default();
+        s.replicas == 2 && s.selector.as_deref() == Some("fulcrum.dev/app=web,fulcrum.dev/track=stable")
+    })
+    .await;
+    // An autoscaler's way: read the Scale, write it back with a new count.
+    let mut scale = apps.get_scale("web").await.unwrap();
+    scale.spec = Some(k8s_openapi::api::autoscaling::v1::ScaleSpec { replicas: Some(4) });
+    apps.replace_scale("web", &PostParams::default(), &scale).await.unwrap();
+    until("the stable Deployment scaled, the canary at half of it", || async {
+        let stable = deployments.get("web").await.unwrap().spec.unwrap().replicas;
+        let canary = deployments.get("web-canary").await.unwrap().spec.unwrap().replicas;
+        (stable, canary) == (Some(4), Some(2))
+    })
+    .await;
+    for n in ["web-3", "web-4"] {
+        r.kubelet_adds(pod("web", n, true, 0)).await;
+    }
+    until("status.replicas follows", || async {
+        let s = apps.get("web").await.unwrap().status.unwrap_or_default();
+        s.replicas == 4 && s.ready_replicas == 4
+    })
+    .await;
+    assert_eq!(apps.get_scale("web").await.unwrap().status.unwrap().replicas, 4);
+    // The operator's next reconciles keep the count: it is the spec's.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(deployments.get("web").await.unwrap().spec.unwrap().replicas, Some(4));
+}

@@ -354,7 +354,13 @@ fn route(state: &State, path: &str) -> Result<Target, ApiError> {
     let name = more.first().map(|s| (*s).to_owned());
     let sub = more.get(1).map(|s| (*s).to_owned());
     if let Some(sub) = &sub {
-        let known = (sub == "status" && res.status) || (sub == "scale" && res.scale);
+        // A custom resource has the subresources its CRD declares, no others.
+        let known = match (sub.as_str(), res.custom) {
+            ("status", false) => res.status,
+            ("scale", false) => res.scale,
+            ("status" | "scale", true) => crd_subresource(state, &res, sub).is_some(),
+            _ => false,
+        };
         if !known {
             return Err(ApiError::new(404, "NotFound", format!("{plural} has no subresource {sub:?}")));
         }
@@ -414,17 +420,44 @@ fn crd_of(state: &State, res: &Resource) -> Option<Value> {
     found.into_iter().next()
 }
 
-/// A discovery list with each custom resource's short names and categories from its CRD.
+/// What a custom resource's CRD declares for subresource `sub` (`status`,
+/// `scale`) in the resource's version, if it declares it.
+fn crd_subresource(state: &State, res: &Resource, sub: &str) -> Option<Value> {
+    let crd = crd_of(state, res)?;
+    let version = crd["spec"]["versions"].as_array()?.iter().find(|v| v["name"] == res.version)?.clone();
+    version["subresources"].get(sub).filter(|s| s.is_object()).cloned()
+}
+
+/// A discovery list with each custom resource's short names and categories
+/// from its CRD, and the subresources the CRD declares.
 fn with_crd_names(state: &State, mut list: Value) -> Value {
-    for entry in list["resources"].as_array_mut().into_iter().flatten() {
-        let Some(res) = state.resources.iter().find(|r| r.custom && r.plural == entry["name"]) else { continue };
-        if let Some(crd) = crd_of(state, res) {
-            for key in ["shortNames", "categories"] {
-                if let Some(v) = crd["spec"]["names"].get(key) {
-                    entry[key] = v.clone();
+    let mut subresources = Vec::new();
+    let entries = list["resources"].as_array_mut();
+    for entry in entries.into_iter().flatten() {
+        let Some(name) = entry["name"].as_str().map(str::to_owned) else { continue };
+        let (plural, sub) = name.split_once('/').map_or((name.as_str(), None), |(p, s)| (p, Some(s)));
+        let Some(res) = state.resources.iter().find(|r| r.custom && r.plural == plural) else { continue };
+        match sub {
+            None => {
+                if let Some(crd) = crd_of(state, res) {
+                    for key in ["shortNames", "categories"] {
+                        if let Some(v) = crd["spec"]["names"].get(key) {
+                            entry[key] = v.clone();
+                        }
+                    }
+                }
+                if crd_subresource(state, res, "scale").is_some() {
+                    subresources.push(json!({"name": format!("{plural}/scale"), "singularName": "", "namespaced": res.namespaced, "group": "autoscaling", "version": "v1", "kind": "Scale", "verbs": ["get", "patch", "update"]}));
                 }
             }
+            // Listed from the registry; kept only if the CRD declares it.
+            Some(sub) if crd_subresource(state, res, sub).is_none() => entry["name"] = Value::Null,
+            Some(_) => {}
         }
+    }
+    if let Some(entries) = list["resources"].as_array_mut() {
+        entries.retain(|e| !e["name"].is_null());
+        entries.extend(subresources);
     }
     list
 }
@@ -487,7 +520,7 @@ async fn resource_request(state: &Arc<State>, req: Request<Incoming>, path: &str
     let store = &state.store;
     let res = &t.res;
     if t.sub.as_deref() == Some("scale") {
-        return scale(state, &t, &method, &body);
+        return scale(state, &id, &t, &method, &body, &content_type, &q);
     }
     let status_sub = t.sub.as_deref() == Some("status");
     match (method, t.name.as_deref()) {
@@ -801,35 +834,125 @@ fn check_kind(res: &Resource, obj: &Value) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// `/scale` of a resource with `spec.replicas`.
-fn scale(state: &State, t: &Target, method: &Method, body: &[u8]) -> Result<Response<Body>, ApiError> {
+/// Where a resource keeps what its `/scale` shows, as field paths.
+struct ScalePaths {
+    spec_replicas: Vec<String>,
+    status_replicas: Vec<String>,
+    /// A label selector in string form (custom resources), or `None` for a
+    /// built-in workload, whose `spec.selector` is turned into one.
+    selector: Option<Vec<String>>,
+}
+
+fn path_of(json_path: &str) -> Vec<String> {
+    json_path.trim_start_matches('.').split('.').map(str::to_owned).collect()
+}
+
+fn scale_paths(state: &State, res: &Resource) -> Option<ScalePaths> {
+    if !res.custom {
+        return res.scale.then(|| ScalePaths {
+            spec_replicas: path_of(".spec.replicas"),
+            status_replicas: path_of(".status.replicas"),
+            selector: None,
+        });
+    }
+    let s = crd_subresource(state, res, "scale")?;
+    Some(ScalePaths {
+        spec_replicas: path_of(s["specReplicasPath"].as_str()?),
+        status_replicas: path_of(s["statusReplicasPath"].as_str()?),
+        selector: s["labelSelectorPath"].as_str().map(path_of),
+    })
+}
+
+fn at<'v>(v: &'v Value, path: &[String]) -> &'v Value {
+    path.iter().fold(v, |v, k| &v[k.as_str()])
+}
+
+/// `matchLabels` in the string form of a label selector.
+fn selector_string(selector: &Value) -> Option<String> {
+    let labels = selector["matchLabels"].as_object()?;
+    Some(labels.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default())).collect::<Vec<_>>().join(","))
+}
+
+/// `/scale`: GET, PUT and PATCH (merge, JSON or strategic, as `kubectl scale`
+/// and autoscalers send them). The replica count is written to the object's
+/// spec and admitted like any other write of it (a custom resource's schema
+/// and CEL rules apply); a `resourceVersion` in the Scale is a precondition.
+fn scale(
+    state: &State,
+    id: &Identity,
+    t: &Target,
+    method: &Method,
+    body: &[u8],
+    content_type: &str,
+    q: &HashMap<String, String>,
+) -> Result<Response<Body>, ApiError> {
     let ns = t.namespace.clone().unwrap_or_default();
     let name = t.name.as_deref().unwrap_or_default();
+    let paths = scale_paths(state, &t.res)
+        .ok_or_else(|| ApiError::new(404, "NotFound", format!("{} has no subresource \"scale\"", t.res.plural)))?;
     let obj = state.store.get(&t.res, &ns, name)?;
     let to_scale = |o: &Value| {
+        let selector = match &paths.selector {
+            Some(p) => at(o, p).as_str().map(str::to_owned),
+            None => selector_string(&o["spec"]["selector"]),
+        };
+        let mut status = json!({"replicas": at(o, &paths.status_replicas).as_i64().unwrap_or(0)});
+        if let Some(s) = selector {
+            status["selector"] = json!(s);
+        }
         json!({
             "kind": "Scale", "apiVersion": "autoscaling/v1",
-            "metadata": {"name": name, "namespace": ns, "resourceVersion": o["metadata"]["resourceVersion"]},
-            "spec": {"replicas": o["spec"]["replicas"].as_i64().unwrap_or(1)},
-            "status": {"replicas": o["status"]["replicas"].as_i64().unwrap_or(0)},
+            "metadata": {
+                "name": name, "namespace": ns, "uid": o["metadata"]["uid"],
+                "resourceVersion": o["metadata"]["resourceVersion"],
+                "creationTimestamp": o["metadata"]["creationTimestamp"],
+            },
+            "spec": {"replicas": at(o, &paths.spec_replicas).as_i64().unwrap_or(0)},
+            "status": status,
         })
     };
-    match *method {
-        Method::GET => Ok(json_response(StatusCode::OK, &to_scale(&obj))),
-        Method::PUT => {
-            let s: Value = serde_json::from_slice(body).map_err(|e| ApiError::bad_request(e.to_string()))?;
-            let replicas =
-                s["spec"]["replicas"].as_i64().ok_or_else(|| ApiError::invalid("spec.replicas: Required value"))?;
-            let mut next = obj.clone();
-            next["spec"]["replicas"] = json!(replicas);
-            if let Some(rv) = s["metadata"]["resourceVersion"].as_str() {
-                next["metadata"]["resourceVersion"] = json!(rv);
+    let wanted: Value = match *method {
+        Method::GET => return Ok(json_response(StatusCode::OK, &to_scale(&obj))),
+        Method::PUT => serde_json::from_slice(body).map_err(|e| ApiError::bad_request(e.to_string()))?,
+        Method::PATCH => {
+            let ty = PatchType::from_content_type(content_type)?;
+            if ty == PatchType::Apply {
+                return Err(ApiError::unsupported("the test API server does not apply to /scale"));
             }
-            let updated = state.store.update(&t.res, &ns, name, next, false)?;
-            Ok(json_response(StatusCode::OK, &to_scale(&updated)))
+            patch::apply_patch(&to_scale(&obj), ty, &parse_body(body, ty)?)?
         }
-        _ => Err(ApiError::unsupported("the test API server supports GET and PUT on /scale")),
+        _ => return Err(ApiError::new(405, "MethodNotAllowed", format!("{method} is not supported on /scale"))),
+    };
+    if wanted["kind"] != "Scale" {
+        return Err(ApiError::bad_request(format!("the body's kind {:?} is not Scale", wanted["kind"])));
     }
+    let replicas = wanted["spec"]["replicas"].as_i64().unwrap_or(0);
+    if replicas < 0 {
+        return Err(ApiError::invalid(format!(
+            "Scale.autoscaling \"{name}\" is invalid: spec.replicas: Invalid value: {replicas}: must be greater than or equal to 0"
+        )));
+    }
+    let mut next = obj.clone();
+    let (last, parents) =
+        paths.spec_replicas.split_last().ok_or_else(|| ApiError::invalid("empty specReplicasPath"))?;
+    let mut slot = &mut next;
+    for k in parents {
+        slot = &mut slot[k.as_str()];
+    }
+    slot[last.as_str()] = json!(replicas);
+    // A PUT's resourceVersion is a precondition; a PATCH's is the current one.
+    next["metadata"]["resourceVersion"] = match *method {
+        Method::PUT => wanted["metadata"]["resourceVersion"].clone(),
+        _ => obj["metadata"]["resourceVersion"].clone(),
+    };
+    if next["metadata"]["resourceVersion"].is_null()
+        && let Some(m) = next["metadata"].as_object_mut()
+    {
+        m.remove("resourceVersion");
+    }
+    let next = admit(state, id, &t.res, &ns, next, Some(&obj), q)?;
+    let updated = state.store.update(&t.res, &ns, name, next, false)?;
+    Ok(json_response(StatusCode::OK, &to_scale(&updated)))
 }
 
 /// A watch: history after `resourceVersion`, then live events, BOOKMARKs when

@@ -65,6 +65,8 @@ pub fn builtin() -> Vec<Resource> {
         res("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", true, false),
         res("networking.k8s.io", "v1", "NetworkPolicy", "networkpolicies", true, false),
         res("coordination.k8s.io", "v1", "Lease", "leases", true, false),
+        // Stored only (no controller acts on it): the examples' autoscaler.
+        res("autoscaling", "v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers", true, true),
         res("apiextensions.k8s.io", "v1", "CustomResourceDefinition", "customresourcedefinitions", false, true),
         Resource { custom: true, ..res("fulcrum.dev", "v1alpha1", "LoadBalancedApp", "loadbalancedapps", true, true) },
         // The Prometheus Operator's, for the chart's optional ServiceMonitor.
