@@ -1,4 +1,4 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/endpoints`.
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/endpoints`, `/tracks`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -27,7 +27,13 @@ pub(crate) async fn serve(shared: Arc<Shared>, req: Request<Incoming>) -> Result
             (status, "text/plain", format!("{why}\n"))
         }
         ("GET", "/endpoints") => (StatusCode::OK, "application/json", endpoints_json(&shared)),
-        ("GET", _) => (StatusCode::NOT_FOUND, "text/plain", "try /metrics, /healthz, /readyz or /endpoints\n".into()),
+        ("GET", "/tracks") => match window_of(req.uri().query()) {
+            Ok(seconds) => (StatusCode::OK, "application/json", tracks_json(&shared, seconds)),
+            Err(why) => (StatusCode::BAD_REQUEST, "text/plain", why),
+        },
+        ("GET", _) => {
+            (StatusCode::NOT_FOUND, "text/plain", "try /metrics, /healthz, /readyz, /endpoints or /tracks\n".into())
+        }
         _ => (StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n".into()),
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));
@@ -88,6 +94,49 @@ fn health_name(flag: HealthFlag) -> &'static str {
         HealthFlag::NotReady => "notReady",
         HealthFlag::Draining => "draining",
     }
+}
+
+/// The `window` of a `/tracks` query (`?window=30`, in seconds): the whole
+/// window when absent.
+fn window_of(query: Option<&str>) -> Result<u64, String> {
+    let max = super::tracks::WINDOW_SECONDS;
+    let Some(value) = query.into_iter().flat_map(|q| q.split('&')).find_map(|kv| kv.strip_prefix("window=")) else {
+        return Ok(max);
+    };
+    match value.parse::<u64>() {
+        Ok(s) if (1..=max).contains(&s) => Ok(s),
+        _ => Err(format!("window: seconds between 1 and {max}, got {value:?}\n")),
+    }
+}
+
+/// Each track's evidence: totals since the start, and over the recent
+/// window its requests, failures, success rate and p50/p99 time to headers.
+pub(crate) fn tracks_json(shared: &Shared, seconds: u64) -> String {
+    let rt = shared.runtime();
+    let now = super::tracks::now_s();
+    let ms = |micros: Option<u64>| micros.map(|m| m as f64 / 1000.0);
+    let tracks: Vec<serde_json::Value> = rt
+        .tracks
+        .iter()
+        .map(|t| {
+            let (requests, failures) = t.totals();
+            let w = t.window.summary(now, seconds);
+            json!({
+                "track": t.name(),
+                "total": {"requests": requests, "failures": failures},
+                "window": {
+                    "requests": w.requests,
+                    "failures": w.failures,
+                    "successRate": w.success_rate(),
+                    "p50Ms": ms(w.p50_micros),
+                    "p99Ms": ms(w.p99_micros),
+                },
+            })
+        })
+        .collect();
+    let seconds = seconds.div_ceil(super::tracks::SLOT_SECONDS) * super::tracks::SLOT_SECONDS;
+    let doc = json!({"generation": rt.generation, "windowSeconds": seconds, "tracks": tracks});
+    serde_json::to_string_pretty(&doc).unwrap_or_default()
 }
 
 /// Every endpoint with its health, load, latency and counters.

@@ -32,7 +32,7 @@ use super::metrics::{NO_RESPONSE, class_of};
 use super::replay::{ReplayError, Replayable};
 use super::state::{Runtime, Shared};
 use super::upstream::{ConnSettings, Lease, UpstreamError};
-use super::{forwarding, grpc, upgrade};
+use super::{forwarding, grpc, tracks, upgrade};
 use crate::balance::{self, AffinityToken, Outcome, Pick, hash_key};
 
 /// A client's request body; on an HTTP/2 connection each frame marks its
@@ -330,9 +330,13 @@ async fn forward(
             Ok(Ok((mut resp, lease))) => {
                 pick.observe_latency_at(now);
                 let status = resp.status();
-                stats.count(class_of(status.as_u16()));
+                let class = class_of(status.as_u16());
+                stats.count(class);
+                let second = tracks::now_s();
+                upstream.track.answered(second, class, balance::duration_nanos(now.since(start)));
                 if let (Some(client), Some(requested)) = (client_upgrade, &upgrade) {
                     if status == StatusCode::SWITCHING_PROTOCOLS {
+                        upstream.track.completed(second, false);
                         return Ok(upgrade::tunnel(shared, rt, client, resp, requested, pick, lease));
                     }
                     shared.metrics.upgrade("refused");
@@ -342,6 +346,7 @@ async fn forward(
                 if grpc_response && let Some(code) = grpc::status(resp.headers()) {
                     // A trailers-only answer: the call's outcome is in the headers.
                     stats.count_grpc(code);
+                    upstream.track.grpc_status(code);
                     if grpc::is_endpoint_failure(code) {
                         outcome = Outcome::Failure;
                     }
@@ -376,6 +381,7 @@ async fn forward(
             }
             Ok(Err(e)) => {
                 stats.count(NO_RESPONSE);
+                upstream.track.no_response(tracks::now_s());
                 shared.endpoint_failed(rt, pick, now);
                 let connect_failed = matches!(e, UpstreamError::Connect(_));
                 all_refused &= connect_failed;
@@ -399,6 +405,7 @@ async fn forward(
             }
             Err(_elapsed) => {
                 stats.count(NO_RESPONSE);
+                upstream.track.no_response(tracks::now_s());
                 shared.endpoint_failed(rt, pick, now);
                 return Err(Failure::Timeout);
             }
@@ -619,6 +626,7 @@ impl TrackedBody {
 
     fn finish(&mut self, failed: bool) {
         if let Some((pick, outcome, lease)) = self.done.take() {
+            lease.upstream().track.completed(tracks::now_s(), failed || outcome == Outcome::Failure);
             if failed {
                 pick.complete(Outcome::Failure);
             } else {
@@ -632,6 +640,7 @@ impl TrackedBody {
     fn grpc_outcome(&mut self, code: u16) {
         if let Some((_, outcome, lease)) = &mut self.done {
             lease.upstream().stats.count_grpc(code);
+            lease.upstream().track.grpc_status(code);
             if grpc::is_endpoint_failure(code) {
                 *outcome = Outcome::Failure;
             }
@@ -643,6 +652,7 @@ impl TrackedBody {
     fn end_grpc(&mut self, failure: Failure) -> Frame<Bytes> {
         if let Some((_, _, lease)) = &self.done {
             lease.upstream().stats.count_grpc(failure.grpc_status());
+            lease.upstream().track.grpc_status(failure.grpc_status());
         }
         self.finish(true);
         self.ended = true;

@@ -398,6 +398,7 @@ impl Collector for EndpointCollector {
                         .encode(e.encode_family(&[("endpoint", s.label.as_str()), ("grpc_status", code)])?)?;
                 }
             }
+            track_series(&mut encoder, &rt)?;
             for (name, help, value) in [
                 (
                     "endpoint_connections",
@@ -487,6 +488,59 @@ impl Collector for EndpointCollector {
         }
         Ok(())
     }
+}
+
+/// Evidence per track (HTTP mode): responses by class and gRPC status,
+/// outcomes, and time to response headers.
+fn track_series(encoder: &mut DescriptorEncoder, rt: &Runtime) -> Result<(), std::fmt::Error> {
+    let mut e = encoder.encode_descriptor(
+        "track_requests",
+        "Requests sent to each track's endpoints, by response status class (error: no response)",
+        None,
+        MetricType::Counter,
+    )?;
+    for t in &rt.tracks {
+        for (class, n) in CLASSES.iter().zip(&t.classes) {
+            ConstCounter::new(n.load(Ordering::Relaxed))
+                .encode(e.encode_family(&[("track", t.name()), ("class", class)])?)?;
+        }
+    }
+    let mut e = encoder.encode_descriptor(
+        "track_outcomes",
+        "Requests to each track that ended, by outcome (failure: 5xx, no response, or a gRPC failure status)",
+        None,
+        MetricType::Counter,
+    )?;
+    for t in &rt.tracks {
+        let (completed, failed) = t.totals();
+        for (outcome, n) in [("success", completed.saturating_sub(failed)), ("failure", failed)] {
+            ConstCounter::new(n).encode(e.encode_family(&[("track", t.name()), ("outcome", outcome)])?)?;
+        }
+    }
+    let mut e = encoder.encode_descriptor(
+        "track_grpc_responses",
+        "gRPC calls answered by each track, by grpc-status (only the statuses seen)",
+        None,
+        MetricType::Counter,
+    )?;
+    for t in &rt.tracks {
+        for (code, n) in super::grpc::CODE_NAMES.iter().zip(&t.grpc) {
+            let n = n.load(Ordering::Relaxed);
+            if n > 0 {
+                ConstCounter::new(n).encode(e.encode_family(&[("track", t.name()), ("grpc_status", code)])?)?;
+            }
+        }
+    }
+    let mut e = encoder.encode_descriptor(
+        "track_request_duration_seconds",
+        "Time from receiving a request to its response headers, by the track that answered",
+        None,
+        MetricType::Histogram,
+    )?;
+    for t in &rt.tracks {
+        t.latency.encode(e.encode_family(&[("track", t.name())])?)?;
+    }
+    Ok(())
 }
 
 /// One gauge per endpoint, labelled by its address.

@@ -16,6 +16,7 @@ use std::sync::{Arc, Weak};
 use super::config::{HashKey, ProxyConfig};
 use super::metrics::Metrics;
 use super::retry::RetryBudget;
+use super::tracks::TrackStats;
 use super::upstream::{self, Upstream};
 use crate::balance::{
     Balancer, BalancerConfig, EndpointSet, EwmaConfig, HealthFlag, Nanos, Outcome, Pick, Request, SetError, SystemClock,
@@ -46,6 +47,8 @@ pub struct Runtime {
     pub set: Arc<EndpointSet>,
     /// Per-endpoint counters and connection pools, by address.
     pub(crate) upstreams: HashMap<SocketAddr, Arc<Upstream>>,
+    /// The evidence of each track of the set, by name (carried across reloads).
+    pub(crate) tracks: Vec<Arc<TrackStats>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -227,9 +230,21 @@ fn build_runtime(
             m.endpoint().set_flag(HealthFlag::Draining, t.draining);
         }
     }
-    let addrs = set.members().iter().map(|m| m.endpoint().addr());
+    let tracks: Vec<Arc<TrackStats>> = set
+        .tracks()
+        .iter()
+        .map(|name| {
+            old.and_then(|o| o.tracks.iter().find(|t| t.name == *name).cloned())
+                .unwrap_or_else(|| Arc::new(TrackStats::new(name.clone())))
+        })
+        .collect();
+    let track_of = |m: &crate::balance::Member| {
+        let name = set.track_of(m);
+        tracks.iter().find(|t| &*t.name == name).cloned().unwrap_or_else(|| Arc::new(TrackStats::new(name.into())))
+    };
+    let endpoints = set.members().iter().map(|m| (m.endpoint().addr(), track_of(m)));
     let http2 = config.app_protocol.is_http2();
-    let upstreams = upstream::carry(old.map(|o| &o.upstreams), addrs, config.worker_count(), http2);
+    let upstreams = upstream::carry(old.map(|o| &o.upstreams), endpoints, config.worker_count(), http2);
     let affinity = config.load_balancing.session_affinity.as_ref().map(|a| Affinity {
         cookie: a.cookie.clone(),
         attributes: format!("; Max-Age={}; Path=/; HttpOnly; SameSite=Lax", a.ttl.0.as_secs().max(1)),
@@ -242,6 +257,7 @@ fn build_runtime(
         trusted: config.trusted_proxies()?,
         set,
         upstreams,
+        tracks,
         config,
     })
 }

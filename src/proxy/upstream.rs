@@ -42,6 +42,7 @@ use tokio::net::TcpStream;
 
 use super::http::UpstreamBody;
 use super::metrics::EndpointStats;
+use super::tracks::TrackStats;
 
 /// Idle keep-alive connections kept per endpoint and worker.
 pub(crate) const MAX_IDLE: usize = 256;
@@ -70,6 +71,8 @@ pub(crate) struct Upstream {
     /// The address as an HTTP authority, built once.
     pub(crate) authority: http::uri::Authority,
     pub(crate) stats: EndpointStats,
+    /// The evidence of the endpoint's track.
+    pub(crate) track: Arc<TrackStats>,
     /// Whether the endpoint is spoken to over HTTP/2.
     pub(crate) http2: bool,
     /// Idle HTTP/1.1 connections, one list per worker (and one for other threads).
@@ -296,7 +299,7 @@ pub(crate) struct ConnSettings {
 }
 
 impl Upstream {
-    pub(crate) fn new(addr: SocketAddr, workers: usize, http2: bool) -> Self {
+    pub(crate) fn new(addr: SocketAddr, workers: usize, http2: bool, track: Arc<TrackStats>) -> Self {
         let label = addr.to_string();
         // A socket address always formats as a valid authority.
         let authority = label.parse().unwrap_or_else(|_| http::uri::Authority::from_static("invalid"));
@@ -309,6 +312,7 @@ impl Upstream {
             addr,
             authority,
             stats: EndpointStats::new(label),
+            track,
             http2,
             idle,
             h2,
@@ -739,20 +743,21 @@ fn refused(e: &hyper::Error) -> bool {
     false
 }
 
-/// Upstreams for a new endpoint set, reusing those of endpoints that stay
-/// (their counters and pooled connections survive the update) unless the
-/// protocol spoken to the endpoints changed.
+/// Upstreams for a new endpoint set (each address with its track's
+/// evidence), reusing those of endpoints that stay (their counters and pooled
+/// connections survive the update) unless the protocol spoken to the
+/// endpoints or the endpoint's track changed.
 pub(crate) fn carry(
     previous: Option<&std::collections::HashMap<SocketAddr, Arc<Upstream>>>,
-    addrs: impl Iterator<Item = SocketAddr>,
+    endpoints: impl Iterator<Item = (SocketAddr, Arc<TrackStats>)>,
     workers: usize,
     http2: bool,
 ) -> std::collections::HashMap<SocketAddr, Arc<Upstream>> {
-    addrs
-        .map(|a| {
+    endpoints
+        .map(|(a, track)| {
             let u = previous
-                .and_then(|p| p.get(&a).filter(|u| u.http2 == http2).cloned())
-                .unwrap_or_else(|| Arc::new(Upstream::new(a, workers, http2)));
+                .and_then(|p| p.get(&a).filter(|u| u.http2 == http2 && Arc::ptr_eq(&u.track, &track)).cloned())
+                .unwrap_or_else(|| Arc::new(Upstream::new(a, workers, http2, track)));
             (a, u)
         })
         .collect()

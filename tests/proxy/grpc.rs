@@ -109,6 +109,14 @@ async fn application_statuses_pass_and_only_endpoint_failures_count_against_it()
         })
         .await
     );
+    // The track's evidence: NOT_FOUND is the application's answer, UNAVAILABLE a failure.
+    let m = admin(&p, "/metrics").await.body;
+    assert!(
+        m.contains("fulcrum_proxy_track_grpc_responses_total{track=\"stable\",grpc_status=\"NOT_FOUND\"} 10"),
+        "{m}"
+    );
+    assert!(m.contains("fulcrum_proxy_track_outcomes_total{track=\"stable\",outcome=\"success\"} 10"), "{m}");
+    assert!(m.contains("fulcrum_proxy_track_outcomes_total{track=\"stable\",outcome=\"failure\"} 6"), "{m}");
     p.shutdown().await;
 }
 

@@ -14,4 +14,5 @@ mod process;
 mod reload;
 mod support;
 mod tcp;
+mod tracks;
 mod websocket;
