@@ -154,7 +154,11 @@ fn default_replicas() -> i32 {
     2
 }
 
-fn pod_template_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+fn optional_pod_template_schema(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    pod_template_schema(g)
+}
+
+pub(crate) fn pod_template_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({
         "type": "object",
         "description": "A PodTemplateSpec (metadata and spec), validated by the API server when the operator creates the Deployment.",
@@ -488,13 +492,28 @@ fn default_ttl() -> String {
     "1h".into()
 }
 
-/// A canary track.
+/// A canary track, in one of two modes. Manual: `template` runs beside the
+/// stable pods and takes `weight` percent of the traffic. Progressive
+/// (`steps`): a change of the app's `spec.template` runs as the canary, the
+/// previous version staying stable (recorded in `status.rollout`), and the
+/// operator steps its weight, judging each step on the proxies' evidence,
+/// until it promotes the new version or rolls it back.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!has(self.replicas) || !has(self.replicasPercent)")
-    .message("set canary.replicas or canary.replicasPercent, not both")
-    .reason(Reason::FieldValueForbidden)
-    .field_path(".replicasPercent"))]
+#[x_kube(
+    validation = Rule::new("!has(self.replicas) || !has(self.replicasPercent)")
+        .message("set canary.replicas or canary.replicasPercent, not both")
+        .reason(Reason::FieldValueForbidden)
+        .field_path(".replicasPercent"),
+    validation = Rule::new("has(self.template) != has(self.steps)")
+        .message("set canary.template (a manual canary at canary.weight) or canary.steps (a progressive rollout of spec.template), exactly one")
+        .reason(Reason::FieldValueInvalid)
+        .field_path(".steps"),
+    validation = Rule::new("has(self.steps) || (!has(self.analysis) && !has(self.paused))")
+        .message("canary.analysis and canary.paused belong to a progressive rollout (canary.steps)")
+        .reason(Reason::FieldValueForbidden)
+        .field_path(".analysis")
+)]
 pub struct Canary {
     /// Canary replicas; when neither this nor replicasPercent is set, 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -506,12 +525,85 @@ pub struct Canary {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100))]
     pub replicas_percent: Option<i32>,
-    /// Percentage of the traffic sent to the canary track.
+    /// Manual mode: percentage of the traffic sent to the canary track.
+    #[serde(default)]
     #[schemars(range(min = 0, max = 100))]
     pub weight: i32,
-    /// The canary pods, as in a Deployment's `spec.template`.
-    #[schemars(schema_with = "pod_template_schema")]
-    pub template: PodTemplateSpec,
+    /// Manual mode: the canary pods, as in a Deployment's `spec.template`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "optional_pod_template_schema")]
+    pub template: Option<PodTemplateSpec>,
+    /// Progressive mode: the canary's weight at each step, and how long each
+    /// step lasts at least; after the last step the new version is promoted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 20))]
+    pub steps: Option<Vec<CanaryStep>>,
+    /// Progressive mode: what each step's evidence must show to go on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<Analysis>,
+    /// Progressive mode: hold the rollout at its current step (false resumes,
+    /// and the step's pause starts again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<bool>,
+}
+
+/// One step of a progressive rollout.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("duration(self.pause) >= duration('1s') && duration(self.pause) <= duration('24h')")
+    .message("pause must be between 1s and 24h")
+    .reason(Reason::FieldValueInvalid)
+    .field_path(".pause"))]
+pub struct CanaryStep {
+    /// The canary's share of the traffic during the step, in percent.
+    #[schemars(range(min = 1, max = 99))]
+    pub weight: i32,
+    /// The least time spent at the step, e.g. `1m`; the step also waits for
+    /// `analysis.minRequests` canary requests.
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub pause: String,
+}
+
+/// The judgement of each step, made on the evidence of the app's proxies
+/// over the step (at most its last minute): the canary against the stable
+/// track over the same window, not against fixed numbers alone.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Analysis {
+    /// Canary requests (and stable ones) a step needs before it is judged.
+    #[serde(default = "twenty")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub min_requests: i32,
+    /// How many percentage points the canary's success rate may lie below
+    /// the stable track's; more rolls the canary back.
+    #[serde(default = "one")]
+    #[schemars(range(min = 0, max = 100))]
+    pub max_success_rate_drop: i32,
+    /// The canary's p99 time to response headers may reach this percentage
+    /// of the stable track's (and at least `latencyToleranceMs` more); more
+    /// rolls the canary back.
+    #[serde(default = "one_hundred_fifty")]
+    #[schemars(range(min = 100, max = 10_000))]
+    pub max_latency_percent: i32,
+    /// A p99 difference below this many milliseconds never fails a step.
+    #[serde(default = "five")]
+    #[schemars(range(min = 0, max = 60_000))]
+    pub latency_tolerance_ms: i32,
+}
+
+impl Default for Analysis {
+    fn default() -> Self {
+        Analysis {
+            min_requests: twenty(),
+            max_success_rate_drop: one(),
+            max_latency_percent: one_hundred_fifty(),
+            latency_tolerance_ms: five(),
+        }
+    }
+}
+
+fn one_hundred_fifty() -> i32 {
+    150
 }
 
 impl Canary {

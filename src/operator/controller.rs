@@ -24,11 +24,13 @@ use serde_json::json;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::desired::{
-    APP_LABEL, Desired, MANAGED_BY_SELECTOR, Names, PROXY_CONTAINER, Settings, TRACK_LABEL, desired, stable_selector,
+    APP_LABEL, COMPONENT_LABEL, Desired, MANAGED_BY_SELECTOR, Names, PROXY_CONTAINER, Settings, TRACK_LABEL, desired,
+    stable_selector,
 };
 use super::healing::{Phase, PodView, Policy, heal_plan};
 use super::metrics::OperatorMetrics;
-use crate::api::{Counts, Healed, LoadBalancedApp, LoadBalancedAppStatus, ProxyMode};
+use super::rollout;
+use crate::api::{Counts, Healed, LoadBalancedApp, LoadBalancedAppStatus, ProxyMode, RolloutPhase};
 
 /// The field manager of every write.
 pub const FIELD_MANAGER: &str = "fulcrum-operator";
@@ -466,6 +468,9 @@ async fn reconcile_app(
     let generation = app.metadata.generation;
     let reference = app.object_ref(&());
 
+    // A progressive rollout takes its next step first: what it decides
+    // (the stable template, the canary's weight) shapes the objects below.
+    let (app, happened) = step_rollout(client, &ns, &name, app).await;
     let d = match desired(&app, &ctx.settings) {
         Ok(d) => d,
         Err(invalid) => {
@@ -489,8 +494,9 @@ async fn reconcile_app(
     }
     let created = old.observed_generation.is_none();
     apply_all(client, &ns, &d).await?;
-    if old.observed_generation != generation {
-        // A generation not yet observed: objects it no longer asks for go. Also
+    if old.observed_generation != generation || happened.is_some() {
+        // A rollout that promoted or rolled back leaves a canary Deployment
+        // the plan no longer has. A generation not yet observed: objects it no longer asks for go. Also
         // when no status was ever written (`created`): the first status write
         // may have failed while the spec changed, and a generation whose
         // objects were never pruned must not be marked observed.
@@ -531,6 +537,7 @@ async fn reconcile_app(
     };
     let plan = heal_plan(&views, &policy, SystemTime::now());
     let mut status = old.clone();
+    status.rollout = app.status.as_ref().and_then(|s| s.rollout.clone());
     let mut healed_now = 0;
     for (pod, reason) in &plan.delete {
         let uid = listed.items.iter().find(|p| p.name_any() == *pod).and_then(|p| p.metadata.uid.clone());
@@ -592,16 +599,26 @@ async fn reconcile_app(
             Counts { ready, total: spec.proxy.replicas.unwrap_or(2) }
         }
     };
-    status.canary = spec.canary.as_ref().map(|c| crate::api::CanaryStatus {
+    let canary_weight = super::rollout::plan(spec, status.rollout.as_ref()).canary.map_or(0, |(_, _, w)| w);
+    status.canary = spec.canary.as_ref().map(|_| crate::api::CanaryStatus {
         replicas: track("canary").count() as i32,
         ready_replicas: track("canary").filter(|p| is_ready(p)).count() as i32,
-        weight: c.weight,
+        weight: canary_weight,
     });
+    if let Some(h) = &happened {
+        publish_rollout(&ctx, &reference, h).await;
+    }
+    let rollout = status.rollout.as_ref();
+    let rolled_back = rollout.is_some_and(|r| r.phase == RolloutPhase::RolledBack);
+    let rolling = rollout.is_some_and(|r| matches!(r.phase, RolloutPhase::Progressing | RolloutPhase::Paused));
     let is_available = stable_ready >= min_available.max(1) && status.proxy.ready > 0;
-    let progressing = stable_total != spec.replicas || stable_ready < spec.replicas;
+    let progressing = stable_total != spec.replicas || stable_ready < spec.replicas || rolling;
     status.not_started = not_started(&plan.not_started);
-    let degraded = !plan.crash_looping.is_empty() || !plan.not_started.is_empty();
+    let degraded = !plan.crash_looping.is_empty() || !plan.not_started.is_empty() || rolled_back;
     let mut degraded_because = Vec::new();
+    if let Some(r) = rollout.filter(|_| rolled_back) {
+        degraded_because.push(format!("canary rolled back: {}", r.message));
+    }
     if !plan.crash_looping.is_empty() {
         degraded_because.push(format!("crash-looping pods (not deleted): {}", plan.crash_looping.join(", ")));
     }
@@ -626,18 +643,26 @@ async fn reconcile_app(
             &old.conditions,
             "Progressing",
             progressing,
-            if progressing { "ReplicasUpdating" } else { "ReplicasReady" },
-            format!("{stable_total} replicas exist, {stable_ready} ready, {} wanted", spec.replicas),
+            match (rolling, progressing) {
+                (true, _) => "RolloutInProgress",
+                (false, true) => "ReplicasUpdating",
+                (false, false) => "ReplicasReady",
+            },
+            match rollout.filter(|_| rolling) {
+                Some(r) => format!("canary at {}%: {}", r.weight, r.message),
+                None => format!("{stable_total} replicas exist, {stable_ready} ready, {} wanted", spec.replicas),
+            },
             generation,
         ),
         condition(
             &old.conditions,
             "Degraded",
             degraded,
-            match (plan.crash_looping.is_empty(), plan.not_started.is_empty()) {
-                (true, true) => "AsExpected",
-                (false, _) => "CrashLoop",
-                (true, false) => "PodsNotStarted",
+            match (plan.crash_looping.is_empty(), plan.not_started.is_empty(), rolled_back) {
+                (true, true, false) => "AsExpected",
+                (false, _, _) => "CrashLoop",
+                (true, false, _) => "PodsNotStarted",
+                (true, true, true) => "RolledBack",
             },
             if degraded { degraded_because.join("; ") } else { "no crash loops, every pod started".into() },
             generation,
@@ -650,7 +675,117 @@ async fn reconcile_app(
     let next = plan
         .next_check
         .map_or(Duration::from_secs(60), |d| d.min(Duration::from_secs(60)) + Duration::from_millis(100));
-    Ok(Action::requeue(if plan.held.is_empty() { next } else { Duration::from_secs(2) }))
+    // A rollout in progress is judged again every 2 s.
+    let soon = !plan.held.is_empty() || rolling;
+    Ok(Action::requeue(if soon { Duration::from_secs(2) } else { next }))
+}
+
+/// The app with its progressive rollout advanced (`status.rollout` as it
+/// should be now), and what happened; the app unchanged otherwise.
+async fn step_rollout(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    app: Arc<LoadBalancedApp>,
+) -> (Arc<LoadBalancedApp>, Option<rollout::Happened>) {
+    let Some(canary) = app.spec.canary.as_ref().filter(|c| c.steps.is_some()) else {
+        if app.status.as_ref().is_some_and(|s| s.rollout.is_some()) {
+            let mut a = (*app).clone();
+            if let Some(s) = a.status.as_mut() {
+                s.rollout = None;
+            }
+            return (Arc::new(a), None);
+        }
+        return (app, None);
+    };
+    let previous = app.status.as_ref().and_then(|s| s.rollout.as_ref());
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let evidence = match previous.filter(|r| rollout::needs_evidence(r)) {
+        Some(r) => gather_evidence(client, ns, name, &app.spec, rollout::evidence_window(r, now)).await,
+        None => None,
+    };
+    let (next, happened) = rollout::advance(&app.spec, canary, previous, evidence, now);
+    let mut a = (*app).clone();
+    a.status.get_or_insert_with(LoadBalancedAppStatus::default).rollout = Some(next);
+    (Arc::new(a), happened)
+}
+
+/// Both tracks' figures over the last `window` seconds, summed over the
+/// app's proxies (each pod's sidecar, or the dedicated proxy pods), read
+/// from their admin port's `/tracks`; `None` when no proxy answered.
+async fn gather_evidence(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    spec: &crate::api::LoadBalancedAppSpec,
+    window: u64,
+) -> Option<crate::api::Evidence> {
+    let selector = match spec.proxy.mode {
+        ProxyMode::Sidecar => format!("{APP_LABEL}={name},{TRACK_LABEL}"),
+        ProxyMode::Dedicated => format!("{APP_LABEL}={name},{COMPONENT_LABEL}=proxy"),
+    };
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let listed = pods.list(&ListParams::default().labels(&selector)).await.ok()?;
+    let ips: Vec<String> = listed
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
+        .collect();
+    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let fetches = ips.iter().map(|ip| {
+        let http = http.clone();
+        let url = format!("http://{}/tracks?window={window}", socket(ip, super::render::ADMIN_PORT));
+        async move {
+            let uri: http::Uri = url.parse().ok()?;
+            let fetch = async {
+                let resp = http.get(uri).await.ok()?;
+                if !resp.status().is_success() {
+                    return None;
+                }
+                let body = http_body_util::BodyExt::collect(resp.into_body()).await.ok()?.to_bytes();
+                serde_json::from_slice::<serde_json::Value>(&body).ok()
+            };
+            tokio::time::timeout(Duration::from_secs(1), fetch).await.ok().flatten()
+        }
+    });
+    let docs: Vec<serde_json::Value> = futures::future::join_all(fetches).await.into_iter().flatten().collect();
+    if docs.is_empty() {
+        return None;
+    }
+    Some(crate::api::Evidence {
+        canary: rollout::sum_track(&docs, "canary"),
+        stable: rollout::sum_track(&docs, "stable"),
+        window_seconds: i64::try_from(window).unwrap_or(i64::MAX),
+        proxies: i32::try_from(docs.len()).unwrap_or(i32::MAX),
+    })
+}
+
+/// `ip:port`, bracketing an IPv6 address.
+fn socket(ip: &str, port: u16) -> String {
+    if ip.contains(':') { format!("[{ip}]:{port}") } else { format!("{ip}:{port}") }
+}
+
+/// An Event for a rollout's milestone.
+async fn publish_rollout(
+    ctx: &Context,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    h: &rollout::Happened,
+) {
+    let (type_, reason, note) = match h {
+        rollout::Happened::Started => {
+            (EventType::Normal, "RolloutStarted", "a new spec.template runs as the canary".to_owned())
+        }
+        rollout::Happened::Stepped => {
+            (EventType::Normal, "RolloutStepped", "the canary moved to its next step".to_owned())
+        }
+        rollout::Happened::Promoted(why) => (EventType::Normal, "RolloutPromoted", why.clone()),
+        rollout::Happened::RolledBack(why) => (EventType::Warning, "RolledBack", why.clone()),
+    };
+    info!(reason, note = %note, "rollout");
+    let event = Event { type_, reason: reason.into(), note: Some(note), action: "Rollout".into(), secondary: None };
+    let _ = ctx.recorder.publish(&event, reference).await;
 }
 
 /// The uids of the ReplicaSets of the app's Deployments (its own and its canary's).
@@ -736,6 +871,15 @@ async fn write_status(
         let current = apps.get(name).await?;
         let stored = current.status.clone().unwrap_or_default();
         status.healed_total = stored.healed_total + healed_now;
+        // A user's abort or promotion, set while this reconcile ran, is kept
+        // for the next one (unless this one ended the rollout).
+        if let (Some(ours), Some(theirs)) = (status.rollout.as_mut(), stored.rollout.as_ref())
+            && matches!(ours.phase, RolloutPhase::Progressing | RolloutPhase::Paused)
+            && ours.canary_revision == theirs.canary_revision
+        {
+            ours.abort |= theirs.abort;
+            ours.promote_full |= theirs.promote_full;
+        }
         if status.last_healing.is_none() {
             status.last_healing = stored.last_healing.clone();
         }

@@ -99,7 +99,10 @@ pub fn desired(app: &LoadBalancedApp, settings: &Settings) -> Result<Desired, In
         .ok_or_else(|| InvalidSpec("the LoadBalancedApp has no uid yet (not stored by the API server)".into()))?;
     let n = Names { app: name.clone() };
     let spec = &app.spec;
-    let config = proxy_config(spec)?;
+    // Which template each track runs, and the canary's weight: the spec's,
+    // or in a progressive rollout what the operator recorded in status.
+    let plan = super::rollout::plan(spec, app.status.as_ref().and_then(|s| s.rollout.as_ref()));
+    let config = proxy_config(spec, plan.canary.map(|(_, _, weight)| weight))?;
     let image = spec.proxy.image.clone().unwrap_or_else(|| settings.proxy_image.clone());
     let proxy_container = proxy_container(&name, &image, spec.proxy.resources.as_ref())?;
     let meta = |obj_name: &str, component: &str| {
@@ -125,7 +128,7 @@ pub fn desired(app: &LoadBalancedApp, settings: &Settings) -> Result<Desired, In
     };
     let mut proxy_accounts: Vec<String> = Vec::new();
     if sidecar {
-        for t in std::iter::once(&spec.template).chain(spec.canary.as_ref().map(|c| &c.template)) {
+        for t in std::iter::once(plan.stable).chain(plan.canary.map(|(t, _, _)| t)) {
             let sa = pod_sa(t).unwrap_or_else(|| n.proxy());
             if !proxy_accounts.contains(&sa) {
                 proxy_accounts.push(sa);
@@ -161,9 +164,9 @@ pub fn desired(app: &LoadBalancedApp, settings: &Settings) -> Result<Desired, In
         }
         typed::<Deployment>("Deployment", d)
     };
-    let deployment = app_deployment(&name, "stable", spec.replicas, &spec.template)?;
-    let canary_deployment = match &spec.canary {
-        Some(c) => Some(app_deployment(&n.canary(), "canary", c.replica_count(spec.replicas), &c.template)?),
+    let deployment = app_deployment(&name, "stable", spec.replicas, plan.stable)?;
+    let canary_deployment = match plan.canary {
+        Some((template, replicas, _)) => Some(app_deployment(&n.canary(), "canary", replicas, template)?),
         None => None,
     };
 

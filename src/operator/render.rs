@@ -37,8 +37,9 @@ fn count(field: &str, v: i32) -> Result<u32, InvalidSpec> {
     u32::try_from(v).map_err(|_| InvalidSpec(format!("spec.{field}: {v} is negative")))
 }
 
-/// Renders the proxy configuration for `spec`.
-pub fn proxy_config(spec: &LoadBalancedAppSpec) -> Result<ProxyConfig, InvalidSpec> {
+/// Renders the proxy configuration for `spec`, with the canary track at
+/// `canary_weight` percent of the traffic when a canary runs.
+pub fn proxy_config(spec: &LoadBalancedAppSpec, canary_weight: Option<i32>) -> Result<ProxyConfig, InvalidSpec> {
     let lb = &spec.load_balancing;
     let algorithm = match lb.algorithm {
         api::Algorithm::RoundRobin => crate::balance::Algorithm::RoundRobin,
@@ -49,9 +50,9 @@ pub fn proxy_config(spec: &LoadBalancedAppSpec) -> Result<ProxyConfig, InvalidSp
         api::Algorithm::PeakEwma => crate::balance::Algorithm::PeakEwma,
         api::Algorithm::ConsistentHash => crate::balance::Algorithm::ConsistentHash,
     };
-    let tracks: BTreeMap<String, u32> = match &spec.canary {
-        Some(c) => {
-            let weight = count("canary.weight", c.weight)?.min(100);
+    let tracks: BTreeMap<String, u32> = match canary_weight {
+        Some(w) => {
+            let weight = count("canary.weight", w)?.min(100);
             [("stable".to_owned(), 100 - weight), ("canary".to_owned(), weight)].into()
         }
         None => BTreeMap::new(),

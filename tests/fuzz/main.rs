@@ -190,7 +190,7 @@ proptest! {
     #[test]
     fn the_crd_renderer_takes_any_spec_the_types_admit(spec in spec_doc()) {
         let Ok(spec) = serde_json::from_value::<LoadBalancedAppSpec>(spec) else { return Ok(()) };
-        if let Ok(config) = proxy_config(&spec) {
+        if let Ok(config) = proxy_config(&spec, spec.canary.as_ref().map(|c| c.weight)) {
             prop_assert!(config.validate().is_ok(), "rendered an invalid configuration");
         }
         let mut app = LoadBalancedApp::new("web", spec);

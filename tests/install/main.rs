@@ -431,7 +431,7 @@ async fn install_as_a_user_quickstart_traffic_healing_failover_examples_and_faul
     kubectl.must(&["wait", "lba", "--all", "--for=condition=Available", "--timeout=180s"], &node).await;
     let all = kubectl.must(&["get", "lba"], &node).await;
     eprintln!("{all}");
-    assert_eq!(all.lines().count(), 1 + 9, "nine apps: {all}");
+    assert_eq!(all.lines().count(), 1 + 10, "ten apps: {all}");
     let hpa = kubectl
         .must(&["get", "horizontalpodautoscalers", "catalog", "-o", "jsonpath={.spec.scaleTargetRef.kind}"], &node)
         .await;

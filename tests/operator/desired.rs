@@ -222,7 +222,7 @@ fn the_rendered_proxy_config_follows_the_spec_and_parses_back() {
         "timeouts": {"request": "10s"},
     }))
     .spec;
-    let config = proxy_config(&spec).unwrap();
+    let config = proxy_config(&spec, None).unwrap();
     let text = config.to_yaml();
     let parsed = ProxyConfig::parse(&text).unwrap();
     assert_eq!(parsed, config);

@@ -10,3 +10,4 @@ mod install;
 mod leader;
 mod rbac;
 mod reconcile;
+mod rollout;
