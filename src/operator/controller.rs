@@ -470,7 +470,7 @@ async fn reconcile_app(
 
     // A progressive rollout takes its next step first: what it decides
     // (the stable template, the canary's weight) shapes the objects below.
-    let (app, happened) = step_rollout(client, &ns, &name, app).await;
+    let (app, happened) = step_rollout(client, &apps, &ns, &name, app).await?;
     let d = match desired(&app, &ctx.settings) {
         Ok(d) => d,
         Err(invalid) => {
@@ -684,20 +684,26 @@ async fn reconcile_app(
 /// should be now), and what happened; the app unchanged otherwise.
 async fn step_rollout(
     client: &Client,
+    apps: &Api<LoadBalancedApp>,
     ns: &str,
     name: &str,
     app: Arc<LoadBalancedApp>,
-) -> (Arc<LoadBalancedApp>, Option<rollout::Happened>) {
-    let Some(canary) = app.spec.canary.as_ref().filter(|c| c.steps.is_some()) else {
+) -> Result<(Arc<LoadBalancedApp>, Option<rollout::Happened>), Error> {
+    if app.spec.canary.as_ref().is_none_or(|c| c.steps.is_none()) {
         if app.status.as_ref().is_some_and(|s| s.rollout.is_some()) {
             let mut a = (*app).clone();
             if let Some(s) = a.status.as_mut() {
                 s.rollout = None;
             }
-            return (Arc::new(a), None);
+            return Ok((Arc::new(a), None));
         }
-        return (app, None);
-    };
+        return Ok((app, None));
+    }
+    // The rollout's state is read fresh, not from the watch cache: a step
+    // decided on a status the cache has not caught up with would undo the
+    // last one (a promotion, say).
+    let app = Arc::new(apps.get(name).await?);
+    let Some(canary) = app.spec.canary.as_ref().filter(|c| c.steps.is_some()) else { return Ok((app, None)) };
     let previous = app.status.as_ref().and_then(|s| s.rollout.as_ref());
     let now = k8s_openapi::jiff::Timestamp::now();
     let evidence = match previous.filter(|r| rollout::needs_evidence(r)) {
@@ -707,7 +713,7 @@ async fn step_rollout(
     let (next, happened) = rollout::advance(&app.spec, canary, previous, evidence, now);
     let mut a = (*app).clone();
     a.status.get_or_insert_with(LoadBalancedAppStatus::default).rollout = Some(next);
-    (Arc::new(a), happened)
+    Ok((Arc::new(a), happened))
 }
 
 /// Both tracks' figures over the last `window` seconds, summed over the
@@ -765,6 +771,24 @@ async fn gather_evidence(
 /// `ip:port`, bracketing an IPv6 address.
 fn socket(ip: &str, port: u16) -> String {
     if ip.contains(':') { format!("[{ip}]:{port}") } else { format!("{ip}:{port}") }
+}
+
+/// The JSON merge patch (RFC 7386) that turns `from` into `to`: `to`, with
+/// `null` for every key of `from` that `to` lacks, recursively into objects.
+fn merge_patch(from: &serde_json::Value, to: &serde_json::Value) -> serde_json::Value {
+    match (from, to) {
+        (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+            let mut out = serde_json::Map::new();
+            for (k, v) in b {
+                out.insert(k.clone(), a.get(k).map_or_else(|| v.clone(), |old| merge_patch(old, v)));
+            }
+            for k in a.keys().filter(|k| !b.contains_key(*k)) {
+                out.insert(k.clone(), serde_json::Value::Null);
+            }
+            serde_json::Value::Object(out)
+        }
+        _ => to.clone(),
+    }
 }
 
 /// An Event for a rollout's milestone.
@@ -886,7 +910,15 @@ async fn write_status(
         if current.status.as_ref() == Some(&status) {
             return Ok(());
         }
-        let patch = json!({"metadata": {"resourceVersion": current.metadata.resource_version}, "status": status});
+        // A merge patch leaves alone what it does not name: fields the new
+        // status no longer has (a canary's figures, a finished rollout's
+        // revision under test) are removed explicitly.
+        let stored_json = serde_json::to_value(&stored).unwrap_or_default();
+        let wanted = serde_json::to_value(&status).unwrap_or_default();
+        let patch = json!({
+            "metadata": {"resourceVersion": current.metadata.resource_version},
+            "status": merge_patch(&stored_json, &wanted),
+        });
         match apps.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
             Ok(_) => return Ok(()),
             Err(kube::Error::Api(e)) if e.code == 409 && attempt < 4 => continue,

@@ -74,6 +74,9 @@ pub enum Verdict {
     Fail(String),
 }
 
+/// Requests each track needs in the window before p99s are compared.
+pub const MIN_REQUESTS_FOR_P99: i64 = 100;
+
 /// Judges a step's evidence by the analysis.
 pub fn judge(a: &Analysis, e: &Evidence) -> Verdict {
     let min = i64::from(a.min_requests);
@@ -93,7 +96,11 @@ pub fn judge(a: &Analysis, e: &Evidence) -> Verdict {
             a.max_success_rate_drop, e.canary.failures, e.canary.requests
         ));
     }
+    // A p99 of fewer than a hundred requests is their maximum: one slow
+    // request (a new pod's first connection) would decide. It is compared
+    // once both tracks have had enough.
     if let (Some(c), Some(s)) = (e.canary.p99_ms, e.stable.p99_ms)
+        && e.canary.requests.min(e.stable.requests) >= MIN_REQUESTS_FOR_P99
         && c > s * f64::from(a.max_latency_percent) / 100.0
         && c - s > f64::from(a.latency_tolerance_ms)
     {
@@ -144,10 +151,13 @@ pub fn advance(
         );
     };
     let mut r = prev.clone();
+    // Status times are kept to the second: a step's start is rounded up, so
+    // that its pause is never cut short.
+    let started = Timestamp::from_second(now.as_second() + i64::from(now.subsec_nanosecond() > 0)).unwrap_or(now);
     let at = |r: &mut Rollout, step: usize| {
         r.step = step as i32;
         r.weight = steps.get(step).map_or(0, |s| s.weight);
-        r.step_started_at = Some(Time(now));
+        r.step_started_at = Some(Time(started));
     };
     if wanted == r.stable_revision {
         // Back at the stable version (promoted, or the change was reverted).

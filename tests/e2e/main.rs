@@ -19,6 +19,7 @@ mod grpc_peer;
 mod install;
 #[path = "../support/kubelet.rs"]
 mod kubelet;
+mod rollout;
 #[allow(dead_code)]
 #[path = "../proxy/support.rs"]
 mod support;

@@ -116,7 +116,10 @@ fn a_failing_canary_is_rolled_back_and_not_tried_again_until_the_template_change
 #[test]
 fn a_slower_canary_fails_on_its_p99_but_not_within_the_tolerance() {
     let a = fulcrum::api::Analysis { min_requests: 10, ..Default::default() };
-    let slow = Evidence { canary: track(100, 0, 40.0), stable: track(100, 0, 10.0), window_seconds: 30, proxies: 1 };
+    // Too few requests for a p99: only the success rates count.
+    let early = Evidence { canary: track(50, 0, 40.0), stable: track(500, 0, 10.0), window_seconds: 30, proxies: 1 };
+    assert_eq!(judge(&a, &early), Verdict::Pass);
+    let slow = Evidence { canary: track(100, 0, 40.0), stable: track(900, 0, 10.0), window_seconds: 30, proxies: 1 };
     assert!(matches!(judge(&a, &slow), Verdict::Fail(why) if why.contains("p99 40.0 ms")));
     // 3 ms against 1 ms is 300%, but within the 5 ms tolerance.
     let fast = Evidence { canary: track(100, 0, 3.0), stable: track(100, 0, 1.0), window_seconds: 30, proxies: 1 };

@@ -32,6 +32,8 @@ pub struct Behaviour {
     pub hits: AtomicU64,
     /// Connections accepted so far.
     pub accepted: AtomicU64,
+    /// Answer 500 to every n-th request (0: never).
+    pub fail_every: AtomicU64,
 }
 
 /// An HTTP backend on its own loopback address.
@@ -59,6 +61,7 @@ impl Backend {
             hang_up: AtomicBool::new(false),
             hits: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
+            fail_every: AtomicU64::new(0),
         });
         let (b, n) = (behaviour.clone(), name.to_owned());
         let conns = Arc::new(Mutex::new(JoinSet::new()));
@@ -111,6 +114,11 @@ impl Backend {
     pub fn set_healthy(&self, h: bool) {
         self.behaviour.healthy.store(h, Ordering::Relaxed);
     }
+
+    /// Answers 500 to every `n`-th request from now on (0: never), as a faulty version would.
+    pub fn set_fail_every(&self, n: u64) {
+        self.behaviour.fail_every.store(n, Ordering::Relaxed);
+    }
 }
 
 impl Drop for Backend {
@@ -157,7 +165,7 @@ async fn respond(
         }
         _ => {}
     }
-    b.hits.fetch_add(1, Ordering::Relaxed);
+    let hit = b.hits.fetch_add(1, Ordering::Relaxed) + 1;
     if b.hang_up.load(Ordering::Relaxed) {
         // An error from the service makes hyper close the connection without a response.
         return Err(std::io::Error::other("hanging up"));
@@ -165,6 +173,10 @@ async fn respond(
     let delay = b.delay_ms.load(Ordering::Relaxed);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let every = b.fail_every.load(Ordering::Relaxed);
+    if every > 0 && hit.is_multiple_of(every) {
+        return Ok(text(500, name.clone()));
     }
     Ok(text(b.status.load(Ordering::Relaxed), name.clone()))
 }

@@ -56,6 +56,9 @@ pub struct Control {
     pub unready: BTreeSet<String>,
     /// Containers to kill at once (namespace, pod, container), as a crash would.
     pub kill: Vec<(String, String, String)>,
+    /// Pods whose name starts with the prefix answer 500 to every n-th request
+    /// (`agnhost netexec` only), as a faulty version would.
+    pub failing: Vec<(String, u64)>,
 }
 
 /// The node's settings.
@@ -107,6 +110,16 @@ impl Node {
             }
         });
         Node { control, dir, task }
+    }
+
+    /// Makes the app containers of pods named `prefix…` (those running now
+    /// and those started later) answer 500 to every `every`-th request; 0 heals them.
+    pub fn set_failing(&self, prefix: &str, every: u64) {
+        let mut c = self.control.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        c.failing.retain(|(p, _)| p != prefix);
+        if every > 0 {
+            c.failing.push((prefix.to_owned(), every));
+        }
     }
 
     pub fn set_unready(&self, pod: &str, unready: bool) {
@@ -312,9 +325,9 @@ impl Kubelet {
                 tokio::spawn(stop_pod(run));
             }
         }
-        let (unready, kills) = {
+        let (unready, kills, failing) = {
             let mut c = control.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            (c.unready.clone(), std::mem::take(&mut c.kill))
+            (c.unready.clone(), std::mem::take(&mut c.kill), c.failing.clone())
         };
         for (ns, pod, container) in kills {
             let Some(run) = self.pods.get_mut(&(ns, pod)) else { continue };
@@ -368,7 +381,8 @@ impl Kubelet {
                 }
             }
             if run.scheduled {
-                run.advance(&issuer, unready.contains(&run.name)).await;
+                let fail_every = failing.iter().find(|(p, _)| run.name.starts_with(p.as_str())).map_or(0, |(_, n)| *n);
+                run.advance(&issuer, unready.contains(&run.name), fail_every).await;
             }
             let status = run.status();
             if status != run.last_status {
@@ -743,7 +757,7 @@ impl PodRun {
     }
 
     /// Starts, probes and restarts the pod's containers.
-    async fn advance(&mut self, issuer: &Issuer, app_unready: bool) {
+    async fn advance(&mut self, issuer: &Issuer, app_unready: bool, fail_every: u64) {
         let now = Instant::now();
         // Init containers in order: a regular one must complete, a sidecar must start.
         let mut may_start = true;
@@ -793,7 +807,10 @@ impl PodRun {
                 continue;
             }
             match &self.containers[i].proc {
-                Some(Proc::Backend(b)) => b.set_healthy(!app_unready),
+                Some(Proc::Backend(b)) => {
+                    b.set_healthy(!app_unready);
+                    b.set_fail_every(fail_every);
+                }
                 Some(Proc::Grpc(g)) => g.set_serving(!app_unready).await,
                 _ => {}
             }
