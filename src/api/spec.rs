@@ -794,8 +794,12 @@ impl Default for Timeouts {
 }
 
 /// Replacement of broken replicas.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.ejectedTimeout) || (duration(self.ejectedTimeout) >= duration('10s') && duration(self.ejectedTimeout) <= duration('24h'))")
+    .message("healing.ejectedTimeout must be between 10s and 24h")
+    .reason(Reason::FieldValueInvalid)
+    .field_path(".ejectedTimeout"))]
 pub struct Healing {
     /// A pod not ready for longer than this is deleted so its ReplicaSet replaces it, e.g. `2m`.
     #[serde(default = "two_minutes")]
@@ -805,11 +809,18 @@ pub struct Healing {
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 100))]
     pub max_concurrent: i32,
+    /// Opt-in healing from traffic evidence: a pod that passes its readiness
+    /// probe but that more than half of the app's proxies sending it traffic
+    /// have kept ejecting (passive health checking: its real requests fail)
+    /// for this long is replaced, within maxConcurrent and minAvailable, e.g. `2m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub ejected_timeout: Option<String>,
 }
 
 impl Default for Healing {
     fn default() -> Self {
-        Healing { unready_timeout: two_minutes(), max_concurrent: one() }
+        Healing { unready_timeout: two_minutes(), max_concurrent: one(), ejected_timeout: None }
     }
 }
 

@@ -27,7 +27,7 @@ use super::desired::{
     APP_LABEL, COMPONENT_LABEL, Desired, MANAGED_BY_SELECTOR, Names, PROXY_CONTAINER, Settings, TRACK_LABEL, desired,
     stable_selector,
 };
-use super::healing::{Phase, PodView, Policy, heal_plan};
+use super::healing::{EjectionStreaks, Phase, PodView, Policy, heal_plan};
 use super::metrics::OperatorMetrics;
 use super::rollout;
 use crate::api::{Counts, Healed, LoadBalancedApp, LoadBalancedAppStatus, ProxyMode, RolloutPhase};
@@ -70,6 +70,8 @@ pub struct Context {
     failures: std::sync::Mutex<std::collections::HashMap<(String, String), u32>>,
     /// The namespaces served; empty: all.
     namespaces: Vec<String>,
+    /// Per app (namespace, name): how long its proxies have kept ejecting each pod.
+    streaks: std::sync::Mutex<std::collections::HashMap<(String, String), EjectionStreaks>>,
 }
 
 impl Context {
@@ -83,6 +85,7 @@ impl Context {
             verified: Default::default(),
             failures: Default::default(),
             namespaces: Vec::new(),
+            streaks: Default::default(),
         }
     }
 
@@ -356,6 +359,7 @@ pub fn pod_view(p: &Pod) -> PodView {
         })
     });
     PodView {
+        ejected_for: None,
         name: p.name_any(),
         phase,
         ready,
@@ -527,14 +531,61 @@ async fn reconcile_app(
     let mut listed = pods.list(&ListParams::default().labels(&format!("{APP_LABEL}={name},{TRACK_LABEL}"))).await?;
     let sets = app_replica_sets(client, &ns, &name, &uid).await?;
     listed.items.retain(|p| p.owner_references().iter().any(|o| o.controller == Some(true) && sets.contains(&o.uid)));
-    let views: Vec<PodView> = listed.items.iter().map(pod_view).collect();
+    let mut views: Vec<PodView> = listed.items.iter().map(pod_view).collect();
     let spec = &app.spec;
     let min_available = spec.availability.min_available.unwrap_or((spec.replicas - 1).max(0));
     let policy = Policy {
         unready_timeout: duration(&spec.healing.unready_timeout, Duration::from_secs(120)),
         max_concurrent: usize::try_from(spec.healing.max_concurrent).unwrap_or(1).max(1),
         min_available: usize::try_from(min_available).unwrap_or(0),
+        ejected_timeout: spec.healing.ejected_timeout.as_deref().map(|t| duration(t, Duration::from_secs(120))),
     };
+    let mut watching_ejections = false;
+    let mut ejection_poll = Duration::from_secs(60);
+    if policy.ejected_timeout.is_some() {
+        // The proxies' word on each pod: ejected by more than half of those
+        // that have sent it requests (a proxy with no traffic to it abstains).
+        let docs = fetch_proxies(client, &ns, &name, spec, "/endpoints").await;
+        let mut votes: std::collections::HashMap<String, (usize, usize)> = std::collections::HashMap::new();
+        for doc in &docs {
+            for e in doc["endpoints"].as_array().into_iter().flatten() {
+                let ejected = e["flags"].as_array().is_some_and(|f| f.iter().any(|f| f == "ejected"));
+                let seen = ejected || e["requests"].as_u64().is_some_and(|n| n > 0);
+                if let (true, Some(addr)) = (seen, e["address"].as_str())
+                    && let Some((ip, _)) = addr.rsplit_once(':')
+                {
+                    let v = votes.entry(ip.trim_matches(['[', ']']).to_owned()).or_default();
+                    v.0 += usize::from(ejected);
+                    v.1 += 1;
+                }
+            }
+        }
+        let uid_ip: Vec<(String, Option<String>)> = listed
+            .items
+            .iter()
+            .map(|p| (p.uid().unwrap_or_default(), p.status.as_ref().and_then(|s| s.pod_ip.clone())))
+            .collect();
+        let ejected: Vec<String> = uid_ip
+            .iter()
+            .filter(|(_, ip)| ip.as_ref().is_some_and(|ip| votes.get(ip).is_some_and(|(out, of)| 2 * out > *of)))
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        let live: Vec<String> = uid_ip.into_iter().map(|(uid, _)| uid).collect();
+        tracing::debug!(proxies = docs.len(), ?votes, ejected = ejected.len(), "the proxies' ejections");
+        let now = SystemTime::now();
+        let mut all = ctx.streaks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let streaks = all.entry((ns.clone(), name.clone())).or_default();
+        if !docs.is_empty() {
+            streaks.observe(&ejected, &live, now, EJECTION_GRACE);
+        }
+        for (view, pod) in views.iter_mut().zip(&listed.items) {
+            view.ejected_for = streaks.ejected_for(&pod.uid().unwrap_or_default(), now);
+        }
+        // Opted in: the proxies are asked again every 5 s (every 2 s while a
+        // pod is in a streak), so a streak's start is seen within seconds.
+        watching_ejections = true;
+        ejection_poll = if streaks.any() { Duration::from_secs(2) } else { Duration::from_secs(5) };
+    }
     let plan = heal_plan(&views, &policy, SystemTime::now());
     let mut status = old.clone();
     status.rollout = app.status.as_ref().and_then(|s| s.rollout.clone());
@@ -562,7 +613,14 @@ async fn reconcile_app(
                         &Event {
                             type_: EventType::Normal,
                             reason: "Healed".into(),
-                            note: Some(format!("deleted pod {pod} ({}) so that it is replaced", reason.name())),
+                            note: Some(match views.iter().find(|v| v.name == *pod).and_then(|v| v.ejected_for) {
+                                Some(d) if *reason == super::healing::Reason::EjectedByProxies => format!(
+                                    "deleted pod {pod} (EjectedByProxies: ready, but ejected by most of the proxies \
+                                     sending it traffic for {}s) so that it is replaced",
+                                    d.as_secs()
+                                ),
+                                _ => format!("deleted pod {pod} ({}) so that it is replaced", reason.name()),
+                            }),
                             action: "DeletePod".into(),
                             secondary: None,
                         },
@@ -677,6 +735,7 @@ async fn reconcile_app(
         .map_or(Duration::from_secs(60), |d| d.min(Duration::from_secs(60)) + Duration::from_millis(100));
     // A rollout in progress is judged again every 2 s.
     let soon = !plan.held.is_empty() || rolling;
+    let next = if watching_ejections { next.min(ejection_poll) } else { next };
     Ok(Action::requeue(if soon { Duration::from_secs(2) } else { next }))
 }
 
@@ -726,12 +785,38 @@ async fn gather_evidence(
     spec: &crate::api::LoadBalancedAppSpec,
     window: u64,
 ) -> Option<crate::api::Evidence> {
+    let docs = fetch_proxies(client, ns, name, spec, &format!("/tracks?window={window}")).await;
+    if docs.is_empty() {
+        return None;
+    }
+    Some(crate::api::Evidence {
+        canary: rollout::sum_track(&docs, "canary"),
+        stable: rollout::sum_track(&docs, "stable"),
+        window_seconds: i64::try_from(window).unwrap_or(i64::MAX),
+        proxies: i32::try_from(docs.len()).unwrap_or(i32::MAX),
+    })
+}
+
+/// How long the proxies may let a pod back in between two ejections and
+/// still count it as kept out (a base ejection time is 30 s).
+const EJECTION_GRACE: Duration = Duration::from_secs(60);
+
+/// The JSON documents at `path` of the app's proxies' admin port (each
+/// pod's sidecar, or the dedicated proxy pods), from those that answer
+/// within a second.
+async fn fetch_proxies(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    spec: &crate::api::LoadBalancedAppSpec,
+    path: &str,
+) -> Vec<serde_json::Value> {
     let selector = match spec.proxy.mode {
         ProxyMode::Sidecar => format!("{APP_LABEL}={name},{TRACK_LABEL}"),
         ProxyMode::Dedicated => format!("{APP_LABEL}={name},{COMPONENT_LABEL}=proxy"),
     };
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let listed = pods.list(&ListParams::default().labels(&selector)).await.ok()?;
+    let Ok(listed) = pods.list(&ListParams::default().labels(&selector)).await else { return Vec::new() };
     let ips: Vec<String> = listed
         .items
         .iter()
@@ -742,7 +827,7 @@ async fn gather_evidence(
         .build_http::<http_body_util::Empty<bytes::Bytes>>();
     let fetches = ips.iter().map(|ip| {
         let http = http.clone();
-        let url = format!("http://{}/tracks?window={window}", socket(ip, super::render::ADMIN_PORT));
+        let url = format!("http://{}{path}", socket(ip, super::render::ADMIN_PORT));
         async move {
             let uri: http::Uri = url.parse().ok()?;
             let fetch = async {
@@ -756,16 +841,7 @@ async fn gather_evidence(
             tokio::time::timeout(Duration::from_secs(1), fetch).await.ok().flatten()
         }
     });
-    let docs: Vec<serde_json::Value> = futures::future::join_all(fetches).await.into_iter().flatten().collect();
-    if docs.is_empty() {
-        return None;
-    }
-    Some(crate::api::Evidence {
-        canary: rollout::sum_track(&docs, "canary"),
-        stable: rollout::sum_track(&docs, "stable"),
-        window_seconds: i64::try_from(window).unwrap_or(i64::MAX),
-        proxies: i32::try_from(docs.len()).unwrap_or(i32::MAX),
-    })
+    futures::future::join_all(fetches).await.into_iter().flatten().collect()
 }
 
 /// `ip:port`, bracketing an IPv6 address.

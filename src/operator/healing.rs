@@ -14,8 +14,10 @@
 //!   loop too, so it is reported (`Degraded`) instead of deleted in a loop;
 //! - at most `maxConcurrent` pods are being replaced at any time, counting
 //!   those already terminating;
-//! - a ready pod is never deleted, and a deletion never takes the ready pods
-//!   below `minAvailable`;
+//! - a ready pod is never deleted, unless (opt-in, `ejectedTimeout`) more
+//!   than half of the app's proxies have kept ejecting it for that long: it
+//!   passes its probes but fails real requests; and a deletion never takes
+//!   the ready pods below `minAvailable`;
 //! - failed pods go first, then the longest unready; ties by name, so the
 //!   plan is deterministic.
 
@@ -37,6 +39,9 @@ pub struct PodView {
     /// Why a pod that has not started waits, as the scheduler or the kubelet
     /// says it (`Unschedulable`, `ImagePullBackOff`, `CreateContainerConfigError`…).
     pub waiting_reason: Option<String>,
+    /// How long a quorum of the app's proxies has kept ejecting the pod
+    /// (see [`EjectionStreaks`]); `None` while they do not.
+    pub ejected_for: Option<Duration>,
 }
 
 /// Pod phases that matter here.
@@ -55,6 +60,8 @@ pub struct Policy {
     pub unready_timeout: Duration,
     pub max_concurrent: usize,
     pub min_available: usize,
+    /// Replace a ready pod the proxies have kept ejecting this long (opt-in).
+    pub ejected_timeout: Option<Duration>,
 }
 
 /// Why a pod is replaced.
@@ -64,6 +71,8 @@ pub enum Reason {
     Failed,
     /// Not ready for longer than the timeout.
     UnreadyTooLong,
+    /// Ready, but ejected by a quorum of the proxies for longer than `ejectedTimeout`.
+    EjectedByProxies,
 }
 
 impl Reason {
@@ -72,6 +81,7 @@ impl Reason {
         match self {
             Reason::Failed => "Failed",
             Reason::UnreadyTooLong => "UnreadyTooLong",
+            Reason::EjectedByProxies => "EjectedByProxies",
         }
     }
 }
@@ -101,6 +111,41 @@ pub struct Plan {
     pub next_check: Option<Duration>,
 }
 
+/// How long each pod has been kept out by the proxies: a streak starts when
+/// more than half of the proxies that answered report the pod ejected, and
+/// lasts while they keep doing so, allowing gaps of up to `grace` (passive
+/// health checking lets an ejected endpoint back after its ejection time, and
+/// a pod still failing is ejected again as soon as it fails again). A pod
+/// out of the quorum's ejections for longer than `grace` starts over.
+#[derive(Clone, Debug, Default)]
+pub struct EjectionStreaks {
+    /// By pod uid: (streak start, last time the quorum ejected it).
+    streaks: std::collections::HashMap<String, (SystemTime, SystemTime)>,
+}
+
+impl EjectionStreaks {
+    /// Records one observation: the pods (by uid) a quorum ejects now,
+    /// among `live` pods (the others are forgotten).
+    pub fn observe(&mut self, ejected: &[String], live: &[String], now: SystemTime, grace: Duration) {
+        self.streaks
+            .retain(|uid, (_, last)| live.contains(uid) && now.duration_since(*last).unwrap_or_default() <= grace);
+        for uid in ejected {
+            let entry = self.streaks.entry(uid.clone()).or_insert((now, now));
+            entry.1 = now;
+        }
+    }
+
+    /// How long the pod's streak has lasted, if it has one.
+    pub fn ejected_for(&self, uid: &str, now: SystemTime) -> Option<Duration> {
+        self.streaks.get(uid).map(|(since, _)| now.duration_since(*since).unwrap_or_default())
+    }
+
+    /// Whether any pod is in a streak.
+    pub fn any(&self) -> bool {
+        !self.streaks.is_empty()
+    }
+}
+
 /// Decides which pods to replace now.
 pub fn heal_plan(pods: &[PodView], policy: &Policy, now: SystemTime) -> Plan {
     let mut plan = Plan::default();
@@ -114,7 +159,15 @@ pub fn heal_plan(pods: &[PodView], policy: &Policy, now: SystemTime) -> Plan {
         if p.phase == Phase::Failed {
             eligible.push((p, Reason::Failed, unready_for));
         } else if p.ready {
-            continue;
+            if let (Phase::Running, Some(timeout), Some(ejected_for)) = (p.phase, policy.ejected_timeout, p.ejected_for)
+            {
+                if ejected_for >= timeout {
+                    eligible.push((p, Reason::EjectedByProxies, ejected_for));
+                } else {
+                    let wait = timeout - ejected_for;
+                    plan.next_check = Some(plan.next_check.map_or(wait, |w: Duration| w.min(wait)));
+                }
+            }
         } else if p.phase == Phase::Pending {
             if unready_for >= policy.unready_timeout {
                 let reason = p.waiting_reason.clone().unwrap_or_else(|| "Pending".to_owned());
@@ -133,7 +186,11 @@ pub fn heal_plan(pods: &[PodView], policy: &Policy, now: SystemTime) -> Plan {
         }
     }
     eligible.sort_by(|a, b| {
-        let rank = |r: Reason| if r == Reason::Failed { 0 } else { 1 };
+        let rank = |r: Reason| match r {
+            Reason::Failed => 0,
+            Reason::UnreadyTooLong => 1,
+            Reason::EjectedByProxies => 2,
+        };
         rank(a.1).cmp(&rank(b.1)).then(b.2.cmp(&a.2)).then(a.0.name.cmp(&b.0.name))
     });
     for (p, reason, _) in eligible {

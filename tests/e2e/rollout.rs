@@ -1,7 +1,9 @@
 //! Progressive delivery end to end: the operator steps a new version's
 //! weight on the evidence its proxies report, and promotes it with no failed
 //! request; a version that fails a fifth of its requests is rolled back on
-//! its own within one analysis; a user aborts a third.
+//! its own within one analysis; a user aborts a third. Then healing from
+//! traffic evidence: a pod that passes its probes but fails every request is
+//! replaced once the proxies have kept it out long enough.
 
 use std::time::Duration;
 
@@ -165,4 +167,25 @@ async fn a_canary_is_promoted_on_good_evidence_rolled_back_on_bad_and_aborted_by
     })
     .await;
     assert!(stable_image(&deployments).await.ends_with(":2.54"));
+
+    // 4. Healing from traffic evidence (opt-in): a Ready pod whose every
+    //    request fails is ejected by the proxy, and replaced after 10 s of it.
+    let heal = json!({"spec": {"healing": {"ejectedTimeout": "10s"}}});
+    apps.patch("shop", &PatchParams::default(), &Patch::Merge(&heal)).await.expect("opt in");
+    let stable = crate::pods_of(&client, "shop", "stable").await;
+    let bad = stable[0].metadata.name.clone().expect("pod name");
+    node.set_failing(&bad, 1);
+    let broke = Instant::now();
+    until("the failing pod replaced", Duration::from_secs(60), &node, || async {
+        let now = crate::pods_of(&client, "shop", "stable").await;
+        now.len() == 3 && !now.iter().any(|p| p.metadata.name.as_deref() == Some(bad.as_str()))
+    })
+    .await;
+    let replaced_after = broke.elapsed();
+    assert!(replaced_after >= Duration::from_secs(10), "replaced after {replaced_after:?}");
+    let healed = apps.get("shop").await.expect("app").status.unwrap_or_default();
+    let last = healed.last_healing.expect("the healing recorded");
+    assert_eq!((last.pod.as_str(), last.reason.as_str()), (bad.as_str(), "EjectedByProxies"));
+    eprintln!("a pod failing every request replaced {replaced_after:?} after it broke (ejectedTimeout 10s)");
+    node.set_failing(&bad, 0);
 }

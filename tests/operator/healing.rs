@@ -2,7 +2,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use fulcrum::operator::healing::{Held, Phase, PodView, Policy, Reason, heal_plan};
+use fulcrum::operator::healing::{EjectionStreaks, Held, Phase, PodView, Policy, Reason, heal_plan};
 use proptest::prelude::*;
 
 const T0: Duration = Duration::from_secs(1_000_000);
@@ -20,6 +20,7 @@ fn ready(name: &str) -> PodView {
         crash_looping: false,
         terminating: false,
         waiting_reason: None,
+        ejected_for: None,
     }
 }
 
@@ -28,7 +29,58 @@ fn unready(name: &str, since: u64) -> PodView {
 }
 
 fn policy(timeout: u64, max: usize, min: usize) -> Policy {
-    Policy { unready_timeout: Duration::from_secs(timeout), max_concurrent: max, min_available: min }
+    Policy {
+        unready_timeout: Duration::from_secs(timeout),
+        max_concurrent: max,
+        min_available: min,
+        ejected_timeout: None,
+    }
+}
+
+fn ejected(name: &str, secs: u64) -> PodView {
+    PodView { ejected_for: Some(Duration::from_secs(secs)), ..ready(name) }
+}
+
+#[test]
+fn a_ready_pod_the_proxies_keep_ejecting_is_replaced_only_when_opted_in_and_within_the_limits() {
+    let pods = [ready("a"), ejected("b", 130), ready("c"), ejected("d", 20)];
+    // Not opted in: a ready pod is never deleted.
+    assert!(heal_plan(&pods, &policy(60, 5, 1), at(0)).delete.is_empty());
+    let opted = Policy { ejected_timeout: Some(Duration::from_secs(120)), ..policy(60, 5, 1) };
+    let plan = heal_plan(&pods, &opted, at(0));
+    assert_eq!(plan.delete, [("b".to_string(), Reason::EjectedByProxies)]);
+    assert_eq!(plan.next_check, Some(Duration::from_secs(100)), "d would be due in 100 s");
+    // minAvailable counts it as the ready pod it is.
+    let tight = Policy { ejected_timeout: Some(Duration::from_secs(120)), ..policy(60, 5, 4) };
+    assert_eq!(heal_plan(&pods, &tight, at(0)).held, [("b".to_string(), Held::MinAvailable)]);
+    // An unready pod goes first when only one may.
+    let pods = [ejected("a", 500), unready("b", 0), ready("c"), ready("d")];
+    let one = Policy { ejected_timeout: Some(Duration::from_secs(120)), ..policy(60, 1, 1) };
+    let plan = heal_plan(&pods, &one, at(100));
+    assert_eq!(plan.delete, [("b".to_string(), Reason::UnreadyTooLong)]);
+    assert_eq!(plan.held, [("a".to_string(), Held::MaxConcurrent)]);
+}
+
+#[test]
+fn an_ejection_streak_survives_readmissions_and_a_brief_failure_does_not_last() {
+    let grace = Duration::from_secs(60);
+    let live = ["p1".to_string(), "p2".to_string()];
+    let mut s = EjectionStreaks::default();
+    // p1 fails for good: ejected, let back in after 30 s, ejected again.
+    s.observe(&["p1".into()], &live, at(0), grace);
+    s.observe(&[], &live, at(35), grace);
+    s.observe(&["p1".into()], &live, at(40), grace);
+    assert_eq!(s.ejected_for("p1", at(100)), Some(Duration::from_secs(100)));
+    // p2 fails briefly: its streak ends once the proxies have let it be for longer than the grace.
+    s.observe(&["p2".into()], &live, at(100), grace);
+    s.observe(&[], &live, at(150), grace);
+    assert!(s.ejected_for("p2", at(150)).is_some());
+    s.observe(&[], &live, at(170), grace);
+    assert_eq!(s.ejected_for("p2", at(170)), None);
+    // A pod that is gone is forgotten.
+    s.observe(&[], &["p2".to_string()], at(171), grace);
+    assert_eq!(s.ejected_for("p1", at(171)), None);
+    assert!(!s.any());
 }
 
 #[test]
@@ -127,8 +179,11 @@ fn ties_are_broken_by_name_so_the_plan_is_deterministic() {
 }
 
 fn pod_strategy() -> impl Strategy<Value = PodView> {
-    (0..5u8, any::<bool>(), proptest::option::of(0..200u64), any::<bool>(), prop::bool::weighted(0.1), "[a-z]{1,3}")
-        .prop_map(|(phase, ready, since, crash, terminating, name)| {
+    (
+        (0..5u8, any::<bool>(), proptest::option::of(0..200u64), any::<bool>()),
+        (prop::bool::weighted(0.1), "[a-z]{1,3}", proptest::option::of(0..300u64)),
+    )
+        .prop_map(|((phase, ready, since, crash), (terminating, name, ejected))| {
             let phase =
                 [Phase::Pending, Phase::Running, Phase::Succeeded, Phase::Failed, Phase::Unknown][phase as usize];
             let waiting_reason = (phase == Phase::Pending).then(|| "ImagePullBackOff".to_owned());
@@ -140,6 +195,7 @@ fn pod_strategy() -> impl Strategy<Value = PodView> {
                 crash_looping: crash,
                 terminating,
                 waiting_reason,
+                ejected_for: ejected.map(Duration::from_secs),
             }
         })
 }
@@ -154,8 +210,9 @@ proptest! {
         max in 0..4usize,
         min in 0..6usize,
         now in 0..300u64,
+        ejected_timeout in proptest::option::of(10..200u64),
     ) {
-        let p = policy(timeout, max, min);
+        let p = Policy { ejected_timeout: ejected_timeout.map(Duration::from_secs), ..policy(timeout, max, min) };
         let plan = heal_plan(&pods, &p, at(now));
         let by_name = |n: &str| pods.iter().filter(|x| x.name == n).collect::<Vec<_>>();
         let terminating = pods.iter().filter(|x| x.terminating).count();
@@ -170,7 +227,12 @@ proptest! {
             // never Pending (it never started: a new one would wait for the same thing).
             prop_assert!(candidates.iter().any(|c| !c.terminating && c.phase != Phase::Succeeded
                 && c.phase != Phase::Pending
-                && (c.phase == Phase::Failed || (!c.ready && !c.crash_looping))));
+                && (c.phase == Phase::Failed || (!c.ready && !c.crash_looping)
+                    || (c.ready && *reason == Reason::EjectedByProxies))));
+            // A ready pod goes only when opted in and the proxies kept it out for the timeout.
+            if *reason == Reason::EjectedByProxies {
+                prop_assert!(candidates.iter().any(|c| c.ready && p.ejected_timeout.is_some_and(|t| c.ejected_for.is_some_and(|e| e >= t))));
+            }
             if *reason == Reason::UnreadyTooLong {
                 prop_assert!(candidates.iter().any(|c| c.unready_since.is_some_and(|s| at(now).duration_since(s).unwrap_or_default() >= p.unready_timeout)));
             }
