@@ -62,10 +62,12 @@ $(STAMP): $(REQS)
 ## Chart lint and render (real Helm), Kubernetes schema validation, CRD schema
 ## validation of the examples, checkov, and drift of manifests/install.yaml.
 manifests-check: $(STAMP)
+	bash tests/install/promtool.sh
 	$(PY) tests/manifests/check.py
 
 ## Regenerate manifests/install.yaml from the chart.
 manifests: $(STAMP)
+	bash tests/install/promtool.sh
 	$(PY) tests/manifests/check.py --write
 
 ## The container image (needs Docker).

@@ -600,7 +600,7 @@ async fn reconcile_app(
         match pods.delete(pod, &dp).await {
             Ok(_) => {
                 info!(pod = %pod, reason = reason.name(), "pod deleted to heal the app");
-                ctx.metrics.healed(reason.name());
+                ctx.metrics.healed(&ns, &name, reason.name());
                 healed_now += 1;
                 status.last_healing = Some(Healed {
                     pod: pod.clone(),
@@ -664,6 +664,9 @@ async fn reconcile_app(
         weight: canary_weight,
     });
     if let Some(h) = &happened {
+        if matches!(h, rollout::Happened::RolledBack(_)) {
+            ctx.metrics.rolled_back(&ns, &name);
+        }
         publish_rollout(&ctx, &reference, h).await;
     }
     let rollout = status.rollout.as_ref();
@@ -727,6 +730,16 @@ async fn reconcile_app(
         ),
     ];
     status.healed_total = old.healed_total + healed_now;
+    ctx.metrics.app(
+        &ns,
+        &name,
+        super::metrics::AppFigures {
+            available: is_available,
+            ready_endpoints: i64::from(all_ready),
+            pods_not_started: status.not_started.iter().map(|n| i64::from(n.count)).sum(),
+            rolled_back,
+        },
+    );
     if status != old {
         write_status(&apps, &name, &status, healed_now).await?;
     }

@@ -18,8 +18,25 @@ struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReasonLabel {
+struct HealedLabel {
+    namespace: String,
+    app: String,
     reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AppLabel {
+    namespace: String,
+    app: String,
+}
+
+/// One app's state as the last reconcile saw it, for alerting.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AppFigures {
+    pub available: bool,
+    pub ready_endpoints: i64,
+    pub pods_not_started: i64,
+    pub rolled_back: bool,
 }
 
 /// Counters of the control loop.
@@ -29,8 +46,13 @@ pub struct OperatorMetrics {
     reconciles: Family<ResultLabel, Counter>,
     errors: Family<KindLabel, Counter>,
     duration: Histogram,
-    healed: Family<ReasonLabel, Counter>,
+    healed: Family<HealedLabel, Counter>,
     leader: Gauge,
+    available: Family<AppLabel, Gauge>,
+    ready_endpoints: Family<AppLabel, Gauge>,
+    not_started: Family<AppLabel, Gauge>,
+    rolled_back: Family<AppLabel, Gauge>,
+    rollbacks: Family<AppLabel, Counter>,
 }
 
 impl Default for OperatorMetrics {
@@ -43,10 +65,36 @@ impl Default for OperatorMetrics {
         let duration = Histogram::new(exponential_buckets(0.005, 2.0, 12));
         registry.register("reconcile_duration_seconds", "Time taken by one reconcile", duration.clone());
         let healed = Family::default();
-        registry.register("healed_pods", "Pods deleted to heal apps, by reason", healed.clone());
+        registry.register("healed_pods", "Pods deleted to heal apps, by app and reason", healed.clone());
         let leader = Gauge::default();
         registry.register("leader", "1 while this instance holds the leader lease", leader.clone());
-        OperatorMetrics { registry, reconciles, errors, duration, healed, leader }
+        let available = Family::default();
+        registry.register("app_available", "1 while the app's Available condition is True", available.clone());
+        let ready_endpoints = Family::default();
+        registry.register("app_ready_endpoints", "Ready app pods behind the app's proxies", ready_endpoints.clone());
+        let not_started = Family::default();
+        registry.register(
+            "app_pods_not_started",
+            "App pods that never started past unreadyTimeout",
+            not_started.clone(),
+        );
+        let rolled_back = Family::default();
+        registry.register("app_rolled_back", "1 while the app's last canary stands rolled back", rolled_back.clone());
+        let rollbacks = Family::default();
+        registry.register("canary_rollbacks", "Canaries rolled back, by app", rollbacks.clone());
+        OperatorMetrics {
+            registry,
+            reconciles,
+            errors,
+            duration,
+            healed,
+            leader,
+            available,
+            ready_endpoints,
+            not_started,
+            rolled_back,
+            rollbacks,
+        }
     }
 }
 
@@ -60,8 +108,22 @@ impl OperatorMetrics {
         self.errors.get_or_create(&KindLabel { kind }).inc();
     }
 
-    pub fn healed(&self, reason: &'static str) {
-        self.healed.get_or_create(&ReasonLabel { reason }).inc();
+    pub fn healed(&self, namespace: &str, app: &str, reason: &'static str) {
+        self.healed.get_or_create(&HealedLabel { namespace: namespace.into(), app: app.into(), reason }).inc();
+    }
+
+    /// The app's figures after a reconcile.
+    pub fn app(&self, namespace: &str, app: &str, f: AppFigures) {
+        let l = AppLabel { namespace: namespace.into(), app: app.into() };
+        self.available.get_or_create(&l).set(i64::from(f.available));
+        self.ready_endpoints.get_or_create(&l).set(f.ready_endpoints);
+        self.not_started.get_or_create(&l).set(f.pods_not_started);
+        self.rolled_back.get_or_create(&l).set(i64::from(f.rolled_back));
+    }
+
+    /// A canary of the app was rolled back.
+    pub fn rolled_back(&self, namespace: &str, app: &str) {
+        self.rollbacks.get_or_create(&AppLabel { namespace: namespace.into(), app: app.into() }).inc();
     }
 
     pub fn set_leader(&self, leader: bool) {

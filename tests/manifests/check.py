@@ -29,6 +29,7 @@ import argparse
 import copy
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -193,6 +194,37 @@ def check_service_monitor(obj: dict, objects: list[dict], where: str) -> None:
         fail(f"{where}: the ServiceMonitor selects no metrics Service port")
     else:
         ok(f"{where}: ServiceMonitor selects service/{match[0]['metadata']['name']} port {sorted(ports)}")
+
+
+ALERT_TESTS = ROOT / "tests" / "alerts" / "rules_test.yaml"
+
+
+def check_prometheus_rule(obj: dict, where: str) -> None:
+    """The alerting rules, with Prometheus's own tool: valid (`promtool check
+    rules`), and each alert fires on the recorded samples of its unit test and
+    only there (`promtool test rules`, tests/alerts/rules_test.yaml)."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        fail(f"{where}: promtool not found (bash tests/install/promtool.sh installs it)")
+        return
+    if obj.get("apiVersion") != "monitoring.coreos.com/v1":
+        fail(f"{where}: PrometheusRule apiVersion {obj.get('apiVersion')}")
+    with tempfile.TemporaryDirectory() as tmp:
+        d = pathlib.Path(tmp)
+        (d / "rules.yaml").write_text(yaml.safe_dump(obj.get("spec", {})))
+        shutil.copy(ALERT_TESTS, d / "rules_test.yaml")
+        for args in (["check", "rules", "rules.yaml"], ["test", "rules", "rules_test.yaml"]):
+            r = subprocess.run([promtool, *args], cwd=d, capture_output=True, text=True)
+            if r.returncode != 0:
+                fail(f"{where}: promtool {' '.join(args)}: {(r.stdout + r.stderr).strip()}")
+                return
+    alerts = [r["alert"] for g in obj["spec"]["groups"] for r in g["rules"] if "alert" in r]
+    tested = ALERT_TESTS.read_text()
+    untested = [a for a in alerts if f"alertname: {a}" not in tested]
+    if untested:
+        fail(f"{where}: alerts without a promtool test: {untested}")
+        return
+    ok(f"{where}: PrometheusRule: {len(alerts)} alerts valid and each fires in its promtool test")
 
 
 def strict_schema(schema: dict) -> dict:
@@ -471,6 +503,8 @@ def main() -> int:
             for obj in objects:
                 if obj["kind"] == "ServiceMonitor":
                     check_service_monitor(obj, objects, f"render with {label}")
+                elif obj["kind"] == "PrometheusRule":
+                    check_prometheus_rule(obj, f"render with {label}")
                 else:
                     validate_k8s(obj, f"render with {label}", versions)
             if not any(o["kind"] == "Deployment" for o in objects):

@@ -236,7 +236,11 @@ async fn a_pod_unready_past_the_timeout_is_deleted_once_and_counted() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(apps.get("web").await.unwrap().status.unwrap().healed_total, 1, "deleted once");
     let m = r.ctx.metrics.encode();
-    assert!(m.contains("fulcrum_operator_healed_pods_total{reason=\"UnreadyTooLong\"} 1"), "{m}");
+    assert!(
+        m.contains("fulcrum_operator_healed_pods_total{namespace=\"default\",app=\"web\",reason=\"UnreadyTooLong\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("fulcrum_operator_app_available{namespace=\"default\",app=\"web\"}"), "{m}");
     assert!(m.contains("fulcrum_operator_reconciles_total{result=\"ok\"}"), "{m}");
 }
 
