@@ -410,9 +410,13 @@ def check_docs() -> None:
     pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     targets = set(re.findall(r"(?m)^([a-zA-Z][\w-]*):", (ROOT / "Makefile").read_text()))
     anchors: dict[pathlib.Path, set[str]] = {}
-    for page in pages:
-        text = page.read_text()
-        anchors[page.resolve()] = {slug(h) for h in re.findall(r"(?m)^#{1,6} (.+)$", re.sub(r"(?s)```.*?```", "", text))}
+
+    def headings(path: pathlib.Path) -> set[str]:
+        if path not in anchors:
+            text = re.sub(r"(?s)```.*?```", "", path.read_text())
+            anchors[path] = {slug(h) for h in re.findall(r"(?m)^#{1,6} (.+)$", text)}
+        return anchors[path]
+
     links = 0
     for page in pages:
         text = page.read_text()
@@ -424,7 +428,7 @@ def check_docs() -> None:
             dest = (page.parent / path).resolve() if path else page.resolve()
             if not dest.exists():
                 fail(f"{page.relative_to(ROOT)}: link to {target}: no such file")
-            elif anchor and dest.suffix == ".md" and anchor not in anchors.get(dest, set()):
+            elif anchor and dest.suffix == ".md" and anchor not in headings(dest.resolve()):
                 fail(f"{page.relative_to(ROOT)}: link to {target}: no such heading")
         for target in re.findall(r"\bmake ([a-z][\w-]*)", text):
             if target not in targets:
