@@ -412,6 +412,26 @@ pub struct LoadBalancing {
     #[serde(default = "default_panic")]
     #[schemars(range(min = 0, max = 100))]
     pub panic_threshold_percent: i32,
+    /// Zone-aware balancing (opt-in): each proxy prefers the replicas of its
+    /// own zone (from the EndpointSlices) while enough of them are available,
+    /// and spills over to every zone below that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone_aware: Option<ZoneAware>,
+}
+
+/// Zone-aware balancing.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ZoneAware {
+    /// The least percentage of the proxy's zone's replicas that must be
+    /// available for that zone to take all of the proxy's traffic.
+    #[serde(default = "seventy")]
+    #[schemars(range(min = 1, max = 100))]
+    pub min_healthy_percent: i32,
+}
+
+fn seventy() -> i32 {
+    70
 }
 
 impl Default for LoadBalancing {
@@ -422,6 +442,7 @@ impl Default for LoadBalancing {
             session_affinity: None,
             slow_start: None,
             panic_threshold_percent: default_panic(),
+            zone_aware: None,
         }
     }
 }

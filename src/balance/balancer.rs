@@ -247,8 +247,18 @@ impl Balancer {
 
     fn build_group<'m>(&self, members: impl Iterator<Item = &'m Member>, now: Nanos, refresh_at: &mut Nanos) -> Group {
         let algorithm = self.config.algorithm;
-        let eligible: Vec<&Member> =
+        let mut eligible: Vec<&Member> =
             members.filter(|m| m.weight > 0 && m.endpoint.health().is_panic_eligible()).collect();
+        // Zone-aware: the local zone's endpoints alone, while enough of them
+        // are available to take the traffic; otherwise spill over to all.
+        if let Some(zone) = &self.config.local_zone {
+            let local: Vec<&Member> = eligible.iter().copied().filter(|m| m.zone.as_ref() == Some(zone)).collect();
+            let up = local.iter().filter(|m| m.endpoint.health().is_available()).count();
+            let min = usize::from(self.config.zone_min_healthy_percent);
+            if up > 0 && up * 100 >= min * local.len() {
+                eligible = local;
+            }
+        }
         let available = eligible.iter().filter(|m| m.endpoint.health().is_available()).count();
         let threshold = usize::from(self.config.panic_threshold_percent);
         let panic = !eligible.is_empty() && available * 100 < threshold * eligible.len();

@@ -102,6 +102,12 @@ pub struct BalancerConfig {
     pub tracks: Vec<(String, u32)>,
     /// Smallest Maglev table size (prime); grown to ≥ 100 × endpoints.
     pub maglev_table_size: u64,
+    /// Zone-aware balancing: the proxy's own zone. Within each track, the
+    /// endpoints of this zone take all the traffic while at least
+    /// `zone_min_healthy_percent` of them are available; below, every zone's.
+    pub local_zone: Option<std::sync::Arc<str>>,
+    /// See `local_zone`.
+    pub zone_min_healthy_percent: u8,
 }
 
 impl Default for BalancerConfig {
@@ -112,6 +118,8 @@ impl Default for BalancerConfig {
             panic_threshold_percent: 50,
             tracks: Vec::new(),
             maglev_table_size: DEFAULT_TABLE_SIZE,
+            local_zone: None,
+            zone_min_healthy_percent: 70,
         }
     }
 }

@@ -35,12 +35,14 @@ pub struct EndpointSpec {
     pub weight: u32,
     /// Deployment track (for example `stable` or `canary`) for traffic splits.
     pub track: Arc<str>,
+    /// The zone the endpoint runs in (an EndpointSlice's `zone`), if known.
+    pub zone: Option<Arc<str>>,
 }
 
 impl EndpointSpec {
     /// An endpoint of weight 1 on the default track.
     pub fn new(addr: SocketAddr) -> Self {
-        EndpointSpec { addr, weight: 1, track: Arc::from(DEFAULT_TRACK) }
+        EndpointSpec { addr, weight: 1, track: Arc::from(DEFAULT_TRACK), zone: None }
     }
 
     /// The same endpoint with another weight.
@@ -52,6 +54,12 @@ impl EndpointSpec {
     /// The same endpoint on another track.
     pub fn track(mut self, track: &str) -> Self {
         self.track = Arc::from(track);
+        self
+    }
+
+    /// The same endpoint in `zone`.
+    pub fn zone(mut self, zone: Option<Arc<str>>) -> Self {
+        self.zone = zone;
         self
     }
 }
@@ -280,6 +288,7 @@ pub struct Member {
     pub(crate) endpoint: Arc<Endpoint>,
     pub(crate) weight: u32,
     pub(crate) track: u32,
+    pub(crate) zone: Option<Arc<str>>,
 }
 
 impl Member {
@@ -291,6 +300,11 @@ impl Member {
     /// Configured weight.
     pub fn weight(&self) -> u32 {
         self.weight
+    }
+
+    /// The endpoint's zone, if known.
+    pub fn zone(&self) -> Option<&str> {
+        self.zone.as_deref()
     }
 }
 
@@ -360,7 +374,7 @@ impl EndpointSet {
                 };
                 // Every spec's track is in `tracks`, and there are at most u32::MAX of them.
                 let track = tracks.binary_search(&s.track).unwrap_or(0) as u32;
-                Member { endpoint, weight: s.weight, track }
+                Member { endpoint, weight: s.weight, track, zone: s.zone }
             })
             .collect();
         let mut tokens: Vec<(AffinityToken, u32)> =

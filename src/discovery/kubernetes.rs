@@ -137,12 +137,14 @@ fn port_of(slice: &EndpointSlice) -> Option<u16> {
 /// Every address the slices list, at its most usable condition (an address
 /// listed by several slices, as during a slice rewrite, counts once).
 /// Canary endpoints count as out unless `split` is set.
+type Listed = (Use, Arc<str>, Option<Arc<str>>);
+
 fn listed<'a>(
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     watched: &Watched,
     split: bool,
-) -> BTreeMap<SocketAddr, (Use, Arc<str>)> {
-    let mut found: BTreeMap<SocketAddr, (Use, Arc<str>)> = BTreeMap::new();
+) -> BTreeMap<SocketAddr, Listed> {
+    let mut found: BTreeMap<SocketAddr, Listed> = BTreeMap::new();
     for slice in slices {
         if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
             continue;
@@ -153,17 +155,27 @@ fn listed<'a>(
         for e in &slice.endpoints {
             let Some(ip) = e.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else { continue };
             let u = if track_used { use_of(e) } else { Use::Out };
-            let entry = found.entry(SocketAddr::new(ip, port)).or_insert((u, track.clone()));
+            let zone: Option<Arc<str>> = e.zone.as_deref().map(Arc::from);
+            let entry = found.entry(SocketAddr::new(ip, port)).or_insert((u, track.clone(), zone.clone()));
             if u > entry.0 {
-                *entry = (u, track.clone());
+                *entry = (u, track.clone(), zone);
             }
         }
     }
     found
 }
 
-fn target(addr: SocketAddr, u: Use, track: &str) -> Target {
-    Target { spec: EndpointSpec::new(addr).track(track), draining: u == Use::Draining }
+fn target(addr: SocketAddr, (u, track, zone): &Listed) -> Target {
+    Target { spec: EndpointSpec::new(addr).track(track).zone(zone.clone()), draining: *u == Use::Draining }
+}
+
+/// The zone the slices give the pod at `ip` (the proxy's own pod, in Sidecar mode).
+fn zone_of_ip<'a>(slices: impl IntoIterator<Item = &'a EndpointSlice>, ip: &str) -> Option<String> {
+    slices
+        .into_iter()
+        .flat_map(|s| &s.endpoints)
+        .find(|e| e.addresses.iter().any(|a| a == ip))
+        .and_then(|e| e.zone.clone())
 }
 
 /// The endpoints the slices offer, sorted by address. Canary endpoints are
@@ -171,8 +183,8 @@ fn target(addr: SocketAddr, u: Use, track: &str) -> Target {
 pub fn targets<'a>(slices: impl IntoIterator<Item = &'a EndpointSlice>, watched: &Watched, split: bool) -> Vec<Target> {
     listed(slices, watched, split)
         .into_iter()
-        .filter(|(_, (u, _))| *u != Use::Out)
-        .map(|(addr, (u, track))| target(addr, u, &track))
+        .filter(|(_, l)| l.0 != Use::Out)
+        .map(|(addr, l)| target(addr, &l))
         .collect()
 }
 
@@ -300,17 +312,27 @@ impl View {
     /// slices have been listed. An endpoint that was serving and that no
     /// slice lists any more stays for [`VANISHED_GRACE`].
     pub fn snapshot(&mut self, now: Instant) -> Option<Snapshot> {
-        let config = self.config.clone()?;
+        let mut config = self.config.clone()?;
         if !self.slices_listed {
             return None;
         }
+        // Zone-aware with no zone configured or in FULCRUM_ZONE: the proxy's
+        // own pod (POD_IP, in Sidecar mode) is in the slices, with its zone.
+        if config.load_balancing.zone_aware.as_ref().is_some_and(|z| z.zone.is_none())
+            && std::env::var("FULCRUM_ZONE").unwrap_or_default().is_empty()
+            && let Ok(ip) = std::env::var("POD_IP")
+            && let Some(zone) = zone_of_ip(self.slices.values(), &ip)
+        {
+            let mut c = (*config).clone();
+            if let Some(z) = c.load_balancing.zone_aware.as_mut() {
+                z.zone = Some(zone);
+            }
+            config = Arc::new(c);
+        }
         let split = !config.load_balancing.tracks.is_empty();
         let listed = listed(self.slices.values(), &self.watched, split);
-        let mut targets: Vec<Target> = listed
-            .iter()
-            .filter(|(_, (u, _))| *u != Use::Out)
-            .map(|(addr, (u, track))| target(*addr, *u, track))
-            .collect();
+        let mut targets: Vec<Target> =
+            listed.iter().filter(|(_, l)| l.0 != Use::Out).map(|(addr, l)| target(*addr, l)).collect();
         let mut held = BTreeMap::new();
         for t in &self.last {
             let addr = t.spec.addr;

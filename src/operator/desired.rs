@@ -433,7 +433,15 @@ fn proxy_container(
             "name": PROXY_CONTAINER,
             "image": image,
             "args": args,
-            "env": [{"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
+            "env": [
+                {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                // Zone-aware balancing: a sidecar finds its own pod, and so
+                // its zone, in the EndpointSlices; a dedicated proxy reads
+                // the zone label Kubernetes (1.33+, PodTopologyLabelsAdmission)
+                // copies from its node onto the pod (empty where it does not).
+                {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                {"name": "FULCRUM_ZONE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['topology.kubernetes.io/zone']"}}},
+            ],
             "ports": [
                 {"name": PROXY_CONTAINER, "containerPort": PROXY_PORT, "protocol": "TCP"},
                 {"name": "fulcrum-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},

@@ -105,6 +105,10 @@ pub fn proxy_config(spec: &LoadBalancedAppSpec, canary_weight: Option<i32>) -> R
             panic_threshold_percent: u8::try_from(lb.panic_threshold_percent.clamp(0, 100)).unwrap_or(50),
             tracks,
             maglev_table_size: crate::balance::DEFAULT_TABLE_SIZE,
+            zone_aware: lb.zone_aware.as_ref().map(|z| pc::ZoneAware {
+                zone: None,
+                min_healthy_percent: u8::try_from(z.min_healthy_percent.clamp(1, 100)).unwrap_or(70),
+            }),
         },
         endpoints: Vec::new(),
         health_check: pc::HealthCheck {

@@ -162,6 +162,7 @@ pub(crate) fn endpoints_json(shared: &Shared) -> String {
             json!({
                 "address": e.addr().to_string(),
                 "track": rt.set.track_of(m),
+                "zone": m.zone(),
                 "weight": m.weight(),
                 "healthy": health.is_available(),
                 "flags": flags,

@@ -254,6 +254,31 @@ pub struct LoadBalancing {
     /// Smallest Maglev lookup table (a prime); grown to 100 × endpoints when needed.
     #[serde(default = "default_table_size")]
     pub maglev_table_size: u64,
+    /// Zone-aware balancing: prefer the endpoints of the proxy's zone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone_aware: Option<ZoneAware>,
+}
+
+/// Zone-aware balancing (Envoy's zone-aware routing, Kubernetes'
+/// `trafficDistribution: PreferClose`): within each track, the endpoints of
+/// the proxy's zone take the traffic while enough of them are available;
+/// below that, the endpoints of every zone do.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ZoneAware {
+    /// The proxy's zone. Unset: `FULCRUM_ZONE` from the environment, or in
+    /// Kubernetes the zone the EndpointSlices give the proxy's own pod
+    /// (`POD_IP`); when none is known, balancing ignores zones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// The least percentage of the local zone's endpoints that must be
+    /// available for the zone to take all the traffic.
+    #[serde(default = "default_zone_min_healthy")]
+    pub min_healthy_percent: u8,
+}
+
+fn default_zone_min_healthy() -> u8 {
+    70
 }
 
 impl Default for LoadBalancing {
@@ -266,6 +291,7 @@ impl Default for LoadBalancing {
             panic_threshold_percent: default_panic_threshold(),
             tracks: BTreeMap::new(),
             maglev_table_size: DEFAULT_TABLE_SIZE,
+            zone_aware: None,
         }
     }
 }
@@ -336,6 +362,9 @@ pub struct EndpointConfig {
     /// Track (for traffic splits), `stable` unless set.
     #[serde(default = "default_track")]
     pub track: String,
+    /// Zone the endpoint runs in (zone-aware balancing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
 }
 
 fn one() -> u32 {
@@ -764,6 +793,11 @@ impl ProxyConfig {
                 return Err(invalid(*field, format_args!("must be between {min} and {max}")));
             }
         }
+        if let Some(z) = &self.load_balancing.zone_aware
+            && !(1..=100).contains(&z.min_healthy_percent)
+        {
+            return Err(invalid("loadBalancing.zoneAware.minHealthyPercent", "must be between 1 and 100"));
+        }
         if self.load_balancing.maglev_table_size > MAX_MAGLEV_TABLE {
             return Err(invalid("loadBalancing.maglevTableSize", format_args!("must be at most {MAX_MAGLEV_TABLE}")));
         }
@@ -805,6 +839,14 @@ impl ProxyConfig {
             panic_threshold_percent: lb.panic_threshold_percent,
             tracks: lb.tracks.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             maglev_table_size: lb.maglev_table_size,
+            // The configured zone, or the environment's (`FULCRUM_ZONE`).
+            local_zone: lb
+                .zone_aware
+                .as_ref()
+                .and_then(|z| z.zone.clone().or_else(|| std::env::var("FULCRUM_ZONE").ok()))
+                .filter(|z| !z.is_empty())
+                .map(std::sync::Arc::from),
+            zone_min_healthy_percent: lb.zone_aware.as_ref().map_or(70, |z| z.min_healthy_percent),
         }
     }
 
@@ -821,7 +863,15 @@ impl ProxyConfig {
 
     /// The configured endpoints as the core's specs.
     pub fn endpoint_specs(&self) -> Vec<EndpointSpec> {
-        self.endpoints.iter().map(|e| EndpointSpec::new(e.address).weight(e.weight).track(&e.track)).collect()
+        self.endpoints
+            .iter()
+            .map(|e| {
+                EndpointSpec::new(e.address)
+                    .weight(e.weight)
+                    .track(&e.track)
+                    .zone(e.zone.as_deref().map(std::sync::Arc::from))
+            })
+            .collect()
     }
 
     /// The consistent-hashing key source, if the algorithm uses one.

@@ -240,3 +240,52 @@ fn replacing_the_set_keeps_the_state_of_endpoints_that_stay() {
     drop(held);
     assert!(s1.members().iter().all(|m| m.endpoint().in_flight() == 0), "old guards release into the same state");
 }
+
+// ---- zones ----
+
+/// Three endpoints in zone a (addresses 0..3), three in zone b (3..6).
+fn zoned(algorithm: Algorithm, min_healthy: u8) -> (Arc<fulcrum::balance::EndpointSet>, fulcrum::balance::Balancer) {
+    let clock = Arc::new(ManualClock::new());
+    let zone = |i: usize| Some(Arc::from(if i < 3 { "a" } else { "b" }));
+    let specs: Vec<EndpointSpec> = (0..6).map(|i| EndpointSpec::new(addr(i)).zone(zone(i))).collect();
+    let config = BalancerConfig {
+        local_zone: Some(Arc::from("a")),
+        zone_min_healthy_percent: min_healthy,
+        ..BalancerConfig::new(algorithm)
+    };
+    let s = set(&clock, specs);
+    (s.clone(), balancer(config, s))
+}
+
+#[test]
+fn zone_aware_keeps_traffic_in_the_local_zone_while_it_has_the_capacity() {
+    for algorithm in [Algorithm::RoundRobin, Algorithm::LeastRequest, Algorithm::PeakEwma, Algorithm::Random] {
+        let (s, mut b) = zoned(algorithm, 60);
+        let counts = distribution(&mut b, 300);
+        assert!(counts.keys().all(|a| *a < addr(3)), "{algorithm:?}: all local: {counts:?}");
+        assert_eq!(counts.len(), 3, "{algorithm:?}: the algorithm still spreads within the zone");
+        // One of three local endpoints out: 67% ≥ 60%, the zone keeps the traffic.
+        s.members()[0].endpoint().set_flag(HealthFlag::Ejected, true);
+        let counts = distribution(&mut b, 300);
+        assert!(counts.keys().all(|a| *a < addr(3) && *a != addr(0)), "{algorithm:?}: {counts:?}");
+        // Two out: 33% < 60%, every zone's available endpoints share it.
+        s.members()[1].endpoint().set_flag(HealthFlag::Ejected, true);
+        let counts = distribution(&mut b, 400);
+        assert_eq!(counts.len(), 4, "{algorithm:?}: spilled over: {counts:?}");
+        assert!(!counts.contains_key(&addr(0)) && !counts.contains_key(&addr(1)));
+        // Back: local again.
+        s.members()[1].endpoint().set_flag(HealthFlag::Ejected, false);
+        assert!(distribution(&mut b, 100).keys().all(|a| *a < addr(3)), "{algorithm:?}");
+    }
+}
+
+#[test]
+fn without_a_local_zone_or_zones_balancing_ignores_them() {
+    let clock = Arc::new(ManualClock::new());
+    let mut b = balancer(BalancerConfig::new(Algorithm::RoundRobin), set(&clock, specs(4)));
+    assert_eq!(distribution(&mut b, 40).len(), 4);
+    // A local zone no endpoint is in: every endpoint.
+    let config = BalancerConfig { local_zone: Some(Arc::from("c")), ..BalancerConfig::new(Algorithm::RoundRobin) };
+    let mut b = balancer(config, set(&clock, specs(4)));
+    assert_eq!(distribution(&mut b, 40).len(), 4);
+}

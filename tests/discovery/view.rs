@@ -233,3 +233,29 @@ fn not_ready_and_terminating_endpoints_are_never_held() {
     assert!(v.snapshot(t0()).expect("snapshot").targets.is_empty());
     assert_eq!(v.next_expiry(), None);
 }
+
+#[test]
+fn zones_come_from_the_slices_and_a_sidecar_learns_its_own_from_its_pod() {
+    // nextest runs each test in its own process: the environment is this test's.
+    // SAFETY: no other thread of this process reads or writes the environment meanwhile.
+    unsafe {
+        std::env::set_var("POD_IP", "10.0.0.2");
+        std::env::remove_var("FULCRUM_ZONE");
+    }
+    let mut s =
+        slice("web-backends-a", "web-backends", 8080, &[ready("10.0.0.1"), ready("10.0.0.2"), ready("10.0.0.3")]);
+    for (e, zone) in s.endpoints.iter_mut().zip(["z1", "z2", "z2"]) {
+        e.zone = Some(zone.into());
+    }
+    let mut v = View::new(w());
+    let yaml = "listen: 0.0.0.0:15080\nadmin: 0.0.0.0:15090\nloadBalancing: {algorithm: RoundRobin, zoneAware: {}}\n";
+    v.on_config(Event::Apply(config_map(yaml)));
+    v.on_slice(Event::Init);
+    v.on_slice(Event::InitApply(s));
+    v.on_slice(Event::InitDone);
+    let snap = v.snapshot(t0()).expect("a snapshot");
+    let zones: Vec<Option<String>> = snap.targets.iter().map(|t| t.spec.zone.as_deref().map(str::to_owned)).collect();
+    assert_eq!(zones, [Some("z1".into()), Some("z2".into()), Some("z2".into())]);
+    assert_eq!(snap.config.load_balancing.zone_aware.as_ref().and_then(|z| z.zone.as_deref()), Some("z2"));
+    assert_eq!(snap.config.balancer_config().local_zone.as_deref(), Some("z2"));
+}

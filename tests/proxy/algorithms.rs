@@ -168,3 +168,48 @@ async fn peak_ewma_and_least_request_starve_a_slow_endpoint_round_robin_does_not
     assert!(share["LeastRequest"] < 0.2, "{share:?}");
     assert!(share["PeakEwma"] < 0.2, "{share:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zone_aware_keeps_requests_in_the_proxys_zone_and_spills_over_without_loss() {
+    let bs = backends(4).await;
+    let zone = |i: usize| if i < 2 { "a" } else { "b" };
+    let eps: String =
+        bs.iter().enumerate().map(|(i, b)| format!("  - {{address: \"{}\", zone: {}}}\n", b.addr, zone(i))).collect();
+    let p = proxy(&format!(
+        "loadBalancing: {{algorithm: RoundRobin, zoneAware: {{zone: a, minHealthyPercent: 60}}}}\n\
+         healthCheck: {{active: {{http: {{path: /healthz}}, interval: 50ms, healthyThreshold: 1, unhealthyThreshold: 1}}}}\n\
+         endpoints:\n{eps}"
+    ))
+    .await;
+    let c = client();
+    let local = spread(&c, &p, 100).await;
+    let mut names: Vec<&String> = local.keys().collect();
+    names.sort();
+    assert_eq!(names, ["b1", "b2"], "the local zone takes it all: {local:?}");
+    // A client running throughout sees no failure while one local endpoint goes down.
+    let url = format!("http://{}/", p.addr);
+    let steady = tokio::spawn(async move {
+        let c = client();
+        let mut failed = 0;
+        for _ in 0..150 {
+            let r = send(&c, http::Request::get(&url).body(Default::default()).unwrap()).await;
+            failed += usize::from(!matches!(r, Ok(ref r) if r.status == 200));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        failed
+    });
+    bs[0].set_healthy(false);
+    // Half the local zone is below 60%: every zone's available endpoints share the traffic.
+    let spilled = eventually(Duration::from_secs(3), || async { spread(&client(), &p, 30).await.len() == 3 }).await;
+    assert!(spilled, "spill-over to zone b: {:?}", spread(&c, &p, 30).await);
+    assert_eq!(steady.await.unwrap(), 0, "no request failed during the shift");
+    bs[0].set_healthy(true);
+    let back = eventually(Duration::from_secs(3), || async {
+        spread(&client(), &p, 30).await.keys().all(|k| k == "b1" || k == "b2")
+    })
+    .await;
+    assert!(back, "the zone takes the traffic back");
+    let doc = admin(&p, "/endpoints").await.body;
+    assert!(doc.contains("\"zone\": \"b\""), "{doc}");
+    p.shutdown().await;
+}

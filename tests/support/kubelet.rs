@@ -217,6 +217,8 @@ struct PodRun {
     name: String,
     ip: String,
     spec: Value,
+    /// The pod's labels, for the downward API.
+    labels: Value,
     scheduled: bool,
     containers: Vec<ContainerRun>,
     /// Condition type → (status, lastTransitionTime).
@@ -446,6 +448,7 @@ impl Kubelet {
             name,
             ip,
             spec,
+            labels: p["metadata"]["labels"].clone(),
             scheduled: false,
             containers,
             conditions: BTreeMap::new(),
@@ -874,6 +877,11 @@ impl PodRun {
                         (_, Some("status.podIP")) => self.ip.clone(),
                         (_, Some("spec.serviceAccountName")) => self.service_account(),
                         (_, Some("spec.nodeName")) => NODE_NAME.into(),
+                        // A missing label reads as empty, as the kubelet gives it.
+                        (_, Some(p)) if p.starts_with("metadata.labels['") => {
+                            let label = p.trim_start_matches("metadata.labels['").trim_end_matches("']");
+                            self.labels[label].as_str().unwrap_or_default().to_owned()
+                        }
                         other => panic!("{}: env {key} from {other:?} is not modelled", self.name),
                     };
                     cmd.env(key, value);
