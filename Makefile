@@ -87,7 +87,7 @@ demo:
 
 ## All benchmarks (not part of `make test`): the balancing core, then the proxy
 ## against HAProxy and NGINX. Writes bench/results/ and bench/RESULTS.md.
-bench: bench-balance bench-proxy bench-operator bench-discovery
+bench: bench-balance bench-proxy bench-operator bench-discovery bench-zones
 
 ## Balancing-core benchmark; writes bench/results/balance.md.
 bench-balance:
@@ -109,6 +109,12 @@ bench-discovery:
 	$(CARGO) bench --locked --bench discovery > bench/results/discovery.md
 	python3 bench/splice.py bench/RESULTS.md bench/results/discovery.md
 	@cat bench/results/discovery.md
+
+## Zone-aware balancing: local share and endpoint load; spliced into bench/RESULTS.md.
+bench-zones:
+	$(CARGO) bench --locked --bench zones > bench/results/zones.md
+	python3 bench/splice.py bench/RESULTS.md bench/results/zones.md
+	@cat bench/results/zones.md
 
 bench-operator:
 	$(CARGO) bench --locked --bench operator_scale > bench/results/operator.md
