@@ -37,7 +37,10 @@ async fn each_track_reports_its_requests_failures_and_latency() {
     let rate = canary["window"]["successRate"].as_f64().unwrap();
     assert!(rate < 1.0 && rate > 0.5, "{canary}");
     let p99 = |t: &serde_json::Value| t["window"]["p99Ms"].as_f64().unwrap();
-    assert!(p99(&canary) >= 30.0 && p99(&stable) < 30.0, "stable {stable}, canary {canary}");
+    // Every canary answer takes 30 ms: its p99 cannot be below; the stable
+    // track's median is far below it (its p99 could catch a slow scheduler tick).
+    let p50 = |t: &serde_json::Value| t["window"]["p50Ms"].as_f64().unwrap();
+    assert!(p99(&canary) >= 30.0 && p50(&stable) < 30.0, "stable {stable}, canary {canary}");
     // A shorter window, and a window out of bounds.
     let short: serde_json::Value = serde_json::from_str(&admin(&p, "/tracks?window=10").await.body).unwrap();
     assert_eq!(short["windowSeconds"], 10);
