@@ -540,38 +540,12 @@ async fn reconcile_app(
         min_available: usize::try_from(min_available).unwrap_or(0),
         ejected_timeout: spec.healing.ejected_timeout.as_deref().map(|t| duration(t, Duration::from_secs(120))),
     };
-    let mut watching_ejections = false;
-    let mut ejection_poll = Duration::from_secs(60);
+    let mut ejection_poll: Option<Duration> = None;
     if policy.ejected_timeout.is_some() {
-        // The proxies' word on each pod: ejected by more than half of those
-        // that have sent it requests (a proxy with no traffic to it abstains).
         let docs = fetch_proxies(client, &ns, &name, spec, "/endpoints").await;
-        let mut votes: std::collections::HashMap<String, (usize, usize)> = std::collections::HashMap::new();
-        for doc in &docs {
-            for e in doc["endpoints"].as_array().into_iter().flatten() {
-                let ejected = e["flags"].as_array().is_some_and(|f| f.iter().any(|f| f == "ejected"));
-                let seen = ejected || e["requests"].as_u64().is_some_and(|n| n > 0);
-                if let (true, Some(addr)) = (seen, e["address"].as_str())
-                    && let Some((ip, _)) = addr.rsplit_once(':')
-                {
-                    let v = votes.entry(ip.trim_matches(['[', ']']).to_owned()).or_default();
-                    v.0 += usize::from(ejected);
-                    v.1 += 1;
-                }
-            }
-        }
-        let uid_ip: Vec<(String, Option<String>)> = listed
-            .items
-            .iter()
-            .map(|p| (p.uid().unwrap_or_default(), p.status.as_ref().and_then(|s| s.pod_ip.clone())))
-            .collect();
-        let ejected: Vec<String> = uid_ip
-            .iter()
-            .filter(|(_, ip)| ip.as_ref().is_some_and(|ip| votes.get(ip).is_some_and(|(out, of)| 2 * out > *of)))
-            .map(|(uid, _)| uid.clone())
-            .collect();
-        let live: Vec<String> = uid_ip.into_iter().map(|(uid, _)| uid).collect();
-        tracing::debug!(proxies = docs.len(), ?votes, ejected = ejected.len(), "the proxies' ejections");
+        let ejected = ejected_by_quorum(&docs, &listed.items);
+        let live: Vec<String> = listed.items.iter().map(|p| p.uid().unwrap_or_default()).collect();
+        tracing::debug!(proxies = docs.len(), ejected = ejected.len(), "the proxies' ejections");
         let now = SystemTime::now();
         let mut all = ctx.streaks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let streaks = all.entry((ns.clone(), name.clone())).or_default();
@@ -583,8 +557,7 @@ async fn reconcile_app(
         }
         // Opted in: the proxies are asked again every 5 s (every 2 s while a
         // pod is in a streak), so a streak's start is seen within seconds.
-        watching_ejections = true;
-        ejection_poll = if streaks.any() { Duration::from_secs(2) } else { Duration::from_secs(5) };
+        ejection_poll = Some(Duration::from_secs(if streaks.any() { 2 } else { 5 }));
     }
     let plan = heal_plan(&views, &policy, SystemTime::now());
     let mut status = old.clone();
@@ -748,7 +721,7 @@ async fn reconcile_app(
         .map_or(Duration::from_secs(60), |d| d.min(Duration::from_secs(60)) + Duration::from_millis(100));
     // A rollout in progress is judged again every 2 s.
     let soon = !plan.held.is_empty() || rolling;
-    let next = if watching_ejections { next.min(ejection_poll) } else { next };
+    let next = ejection_poll.map_or(next, |poll| next.min(poll));
     Ok(Action::requeue(if soon { Duration::from_secs(2) } else { next }))
 }
 
@@ -830,17 +803,18 @@ async fn fetch_proxies(
     };
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let Ok(listed) = pods.list(&ListParams::default().labels(&selector)).await else { return Vec::new() };
-    let ips: Vec<String> = listed
+    let admins: Vec<std::net::SocketAddr> = listed
         .items
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
+        .filter_map(|p| p.status.as_ref()?.pod_ip.as_deref()?.parse().ok())
+        .map(|ip| std::net::SocketAddr::new(ip, super::render::ADMIN_PORT))
         .collect();
     let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let fetches = ips.iter().map(|ip| {
+    let fetches = admins.iter().map(|admin| {
         let http = http.clone();
-        let url = format!("http://{}{path}", socket(ip, super::render::ADMIN_PORT));
+        let url = format!("http://{admin}{path}");
         async move {
             let uri: http::Uri = url.parse().ok()?;
             let fetch = async {
@@ -857,9 +831,27 @@ async fn fetch_proxies(
     futures::future::join_all(fetches).await.into_iter().flatten().collect()
 }
 
-/// `ip:port`, bracketing an IPv6 address.
-fn socket(ip: &str, port: u16) -> String {
-    if ip.contains(':') { format!("[{ip}]:{port}") } else { format!("{ip}:{port}") }
+/// The uids of the pods that more than half of the proxies sending them
+/// traffic report ejected, from the proxies' `/endpoints` documents (a proxy
+/// with no request to a pod abstains).
+fn ejected_by_quorum(docs: &[serde_json::Value], pods: &[Pod]) -> Vec<String> {
+    let mut votes: std::collections::HashMap<std::net::IpAddr, (usize, usize)> = std::collections::HashMap::new();
+    for e in docs.iter().flat_map(|d| d["endpoints"].as_array().into_iter().flatten()) {
+        let ejected = e["flags"].as_array().is_some_and(|f| f.iter().any(|f| f == "ejected"));
+        let seen = ejected || e["requests"].as_u64().is_some_and(|n| n > 0);
+        if let (true, Some(addr)) = (seen, e["address"].as_str().and_then(|a| a.parse::<std::net::SocketAddr>().ok())) {
+            let v = votes.entry(addr.ip()).or_default();
+            v.0 += usize::from(ejected);
+            v.1 += 1;
+        }
+    }
+    pods.iter()
+        .filter(|p| {
+            let ip = p.status.as_ref().and_then(|s| s.pod_ip.as_deref()?.parse().ok());
+            ip.and_then(|ip| votes.get(&ip)).is_some_and(|(out, of)| 2 * out > *of)
+        })
+        .map(|p| p.uid().unwrap_or_default())
+        .collect()
 }
 
 /// The JSON merge patch (RFC 7386) that turns `from` into `to`: `to`, with
