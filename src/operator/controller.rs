@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
@@ -135,7 +135,9 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>) {
     // Only the objects the operator made are watched (and cached): a cluster's
     // other ConfigMaps, Services and Deployments would cost memory for nothing.
     let owned = || watcher::Config::default().labels(MANAGED_BY_SELECTOR);
-    Controller::new(apps, watcher::Config::default())
+    let controller = Controller::new(apps, watcher::Config::default());
+    let sweeper = tokio::spawn(forget_deleted(ctx.clone(), controller.store(), namespace.clone()));
+    controller
         .owns(api::<Deployment>(&client, ns), owned())
         .owns(api::<Service>(&client, ns), owned())
         .owns(api::<ConfigMap>(&client, ns), owned())
@@ -153,6 +155,41 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>) {
             }
         })
         .await;
+    sweeper.abort();
+}
+
+/// How often what the operator keeps per app is checked against the apps
+/// that still exist.
+const FORGET_PERIOD: Duration = Duration::from_secs(5);
+
+/// Forgets deleted apps: their metric series (an alert on a gauge of a
+/// deleted app would fire forever) and the back-off, ejection streaks and
+/// verified objects kept for them. A deleted app gets no reconcile (and the
+/// operator puts no finalizer on apps, which would block their deletion
+/// while it is down), so the controller's cache is compared instead, for
+/// the apps of `namespace` (all when `None`).
+async fn forget_deleted(
+    ctx: Arc<Context>,
+    store: kube::runtime::reflector::Store<LoadBalancedApp>,
+    namespace: Option<String>,
+) {
+    let mut tick = tokio::time::interval(FORGET_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // Not before the cache holds the first list. (Polled, not awaited: the
+        // store wakes only the last of several waiters, and the controller
+        // waits on it too.)
+        if store.wait_until_ready().now_or_never().is_none_or(|r| r.is_err()) {
+            continue;
+        }
+        let gone = |ns: &str, app: &str| {
+            namespace.as_deref().is_none_or(|n| n == ns) && store.get(&ObjectRef::new(app).within(ns)).is_none()
+        };
+        ctx.metrics.forget_apps(gone);
+        ctx.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|(ns, app), _| !gone(ns, app));
+        ctx.streaks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|(ns, app), _| !gone(ns, app));
+    }
 }
 
 fn error_policy(app: Arc<LoadBalancedApp>, error: &Error, ctx: Arc<Context>) -> Action {

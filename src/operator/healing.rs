@@ -76,6 +76,9 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason.
+    pub const ALL: [Reason; 3] = [Reason::Failed, Reason::UnreadyTooLong, Reason::EjectedByProxies];
+
     /// The name used in Events and status.
     pub fn name(self) -> &'static str {
         match self {

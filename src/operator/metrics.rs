@@ -53,6 +53,8 @@ pub struct OperatorMetrics {
     not_started: Family<AppLabel, Gauge>,
     rolled_back: Family<AppLabel, Gauge>,
     rollbacks: Family<AppLabel, Counter>,
+    /// The apps with per-app series, to remove them when the app goes.
+    apps: std::sync::Mutex<std::collections::BTreeSet<(String, String)>>,
 }
 
 impl Default for OperatorMetrics {
@@ -94,6 +96,7 @@ impl Default for OperatorMetrics {
             not_started,
             rolled_back,
             rollbacks,
+            apps: Default::default(),
         }
     }
 }
@@ -109,11 +112,38 @@ impl OperatorMetrics {
     }
 
     pub fn healed(&self, namespace: &str, app: &str, reason: &'static str) {
+        self.known(namespace, app);
         self.healed.get_or_create(&HealedLabel { namespace: namespace.into(), app: app.into(), reason }).inc();
+    }
+
+    fn known(&self, namespace: &str, app: &str) {
+        let mut apps = self.apps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        apps.insert((namespace.to_owned(), app.to_owned()));
+    }
+
+    /// Removes every series of the apps for which `gone` holds.
+    pub fn forget_apps(&self, gone: impl Fn(&str, &str) -> bool) {
+        let mut apps = self.apps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        apps.retain(|(namespace, app)| {
+            if !gone(namespace, app) {
+                return true;
+            }
+            let l = AppLabel { namespace: namespace.clone(), app: app.clone() };
+            for family in [&self.available, &self.ready_endpoints, &self.not_started, &self.rolled_back] {
+                family.remove(&l);
+            }
+            self.rollbacks.remove(&l);
+            for reason in super::healing::Reason::ALL {
+                let h = HealedLabel { namespace: namespace.clone(), app: app.clone(), reason: reason.name() };
+                self.healed.remove(&h);
+            }
+            false
+        });
     }
 
     /// The app's figures after a reconcile.
     pub fn app(&self, namespace: &str, app: &str, f: AppFigures) {
+        self.known(namespace, app);
         let l = AppLabel { namespace: namespace.into(), app: app.into() };
         self.available.get_or_create(&l).set(i64::from(f.available));
         self.ready_endpoints.get_or_create(&l).set(f.ready_endpoints);
@@ -123,6 +153,7 @@ impl OperatorMetrics {
 
     /// A canary of the app was rolled back.
     pub fn rolled_back(&self, namespace: &str, app: &str) {
+        self.known(namespace, app);
         self.rollbacks.get_or_create(&AppLabel { namespace: namespace.into(), app: app.into() }).inc();
     }
 

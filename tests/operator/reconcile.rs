@@ -242,6 +242,10 @@ async fn a_pod_unready_past_the_timeout_is_deleted_once_and_counted() {
     );
     assert!(m.contains("fulcrum_operator_app_available{namespace=\"default\",app=\"web\"}"), "{m}");
     assert!(m.contains("fulcrum_operator_reconciles_total{result=\"ok\"}"), "{m}");
+    // The app deleted: its series go (an alert on them would fire forever).
+    apps.delete("web", &Default::default()).await.unwrap();
+    until("the deleted app's series removed", || async { !r.ctx.metrics.encode().contains("app=\"web\"") }).await;
+    assert!(r.ctx.metrics.encode().contains("fulcrum_operator_reconciles_total{result=\"ok\"}"));
 }
 
 /// Plays kubelet and scheduler: a pod created `age` seconds ago that has not
