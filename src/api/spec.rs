@@ -413,8 +413,10 @@ pub struct LoadBalancing {
     #[schemars(range(min = 0, max = 100))]
     pub panic_threshold_percent: i32,
     /// Zone-aware balancing (opt-in): each proxy prefers the replicas of its
-    /// own zone (from the EndpointSlices) while enough of them are available,
-    /// and spills over to every zone below that.
+    /// own zone (from the EndpointSlices); when its zone has a smaller share of
+    /// the ready replicas than of the proxies, it sends the zone only the part
+    /// the zone can carry and the rest to zones with replicas to spare; below
+    /// minHealthyPercent, to every zone alike.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone_aware: Option<ZoneAware>,
 }

@@ -27,6 +27,9 @@ use super::smooth_wrr::SmoothWrr;
 /// Slow start ramps in this many steps, from 1/STEPS of the weight to all of it.
 const RAMP_STEPS: u32 = 10;
 
+/// Zone-aware routing divides a track's traffic between zones in parts of this.
+const ZONE_PARTS: u64 = 10_000;
+
 /// What the balancer may know about a request.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Request<'a> {
@@ -60,8 +63,9 @@ struct Group {
     cands: Vec<Candidate>,
     selector: Selector,
     panic: bool,
-    /// Weight in the track split; a group at zero takes no traffic, not even retries.
-    share: u32,
+    /// Weight in the split between tracks and zones (the track's weight ×
+    /// the zone's part); a group at zero takes no traffic, not even retries.
+    share: u64,
 }
 
 /// The cached, per-track list of candidates.
@@ -154,7 +158,12 @@ impl Balancer {
             return Some(Pick::start(endpoint, now));
         }
         let groups = self.view.groups.len();
-        let first = self.view.split.next()?;
+        // A hashed request keeps its group (track, zone) as it keeps its
+        // endpoint; others follow the smooth rotation of the split.
+        let first = match req.hash {
+            Some(h) if groups > 1 => self.view.split.at(h)?,
+            _ => self.view.split.next()?,
+        };
         for k in 0..groups {
             let g = (first + k) % groups;
             if self.view.groups[g].share == 0 {
@@ -223,7 +232,7 @@ impl Balancer {
         let track_open: Vec<bool>;
         if self.config.tracks.is_empty() {
             track_open = vec![true; set.tracks().len()];
-            groups.push(self.build_group(members.iter(), now, &mut refresh_at));
+            groups = self.build_groups(members.iter(), 1, now, &mut refresh_at);
         } else {
             track_open = set
                 .tracks()
@@ -232,33 +241,103 @@ impl Balancer {
                 .collect();
             for (name, weight) in &self.config.tracks {
                 let in_track = members.iter().filter(|m| set.track_of(m) == name);
-                let mut group = self.build_group(in_track, now, &mut refresh_at);
-                group.share = if group.cands.is_empty() { 0 } else { *weight };
-                groups.push(group);
+                groups.extend(self.build_groups(in_track, *weight, now, &mut refresh_at));
             }
             if groups.iter().all(|g| g.share == 0) {
                 // No listed track has anything to offer: availability beats the split.
-                groups = vec![self.build_group(members.iter(), now, &mut refresh_at)];
+                groups = self.build_groups(members.iter(), 1, now, &mut refresh_at);
             }
         }
-        let split = SmoothWrr::new(groups.iter().map(|g| g.share));
+        // The shares as the split's weights, scaled down together if needed.
+        let top = groups.iter().map(|g| g.share).max().unwrap_or(0);
+        let shift = (64 - top.leading_zeros()).saturating_sub(31);
+        let split = SmoothWrr::new(
+            groups
+                .iter()
+                .map(|g| if g.share == 0 { 0 } else { u32::try_from(g.share >> shift).unwrap_or(u32::MAX).max(1) }),
+        );
         self.view = View { epoch, refresh_at, groups, split, track_open };
     }
 
-    fn build_group<'m>(&self, members: impl Iterator<Item = &'m Member>, now: Nanos, refresh_at: &mut Nanos) -> Group {
-        let algorithm = self.config.algorithm;
-        let mut eligible: Vec<&Member> =
+    /// The groups of one track of weight `weight`: one, or with zone-aware
+    /// routing one per zone that takes part of the track's traffic. A track
+    /// with nothing to offer gets one empty group at share 0.
+    fn build_groups<'m>(
+        &self,
+        members: impl Iterator<Item = &'m Member>,
+        weight: u32,
+        now: Nanos,
+        refresh_at: &mut Nanos,
+    ) -> Vec<Group> {
+        let eligible: Vec<&Member> =
             members.filter(|m| m.weight > 0 && m.endpoint.health().is_panic_eligible()).collect();
-        // Zone-aware: the local zone's endpoints alone, while enough of them
-        // are available to take the traffic; otherwise spill over to all.
-        if let Some(zone) = &self.config.local_zone {
-            let local: Vec<&Member> = eligible.iter().copied().filter(|m| m.zone.as_ref() == Some(zone)).collect();
-            let up = local.iter().filter(|m| m.endpoint.health().is_available()).count();
-            let min = usize::from(self.config.zone_min_healthy_percent);
-            if up > 0 && up * 100 >= min * local.len() {
-                eligible = local;
-            }
+        self.zone_split(eligible)
+            .into_iter()
+            .map(|(members, part)| {
+                let mut group = self.build_group(members, now, refresh_at);
+                group.share = if group.cands.is_empty() { 0 } else { u64::from(weight) * part };
+                group
+            })
+            .collect()
+    }
+
+    /// Zone-aware routing: which endpoints take a track's traffic, and in
+    /// what parts of [`ZONE_PARTS`].
+    ///
+    /// The local zone takes everything while at least
+    /// `zone_min_healthy_percent` of its endpoints are available and its
+    /// share of the available endpoints is at least the local proxies' share
+    /// of the proxies; with a smaller share it takes the part its capacity
+    /// covers (endpoint share ÷ proxy share), and the rest goes to the other
+    /// zones in proportion to their spare capacity (endpoint share − proxy
+    /// share), as Envoy's zone-aware routing does, so that every endpoint
+    /// gets the same load when every proxy gets the same traffic.
+    fn zone_split<'m>(&self, eligible: Vec<&'m Member>) -> Vec<(Vec<&'m Member>, u64)> {
+        let Some(zone) = &self.config.local_zone else { return vec![(eligible, ZONE_PARTS)] };
+        let up = |m: &Member| m.endpoint.health().is_available();
+        let in_zone = |m: &&Member, z: &str| m.zone.as_deref().unwrap_or_default() == z;
+        let (local, remote): (Vec<&Member>, Vec<&Member>) = eligible.iter().partition(|m| in_zone(m, zone));
+        let local_up = local.iter().filter(|m| up(m)).count() as u64;
+        let min = u64::from(self.config.zone_min_healthy_percent);
+        if local_up == 0 || local_up * 100 < min * local.len() as u64 {
+            return vec![(eligible, ZONE_PARTS)];
         }
+        let proxies = &self.config.zone_proxies;
+        let all_proxies: u64 = proxies.iter().map(|(_, n)| u64::from(*n)).sum();
+        let proxies_in = |z: &str| proxies.iter().filter(|(pz, _)| **pz == *z).map(|(_, n)| u64::from(*n)).sum::<u64>();
+        let local_proxies = proxies_in(zone);
+        let all_up = eligible.iter().filter(|m| up(m)).count() as u64;
+        // Compare local_up / all_up with local_proxies / all_proxies.
+        if local_proxies == 0 || local_up * all_proxies >= local_proxies * all_up {
+            return vec![(local, ZONE_PARTS)];
+        }
+        let local_part = local_up * all_proxies * ZONE_PARTS / (local_proxies * all_up);
+        // Spare capacity of each other zone, in units of 1 / (all_up × all_proxies).
+        let mut zones: Vec<&str> = remote.iter().map(|m| m.zone.as_deref().unwrap_or_default()).collect();
+        zones.sort_unstable();
+        zones.dedup();
+        let spare: Vec<u64> = zones
+            .iter()
+            .map(|z| {
+                let z_up = remote.iter().filter(|m| in_zone(m, z) && up(m)).count() as u64;
+                (z_up * all_proxies).saturating_sub(proxies_in(z) * all_up)
+            })
+            .collect();
+        let all_spare: u64 = spare.iter().sum();
+        let mut parts = vec![(local, local_part)];
+        if all_spare == 0 {
+            parts.push((remote, ZONE_PARTS - local_part));
+            return parts;
+        }
+        for (z, s) in zones.iter().zip(&spare).filter(|(_, s)| **s > 0) {
+            let members = remote.iter().copied().filter(|m| in_zone(m, z)).collect();
+            parts.push((members, (ZONE_PARTS - local_part) * s / all_spare));
+        }
+        parts
+    }
+
+    fn build_group(&self, eligible: Vec<&Member>, now: Nanos, refresh_at: &mut Nanos) -> Group {
+        let algorithm = self.config.algorithm;
         let available = eligible.iter().filter(|m| m.endpoint.health().is_available()).count();
         let threshold = usize::from(self.config.panic_threshold_percent);
         let panic = !eligible.is_empty() && available * 100 < threshold * eligible.len();

@@ -103,11 +103,20 @@ pub struct BalancerConfig {
     /// Smallest Maglev table size (prime); grown to ≥ 100 × endpoints.
     pub maglev_table_size: u64,
     /// Zone-aware balancing: the proxy's own zone. Within each track, the
-    /// endpoints of this zone take all the traffic while at least
-    /// `zone_min_healthy_percent` of them are available; below, every zone's.
+    /// endpoints of this zone take the traffic while at least
+    /// `zone_min_healthy_percent` of them are available and they are at least
+    /// as large a share of the available endpoints as the local proxies are
+    /// of `zone_proxies`; with a smaller share the zone takes the part its
+    /// capacity covers and the rest spills to the zones with capacity to
+    /// spare (Envoy's zone-aware routing). Below `zone_min_healthy_percent`,
+    /// every zone's endpoints take the traffic alike.
     pub local_zone: Option<std::sync::Arc<str>>,
     /// See `local_zone`.
     pub zone_min_healthy_percent: u8,
+    /// How many proxies in each zone send traffic to these endpoints (the
+    /// proxies' share of the traffic per zone). Empty: unknown, so the local
+    /// zone takes all of this proxy's traffic while it is healthy enough.
+    pub zone_proxies: Vec<(std::sync::Arc<str>, u32)>,
 }
 
 impl Default for BalancerConfig {
@@ -120,6 +129,7 @@ impl Default for BalancerConfig {
             maglev_table_size: DEFAULT_TABLE_SIZE,
             local_zone: None,
             zone_min_healthy_percent: 70,
+            zone_proxies: Vec::new(),
         }
     }
 }

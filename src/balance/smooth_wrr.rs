@@ -88,6 +88,25 @@ impl SmoothWrr {
         }
         Some(i as usize)
     }
+
+    /// The index a 64-bit hash falls on, in proportion to the weights: the
+    /// same hash, the same index, while the weights stay.
+    pub(crate) fn at(&self, hash: u64) -> Option<usize> {
+        if self.total <= 0 {
+            return None;
+        }
+        // Scramble first, so that the index does not follow the bits the
+        // endpoint choice uses (Maglev takes the hash modulo its table).
+        let mut x = (hash.rotate_left(29).wrapping_mul(0x9E37_79B9_7F4A_7C15) % self.total as u64) as i64;
+        for c in &self.classes {
+            let span = c.weight * c.members.len() as i64;
+            if x < span {
+                return Some(c.members[(x / c.weight) as usize] as usize);
+            }
+            x -= span;
+        }
+        None
+    }
 }
 
 #[cfg(test)]
@@ -129,6 +148,19 @@ mod tests {
     fn no_weights_picks_nothing() {
         assert_eq!(SmoothWrr::new([]).next(), None);
         assert_eq!(SmoothWrr::new([0, 0]).next(), None);
+    }
+
+    #[test]
+    fn hashes_fall_on_indices_in_proportion_to_the_weights() {
+        let s = SmoothWrr::new([3, 0, 1]);
+        let mut counts = [0u32; 3];
+        for h in 0..40_000u64 {
+            counts[s.at(h.wrapping_mul(0xD6E8_FEB8_6659_FD93)).unwrap()] += 1;
+        }
+        assert_eq!(counts[1], 0);
+        assert!((29_000..31_000).contains(&counts[0]), "{counts:?}");
+        assert_eq!(s.at(12345), s.at(12345));
+        assert_eq!(SmoothWrr::new([0]).at(1), None);
     }
 
     proptest! {

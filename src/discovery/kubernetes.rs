@@ -52,6 +52,9 @@ pub struct Watched {
     pub config_map: String,
     /// Backends Services and the track of their endpoints.
     pub services: Vec<(String, Arc<str>)>,
+    /// The Service in front of the proxies: its ready endpoints per zone are
+    /// the proxies' share of the traffic, for zone-aware balancing.
+    pub front: Option<String>,
     /// The listener address, whatever the ConfigMap says (the pod's ports are fixed).
     pub listen: SocketAddr,
     /// The admin listener address, likewise.
@@ -66,6 +69,7 @@ impl Watched {
             namespace: namespace.to_owned(),
             config_map: n.proxy(),
             services: vec![(n.backends(), Arc::from("stable")), (n.canary_backends(), Arc::from("canary"))],
+            front: Some(app.to_owned()),
             listen,
             admin,
         }
@@ -73,8 +77,13 @@ impl Watched {
 
     /// The label selector of every watched Service's slices.
     pub fn slice_selector(&self) -> String {
-        let names: Vec<&str> = self.services.iter().map(|(s, _)| s.as_str()).collect();
+        let names: Vec<&str> = self.services.iter().map(|(s, _)| s.as_str()).chain(self.front.as_deref()).collect();
         format!("{SERVICE_NAME_LABEL} in ({})", names.join(","))
+    }
+
+    fn is_front(&self, slice: &EndpointSlice) -> bool {
+        let service = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL));
+        service.is_some() && service == self.front.as_ref()
     }
 
     fn track_of(&self, slice: &EndpointSlice) -> Option<&Arc<str>> {
@@ -167,6 +176,25 @@ fn listed<'a>(
 
 fn target(addr: SocketAddr, (u, track, zone): &Listed) -> Target {
     Target { spec: EndpointSpec::new(addr).track(track).zone(zone.clone()), draining: *u == Use::Draining }
+}
+
+/// The ready proxies per zone: the front Service's ready endpoints that have
+/// a zone (each address once).
+fn proxies_by_zone<'a>(
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    watched: &Watched,
+) -> BTreeMap<String, u32> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut zones = BTreeMap::new();
+    for e in slices.into_iter().filter(|s| watched.is_front(s)).flat_map(|s| &s.endpoints) {
+        if use_of(e) == Use::Serving
+            && let (Some(zone), Some(addr)) = (&e.zone, e.addresses.first())
+            && seen.insert(addr)
+        {
+            *zones.entry(zone.clone()).or_insert(0) += 1;
+        }
+    }
+    zones
 }
 
 /// The zone the slices give the pod at `ip` (the proxy's own pod, in Sidecar mode).
@@ -316,18 +344,30 @@ impl View {
         if !self.slices_listed {
             return None;
         }
-        // Zone-aware with no zone configured or in FULCRUM_ZONE: the proxy's
-        // own pod (POD_IP, in Sidecar mode) is in the slices, with its zone.
-        if config.load_balancing.zone_aware.as_ref().is_some_and(|z| z.zone.is_none())
-            && std::env::var("FULCRUM_ZONE").unwrap_or_default().is_empty()
-            && let Ok(ip) = std::env::var("POD_IP")
-            && let Some(zone) = zone_of_ip(self.slices.values(), &ip)
-        {
-            let mut c = (*config).clone();
-            if let Some(z) = c.load_balancing.zone_aware.as_mut() {
-                z.zone = Some(zone);
+        if let Some(z) = &config.load_balancing.zone_aware {
+            // Zone-aware with no zone configured or in FULCRUM_ZONE: the
+            // proxy's own pod (POD_IP, in Sidecar mode) is in the slices,
+            // with its zone.
+            let zone = std::env::var("POD_IP")
+                .ok()
+                .filter(|_| z.zone.is_none() && std::env::var("FULCRUM_ZONE").unwrap_or_default().is_empty())
+                .and_then(|ip| zone_of_ip(self.slices.values(), &ip));
+            // With no proxies configured, the front Service's ready endpoints.
+            let proxies = if z.proxies.is_empty() {
+                proxies_by_zone(self.slices.values(), &self.watched)
+            } else {
+                BTreeMap::new()
+            };
+            if zone.is_some() || !proxies.is_empty() {
+                let mut c = (*config).clone();
+                if let Some(z) = c.load_balancing.zone_aware.as_mut() {
+                    z.zone = zone.or(z.zone.take());
+                    if !proxies.is_empty() {
+                        z.proxies = proxies;
+                    }
+                }
+                config = Arc::new(c);
             }
-            config = Arc::new(c);
         }
         let split = !config.load_balancing.tracks.is_empty();
         let listed = listed(self.slices.values(), &self.watched, split);

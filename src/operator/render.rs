@@ -108,6 +108,7 @@ pub fn proxy_config(spec: &LoadBalancedAppSpec, canary_weight: Option<i32>) -> R
             zone_aware: lb.zone_aware.as_ref().map(|z| pc::ZoneAware {
                 zone: None,
                 min_healthy_percent: u8::try_from(z.min_healthy_percent.clamp(1, 100)).unwrap_or(70),
+                proxies: std::collections::BTreeMap::new(),
             }),
         },
         endpoints: Vec::new(),

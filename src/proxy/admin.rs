@@ -181,11 +181,18 @@ pub(crate) fn endpoints_json(shared: &Shared) -> String {
             })
         })
         .collect();
+    // Zone-aware routing as in effect: the zone (configured, from the
+    // environment or from the slices) and the proxies per zone.
+    let zone_aware = rt.config.load_balancing.zone_aware.as_ref().map(|z| {
+        let b = rt.config.balancer_config();
+        json!({"zone": b.local_zone.as_deref(), "minHealthyPercent": z.min_healthy_percent, "proxies": z.proxies})
+    });
     let doc = json!({
         "generation": rt.generation,
         "protocol": rt.config.protocol,
         "appProtocol": rt.config.app_protocol,
         "algorithm": rt.config.load_balancing.algorithm.name(),
+        "zoneAware": zone_aware,
         "panic": shared.in_panic(),
         "draining": shared.draining.load(Ordering::Relaxed),
         "endpoints": endpoints,

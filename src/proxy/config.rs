@@ -261,8 +261,12 @@ pub struct LoadBalancing {
 
 /// Zone-aware balancing (Envoy's zone-aware routing, Kubernetes'
 /// `trafficDistribution: PreferClose`): within each track, the endpoints of
-/// the proxy's zone take the traffic while enough of them are available;
-/// below that, the endpoints of every zone do.
+/// the proxy's zone take the traffic while enough of them are available and
+/// they are at least as large a share of the available endpoints as the
+/// zone's proxies are of all proxies; with a smaller share, the zone takes
+/// the part its capacity covers and the rest spills to the zones with
+/// capacity to spare. Below `minHealthyPercent`, every zone's endpoints
+/// take the traffic alike.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ZoneAware {
@@ -275,6 +279,12 @@ pub struct ZoneAware {
     /// available for the zone to take all the traffic.
     #[serde(default = "default_zone_min_healthy")]
     pub min_healthy_percent: u8,
+    /// How many proxies in each zone send traffic to these endpoints, by
+    /// zone. Unset: in Kubernetes, the ready endpoints per zone of the
+    /// Service in front of the proxies; standalone, unknown, and the local
+    /// zone takes all the traffic while it is healthy enough.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub proxies: BTreeMap<String, u32>,
 }
 
 fn default_zone_min_healthy() -> u8 {
@@ -847,6 +857,9 @@ impl ProxyConfig {
                 .filter(|z| !z.is_empty())
                 .map(std::sync::Arc::from),
             zone_min_healthy_percent: lb.zone_aware.as_ref().map_or(70, |z| z.min_healthy_percent),
+            zone_proxies: lb.zone_aware.as_ref().map_or_else(Vec::new, |z| {
+                z.proxies.iter().map(|(zone, n)| (std::sync::Arc::from(zone.as_str()), *n)).collect()
+            }),
         }
     }
 

@@ -289,3 +289,73 @@ fn without_a_local_zone_or_zones_balancing_ignores_them() {
     let mut b = balancer(config, set(&clock, specs(4)));
     assert_eq!(distribution(&mut b, 40).len(), 4);
 }
+
+/// Endpoints in zones a (1), b (3) and c (2), as a proxy in `local` sees
+/// them with two proxies in every zone.
+fn uneven_zones(local: &str) -> fulcrum::balance::Balancer {
+    let clock = Arc::new(ManualClock::new());
+    let zone = |i: usize| {
+        Some(Arc::from(match i {
+            0 => "a",
+            1..=3 => "b",
+            _ => "c",
+        }))
+    };
+    let specs: Vec<EndpointSpec> = (0..6).map(|i| EndpointSpec::new(addr(i)).zone(zone(i))).collect();
+    let config = BalancerConfig {
+        local_zone: Some(Arc::from(local)),
+        zone_proxies: ["a", "b", "c"].iter().map(|z| (Arc::from(*z), 2)).collect(),
+        ..BalancerConfig::new(Algorithm::RoundRobin)
+    };
+    balancer(config, set(&clock, specs))
+}
+
+#[test]
+fn a_zone_with_less_than_its_share_of_capacity_spills_the_rest_to_zones_with_capacity_to_spare() {
+    // Zone a has 1/6 of the endpoints and 1/3 of the proxies: its endpoint
+    // takes half of the local proxy's traffic, and the other half goes to b,
+    // the one zone with more endpoints (3/6) than proxies (2/6); c has
+    // exactly its share and takes none of a's traffic.
+    let a = distribution(&mut uneven_zones("a"), 6000);
+    assert_eq!(a.get(&addr(0)), Some(&3000), "{a:?}");
+    for i in 1..=3 {
+        assert_eq!(a.get(&addr(i)), Some(&1000), "{a:?}");
+    }
+    assert!(!a.contains_key(&addr(4)) && !a.contains_key(&addr(5)), "{a:?}");
+    // b and c have at least their share: their proxies stay in their zone.
+    let b = distribution(&mut uneven_zones("b"), 6000);
+    assert!(b.keys().all(|k| (1..=3).any(|i| addr(i) == *k)), "{b:?}");
+    let c = distribution(&mut uneven_zones("c"), 6000);
+    assert!(c.keys().all(|k| *k == addr(4) || *k == addr(5)), "{c:?}");
+    // With every proxy sending the same traffic, every endpoint gets the same load.
+    let mut total = a;
+    for (k, v) in b.into_iter().chain(c) {
+        *total.entry(k).or_default() += v;
+    }
+    assert!(total.values().all(|v| *v == 3000), "{total:?}");
+}
+
+#[test]
+fn a_hashed_request_keeps_its_zone_and_endpoint_while_the_zones_split_the_traffic() {
+    let clock = Arc::new(ManualClock::new());
+    let zone = |i: usize| Some(Arc::from(if i == 0 { "a" } else { "b" }));
+    let specs: Vec<EndpointSpec> = (0..4).map(|i| EndpointSpec::new(addr(i)).zone(zone(i))).collect();
+    let config = BalancerConfig {
+        local_zone: Some(Arc::from("a")),
+        zone_proxies: vec![(Arc::from("a"), 1), (Arc::from("b"), 1)],
+        ..BalancerConfig::new(Algorithm::ConsistentHash)
+    };
+    let mut b = balancer(config, set(&clock, specs));
+    let mut local = 0;
+    for key in 0..2000u64 {
+        let hash = key.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let req = Request { hash: Some(hash), ..Default::default() };
+        let first = pick_addr(&mut b, &req);
+        for _ in 0..3 {
+            assert_eq!(pick_addr(&mut b, &req), first, "key {key}");
+        }
+        local += u32::from(first == Some(addr(0)));
+    }
+    // Zone a: 1/4 of the endpoints, 1/2 of the proxies → half the keys stay.
+    assert!((900..1100).contains(&local), "{local} of 2000 keys local");
+}

@@ -195,8 +195,8 @@ fn the_config_map_listener_addresses_are_replaced_by_the_command_line() {
 }
 
 #[test]
-fn the_slice_selector_names_both_backends_services() {
-    assert_eq!(w().slice_selector(), "kubernetes.io/service-name in (web-backends,web-canary-backends)");
+fn the_slice_selector_names_both_backends_services_and_the_front_one() {
+    assert_eq!(w().slice_selector(), "kubernetes.io/service-name in (web-backends,web-canary-backends,web)");
 }
 
 #[test]
@@ -250,12 +250,43 @@ fn zones_come_from_the_slices_and_a_sidecar_learns_its_own_from_its_pod() {
     let mut v = View::new(w());
     let yaml = "listen: 0.0.0.0:15080\nadmin: 0.0.0.0:15090\nloadBalancing: {algorithm: RoundRobin, zoneAware: {}}\n";
     v.on_config(Event::Apply(config_map(yaml)));
+    // The Service in front of the proxies: two ready proxies in z1, one in
+    // z2, one not ready (not counted), one without a zone (not counted).
+    let mut front = slice(
+        "web-a",
+        "web",
+        15080,
+        &[ready("10.0.1.1"), ready("10.0.1.2"), ready("10.0.1.3"), unready("10.0.1.4"), ready("10.0.1.5")],
+    );
+    for (e, zone) in front.endpoints.iter_mut().zip(["z1", "z1", "z2", "z2"]) {
+        e.zone = Some(zone.into());
+    }
     v.on_slice(Event::Init);
     v.on_slice(Event::InitApply(s));
+    v.on_slice(Event::InitApply(front));
     v.on_slice(Event::InitDone);
     let snap = v.snapshot(t0()).expect("a snapshot");
     let zones: Vec<Option<String>> = snap.targets.iter().map(|t| t.spec.zone.as_deref().map(str::to_owned)).collect();
-    assert_eq!(zones, [Some("z1".into()), Some("z2".into()), Some("z2".into())]);
+    assert_eq!(zones, [Some("z1".into()), Some("z2".into()), Some("z2".into())], "the proxies are no endpoints");
     assert_eq!(snap.config.load_balancing.zone_aware.as_ref().and_then(|z| z.zone.as_deref()), Some("z2"));
-    assert_eq!(snap.config.balancer_config().local_zone.as_deref(), Some("z2"));
+    let balancer = snap.config.balancer_config();
+    assert_eq!(balancer.local_zone.as_deref(), Some("z2"));
+    let proxies: Vec<(&str, u32)> = balancer.zone_proxies.iter().map(|(z, n)| (&**z, *n)).collect();
+    assert_eq!(proxies, [("z1", 2), ("z2", 1)]);
+}
+
+#[test]
+fn proxies_per_zone_in_the_configuration_win_over_the_front_service() {
+    let mut front = slice("web-a", "web", 15080, &[ready("10.0.1.1")]);
+    front.endpoints[0].zone = Some("z1".into());
+    let mut v = View::new(w());
+    let yaml = "listen: 0.0.0.0:15080\nadmin: 0.0.0.0:15090\nloadBalancing: {algorithm: RoundRobin, zoneAware: {zone: z1, proxies: {z1: 1, z2: 3}}}\n";
+    v.on_config(Event::Apply(config_map(yaml)));
+    v.on_slice(Event::Init);
+    v.on_slice(Event::InitApply(front));
+    v.on_slice(Event::InitDone);
+    let snap = v.snapshot(t0()).expect("a snapshot");
+    let z = snap.config.load_balancing.zone_aware.as_ref().expect("zone-aware");
+    assert_eq!((z.zone.as_deref(), z.proxies.get("z2")), (Some("z1"), Some(&3)));
+    assert!(snap.targets.is_empty());
 }

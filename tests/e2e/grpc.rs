@@ -87,7 +87,7 @@ async fn a_grpc_app_balances_each_call_of_one_channel_over_its_pods() {
     let dir = TempDir::new("grpc");
     let server = ApiServer::start().await;
     let client = server.client();
-    let node = Node::start(server.issuer(), NodeSettings { net: 82, cpu_millis: 8_000, dir: dir.0.join("node") });
+    let node = Node::start(server.issuer(), NodeSettings::new(82, 8_000, dir.0.join("node")));
     install_operator(&server, &node).await;
     let apps: Api<LoadBalancedApp> = Api::namespaced(client.clone(), "default");
     apps.create(&PostParams::default(), &grpc_app()).await.expect("kubectl apply");

@@ -26,6 +26,7 @@ mod support;
 mod traffic;
 #[path = "../support/wait.rs"]
 mod wait;
+mod zones;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -221,7 +222,7 @@ async fn from_kubectl_apply_to_traffic_readiness_healing_reconfiguration_and_can
     let dir = TempDir::new("web");
     let server = ApiServer::start().await;
     let client = server.client();
-    let node = Node::start(server.issuer(), NodeSettings { net: 80, cpu_millis: 8_000, dir: dir.0.join("node") });
+    let node = Node::start(server.issuer(), NodeSettings::new(80, 8_000, dir.0.join("node")));
 
     let objects = install_operator(&server, &node).await;
     let apps: Api<LoadBalancedApp> = Api::namespaced(client.clone(), "default");

@@ -61,7 +61,7 @@ async fn a_canary_is_promoted_on_good_evidence_rolled_back_on_bad_and_aborted_by
     let dir = TempDir::new("rollout");
     let server = ApiServer::start().await;
     let client = server.client();
-    let node = Node::start(server.issuer(), NodeSettings { net: 84, cpu_millis: 8_000, dir: dir.0.join("node") });
+    let node = Node::start(server.issuer(), NodeSettings::new(84, 8_000, dir.0.join("node")));
     install_operator(&server, &node).await;
     let apps: Api<LoadBalancedApp> = Api::namespaced(client.clone(), "default");
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");

@@ -244,7 +244,7 @@ async fn the_chart_with_its_ci_values_installs_and_serves_the_quickstart() {
         let dir = TempDir(std::env::temp_dir().join(format!("fulcrum-install-ci-{}-{values}", std::process::id())));
         std::fs::create_dir_all(&dir.0).expect("temp dir");
         let server = ApiServer::start_bare().await;
-        let node = Node::start(server.issuer(), NodeSettings { net: 110, cpu_millis: 8_000, dir: dir.0.join("node") });
+        let node = Node::start(server.issuer(), NodeSettings::new(110, 8_000, dir.0.join("node")));
         let kubectl = Kubectl { kubeconfig: server.write_kubeconfig(&dir.0, server.admin_token(), "default") };
         let rendered = render_chart(values).await;
         if values == "no-rbac-values.yaml" {
@@ -299,7 +299,7 @@ async fn install_as_a_user_quickstart_traffic_healing_failover_examples_and_faul
     let dir = TempDir(std::env::temp_dir().join(format!("fulcrum-install-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0).expect("temp dir");
     let server = ApiServer::start_bare().await;
-    let node = Node::start(server.issuer(), NodeSettings { net: 90, cpu_millis: 16_000, dir: dir.0.join("node") });
+    let node = Node::start(server.issuer(), NodeSettings::new(90, 16_000, dir.0.join("node")));
     let kubectl = Kubectl { kubeconfig: server.write_kubeconfig(&dir.0, server.admin_token(), "default") };
     let client = server.client();
 

@@ -4,8 +4,12 @@
 //! - Deployment controller: pods for every Deployment (owned by it, labelled
 //!   with a `pod-template-hash`; a changed template rolls them), and the
 //!   Deployment's status and `Available` condition.
-//! - Scheduler: one node with `cpu` millicores; a pod whose requests do not
-//!   fit stays Pending, `PodScheduled=False`, reason `Unschedulable`.
+//! - Scheduler: one node, or one node per zone (`node-<zone>`, labelled
+//!   `topology.kubernetes.io/zone`), each with `cpu` millicores; a pod goes
+//!   to the node with the fewest pods of its ReplicaSet, then the fewest
+//!   pods (the default scheduler's spreading); binding copies the node's
+//!   zone label onto the pod (Kubernetes 1.33+); a pod whose requests fit no
+//!   node stays Pending, `PodScheduled=False`, reason `Unschedulable`.
 //! - Kubelet: each pod gets its own address 127.0.`net`.x. Its init
 //!   containers run in order (native sidecars, `restartPolicy: Always`, keep
 //!   running and must start before the next), then its containers. An image
@@ -23,7 +27,8 @@
 //!   (SIGTERM, app containers before sidecars).
 //! - EndpointSlice controller: a slice per Service with a selector, named
 //!   target ports resolved from the pods' container ports, endpoint
-//!   conditions from pod readiness and deletion.
+//!   conditions from pod readiness and deletion, each endpoint's `nodeName`
+//!   and its node's `zone`.
 //!
 //! The one liberty taken: processes share the machine's network namespace,
 //! so a wildcard listen address in a container's arguments (`0.0.0.0:PORT`)
@@ -65,10 +70,33 @@ pub struct Control {
 pub struct NodeSettings {
     /// Pods get 127.0.`net`.30 and up (the next 200 in 127.0.`net + 1`, …).
     pub net: u8,
-    /// Allocatable CPU, in millicores.
+    /// Allocatable CPU of each node, in millicores.
     pub cpu_millis: u64,
     /// Where container logs and credentials go.
     pub dir: PathBuf,
+    /// One node per zone named here; none: one node without a zone.
+    pub zones: Vec<String>,
+}
+
+impl NodeSettings {
+    /// One node of `cpu_millis` without a zone; pods on 127.0.`net`.x.
+    pub fn new(net: u8, cpu_millis: u64, dir: PathBuf) -> Self {
+        NodeSettings { net, cpu_millis, dir, zones: Vec::new() }
+    }
+
+    /// One node per zone.
+    pub fn zones(mut self, zones: &[&str]) -> Self {
+        self.zones = zones.iter().map(|z| (*z).to_owned()).collect();
+        self
+    }
+
+    /// The nodes: name and zone.
+    fn nodes(&self) -> Vec<(String, Option<String>)> {
+        if self.zones.is_empty() {
+            return vec![(NODE_NAME.to_owned(), None)];
+        }
+        self.zones.iter().map(|z| (format!("node-{z}"), Some(z.clone()))).collect()
+    }
 }
 
 /// The running node. Dropping it stops every process.
@@ -220,6 +248,8 @@ struct PodRun {
     /// The pod's labels, for the downward API.
     labels: Value,
     scheduled: bool,
+    /// The node it is bound to, once scheduled.
+    node: String,
     containers: Vec<ContainerRun>,
     /// Condition type → (status, lastTransitionTime).
     conditions: BTreeMap<&'static str, (bool, String)>,
@@ -240,8 +270,11 @@ struct Kubelet {
 }
 
 const TOKEN_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
-/// The node's name.
+/// The node's name when it is the only one.
 const NODE_NAME: &str = "node-1";
+/// The label binding copies from the node onto the pod, and the
+/// EndpointSlice controller reads for an endpoint's zone.
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 fn labels_match(selector: &Value, labels: &Value) -> bool {
     selector.as_object().is_some_and(|sel| sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
@@ -368,16 +401,21 @@ impl Kubelet {
                 let run = self.admit(p);
                 self.pods.insert(key.clone(), run);
             }
-            let used: u64 = self.pods.values().filter(|r| r.scheduled).map(|r| pod_cpu(&r.spec)).sum();
-            let capacity = self.settings.cpu_millis;
+            let placement = self.place(&key);
+            let nodes = self.settings.nodes().len();
             let issuer = self.issuer.clone();
             let Some(run) = self.pods.get_mut(&key) else { continue };
-            if !run.scheduled && used + pod_cpu(&run.spec) <= capacity {
-                // Bound to the node, as the scheduler's binding does.
+            if let Some((node, zone)) = placement {
+                // Bound to the node, as the scheduler's binding does; the
+                // binding copies the node's zone label onto the pod.
                 let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), &run.ns, &pod_resource());
-                let bind = json!({"spec": {"nodeName": NODE_NAME}});
+                let mut bind = json!({"spec": {"nodeName": node}});
+                if let Some(zone) = &zone {
+                    bind["metadata"] = json!({"labels": {ZONE_LABEL: zone}});
+                    run.labels[ZONE_LABEL] = json!(zone);
+                }
                 match api.patch(&run.name, &PatchParams::default(), &Patch::Merge(&bind)).await {
-                    Ok(_) => run.scheduled = true,
+                    Ok(_) => (run.scheduled, run.node) = (true, node),
                     Err(kube::Error::Api(e)) if e.code == 404 => continue,
                     Err(e) => return Err(e),
                 }
@@ -386,7 +424,7 @@ impl Kubelet {
                 let fail_every = failing.iter().find(|(p, _)| run.name.starts_with(p.as_str())).map_or(0, |(_, n)| *n);
                 run.advance(&issuer, unready.contains(&run.name), fail_every).await;
             }
-            let status = run.status();
+            let status = run.status(nodes);
             if status != run.last_status {
                 let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), &run.ns, &pod_resource());
                 match api
@@ -400,6 +438,33 @@ impl Kubelet {
             }
         }
         self.endpoint_slices().await
+    }
+
+    /// The scheduler: the node (and its zone) for the pod `key` if it is not
+    /// bound yet and fits somewhere: of the nodes with room for its CPU
+    /// requests, the one with the fewest pods of the same ReplicaSet, then the
+    /// fewest pods, then the first by name.
+    fn place(&self, key: &(String, String)) -> Option<(String, Option<String>)> {
+        let run = self.pods.get(key).filter(|r| !r.scheduled)?;
+        let set = &run.labels["pod-template-hash"];
+        let bound = || self.pods.values().filter(|r| r.scheduled);
+        self.settings
+            .nodes()
+            .into_iter()
+            .filter(|(n, _)| {
+                let used: u64 = bound().filter(|r| r.node == *n).map(|r| pod_cpu(&r.spec)).sum();
+                used + pod_cpu(&run.spec) <= self.settings.cpu_millis
+            })
+            .min_by_key(|(n, _)| {
+                let on = || bound().filter(|r| r.node == *n);
+                let same = on().filter(|r| r.ns == run.ns && !set.is_null() && r.labels["pod-template-hash"] == *set);
+                (same.count(), on().count())
+            })
+    }
+
+    /// The zone of the node named `node`.
+    fn zone_of(&self, node: &str) -> Option<String> {
+        self.settings.nodes().into_iter().find(|(n, _)| n == node).and_then(|(_, z)| z)
     }
 
     fn pods_api(&self, ns: Option<&str>) -> Api<DynamicObject> {
@@ -450,6 +515,7 @@ impl Kubelet {
             spec,
             labels: p["metadata"]["labels"].clone(),
             scheduled: false,
+            node: String::new(),
             containers,
             conditions: BTreeMap::new(),
             last_status: Value::Null,
@@ -611,11 +677,17 @@ impl Kubelet {
                 .map(|p| {
                     let ready = p["status"]["conditions"].as_array().into_iter().flatten().any(|c| c["type"] == "Ready" && c["status"] == "True");
                     let terminating = p["metadata"].get("deletionTimestamp").is_some();
-                    json!({
+                    let node = p["spec"]["nodeName"].as_str().unwrap_or_default();
+                    let mut e = json!({
                         "addresses": [p["status"]["podIP"]],
                         "conditions": {"ready": ready && !terminating, "serving": ready, "terminating": terminating},
                         "targetRef": {"kind": "Pod", "name": p["metadata"]["name"], "namespace": ns, "uid": p["metadata"]["uid"]},
-                    })
+                        "nodeName": node,
+                    });
+                    if let Some(zone) = self.zone_of(node) {
+                        e["zone"] = json!(zone);
+                    }
+                    e
                 })
                 .collect();
             let slice_name = format!("{name}-node");
@@ -876,7 +948,7 @@ impl PodRun {
                         (_, Some("metadata.namespace")) => self.ns.clone(),
                         (_, Some("status.podIP")) => self.ip.clone(),
                         (_, Some("spec.serviceAccountName")) => self.service_account(),
-                        (_, Some("spec.nodeName")) => NODE_NAME.into(),
+                        (_, Some("spec.nodeName")) => self.node.clone(),
                         // A missing label reads as empty, as the kubelet gives it.
                         (_, Some(p)) if p.starts_with("metadata.labels['") => {
                             let label = p.trim_start_matches("metadata.labels['").trim_end_matches("']");
@@ -936,11 +1008,11 @@ impl PodRun {
     }
 
     /// The status a kubelet would write now.
-    fn status(&mut self) -> Value {
+    fn status(&mut self, nodes: usize) -> Value {
         if !self.scheduled {
             let mut scheduled = self.condition("PodScheduled", false);
             scheduled["reason"] = json!("Unschedulable");
-            scheduled["message"] = json!("0/1 nodes are available: 1 Insufficient cpu.");
+            scheduled["message"] = json!(format!("0/{nodes} nodes are available: {nodes} Insufficient cpu."));
             return json!({"phase": "Pending", "conditions": [scheduled]});
         }
         let mut init_statuses = Vec::new();
