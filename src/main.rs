@@ -317,6 +317,11 @@ fn proxy(path: PathBuf, check: bool, shutdown_delay: std::time::Duration) -> Exi
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // The certificate, key and CA files must load too.
+    if let Err(e) = fulcrum::proxy::tls::check(&snapshot.config) {
+        eprintln!("fulcrum: invalid configuration {}: {e}", path.display());
+        return ExitCode::from(EXIT_CONFIG);
+    }
     if check {
         println!("{}: valid", path.display());
         return ExitCode::SUCCESS;

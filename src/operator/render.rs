@@ -90,6 +90,7 @@ pub fn proxy_config(spec: &LoadBalancedAppSpec, canary_weight: Option<i32>) -> R
                 source_ip: h.source_ip.unwrap_or(false),
                 header: h.header.clone(),
                 cookie: h.cookie.clone(),
+                client_certificate: false,
             }),
             session_affinity: match &lb.session_affinity {
                 Some(a) => Some(SessionAffinity {
@@ -152,6 +153,8 @@ pub fn proxy_config(spec: &LoadBalancedAppSpec, canary_weight: Option<i32>) -> R
                 spec.circuit_breakers.max_pending_requests,
             )?,
         },
+        tls: None,
+        endpoint_tls: None,
     };
     config.validate()?;
     Ok(config)

@@ -69,6 +69,89 @@ pub struct ProxyConfig {
     /// Caps per endpoint, beyond which requests fail fast instead of piling up.
     #[serde(default)]
     pub circuit_breakers: CircuitBreakers,
+    /// TLS termination at the listener (HTTP modes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
+    /// TLS to the endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_tls: Option<EndpointTls>,
+}
+
+/// TLS termination: the certificates, the versions, and optionally the
+/// verification of client certificates. Every file is PEM and is read again
+/// when its content changes (a Kubernetes Secret volume update).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Tls {
+    /// Certificate chains with their keys. The first is the default; another
+    /// is chosen when the client's SNI matches one of its DNS names.
+    pub certificates: Vec<CertificateFiles>,
+    /// The lowest TLS version accepted: `"1.2"` or `"1.3"`.
+    #[serde(default)]
+    pub min_version: TlsVersion,
+    /// Mutual TLS: client certificates verified against a CA bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// A certificate chain and its private key, as PEM files.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CertificateFiles {
+    /// The chain, leaf first (`tls.crt` of a `kubernetes.io/tls` Secret).
+    pub cert_file: std::path::PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1; `tls.key`).
+    pub key_file: std::path::PathBuf,
+}
+
+/// A TLS protocol version.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3.
+    #[default]
+    #[serde(rename = "1.2")]
+    V1_2,
+    /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
+    V1_3,
+}
+
+/// Verification of client certificates.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientAuth {
+    /// The CA bundle client certificates must chain to.
+    pub ca_file: std::path::PathBuf,
+    /// Refuse clients without a certificate (`false`: verify one if sent).
+    #[serde(default = "yes")]
+    pub required: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// TLS to the endpoints (and their active health checks).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EndpointTls {
+    /// The CA bundle the endpoints' certificates must chain to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// The name sent as SNI and verified in the endpoints' certificates;
+    /// unset: the endpoint's IP address, verified against its IP SANs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// A client certificate for mutual TLS, with `keyFile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<std::path::PathBuf>,
+    /// The client certificate's key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<std::path::PathBuf>,
+    /// Accept any certificate from the endpoints: encryption without
+    /// authentication, open to anyone who can intercept the traffic.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_skip_verify: bool,
 }
 
 /// Caps on what clients can make the proxy hold; each bounded (see [`LIMIT_BOUNDS`]).
@@ -327,6 +410,9 @@ pub struct HashOn {
     /// Hash the value of this cookie.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cookie: Option<String>,
+    /// Hash the subject of the client's verified TLS certificate.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub client_certificate: bool,
 }
 
 /// Where a consistent-hashing key comes from, once validated.
@@ -338,6 +424,8 @@ pub enum HashKey {
     Header(http::HeaderName),
     /// A cookie.
     Cookie(String),
+    /// The subject of the client's verified certificate.
+    ClientCertificate,
 }
 
 /// Cookie-based session affinity.
@@ -722,6 +810,7 @@ impl ProxyConfig {
             }
             (_, None) => {}
         }
+        self.validate_tls()?;
         if let Some(aff) = &lb.session_affinity {
             if self.protocol == Protocol::Tcp {
                 return Err(invalid(
@@ -887,16 +976,63 @@ impl ProxyConfig {
             .collect()
     }
 
+    /// The TLS settings that can be checked without reading the files.
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        if let Some(tls) = &self.tls {
+            if self.protocol == Protocol::Tcp {
+                return Err(invalid("tls", "terminates HTTP only; TCP mode passes TLS through to the endpoints"));
+            }
+            if tls.certificates.is_empty() {
+                return Err(invalid("tls.certificates", "needs at least one certificate and key"));
+            }
+        }
+        if let Some(e) = &self.endpoint_tls {
+            if e.cert_file.is_some() != e.key_file.is_some() {
+                return Err(invalid(
+                    "endpointTls",
+                    "set certFile and keyFile together (the client certificate and its key)",
+                ));
+            }
+            if e.ca_file.is_none() && !e.insecure_skip_verify {
+                return Err(invalid(
+                    "endpointTls.caFile",
+                    "is required to verify the endpoints (or set insecureSkipVerify: true to accept any certificate)",
+                ));
+            }
+            if let Some(name) = &e.server_name
+                && rustls::pki_types::ServerName::try_from(name.as_str()).is_err()
+            {
+                return Err(invalid(
+                    "endpointTls.serverName",
+                    format_args!("{name:?} is not a DNS name or IP address"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The consistent-hashing key source, if the algorithm uses one.
     pub fn hash_key(&self) -> Result<Option<HashKey>, ConfigError> {
         let f = "loadBalancing.hashOn";
         let Some(h) = &self.load_balancing.hash_on else { return Ok(None) };
-        let given = usize::from(h.source_ip) + usize::from(h.header.is_some()) + usize::from(h.cookie.is_some());
+        let given = usize::from(h.source_ip)
+            + usize::from(h.header.is_some())
+            + usize::from(h.cookie.is_some())
+            + usize::from(h.client_certificate);
         if given != 1 {
-            return Err(invalid(f, "set exactly one of sourceIP: true, header or cookie"));
+            return Err(invalid(f, "set exactly one of sourceIP: true, header, cookie or clientCertificate: true"));
         }
         if h.source_ip {
             return Ok(Some(HashKey::SourceIp));
+        }
+        if h.client_certificate {
+            if self.tls.as_ref().is_none_or(|t| t.client_auth.is_none()) {
+                return Err(invalid(
+                    format!("{f}.clientCertificate"),
+                    "needs tls.clientAuth (verified client certificates)",
+                ));
+            }
+            return Ok(Some(HashKey::ClientCertificate));
         }
         if let Some(name) = &h.header {
             let name = http::HeaderName::from_bytes(name.as_bytes())

@@ -1,4 +1,5 @@
-//! The forwarding headers: `X-Forwarded-For` and `X-Forwarded-Proto`.
+//! The forwarding headers: `X-Forwarded-For` and `X-Forwarded-Proto`
+//! (`https` on a connection whose TLS the proxy terminated).
 //!
 //! A backend trusts these headers to learn who the client is and whether
 //! the request was encrypted, so the proxy never passes on what an arbitrary
@@ -26,7 +27,7 @@ pub(crate) fn apply(headers: &mut HeaderMap, peer: &Peer, trusted: &[Cidr]) -> I
     let peer_ip = peer.addr.ip();
     if trusted.is_empty() || !trusted.iter().any(|c| c.contains(peer_ip)) {
         headers.insert(X_FORWARDED_FOR.clone(), peer.ip_header.clone());
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        headers.insert(X_FORWARDED_PROTO.clone(), proto(peer));
         return peer_ip;
     }
     let mut chain = Vec::new();
@@ -44,9 +45,13 @@ pub(crate) fn apply(headers: &mut HeaderMap, peer: &Peer, trusted: &[Cidr]) -> I
     let value = HeaderValue::from_bytes(&chain).unwrap_or_else(|_| peer.ip_header.clone());
     headers.insert(X_FORWARDED_FOR.clone(), value);
     if !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        headers.insert(X_FORWARDED_PROTO.clone(), proto(peer));
     }
     client
+}
+
+fn proto(peer: &Peer) -> HeaderValue {
+    HeaderValue::from_static(if peer.https { "https" } else { "http" })
 }
 
 /// The right-most address of `chain` outside `trusted`, walking left from a

@@ -14,12 +14,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
 use super::config::{ActiveCheck, Probe};
 use super::grpc;
 use super::state::Shared;
+use super::tls::TlsState;
+use super::upstream::EndpointIo;
 use crate::balance::{Endpoint, HealthFlag, OutlierDetector, OutlierEvent};
 
 /// How often the outlier sweep runs and the probe supervisor looks for changes.
@@ -46,7 +47,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             generation = rt.generation;
             detector.set_config(rt.config.outlier_config());
             let settings = rt.config.health_check.active.clone().zip(rt.config.probe().ok().flatten());
-            probes.follow(&rt.set, settings);
+            probes.follow(&rt.set, settings, &shared.tls);
         }
         if last_prune.elapsed() >= PRUNE_INTERVAL {
             last_prune = std::time::Instant::now();
@@ -80,7 +81,12 @@ struct Probes {
 }
 
 impl Probes {
-    fn follow(&mut self, set: &crate::balance::EndpointSet, settings: Option<(ActiveCheck, Probe)>) {
+    fn follow(
+        &mut self,
+        set: &crate::balance::EndpointSet,
+        settings: Option<(ActiveCheck, Probe)>,
+        tls: &Arc<TlsState>,
+    ) {
         if settings != self.settings {
             for (_, t) in self.tasks.drain() {
                 t.abort();
@@ -103,7 +109,7 @@ impl Probes {
             let e = m.endpoint();
             self.tasks
                 .entry(e.addr())
-                .or_insert_with(|| tokio::spawn(probe_loop(e.clone(), check.clone(), probe.clone())));
+                .or_insert_with(|| tokio::spawn(probe_loop(e.clone(), check.clone(), probe.clone(), tls.clone())));
         }
     }
 }
@@ -118,7 +124,7 @@ impl Drop for Probes {
 
 /// Probes one endpoint forever: down after `unhealthyThreshold` consecutive
 /// failures, up again after `healthyThreshold` consecutive successes.
-async fn probe_loop(endpoint: Arc<Endpoint>, check: ActiveCheck, probe: Probe) {
+async fn probe_loop(endpoint: Arc<Endpoint>, check: ActiveCheck, probe: Probe, tls: Arc<TlsState>) {
     // Spread the probes of many endpoints over the interval.
     let jitter = check.interval.0.mul_f64(fastrand::f64() * 0.1);
     tokio::time::sleep(jitter).await;
@@ -127,7 +133,8 @@ async fn probe_loop(endpoint: Arc<Endpoint>, check: ActiveCheck, probe: Probe) {
     let (mut ok_run, mut fail_run) = (0u32, 0u32);
     loop {
         tick.tick().await;
-        let ok = tokio::time::timeout(check.timeout.0, probe_once(endpoint.addr(), &probe)).await.unwrap_or(false);
+        let ok =
+            tokio::time::timeout(check.timeout.0, probe_once(endpoint.addr(), &probe, &tls)).await.unwrap_or(false);
         if ok {
             ok_run += 1;
             fail_run = 0;
@@ -145,9 +152,11 @@ async fn probe_loop(endpoint: Arc<Endpoint>, check: ActiveCheck, probe: Probe) {
 }
 
 /// One probe: a TCP connect, an HTTP GET on a fresh connection expecting
-/// 2xx, or a gRPC health check expecting `SERVING`.
-async fn probe_once(addr: SocketAddr, probe: &Probe) -> bool {
-    let Ok(stream) = TcpStream::connect(addr).await else { return false };
+/// 2xx, or a gRPC health check expecting `SERVING`; over TLS when the
+/// endpoints are reached over TLS (the handshake itself is then part of
+/// every probe, a TCP one included).
+async fn probe_once(addr: SocketAddr, probe: &Probe, tls: &TlsState) -> bool {
+    let Ok(stream) = EndpointIo::connect(addr, tls.endpoint().as_deref()).await else { return false };
     let path = match probe {
         Probe::Tcp => return true,
         Probe::Http(path) => path,
@@ -175,7 +184,7 @@ const MAX_PROBE_BODY: usize = 4096;
 
 /// `grpc.health.v1.Health/Check` over a fresh HTTP/2 connection: passes when
 /// the call ends with `grpc-status: 0` and the answer is `SERVING`.
-async fn grpc_probe(addr: SocketAddr, stream: TcpStream, service: &str) -> bool {
+async fn grpc_probe(addr: SocketAddr, stream: EndpointIo, service: &str) -> bool {
     let handshake = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
         .handshake::<_, Full<Bytes>>(TokioIo::new(stream))
         .await;

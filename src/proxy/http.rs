@@ -31,6 +31,7 @@ use super::conn::StreamClock;
 use super::metrics::{NO_RESPONSE, class_of};
 use super::replay::{ReplayError, Replayable};
 use super::state::{Runtime, Shared};
+use super::tls::ClientCert;
 use super::upstream::{ConnSettings, Lease, UpstreamError};
 use super::{forwarding, grpc, tracks, upgrade};
 use crate::balance::{self, AffinityToken, Outcome, Pick, hash_key};
@@ -178,14 +179,26 @@ pub(crate) struct Peer {
     pub(crate) addr: SocketAddr,
     /// The client IP, formatted once per connection for `x-forwarded-for`.
     pub(crate) ip_header: HeaderValue,
+    /// Whether the connection is TLS the proxy terminated.
+    pub(crate) https: bool,
+    /// The client's verified certificate, on a terminated connection.
+    pub(crate) cert: Option<Arc<ClientCert>>,
 }
 
 impl Peer {
     pub(crate) fn new(addr: SocketAddr) -> Self {
         let ip_header = HeaderValue::from_str(&addr.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
-        Peer { addr, ip_header }
+        Peer { addr, ip_header, https: false, cert: None }
+    }
+
+    /// A client on a TLS connection the proxy terminated.
+    pub(crate) fn tls(addr: SocketAddr, cert: Option<ClientCert>) -> Self {
+        Peer { https: true, cert: cert.map(Arc::new), ..Peer::new(addr) }
     }
 }
+
+/// The header carrying the client certificate to the endpoint (Envoy's).
+static X_FORWARDED_CLIENT_CERT: header::HeaderName = header::HeaderName::from_static("x-forwarded-client-cert");
 
 /// Serves one client request.
 ///
@@ -251,7 +264,7 @@ async fn forward(
         .as_ref()
         .and_then(|a| cookie(&parts.headers, &a.cookie))
         .and_then(|v| v.parse::<AffinityToken>().ok());
-    let hash_source = rt.hash.as_ref().map(|key| request_hash_input(key, &parts.headers));
+    let hash_source = rt.hash.as_ref().map(|key| request_hash_input(key, &parts.headers, peer));
     let client_ip = prepare_request(&mut parts, peer, &rt.trusted, http2);
     let hash = hash_source.and_then(|h| h.resolve(client_ip));
     if let Some(value) = &upgrade {
@@ -440,8 +453,9 @@ impl HashInput {
     }
 }
 
-fn request_hash_input(key: &HashKey, headers: &HeaderMap) -> HashInput {
+fn request_hash_input(key: &HashKey, headers: &HeaderMap, peer: &Peer) -> HashInput {
     let found = match key {
+        HashKey::ClientCertificate => peer.cert.as_ref().map(|c| c.subject_hash),
         HashKey::SourceIp => return HashInput::ClientIp,
         HashKey::Header(name) => headers.get(name).map(|v| hash_key(v.as_bytes())),
         HashKey::Cookie(name) => cookie(headers, name).map(|v| hash_key(v.as_bytes())),
@@ -508,8 +522,9 @@ fn accepts_trailers(headers: &HeaderMap) -> bool {
 
 /// Rewrites a client request for an endpoint: hop-by-hop headers removed
 /// (`TE: trailers` kept), `Host` kept (taken from the URI for HTTP/2
-/// clients), the forwarding headers set ([`forwarding`]). Returns the
-/// client's address.
+/// clients), the forwarding headers set ([`forwarding`]), and
+/// `X-Forwarded-Client-Cert` set from a verified client certificate only
+/// (a client's own is always removed). Returns the client's address.
 fn prepare_request(
     parts: &mut http::request::Parts,
     peer: &Peer,
@@ -529,6 +544,10 @@ fn prepare_request(
         headers.insert(header::HOST, v);
     }
     parts.version = if http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    headers.remove(&X_FORWARDED_CLIENT_CERT);
+    if let Some(cert) = &peer.cert {
+        headers.insert(X_FORWARDED_CLIENT_CERT.clone(), cert.xfcc.clone());
+    }
     forwarding::apply(headers, peer, trusted)
 }
 

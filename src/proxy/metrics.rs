@@ -233,6 +233,16 @@ pub struct Metrics {
     /// Upgraded connections (WebSocket) open now.
     pub(crate) tunnels: Tunnels,
     source: SourceMetrics,
+    tls_handshakes: Family<ResultLabel, Counter>,
+    tls_connections: Family<TlsLabel, Counter>,
+    tls_reloads: Family<ResultLabel, Counter>,
+    tls_expiry: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TlsLabel {
+    version: &'static str,
+    alpn: &'static str,
 }
 
 impl Metrics {
@@ -299,8 +309,37 @@ impl Metrics {
             "Failed watches of the API server, by resource; the last known configuration and endpoints stay in force",
             source.watch_errors.clone(),
         );
+        let tls_handshakes = Family::default();
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes of client connections by result: ok, or why they failed (timeout, closed, \
+             no_client_certificate, bad_client_certificate, alert_received, incompatible, protocol_error, error)",
+            tls_handshakes.clone(),
+        );
+        let tls_connections = Family::default();
+        registry.register(
+            "tls_connections",
+            "Client connections that completed a TLS handshake, by TLS version and negotiated ALPN protocol",
+            tls_connections.clone(),
+        );
+        let tls_reloads = Family::default();
+        registry.register(
+            "tls_reloads",
+            "Changed TLS certificate, key or CA files: applied, or refused (the last good set stays)",
+            tls_reloads.clone(),
+        );
+        let tls_expiry = Gauge::default();
+        registry.register(
+            "tls_certificate_expiry_seconds",
+            "Seconds until the earliest certificate the listener presents expires (negative once expired)",
+            tls_expiry.clone(),
+        );
         registry.register_collector(Box::new(EndpointCollector { current }));
         Metrics {
+            tls_handshakes,
+            tls_connections,
+            tls_reloads,
+            tls_expiry,
             registry,
             active_connections,
             connections,
@@ -345,6 +384,24 @@ impl Metrics {
     pub(crate) fn retry(&self, sent: bool) {
         let result = if sent { "sent" } else { "budget_exhausted" };
         self.retries.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    pub(crate) fn tls_handshake(&self, result: &'static str) {
+        self.tls_handshakes.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    pub(crate) fn tls_connection(&self, version: &'static str, alpn: &'static str) {
+        self.tls_connections.get_or_create(&TlsLabel { version, alpn }).inc();
+    }
+
+    pub(crate) fn tls_reload(&self, applied: bool) {
+        self.tls_reloads.get_or_create(&ResultLabel { result: if applied { "applied" } else { "refused" } }).inc();
+    }
+
+    pub(crate) fn tls_expiry(&self, seconds: Option<i64>) {
+        if let Some(s) = seconds {
+            self.tls_expiry.set(s);
+        }
     }
 
     /// Counts a configuration reload attempt.

@@ -19,6 +19,7 @@ mod retry;
 pub mod server;
 mod state;
 mod tcp;
+pub mod tls;
 pub mod tracks;
 mod upgrade;
 mod upstream;

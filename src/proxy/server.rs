@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use super::config::{Protocol, ProxyConfig};
 use super::state::{ApplyError, Shared};
-use super::{admin, conn, health, http, tcp};
+use super::{admin, conn, health, http, tcp, tls};
 use crate::discovery::{Snapshot, SourceMetrics};
 use crate::small_http;
 
@@ -108,6 +108,7 @@ impl Proxy {
         let mut background = JoinSet::new();
         background.spawn(health::run(shared.clone()));
         background.spawn(apply_updates(shared.clone(), updates));
+        background.spawn(tls::watch(shared.clone()));
         if let Some(admin) = admin {
             background.spawn(serve_admin(shared.clone(), admin));
         }
@@ -362,23 +363,76 @@ async fn accept_http(
     .await;
 }
 
-/// One HTTP client connection, from protocol detection to its close, under
-/// the watchdog of [`conn`].
+/// One HTTP client connection: the TLS handshake when the listener
+/// terminates TLS, then [`serve_http_io`]. The handshake and the protocol
+/// detection share the `timeouts.header` budget.
 async fn serve_http_connection(
     shared: &Arc<Shared>,
     builder: &auto::Builder<TokioExecutor>,
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     limits: conn::Limits,
     graceful: &CancellationToken,
 ) {
-    let Some((prefix, http1)) = conn::detect(&mut stream, limits.header).await else {
+    let Some(config) = shared.tls.server() else {
+        return serve_http_io(shared, builder, stream, http::Peer::new(peer), limits.header, limits, graceful).await;
+    };
+    let started = std::time::Instant::now();
+    let handshake = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+    let stream = match tokio::time::timeout(limits.header, handshake).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let reason = tls::failure_reason(&e);
+            tracing::debug!(%peer, error = %e, reason, "TLS handshake failed");
+            shared.metrics.tls_handshake(reason);
+            return;
+        }
+        Err(_) => {
+            shared.metrics.tls_handshake("timeout");
+            shared.metrics.timed_out("header");
+            return;
+        }
+    };
+    shared.metrics.tls_handshake("ok");
+    let (_, session) = stream.get_ref();
+    let version = match session.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+        _ => "other",
+    };
+    let alpn = match session.alpn_protocol() {
+        Some(b"h2") => "h2",
+        Some(b"http/1.1") => "http/1.1",
+        Some(_) => "other",
+        None => "none",
+    };
+    shared.metrics.tls_connection(version, alpn);
+    let cert = session.peer_certificates().and_then(|c| c.first()).and_then(|c| tls::ClientCert::from_der(c));
+    let left = limits.header.saturating_sub(started.elapsed());
+    serve_http_io(shared, builder, stream, http::Peer::tls(peer, cert), left, limits, graceful).await;
+}
+
+/// One HTTP client connection (cleartext or after TLS), from protocol
+/// detection (within `detect_within`) to its close, under the watchdog of
+/// [`conn`].
+async fn serve_http_io<S>(
+    shared: &Arc<Shared>,
+    builder: &auto::Builder<TokioExecutor>,
+    mut stream: S,
+    client: http::Peer,
+    detect_within: Duration,
+    limits: conn::Limits,
+    graceful: &CancellationToken,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = client.addr;
+    let Some((prefix, http1)) = conn::detect(&mut stream, detect_within).await else {
         shared.metrics.timed_out("header");
         return;
     };
     let activity = conn::Activity::new();
     let io = TokioIo::new(conn::ClientIo::new(stream, prefix, http1, activity.clone()));
-    let client = http::Peer::new(peer);
     let svc_shared = shared.clone();
     let svc_activity = activity.clone();
     let svc = service_fn(move |req| {

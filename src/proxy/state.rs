@@ -16,6 +16,7 @@ use std::sync::{Arc, Weak};
 use super::config::{HashKey, ProxyConfig};
 use super::metrics::Metrics;
 use super::retry::RetryBudget;
+use super::tls::TlsState;
 use super::tracks::TrackStats;
 use super::upstream::{self, Upstream};
 use crate::balance::{
@@ -66,6 +67,9 @@ pub enum ApplyError {
     /// The endpoint list cannot form a set.
     #[error("endpoints: {0}")]
     Endpoints(#[from] SetError),
+    /// A TLS file cannot be read or used.
+    #[error(transparent)]
+    Tls(#[from] super::tls::TlsError),
 }
 
 /// State shared by every task of one proxy.
@@ -83,6 +87,8 @@ pub struct Shared {
     pub(crate) open_connections: std::sync::atomic::AtomicUsize,
     /// Wakes the workers' accept loops when a connection closes.
     pub(crate) connection_closed: tokio::sync::Notify,
+    /// The TLS material in use.
+    pub(crate) tls: Arc<TlsState>,
     /// Identifies this proxy's balancers in each thread's table.
     token: Arc<()>,
     next_generation: AtomicU64,
@@ -103,12 +109,13 @@ impl Shared {
     /// State serving `snapshot`, exporting the discovery source's `metrics` with its own.
     pub fn with_source_metrics(snapshot: &Snapshot, source: SourceMetrics) -> Result<Arc<Self>, ApplyError> {
         snapshot.config.validate()?;
+        let tls = Arc::new(TlsState::load(&snapshot.config)?);
         let set = EndpointSet::new(
             Arc::new(SystemClock::new()),
             EwmaConfig::default(),
             snapshot.targets.iter().map(|t| t.spec.clone()),
         )?;
-        let rt = build_runtime(1, snapshot, Arc::new(set), None)?;
+        let rt = build_runtime(1, snapshot, Arc::new(set), None, &tls)?;
         let budget = RetryBudget::new(snapshot.config.retries.budget_percent);
         let current = Arc::new(ArcSwap::from_pointee(rt));
         Ok(Arc::new(Shared {
@@ -119,6 +126,7 @@ impl Shared {
             sweep_now: tokio::sync::Notify::new(),
             open_connections: std::sync::atomic::AtomicUsize::new(0),
             connection_closed: tokio::sync::Notify::new(),
+            tls,
             token: Arc::new(()),
             next_generation: AtomicU64::new(2),
         }))
@@ -155,9 +163,16 @@ impl Shared {
         config.protocol = old.config.protocol;
         config.workers = old.config.workers;
         let set = Arc::new(old.set.update(snapshot.targets.iter().map(|t| t.spec.clone()))?);
+        if config.tls != old.config.tls
+            || config.endpoint_tls != old.config.endpoint_tls
+            || config.app_protocol != old.config.app_protocol
+        {
+            // New TLS settings: their files must load, or the snapshot is refused.
+            self.tls.replace(&config)?;
+        }
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         let snapshot = Snapshot { config: Arc::new(config), targets: snapshot.targets.clone() };
-        let rt = build_runtime(generation, &snapshot, set, Some(&old))?;
+        let rt = build_runtime(generation, &snapshot, set, Some(&old), &self.tls)?;
         self.retry_budget.set_percent(snapshot.config.retries.budget_percent);
         self.current.store(Arc::new(rt));
         Ok(())
@@ -223,6 +238,7 @@ fn build_runtime(
     snapshot: &Snapshot,
     set: Arc<EndpointSet>,
     old: Option<&Runtime>,
+    tls: &Arc<TlsState>,
 ) -> Result<Runtime, ApplyError> {
     let config = snapshot.config.clone();
     for t in &snapshot.targets {
@@ -244,7 +260,7 @@ fn build_runtime(
     };
     let endpoints = set.members().iter().map(|m| (m.endpoint().addr(), track_of(m)));
     let http2 = config.app_protocol.is_http2();
-    let upstreams = upstream::carry(old.map(|o| &o.upstreams), endpoints, config.worker_count(), http2);
+    let upstreams = upstream::carry(old.map(|o| &o.upstreams), endpoints, config.worker_count(), http2, tls);
     let affinity = config.load_balancing.session_affinity.as_ref().map(|a| Affinity {
         cookie: a.cookie.clone(),
         attributes: format!("; Max-Age={}; Path=/; HttpOnly; SameSite=Lax", a.ttl.0.as_secs().max(1)),

@@ -40,6 +40,8 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use super::tls::{EndpointConnector, TlsState};
+
 use super::http::UpstreamBody;
 use super::metrics::EndpointStats;
 use super::tracks::TrackStats;
@@ -87,6 +89,10 @@ pub(crate) struct Upstream {
     warned: AtomicBool,
     /// Connections open and requests waiting for one.
     capacity: Arc<Capacity>,
+    /// The TLS material (new connections use the current set).
+    tls: Arc<TlsState>,
+    /// Whether connections to the endpoint use TLS.
+    tls_enabled: bool,
 }
 
 /// The connections open to an endpoint over all workers, and the requests
@@ -299,7 +305,13 @@ pub(crate) struct ConnSettings {
 }
 
 impl Upstream {
-    pub(crate) fn new(addr: SocketAddr, workers: usize, http2: bool, track: Arc<TrackStats>) -> Self {
+    pub(crate) fn new(
+        addr: SocketAddr,
+        workers: usize,
+        http2: bool,
+        track: Arc<TrackStats>,
+        tls: Arc<TlsState>,
+    ) -> Self {
         let label = addr.to_string();
         // A socket address always formats as a valid authority.
         let authority = label.parse().unwrap_or_else(|_| http::uri::Authority::from_static("invalid"));
@@ -319,6 +331,8 @@ impl Upstream {
             h2_opening,
             warned: AtomicBool::new(false),
             capacity: Arc::default(),
+            tls_enabled: tls.endpoint().is_some(),
+            tls,
         }
     }
 
@@ -379,14 +393,13 @@ impl Upstream {
         }
     }
 
-    async fn tcp(&self, timeout: Duration) -> Result<TokioIo<TcpStream>, UpstreamError> {
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(self.addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(UpstreamError::Connect(e)),
-            Err(_) => return Err(UpstreamError::Connect(std::io::ErrorKind::TimedOut.into())),
-        };
-        let _ = stream.set_nodelay(true);
-        Ok(TokioIo::new(stream))
+    /// A new connection to the endpoint (TLS when configured), within `timeout`.
+    async fn open(&self, timeout: Duration) -> Result<EndpointIo, UpstreamError> {
+        match tokio::time::timeout(timeout, EndpointIo::connect(self.addr, self.tls.endpoint().as_deref())).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(UpstreamError::Connect(e)),
+            Err(_) => Err(UpstreamError::Connect(std::io::ErrorKind::TimedOut.into())),
+        }
     }
 
     /// A pooled connection (and `true`), or a new one while fewer than
@@ -427,7 +440,7 @@ impl Upstream {
         timeout: Duration,
         slot: OpenConn,
     ) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
-        let io = self.tcp(timeout).await?;
+        let io = TokioIo::new(self.open(timeout).await?);
         let (sender, conn) =
             http1::Builder::new().handshake(io).await.map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;
         tokio::spawn(async move {
@@ -554,12 +567,7 @@ impl Upstream {
         settings: ConnSettings,
         slot: OpenConn,
     ) -> Result<(http2::SendRequest<UpstreamBody>, Arc<H2State>), UpstreamError> {
-        let stream = match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(self.addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(UpstreamError::Connect(e)),
-            Err(_) => return Err(UpstreamError::Connect(std::io::ErrorKind::TimedOut.into())),
-        };
-        let _ = stream.set_nodelay(true);
+        let stream = self.open(settings.connect_timeout).await?;
         let state = Arc::new(H2State {
             streams: AtomicUsize::new(0),
             opened: AtomicU64::new(0),
@@ -638,7 +646,7 @@ impl Upstream {
 /// first stream is placed on it. Anything else there (an HTTP/1.1 answer)
 /// settles the connection too; the codec then fails it.
 struct PrefaceTap {
-    io: TcpStream,
+    io: EndpointIo,
     state: Arc<H2State>,
     /// The bytes of the first frame read so far; `None` once it is parsed.
     head: Option<Vec<u8>>,
@@ -752,13 +760,96 @@ pub(crate) fn carry(
     endpoints: impl Iterator<Item = (SocketAddr, Arc<TrackStats>)>,
     workers: usize,
     http2: bool,
+    tls: &Arc<TlsState>,
 ) -> std::collections::HashMap<SocketAddr, Arc<Upstream>> {
+    // Pools of plaintext connections are not reused for TLS, nor the reverse.
+    let tls_enabled = tls.endpoint().is_some();
     endpoints
         .map(|(a, track)| {
             let u = previous
-                .and_then(|p| p.get(&a).filter(|u| u.http2 == http2 && Arc::ptr_eq(&u.track, &track)).cloned())
-                .unwrap_or_else(|| Arc::new(Upstream::new(a, workers, http2, track)));
+                .and_then(|p| {
+                    p.get(&a)
+                        .filter(|u| u.http2 == http2 && u.tls_enabled == tls_enabled && Arc::ptr_eq(&u.track, &track))
+                        .cloned()
+                })
+                .unwrap_or_else(|| Arc::new(Upstream::new(a, workers, http2, track, tls.clone())));
             (a, u)
         })
         .collect()
+}
+
+/// A connection to an endpoint: plain TCP, or TLS over it.
+pub(crate) enum EndpointIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl EndpointIo {
+    /// Connects to `addr`, with TLS when `tls` is given.
+    pub(crate) async fn connect(addr: SocketAddr, tls: Option<&EndpointConnector>) -> std::io::Result<EndpointIo> {
+        let tcp = TcpStream::connect(addr).await?;
+        let _ = tcp.set_nodelay(true);
+        match tls {
+            Some(c) => Ok(EndpointIo::Tls(Box::new(c.connect(addr.ip(), tcp).await?))),
+            None => Ok(EndpointIo::Plain(tcp)),
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for EndpointIo {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            EndpointIo::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            EndpointIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for EndpointIo {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            EndpointIo::Plain(s) => std::pin::Pin::new(s).poll_write(cx, data),
+            EndpointIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, data),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            EndpointIo::Plain(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+            EndpointIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            EndpointIo::Plain(s) => s.is_write_vectored(),
+            EndpointIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            EndpointIo::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            EndpointIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            EndpointIo::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            EndpointIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }

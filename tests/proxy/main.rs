@@ -14,5 +14,6 @@ mod process;
 mod reload;
 mod support;
 mod tcp;
+mod tls;
 mod tracks;
 mod websocket;
