@@ -67,7 +67,19 @@ pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h))+$";
     validation = Rule::new("self.proxy.mode == 'Dedicated' || !has(self.proxy.replicas)")
         .message("proxy.replicas applies only to proxy.mode Dedicated (in Sidecar mode there is one proxy per app replica)")
         .reason(Reason::FieldValueForbidden)
-        .field_path(".proxy.replicas")
+        .field_path(".proxy.replicas"),
+    validation = Rule::new("!has(self.tls) || self.protocol == 'HTTP'")
+        .message("tls terminates HTTP only; with protocol TCP the proxy passes TLS through to the replicas")
+        .reason(Reason::FieldValueForbidden)
+        .field_path(".tls"),
+    validation = Rule::new("!has(self.endpointTls) || self.protocol == 'HTTP'")
+        .message("endpointTls needs protocol HTTP; with protocol TCP the proxy passes TLS through to the replicas")
+        .reason(Reason::FieldValueForbidden)
+        .field_path(".endpointTls"),
+    validation = Rule::new("!has(self.loadBalancing.hashOn) || !has(self.loadBalancing.hashOn.clientCertificate) || !self.loadBalancing.hashOn.clientCertificate || (has(self.tls) && has(self.tls.clientAuth))")
+        .message("loadBalancing.hashOn.clientCertificate needs tls.clientAuth (verified client certificates)")
+        .reason(Reason::FieldValueForbidden)
+        .field_path(".loadBalancing.hashOn.clientCertificate")
 )]
 pub struct LoadBalancedAppSpec {
     /// Number of app replicas (pods of the stable track).
@@ -148,6 +160,95 @@ pub struct LoadBalancedAppSpec {
     /// Disruption budget and spreading of replicas.
     #[serde(default)]
     pub availability: Availability,
+    /// TLS termination at the proxy: the certificates come from
+    /// kubernetes.io/tls Secrets the operator mounts into the proxy
+    /// containers (it never reads them); a renewed Secret reaches new
+    /// handshakes without a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
+    /// TLS from the proxy to the app's replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_tls: Option<EndpointTls>,
+}
+
+/// TLS termination at the proxy.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Tls {
+    /// A kubernetes.io/tls Secret (tls.crt, tls.key) in the app's namespace:
+    /// the default certificate.
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
+    /// More kubernetes.io/tls Secrets, each served when the client's SNI
+    /// matches one of its certificate's DNS names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub sni_secret_names: Vec<String>,
+    /// The lowest TLS version accepted: "1.2" (TLS 1.2 and 1.3) or "1.3".
+    #[serde(default)]
+    pub min_version: TlsVersion,
+    /// Mutual TLS: client certificates must chain to the CA bundle under
+    /// ca.crt of this Secret; the verified certificate reaches the replicas
+    /// as X-Forwarded-Client-Cert.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// A TLS protocol version.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3.
+    #[default]
+    #[serde(rename = "1.2")]
+    V1_2,
+    /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
+    V1_3,
+}
+
+/// Verification of client certificates.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientAuth {
+    /// A Secret with the CA bundle under ca.crt (cert-manager's CA Secrets have it).
+    #[schemars(length(min = 1, max = 253))]
+    pub ca_secret_name: String,
+    /// Refuse clients without a certificate; false: verify one if presented.
+    #[serde(default = "yes")]
+    pub required: bool,
+}
+
+/// TLS from the proxy to the replicas.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    "(has(self.caConfigMapName) ? 1 : 0) + (has(self.caSecretName) ? 1 : 0) == (has(self.insecureSkipVerify) && self.insecureSkipVerify ? 0 : 1)"
+).message("set one of caConfigMapName or caSecretName to verify the replicas' certificates, or neither with insecureSkipVerify: true").reason(Reason::FieldValueInvalid))]
+pub struct EndpointTls {
+    /// A ConfigMap with the CA bundle under ca.crt that the replicas'
+    /// certificates must chain to (e.g. kube-root-ca.crt, or one cert-manager's
+    /// trust-manager fills).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub ca_config_map_name: Option<String>,
+    /// A Secret with the CA bundle under ca.crt, instead of a ConfigMap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub ca_secret_name: Option<String>,
+    /// The name sent as SNI and verified in the replicas' certificates;
+    /// unset: each replica's IP address, which its certificate must carry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub server_name: Option<String>,
+    /// A kubernetes.io/tls Secret with the client certificate the proxy
+    /// presents to replicas that require mutual TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub client_certificate_secret_name: Option<String>,
+    /// Accept any certificate from the replicas: encrypted but not
+    /// authenticated, open to whoever can intercept the traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub insecure_skip_verify: Option<bool>,
 }
 
 fn default_replicas() -> i32 {
@@ -477,8 +578,8 @@ pub enum Algorithm {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new(
-    "(has(self.sourceIP) && self.sourceIP ? 1 : 0) + (has(self.header) ? 1 : 0) + (has(self.cookie) ? 1 : 0) == 1"
-).message("set exactly one of sourceIP: true, header or cookie").reason(Reason::FieldValueInvalid))]
+    "(has(self.sourceIP) && self.sourceIP ? 1 : 0) + (has(self.header) ? 1 : 0) + (has(self.cookie) ? 1 : 0) + (has(self.clientCertificate) && self.clientCertificate ? 1 : 0) == 1"
+).message("set exactly one of sourceIP: true, header, cookie or clientCertificate: true").reason(Reason::FieldValueInvalid))]
 pub struct HashOn {
     /// Hash the client's IP address.
     #[serde(default, rename = "sourceIP", skip_serializing_if = "Option::is_none")]
@@ -491,6 +592,9 @@ pub struct HashOn {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"))]
     pub cookie: Option<String>,
+    /// Hash the subject of the client's verified TLS certificate (needs tls.clientAuth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate: Option<bool>,
 }
 
 /// Cookie-based session affinity.

@@ -28,6 +28,14 @@ pub const PROXY_CONTAINER: &str = "fulcrum-proxy";
 pub const PROXY_TOKEN_VOLUME: &str = "fulcrum-proxy-token";
 /// Where a pod's API credentials are mounted, and where the proxy's client looks for them.
 const TOKEN_MOUNT_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+/// Where the proxy's TLS Secrets are mounted: `TLS_DIR/0` the default
+/// certificate, `TLS_DIR/1`… the SNI ones, `TLS_DIR/client-ca` the client CA.
+pub const TLS_DIR: &str = "/etc/fulcrum/tls";
+/// Where the endpoints' CA (`ENDPOINT_TLS_DIR/ca`) and the proxy's client
+/// certificate for them (`ENDPOINT_TLS_DIR/client`) are mounted.
+pub const ENDPOINT_TLS_DIR: &str = "/etc/fulcrum/endpoint-tls";
+/// Prefix of the names of the pod volumes the proxy uses.
+const PROXY_VOLUME_PREFIX: &str = "fulcrum-";
 /// Key of the proxy configuration in its ConfigMap.
 pub const CONFIG_KEY: &str = "proxy.yaml";
 /// Label selector of every object the operator owns (their `app.kubernetes.io/managed-by`).
@@ -104,7 +112,10 @@ pub fn desired(app: &LoadBalancedApp, settings: &Settings) -> Result<Desired, In
     let plan = super::rollout::plan(spec, app.status.as_ref().and_then(|s| s.rollout.as_ref()));
     let config = proxy_config(spec, plan.canary.map(|(_, _, weight)| weight))?;
     let image = spec.proxy.image.clone().unwrap_or_else(|| settings.proxy_image.clone());
-    let proxy_container = proxy_container(&name, &image, spec.proxy.resources.as_ref())?;
+    let volumes = proxy_volumes(spec);
+    let mounts: Vec<Value> = volumes.iter().map(|(_, m)| m.clone()).collect();
+    let volumes: Vec<Value> = volumes.into_iter().map(|(v, _)| v).collect();
+    let proxy_container = proxy_container(&name, &image, spec.proxy.resources.as_ref(), mounts)?;
     let meta = |obj_name: &str, component: &str| {
         json!({
             "name": obj_name,
@@ -139,7 +150,7 @@ pub fn desired(app: &LoadBalancedApp, settings: &Settings) -> Result<Desired, In
     }
     let app_deployment = |dep_name: &str, track: &str, replicas: i32, template: &PodTemplateSpec| {
         let own_account = sidecar && pod_sa(template).is_none();
-        let mut template = pod_template(template, &name, track, sidecar.then_some(&proxy_container))?;
+        let mut template = pod_template(template, &name, track, sidecar.then_some((&proxy_container, &volumes[..])))?;
         if own_account {
             template["spec"]["serviceAccountName"] = json!(n.proxy());
             // The app named no account, so it gets no token of the proxy's:
@@ -237,7 +248,7 @@ pub fn desired(app: &LoadBalancedApp, settings: &Settings) -> Result<Desired, In
                         "spec": {
                             "serviceAccountName": n.proxy(),
                             "automountServiceAccountToken": false,
-                            "volumes": [proxy_token_volume()],
+                            "volumes": volumes,
                             "securityContext": pod_security(),
                             "containers": [proxy_container],
                             "topologySpreadConstraints": spread(&[(APP_LABEL, &name), (COMPONENT_LABEL, "proxy")]),
@@ -351,6 +362,45 @@ fn owner_json(o: &OwnerReference) -> Value {
 /// pod: a bound ServiceAccount token, the cluster's CA and the namespace. The
 /// proxy gets them even when the pod or its account turns automounting off,
 /// and the app's containers get none of them.
+/// The proxy's volumes and their mounts: its API credentials, and the
+/// Secrets and ConfigMaps `spec.tls` and `spec.endpointTls` name, mounted
+/// whole and read-only (never a `subPath`, which the kubelet does not update:
+/// a renewed Secret reaches the files, and the proxy reloads them).
+fn proxy_volumes(spec: &crate::api::LoadBalancedAppSpec) -> Vec<(Value, Value)> {
+    let mount = |name: &str, path: &str| json!({"name": name, "mountPath": path, "readOnly": true});
+    let secret = |volume: &str, secret: &str| json!({"name": volume, "secret": {"secretName": secret}});
+    let mut out = vec![(proxy_token_volume(), mount(PROXY_TOKEN_VOLUME, TOKEN_MOUNT_PATH))];
+    if let Some(tls) = &spec.tls {
+        for (i, name) in std::iter::once(&tls.secret_name).chain(&tls.sni_secret_names).enumerate() {
+            let volume = format!("fulcrum-tls-{i}");
+            out.push((secret(&volume, name), mount(&volume, &format!("{TLS_DIR}/{i}"))));
+        }
+        if let Some(ca) = &tls.client_auth {
+            out.push((
+                secret("fulcrum-tls-client-ca", &ca.ca_secret_name),
+                mount("fulcrum-tls-client-ca", &format!("{TLS_DIR}/client-ca")),
+            ));
+        }
+    }
+    if let Some(e) = &spec.endpoint_tls {
+        let ca = match (&e.ca_config_map_name, &e.ca_secret_name) {
+            (Some(cm), _) => Some(json!({"name": "fulcrum-endpoint-ca", "configMap": {"name": cm}})),
+            (None, Some(s)) => Some(secret("fulcrum-endpoint-ca", s)),
+            (None, None) => None,
+        };
+        if let Some(ca) = ca {
+            out.push((ca, mount("fulcrum-endpoint-ca", &format!("{ENDPOINT_TLS_DIR}/ca"))));
+        }
+        if let Some(client) = &e.client_certificate_secret_name {
+            out.push((
+                secret("fulcrum-endpoint-client", client),
+                mount("fulcrum-endpoint-client", &format!("{ENDPOINT_TLS_DIR}/client")),
+            ));
+        }
+    }
+    out
+}
+
 fn proxy_token_volume() -> Value {
     json!({
         "name": PROXY_TOKEN_VOLUME,
@@ -413,6 +463,7 @@ fn proxy_container(
     app: &str,
     image: &str,
     resources: Option<&k8s_openapi::api::core::v1::ResourceRequirements>,
+    mounts: Vec<Value>,
 ) -> Result<Container, InvalidSpec> {
     let resources = match resources {
         Some(r) => serde_json::to_value(r).map_err(|e| InvalidSpec(e.to_string()))?,
@@ -449,7 +500,7 @@ fn proxy_container(
             "readinessProbe": {"httpGet": {"path": "/readyz", "port": ADMIN_PORT}, "periodSeconds": 2, "failureThreshold": 2},
             "livenessProbe": {"httpGet": {"path": "/healthz", "port": ADMIN_PORT}, "periodSeconds": 10, "failureThreshold": 3},
             "resources": resources,
-            "volumeMounts": [{"name": PROXY_TOKEN_VOLUME, "mountPath": TOKEN_MOUNT_PATH, "readOnly": true}],
+            "volumeMounts": mounts,
             "securityContext": {
                 "runAsNonRoot": true,
                 "runAsUser": 65532,
@@ -468,7 +519,7 @@ fn pod_template(
     template: &PodTemplateSpec,
     app: &str,
     track: &str,
-    sidecar: Option<&Container>,
+    sidecar: Option<(&Container, &[Value])>,
 ) -> Result<Value, InvalidSpec> {
     let mut t = serde_json::to_value(template).map_err(|e| InvalidSpec(e.to_string()))?;
     if !t["metadata"].is_object() {
@@ -485,7 +536,7 @@ fn pod_template(
     if containers.is_empty() {
         return Err(InvalidSpec("spec.template.spec.containers: at least one container is required".into()));
     }
-    let Some(proxy) = sidecar else { return Ok(t) };
+    let Some((proxy, volumes)) = sidecar else { return Ok(t) };
     for list in ["containers", "initContainers"] {
         if t["spec"][list].as_array().is_some_and(|cs| cs.iter().any(|c| c["name"] == PROXY_CONTAINER)) {
             return Err(InvalidSpec(format!(
@@ -493,10 +544,15 @@ fn pod_template(
             )));
         }
     }
-    if t["spec"]["volumes"].as_array().is_some_and(|vs| vs.iter().any(|v| v["name"] == PROXY_TOKEN_VOLUME)) {
-        return Err(InvalidSpec(format!(
-            "spec.template.spec.volumes: the name {PROXY_TOKEN_VOLUME:?} is reserved for the proxy"
-        )));
+    for v in t["spec"]["volumes"].as_array().into_iter().flatten() {
+        if let Some(name) = v["name"].as_str()
+            && volumes.iter().any(|ours| ours["name"] == name)
+        {
+            return Err(InvalidSpec(format!(
+                "spec.template.spec.volumes: the name {name:?} is reserved for the proxy \
+                 (volumes named {PROXY_VOLUME_PREFIX}… are the proxy's)"
+            )));
+        }
     }
     // A native sidecar (an init container that keeps running): the kubelet
     // starts it after the app's own init containers and before the app, and
@@ -506,7 +562,9 @@ fn pod_template(
     let mut proxy = serde_json::to_value(proxy).map_err(|e| InvalidSpec(e.to_string()))?;
     proxy["restartPolicy"] = json!("Always");
     push_to(&mut t["spec"], "initContainers", proxy);
-    push_to(&mut t["spec"], "volumes", proxy_token_volume());
+    for v in volumes {
+        push_to(&mut t["spec"], "volumes", v.clone());
+    }
     Ok(t)
 }
 

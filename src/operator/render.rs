@@ -90,7 +90,7 @@ pub fn proxy_config(spec: &LoadBalancedAppSpec, canary_weight: Option<i32>) -> R
                 source_ip: h.source_ip.unwrap_or(false),
                 header: h.header.clone(),
                 cookie: h.cookie.clone(),
-                client_certificate: false,
+                client_certificate: h.client_certificate.unwrap_or(false),
             }),
             session_affinity: match &lb.session_affinity {
                 Some(a) => Some(SessionAffinity {
@@ -153,8 +153,38 @@ pub fn proxy_config(spec: &LoadBalancedAppSpec, canary_weight: Option<i32>) -> R
                 spec.circuit_breakers.max_pending_requests,
             )?,
         },
-        tls: None,
-        endpoint_tls: None,
+        tls: spec.tls.as_ref().map(|t| {
+            let dir = super::desired::TLS_DIR;
+            let count = 1 + t.sni_secret_names.len();
+            pc::Tls {
+                certificates: (0..count)
+                    .map(|i| pc::CertificateFiles {
+                        cert_file: format!("{dir}/{i}/tls.crt").into(),
+                        key_file: format!("{dir}/{i}/tls.key").into(),
+                    })
+                    .collect(),
+                min_version: match t.min_version {
+                    api::TlsVersion::V1_2 => pc::TlsVersion::V1_2,
+                    api::TlsVersion::V1_3 => pc::TlsVersion::V1_3,
+                },
+                client_auth: t.client_auth.as_ref().map(|c| pc::ClientAuth {
+                    ca_file: format!("{dir}/client-ca/ca.crt").into(),
+                    required: c.required,
+                }),
+            }
+        }),
+        endpoint_tls: spec.endpoint_tls.as_ref().map(|e| {
+            let dir = super::desired::ENDPOINT_TLS_DIR;
+            let client = e.client_certificate_secret_name.is_some();
+            pc::EndpointTls {
+                ca_file: (e.ca_config_map_name.is_some() || e.ca_secret_name.is_some())
+                    .then(|| format!("{dir}/ca/ca.crt").into()),
+                server_name: e.server_name.clone(),
+                cert_file: client.then(|| format!("{dir}/client/tls.crt").into()),
+                key_file: client.then(|| format!("{dir}/client/tls.key").into()),
+                insecure_skip_verify: e.insecure_skip_verify.unwrap_or(false),
+            }
+        }),
     };
     config.validate()?;
     Ok(config)

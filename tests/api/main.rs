@@ -124,6 +124,9 @@ fn valid_specs_pass_every_rule() {
         json!({"forwarding": {"trustedProxies": ["10.0.0.0/8", "192.0.2.1"]}}),
         json!({"timeouts": {"idle": "1h30m", "header": "500ms", "bodyIdle": "2m", "tunnelIdle": "24h"}}),
         json!({"canary": {"weight": 10, "template": {"spec": {"containers": []}}}}),
+        json!({"tls": {"secretName": "web-tls", "clientAuth": {"caSecretName": "ca"}}, "loadBalancing": {"algorithm": "ConsistentHash", "hashOn": {"clientCertificate": true}}}),
+        json!({"endpointTls": {"caConfigMapName": "kube-root-ca.crt"}}),
+        json!({"endpointTls": {"insecureSkipVerify": true}}),
     ] {
         assert_eq!(check(ok.clone()), Ok(()), "{ok}");
     }
@@ -158,6 +161,15 @@ fn each_cross_field_rule_refuses_what_it_guards() {
         (json!({"timeouts": {"request": "100000h"}}), "timeouts.request must be between 10ms and 24h"),
         (json!({"timeouts": {"header": "1h"}}), "timeouts.header must be between 100ms and 5m"),
         (json!({"timeouts": {"bodyIdle": "10ms"}}), "timeouts.bodyIdle must be between"),
+        (json!({"protocol": "TCP", "tls": {"secretName": "t"}}), "tls terminates HTTP only"),
+        (json!({"protocol": "TCP", "endpointTls": {"insecureSkipVerify": true}}), "endpointTls needs protocol HTTP"),
+        (json!({"endpointTls": {}}), "set one of caConfigMapName or caSecretName"),
+        (json!({"endpointTls": {"caSecretName": "a", "caConfigMapName": "b"}}), "set one of caConfigMapName"),
+        (json!({"endpointTls": {"caSecretName": "a", "insecureSkipVerify": true}}), "set one of caConfigMapName"),
+        (
+            json!({"loadBalancing": {"algorithm": "ConsistentHash", "hashOn": {"clientCertificate": true}}}),
+            "needs tls.clientAuth",
+        ),
     ] {
         let e = check(bad.clone()).expect_err(&bad.to_string());
         assert!(e.contains(expected), "{bad}: expected {expected:?} in {e}");

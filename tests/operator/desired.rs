@@ -293,3 +293,89 @@ fn snapshot_dedicated_with_canary_and_options() {
     .unwrap();
     insta::assert_snapshot!(yaml(&d.objects()));
 }
+
+/// The proxy container (sidecar or dedicated) and its pod's volumes, in `objects`.
+fn proxy_pod(objects: &[Value], deployment: &str) -> (Value, Vec<Value>) {
+    let d =
+        objects.iter().find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == deployment).expect("Deployment");
+    let spec = &d["spec"]["template"]["spec"];
+    let proxy = ["containers", "initContainers"]
+        .iter()
+        .flat_map(|l| spec[*l].as_array().cloned().unwrap_or_default())
+        .find(|c| c["name"] == PROXY_CONTAINER)
+        .expect("the proxy container");
+    (proxy, spec["volumes"].as_array().cloned().unwrap_or_default())
+}
+
+#[test]
+fn tls_secrets_are_mounted_whole_and_read_only_and_their_paths_rendered() {
+    let tls = json!({
+        "tls": {"secretName": "web-tls", "sniSecretNames": ["api-tls"], "minVersion": "1.3", "clientAuth": {"caSecretName": "clients-ca"}},
+        "endpointTls": {"caConfigMapName": "kube-root-ca.crt", "serverName": "web.shop.svc", "clientCertificateSecretName": "proxy-client"},
+        "loadBalancing": {"algorithm": "ConsistentHash", "hashOn": {"clientCertificate": true}},
+    });
+    for (mode, deployment) in [("Sidecar", "web"), ("Dedicated", "web-proxy")] {
+        let mut spec = tls.clone();
+        spec["proxy"] = json!({"mode": mode});
+        let d = desired(&app(spec), &settings()).unwrap();
+        let objects = d.objects();
+        let (proxy, volumes) = proxy_pod(&objects, deployment);
+        let secrets: Vec<(&str, &str)> = volumes
+            .iter()
+            .filter_map(|v| {
+                Some((v["name"].as_str()?, v["secret"]["secretName"].as_str().or(v["configMap"]["name"].as_str())?))
+            })
+            .collect();
+        assert_eq!(
+            secrets,
+            [
+                ("fulcrum-tls-0", "web-tls"),
+                ("fulcrum-tls-1", "api-tls"),
+                ("fulcrum-tls-client-ca", "clients-ca"),
+                ("fulcrum-endpoint-ca", "kube-root-ca.crt"),
+                ("fulcrum-endpoint-client", "proxy-client"),
+            ],
+            "{mode}"
+        );
+        let mounts = proxy["volumeMounts"].as_array().unwrap();
+        assert!(mounts.iter().all(|m| m["readOnly"] == true && m.get("subPath").is_none()), "{mode}: {mounts:?}");
+        let at = |name: &str| {
+            mounts
+                .iter()
+                .find(|m| m["name"] == name)
+                .and_then(|m| m["mountPath"].as_str())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert_eq!(at("fulcrum-tls-1"), "/etc/fulcrum/tls/1");
+        assert_eq!(at("fulcrum-endpoint-client"), "/etc/fulcrum/endpoint-tls/client");
+        // The app's own containers get none of them.
+        let d = objects.iter().find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "web").unwrap();
+        for c in d["spec"]["template"]["spec"]["containers"].as_array().unwrap() {
+            assert!(
+                c["volumeMounts"]
+                    .as_array()
+                    .is_none_or(|m| m.iter().all(|m| !m["name"].as_str().unwrap_or_default().starts_with("fulcrum-")))
+            );
+        }
+    }
+    let config = proxy_config(&app(tls).spec, None).unwrap();
+    let t = config.tls.as_ref().unwrap();
+    let files: Vec<String> = t.certificates.iter().map(|c| c.cert_file.display().to_string()).collect();
+    assert_eq!(files, ["/etc/fulcrum/tls/0/tls.crt", "/etc/fulcrum/tls/1/tls.crt"]);
+    assert_eq!(t.client_auth.as_ref().unwrap().ca_file.display().to_string(), "/etc/fulcrum/tls/client-ca/ca.crt");
+    let e = config.endpoint_tls.as_ref().unwrap();
+    assert_eq!(e.ca_file.as_ref().unwrap().display().to_string(), "/etc/fulcrum/endpoint-tls/ca/ca.crt");
+    assert_eq!(e.key_file.as_ref().unwrap().display().to_string(), "/etc/fulcrum/endpoint-tls/client/tls.key");
+    assert_eq!(ProxyConfig::parse(&config.to_yaml()).unwrap(), config, "parses back");
+}
+
+#[test]
+fn a_template_volume_with_a_name_the_proxy_uses_is_refused() {
+    let spec = json!({
+        "tls": {"secretName": "web-tls"},
+        "template": {"spec": {"volumes": [{"name": "fulcrum-tls-0", "emptyDir": {}}], "containers": [{"name": "web", "image": "web:1"}]}},
+    });
+    let e = desired(&app(spec), &settings()).unwrap_err();
+    assert!(e.to_string().contains("\"fulcrum-tls-0\" is reserved for the proxy"), "{e}");
+}

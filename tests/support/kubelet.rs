@@ -30,6 +30,14 @@
 //!   conditions from pod readiness and deletion, each endpoint's `nodeName`
 //!   and its node's `zone`.
 //!
+//! - Secret and ConfigMap volumes: a pod's containers start once every one
+//!   exists (until then they wait in `ContainerCreating`, as on a node whose
+//!   mount fails); a Fulcrum container's mounts of them are written at their
+//!   `mountPath` in the kubelet's layout (files linked through a `..data`
+//!   symlink swapped atomically), and rewritten when the object changes.
+//!   Processes share one filesystem, so two pods may mount at the same path
+//!   only the same object: anything else fails the test loudly.
+//!
 //! The one liberty taken: processes share the machine's network namespace,
 //! so a wildcard listen address in a container's arguments (`0.0.0.0:PORT`)
 //! is bound to the pod's own address, as the pod's network namespace would
@@ -254,6 +262,133 @@ struct PodRun {
     /// Condition type → (status, lastTransitionTime).
     conditions: BTreeMap<&'static str, (bool, String)>,
     last_status: Value,
+    /// The files of its Secret and ConfigMap volumes, by volume; `None`
+    /// while one of them does not exist.
+    volumes: Option<BTreeMap<String, Files>>,
+    /// The paths it has files written at.
+    mounted: BTreeSet<PathBuf>,
+}
+
+/// A volume's files: name → content.
+type Files = BTreeMap<String, Vec<u8>>;
+
+/// A path written for Secret and ConfigMap mounts: the source object
+/// (`namespace/kind/name`), the pods using it, and the version last written.
+type Mount = (String, BTreeSet<String>, u64);
+
+/// The paths written, over every node of the process.
+static MOUNTS: std::sync::LazyLock<Mutex<BTreeMap<PathBuf, Mount>>> = std::sync::LazyLock::new(Mutex::default);
+
+fn files_hash(files: &Files) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    files.hash(&mut h);
+    h.finish()
+}
+
+/// Writes `files` at `dir` as the kubelet does: `dir/..data_N/KEY`, the
+/// `dir/..data` symlink swapped to it in one rename, and `dir/KEY` →
+/// `..data/KEY`.
+fn write_volume(dir: &std::path::Path, files: &Files, version: u64) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let data = format!("..data_{version:016x}");
+    let target = dir.join(&data);
+    std::fs::create_dir_all(&target)?;
+    for (key, content) in files {
+        std::fs::write(target.join(key), content)?;
+    }
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&data, &tmp)?;
+    std::fs::rename(&tmp, dir.join("..data"))?;
+    for key in files.keys() {
+        let link = dir.join(key);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{key}"), &link)?;
+        }
+    }
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("..data_") && name != data && name != "..data_tmp" {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    Ok(())
+}
+
+impl PodRun {
+    fn owner(&self) -> String {
+        format!("{}/{}", self.ns, self.name)
+    }
+
+    /// Writes the files of the Fulcrum containers' Secret and ConfigMap mounts.
+    fn sync_mounts(&mut self) {
+        let Some(volumes) = &self.volumes else { return };
+        let mut table = MOUNTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for c in self.containers.iter().filter(|c| matches!(image_of(&c.spec), Some(Image::Fulcrum))) {
+            for m in c.spec["volumeMounts"].as_array().into_iter().flatten() {
+                let name = m["name"].as_str().unwrap_or_default();
+                let Some(files) = volumes.get(name) else { continue };
+                assert!(m.get("subPath").is_none(), "{}: subPath mounts are not modelled", self.name);
+                let volume = self.spec["volumes"].as_array().into_iter().flatten().find(|v| v["name"] == name);
+                let source = volume.map(|v| source_of(&self.ns, v)).unwrap_or_default();
+                let path = PathBuf::from(m["mountPath"].as_str().unwrap_or_default());
+                let version = files_hash(files);
+                let entry = table.entry(path.clone()).or_insert_with(|| (source.clone(), BTreeSet::new(), 0));
+                assert_eq!(
+                    entry.0,
+                    source,
+                    "{}: {} is already written for another pod from {}: the process kubelet shares one filesystem",
+                    self.name,
+                    path.display(),
+                    entry.0
+                );
+                entry.1.insert(self.owner());
+                if entry.2 != version {
+                    write_volume(&path, files, version).unwrap_or_else(|e| {
+                        panic!("{}: cannot write the volume at {}: {e}", self.name, path.display())
+                    });
+                    entry.2 = version;
+                }
+                self.mounted.insert(path);
+            }
+        }
+    }
+
+    /// Gives up the paths it wrote; the last pod using a path removes it.
+    fn release_mounts(&mut self) {
+        let owner = self.owner();
+        let mut table = MOUNTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for path in std::mem::take(&mut self.mounted) {
+            if let Some(entry) = table.get_mut(&path) {
+                entry.1.remove(&owner);
+                if entry.1.is_empty() {
+                    table.remove(&path);
+                    let _ = std::fs::remove_dir_all(&path);
+                    // And the directories made for it, once empty.
+                    let mut parent = path.parent();
+                    while let Some(p) = parent.filter(|p| std::fs::remove_dir(p).is_ok()) {
+                        parent = p.parent();
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for PodRun {
+    fn drop(&mut self) {
+        self.release_mounts();
+    }
+}
+
+/// `namespace/Secret/name` or `namespace/ConfigMap/name`.
+fn source_of(ns: &str, volume: &Value) -> String {
+    match (volume["secret"]["secretName"].as_str(), volume["configMap"]["name"].as_str()) {
+        (Some(s), _) => format!("{ns}/Secret/{s}"),
+        (None, Some(c)) => format!("{ns}/ConfigMap/{c}"),
+        _ => String::new(),
+    }
 }
 
 struct Kubelet {
@@ -401,6 +536,7 @@ impl Kubelet {
                 let run = self.admit(p);
                 self.pods.insert(key.clone(), run);
             }
+            let volumes = self.volume_files(&key).await?;
             let placement = self.place(&key);
             let nodes = self.settings.nodes().len();
             let issuer = self.issuer.clone();
@@ -420,7 +556,11 @@ impl Kubelet {
                     Err(e) => return Err(e),
                 }
             }
-            if run.scheduled {
+            if run.scheduled && volumes.is_some() {
+                run.volumes = volumes;
+                run.sync_mounts();
+            }
+            if run.scheduled && run.volumes.is_some() {
                 let fail_every = failing.iter().find(|(p, _)| run.name.starts_with(p.as_str())).map_or(0, |(_, n)| *n);
                 run.advance(&issuer, unready.contains(&run.name), fail_every).await;
             }
@@ -519,7 +659,43 @@ impl Kubelet {
             containers,
             conditions: BTreeMap::new(),
             last_status: Value::Null,
+            volumes: None,
+            mounted: BTreeSet::new(),
         }
+    }
+
+    /// The files of every Secret and ConfigMap volume of the pod `key`, or
+    /// `None` while one does not exist (`optional: true` ones may be absent).
+    async fn volume_files(&self, key: &(String, String)) -> Result<Option<BTreeMap<String, Files>>, kube::Error> {
+        let Some(run) = self.pods.get(key) else { return Ok(None) };
+        let mut out = BTreeMap::new();
+        for v in run.spec["volumes"].as_array().into_iter().flatten() {
+            let name = v["name"].as_str().unwrap_or_default().to_owned();
+            let files: Option<Files> = if let Some(secret) = v["secret"]["secretName"].as_str() {
+                let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(self.client.clone(), &run.ns);
+                api.get_opt(secret)
+                    .await?
+                    .map(|s| s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect())
+            } else if let Some(cm) = v["configMap"]["name"].as_str() {
+                let api: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(self.client.clone(), &run.ns);
+                api.get_opt(cm)
+                    .await?
+                    .map(|c| c.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes())).collect())
+            } else {
+                continue;
+            };
+            let optional = v["secret"]["optional"] == true || v["configMap"]["optional"] == true;
+            match files {
+                Some(f) => {
+                    out.insert(name, f);
+                }
+                None if optional => {
+                    out.insert(name, Files::new());
+                }
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(out))
     }
 
     /// The Deployment and ReplicaSet controllers: a ReplicaSet per template

@@ -745,7 +745,31 @@ fn admit(
         return admission::admit(&crd, res.version, obj, old, strict);
     }
     escalation_check(state, id, res, ns, &obj)?;
+    secret_check(res, &obj)?;
     Ok(obj)
+}
+
+/// The API server's validation of Secrets: data values are base64, and a
+/// `kubernetes.io/tls` Secret has `tls.crt` and `tls.key`.
+fn secret_check(res: &Resource, obj: &Value) -> Result<(), ApiError> {
+    use base64::Engine as _;
+    if res.kind != "Secret" {
+        return Ok(());
+    }
+    for (key, value) in obj["data"].as_object().into_iter().flatten() {
+        let decoded = value.as_str().map(|v| base64::engine::general_purpose::STANDARD.decode(v));
+        if !matches!(decoded, Some(Ok(_))) {
+            return Err(ApiError::invalid(format!("data[{key}]: Invalid value: illegal base64 data")));
+        }
+    }
+    if obj["type"] == "kubernetes.io/tls" {
+        for key in ["tls.crt", "tls.key"] {
+            if obj["data"].get(key).is_none() {
+                return Err(ApiError::invalid(format!("data[{key}]: Required value")));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// RBAC's escalation prevention: a Role or binding may grant only what its writer holds.

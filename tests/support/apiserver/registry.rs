@@ -52,6 +52,7 @@ pub fn builtin() -> Vec<Resource> {
         res("", "v1", "Pod", "pods", true, true),
         res("", "v1", "Service", "services", true, true),
         res("", "v1", "ConfigMap", "configmaps", true, false),
+        res("", "v1", "Secret", "secrets", true, false),
         res("", "v1", "ServiceAccount", "serviceaccounts", true, false),
         res("", "v1", "Event", "events", true, false),
         res("events.k8s.io", "v1", "Event", "events", true, false),
