@@ -43,6 +43,9 @@ PORTS = {
     "haproxy-grpc": 18290,
     "fulcrum-ws": 18380,
     "haproxy-ws": 18390,
+    "fulcrum-tls": 18480,
+    "haproxy-tls": 18490,
+    "nginx-tls": 18500,
 }
 GRPC_BACKENDS = [a.replace(":18081", ":18083") for a in BACKENDS]
 WS_BACKENDS = [a.replace(":18081", ":18084") for a in BACKENDS]
@@ -302,6 +305,99 @@ stream {{
 """
     )
     return conf
+
+
+def tls_files(work: Path) -> tuple[Path, Path, Path]:
+    """One ECDSA P-256 certificate for 127.0.0.1, made with openssl for every
+    proxy: the certificate, its key, and both in one file (HAProxy's form)."""
+    crt, key, both = work / "tls.crt", work / "tls.key", work / "tls.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+         "-subj", "/CN=bench.local", "-addext", "subjectAltName=DNS:bench.local,IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(crt)],
+        check=True, capture_output=True, timeout=30,
+    )
+    both.write_text(crt.read_text() + key.read_text())
+    for p in (crt, key, both):
+        p.chmod(0o644)
+    return crt, key, both
+
+
+def tls_confs(work: Path) -> tuple[Path, Path, Path]:
+    """Fulcrum, HAProxy and NGINX terminating TLS (1.2 and 1.3, ALPN h2 and
+    http/1.1 where offered) in front of the same backends, two workers each."""
+    crt, key, both = tls_files(work)
+    eps = "".join(f"  - {{address: {a}}}\n" for a in BACKENDS)
+    fulcrum = work / "fulcrum-tls.yaml"
+    fulcrum.write_text(
+        f"listen: 127.0.0.1:{PORTS['fulcrum-tls']}\nworkers: 2\nloadBalancing: {{algorithm: RoundRobin}}\n"
+        f"tls:\n  certificates: [{{certFile: {crt}, keyFile: {key}}}]\n"
+        f"timeouts: {{idle: 300s}}\ncircuitBreakers: {{maxRequests: 100000, maxConnections: 100000}}\nendpoints:\n{eps}"
+    )
+    servers = "".join(f"    server s{i} {a} maxconn 10000\n" for i, a in enumerate(BACKENDS))
+    haproxy = work / "haproxy-tls.cfg"
+    haproxy.write_text(
+        f"""
+global
+    maxconn 9000
+    nbthread 2
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 300s
+    timeout server 30s
+frontend tls
+    bind 127.0.0.1:{PORTS['haproxy-tls']} ssl crt {both} alpn h2,http/1.1
+    option http-keep-alive
+    default_backend web
+backend web
+    balance roundrobin
+    http-reuse always
+{servers}
+"""
+    )
+    d = work / "nginx-tls"
+    d.mkdir(exist_ok=True)
+    upstream = "".join(f"        server {a};\n" for a in BACKENDS)
+    nginx = d / "nginx.conf"
+    nginx.write_text(
+        f"""
+worker_processes 2;
+{nginx_common(d)}
+    upstream web {{
+{upstream}        keepalive 256;
+    }}
+    server {{
+        listen 127.0.0.1:{PORTS['nginx-tls']} ssl backlog=4096;
+        ssl_certificate {crt};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_tickets off;
+        location / {{
+            proxy_pass http://web;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
+    )
+    return fulcrum, haproxy, nginx
+
+
+def tls_load(targets: dict[str, tuple[str, int]], rounds: int, conns: int, seconds: int, close: bool) -> dict[str, LoadResult]:
+    """wrk over HTTPS (OpenSSL, TLS 1.3, no session resumption), keep-alive or
+    a new connection and so a full handshake per request, with the proxy's CPU
+    time per request."""
+    headers = ["Connection: close"] if close else []
+
+    def run(url: str) -> LoadResult:
+        r = wrk(url, conns, seconds, headers=headers)
+        return LoadResult(rate=r.rps, p50_ms=r.p50_ms, p99_ms=r.p99_ms, errors=r.errors)
+
+    return interleaved_load(targets, rounds, run)
 
 
 def start_fulcrum(procs: Procs, binary: str, conf: Path, name: str = "fulcrum") -> None:
@@ -570,7 +666,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=5, help="length of each wrk run")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per comparison")
     ap.add_argument("--connections", type=int, default=50)
-    ap.add_argument("--sections", default="http,tcp,memory,quality,failover,grpc,websocket", help="comma-separated subset to run")
+    ap.add_argument("--sections", default="http,tcp,memory,quality,failover,grpc,websocket,tls", help="comma-separated subset to run")
     ap.add_argument("--idle", type=int, default=8000, help="idle connections for the memory run (file descriptors here are capped at 20000)")
     ap.add_argument("--peer", default="target/release/examples/bench_peer", help="the gRPC and WebSocket peers (examples/bench_peer.rs)")
     ap.add_argument("--splice", action="store_true", help="replace only the sections run in --out, keeping the others")
@@ -728,6 +824,20 @@ def main() -> int:
             log("WebSocket echo, 16 connections")
             ws = interleaved_load(targets, rounds, lambda u: ws_load(args.peer, u, 16, s))
             sections.append(ws_table(ws))
+
+        if "tls" in only:
+            f_conf, h_conf, n_conf = tls_confs(work)
+            start_fulcrum(procs, args.fulcrum, f_conf, name="fulcrum-tls")
+            procs.start("haproxy-tls", ["haproxy", "-db", "-f", str(h_conf)])
+            procs.start("nginx-tls", ["nginx", "-c", str(n_conf), "-p", str(n_conf.parent)])
+            for t in ("haproxy-tls", "nginx-tls"):
+                wait_port(f"127.0.0.1:{PORTS[t]}")
+            targets = {t: (f"https://127.0.0.1:{PORTS[t + '-tls']}/", procs.procs[t + "-tls"].pid) for t in ("fulcrum", "haproxy", "nginx")}
+            log(f"HTTPS keep-alive, {c} connections")
+            ka = tls_load(targets, rounds, c, s, close=False)
+            log(f"HTTPS, a full handshake per request, {c} connections")
+            hs = tls_load(targets, rounds, c, s, close=True)
+            sections.append(tls_table(ka, hs, c, s))
     finally:
         procs.stop_all()
         shutil.rmtree(work, ignore_errors=True)
@@ -759,6 +869,30 @@ Versions: fulcrum {version([args.fulcrum, '--version'])}, {version(['haproxy', '
     Path(args.out).write_text(header + "\n" + "\n".join(sections))
     log(f"wrote {args.out}")
     return 0
+
+
+def tls_table(ka: dict[str, LoadResult], hs: dict[str, LoadResult], conns: int, seconds: int) -> str:
+    rows = [
+        "## TLS termination",
+        "",
+        f"`wrk -t1 -c{conns} -d{seconds}s` over HTTPS (OpenSSL client, TLS 1.3, X25519, no session resumption) to",
+        "Fulcrum (rustls with ring), HAProxy and NGINX (OpenSSL), each with two workers and the same ECDSA P-256",
+        "certificate, in front of the same backends: keep-alive (left), and `Connection: close` so that every",
+        "request is a new connection and a full handshake (right: handshakes per second). CPU is the proxy",
+        "process's user and system time per request, from `/proc/<pid>/stat`.",
+        "",
+        "| target | keep-alive req/s | p99 | CPU µs/req | handshakes/s | p99 | CPU µs/handshake | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t in ka:
+        a, b = ka[t], hs[t]
+        rows.append(
+            f"| {t} | {a.rate:,.0f} | {a.p99_ms:.2f} ms | {a.cpu_us:.1f} | {b.rate:,.0f} | {b.p99_ms:.2f} ms | {b.cpu_us:.1f} | {a.errors + b.errors} |"
+        )
+    f, h = ka.get("fulcrum"), ka.get("haproxy")
+    if f and h:
+        rows += ["", f"fulcrum / HAProxy: keep-alive {f.rate / h.rate:.2f}, handshakes {hs['fulcrum'].rate / hs['haproxy'].rate:.2f}; CPU per handshake {hs['fulcrum'].cpu_us / hs['haproxy'].cpu_us:.2f}."]
+    return "\n".join(rows) + "\n"
 
 
 def grpc_table(runs: dict[tuple[int, int], dict[str, LoadResult]]) -> str:

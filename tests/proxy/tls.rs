@@ -138,12 +138,12 @@ async fn get(addr: std::net::SocketAddr, sni: &str, config: Arc<ClientConfig>, p
             tokio::spawn(conn);
             let mut req = req;
             *req.uri_mut() = format!("https://{sni}{path}").parse().map_err(|e| format!("{e}"))?;
-            send.send_request(req).await.map_err(|e| format!("request: {e}"))?
+            send.send_request(req).await.map_err(|e| format!("request: {e:?}"))?
         } else {
             let (mut send, conn) =
                 hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| format!("h1: {e}"))?;
             tokio::spawn(conn);
-            send.send_request(req).await.map_err(|e| format!("request: {e}"))?
+            send.send_request(req).await.map_err(|e| format!("request: {e:?}"))?
         };
         let status = resp.status().as_u16();
         let body = resp.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
@@ -214,6 +214,51 @@ async fn https_chooses_the_certificate_by_sni_and_negotiates_h2_or_http1() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_certificate_and_an_old_tls_version_are_refused() {
+    let pki = Pki::new("versions");
+    let bs = backends(1).await;
+    let expired = pki.issue(&["a.example"], "a.example", true);
+    pki.write("x.crt", &expired.cert);
+    pki.write("x.key", &expired.key);
+    let current = pki.issue(&["a.example"], "a.example", false);
+    pki.write("c.crt", &current.cert);
+    pki.write("c.key", &current.key);
+    let files = |name: &str| {
+        format!(
+            "{{certFile: {}, keyFile: {}}}",
+            pki.path(&format!("{name}.crt")).display(),
+            pki.path(&format!("{name}.key")).display()
+        )
+    };
+    let p = proxy1(&format!("tls: {{certificates: [{}]}}\n{}", files("x"), endpoints_yaml(&bs))).await;
+    let roots = [pki.ca_der()];
+    let seen = get(p.addr, "a.example", client_config(&roots, &[b"http/1.1"], None), "/").await;
+    assert!(seen.as_ref().is_err_and(|e| e.contains("certificate expired")), "{seen:?}");
+    let m = admin(&p, "/metrics").await.body;
+    assert!(m.contains("fulcrum_proxy_tls_handshakes_total{result=\"alert_received\"} 1"), "{m}");
+    let expiry = m
+        .lines()
+        .find_map(|l| l.strip_prefix("fulcrum_proxy_tls_certificate_expiry_seconds "))
+        .map(|v| v.parse::<i64>());
+    assert!(matches!(expiry, Some(Ok(s)) if s < 0), "an expired certificate counts down below zero: {expiry:?}");
+    // minVersion 1.3: a client that speaks only TLS 1.2 is refused with protocol_version.
+    let p =
+        proxy1(&format!("tls: {{certificates: [{}], minVersion: \"1.3\"}}\n{}", files("c"), endpoints_yaml(&bs))).await;
+    let mut store = RootCertStore::empty();
+    store.add(pki.ca_der()).expect("root");
+    let tls12 = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .expect("versions")
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    let old = get(p.addr, "a.example", Arc::new(tls12), "/").await;
+    assert!(old.as_ref().is_err_and(|e| e.contains("ProtocolVersion")), "{old:?}");
+    assert!(get(p.addr, "a.example", client_config(&roots, &[b"h2"], None), "/").await.is_ok_and(|s| s.status == 200));
+    let m = admin(&p, "/metrics").await.body;
+    assert!(m.contains("fulcrum_proxy_tls_handshakes_total{result=\"incompatible\"} 1"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_speaks_https_and_http2_through_the_proxy() {
     let pki = Pki::new("curl");
     let bs = backends(1).await;
@@ -249,14 +294,14 @@ async fn client_certificates_are_required_verified_and_forwarded_never_forged() 
     assert!(xfcc.contains("Hash=") && xfcc.len() > 64, "{xfcc}");
     // No certificate: refused (TLS 1.3 reports it on the first read).
     let none = get(p.addr, "a.example", client_config(&roots, &[b"http/1.1"], None), "/").await;
-    assert!(none.is_err(), "{none:?}");
+    assert!(none.as_ref().is_err_and(|e| e.contains("CertificateRequired")), "{none:?}");
     // An expired certificate, and one from another authority: refused.
     let expired = pki.issue(&["old.clients.example"], "old", true);
     let old = get(p.addr, "a.example", client_config(&roots, &[b"http/1.1"], Some(&expired)), "/").await;
-    assert!(old.is_err(), "{old:?}");
+    assert!(old.as_ref().is_err_and(|e| e.contains("CertificateExpired")), "{old:?}");
     let other = Pki::new("mtls-other").issue(&["mallory.example"], "mallory", false);
     let forged = get(p.addr, "a.example", client_config(&roots, &[b"http/1.1"], Some(&other)), "/").await;
-    assert!(forged.is_err(), "{forged:?}");
+    assert!(forged.as_ref().is_err_and(|e| e.contains("UnknownCA")), "{forged:?}");
     let m = admin(&p, "/metrics").await.body;
     assert!(m.contains("fulcrum_proxy_tls_handshakes_total{result=\"no_client_certificate\"} 1"), "{m}");
     assert!(m.contains("fulcrum_proxy_tls_handshakes_total{result=\"bad_client_certificate\"} 2"), "{m}");
