@@ -273,8 +273,27 @@ struct PodRun {
 type Files = BTreeMap<String, Vec<u8>>;
 
 /// A path written for Secret and ConfigMap mounts: the source object
-/// (`namespace/kind/name`), the pods using it, and the version last written.
-type Mount = (String, BTreeSet<String>, u64);
+/// (`namespace/kind/name`), the pods using it, the version last written, and
+/// the lock that keeps other test processes off the path.
+type Mount = (String, BTreeSet<String>, u64, std::fs::File);
+
+/// Locks `path` for this process (other test binaries run at the same time
+/// and share the filesystem), or fails the test naming the path.
+fn lock_path(path: &std::path::Path) -> std::fs::File {
+    let parent = path.parent().unwrap_or(std::path::Path::new("/"));
+    std::fs::create_dir_all(parent).unwrap_or_else(|e| panic!("cannot create {}: {e}", parent.display()));
+    let lock = parent.join(format!(".{}.lock", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock)
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", lock.display()));
+    file.try_lock().unwrap_or_else(|e| {
+        panic!("{} is written by another test process ({e}): two tests mount volumes at one path", path.display())
+    });
+    file
+}
 
 /// The paths written, over every node of the process.
 static MOUNTS: std::sync::LazyLock<Mutex<BTreeMap<PathBuf, Mount>>> = std::sync::LazyLock::new(Mutex::default);
@@ -334,7 +353,8 @@ impl PodRun {
                 let source = volume.map(|v| source_of(&self.ns, v)).unwrap_or_default();
                 let path = PathBuf::from(m["mountPath"].as_str().unwrap_or_default());
                 let version = files_hash(files);
-                let entry = table.entry(path.clone()).or_insert_with(|| (source.clone(), BTreeSet::new(), 0));
+                let entry =
+                    table.entry(path.clone()).or_insert_with(|| (source.clone(), BTreeSet::new(), 0, lock_path(&path)));
                 assert_eq!(
                     entry.0,
                     source,
@@ -365,6 +385,9 @@ impl PodRun {
                 if entry.1.is_empty() {
                     table.remove(&path);
                     let _ = std::fs::remove_dir_all(&path);
+                    if let (Some(parent), Some(name)) = (path.parent(), path.file_name()) {
+                        let _ = std::fs::remove_file(parent.join(format!(".{}.lock", name.to_string_lossy())));
+                    }
                     // And the directories made for it, once empty.
                     let mut parent = path.parent();
                     while let Some(p) = parent.filter(|p| std::fs::remove_dir(p).is_ok()) {
