@@ -152,6 +152,46 @@ async fn get(addr: std::net::SocketAddr, sni: &str, config: Arc<ClientConfig>, p
     tokio::time::timeout(Duration::from_secs(10), exchange).await.map_err(|_| "timed out".to_owned())?
 }
 
+/// How the proxy refuses a client: a TLS 1.3 server checks the client's
+/// certificate after the client has finished its handshake, so the refusal
+/// (an alert) is what the client reads next. Returns that error.
+async fn refusal(addr: std::net::SocketAddr, config: Arc<ClientConfig>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let name = ServerName::try_from("a.example").map_err(|e| e.to_string())?;
+        let mut tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.map_err(|e| e.to_string())?;
+        // The request may or may not be written before the alert arrives.
+        let _ = tls.write_all(b"GET / HTTP/1.1\r\nhost: a.example\r\n\r\n").await;
+        let mut buf = [0u8; 512];
+        match tls.read(&mut buf).await {
+            Ok(0) => Err("closed without an alert".to_owned()),
+            Ok(n) => Ok(format!("answered: {}", String::from_utf8_lossy(&buf[..n]))),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(10), exchange).await {
+        Ok(Err(e)) => e,
+        Ok(Ok(answer)) => panic!("not refused: {answer}"),
+        Err(_) => panic!("timed out"),
+    }
+}
+
+/// Waits (up to 5 s) for the proxy's metrics to show `line`: the proxy
+/// counts a failed handshake once its side of it has ended, which may be
+/// just after the client has seen the alert.
+async fn counted(p: &ProxyHandle, line: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = admin(p, "/metrics").await.body;
+        if m.lines().any(|l| l == line) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no {line:?} in\n{m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn der_of(pem: &str) -> Vec<u8> {
     CertificateDer::pem_slice_iter(pem.as_bytes()).next().expect("a certificate").expect("pem").to_vec()
 }
@@ -203,9 +243,9 @@ async fn https_chooses_the_certificate_by_sni_and_negotiates_h2_or_http1() {
     let refused = get(p.addr, "a.example", client_config(&[other.ca_der()], &[b"h2"], None), "/").await;
     assert!(refused.is_err_and(|e| e.contains("UnknownIssuer")), "refused with UnknownIssuer");
     let m = admin(&p, "/metrics").await.body;
-    assert!(m.contains("fulcrum_proxy_tls_handshakes_total{result=\"ok\"} 4"), "{m}");
+    counted(&p, "fulcrum_proxy_tls_handshakes_total{result=\"ok\"} 4").await;
     assert!(m.contains("fulcrum_proxy_tls_connections_total{version=\"TLSv1.3\",alpn=\"h2\"} 1"), "{m}");
-    assert!(m.contains("fulcrum_proxy_tls_handshakes_total{result=\"alert_received\"} 2"), "{m}");
+    counted(&p, "fulcrum_proxy_tls_handshakes_total{result=\"alert_received\"} 2").await;
     let expiry = m
         .lines()
         .find_map(|l| l.strip_prefix("fulcrum_proxy_tls_certificate_expiry_seconds "))
@@ -235,7 +275,7 @@ async fn an_expired_certificate_and_an_old_tls_version_are_refused() {
     let seen = get(p.addr, "a.example", client_config(&roots, &[b"http/1.1"], None), "/").await;
     assert!(seen.as_ref().is_err_and(|e| e.contains("certificate expired")), "{seen:?}");
     let m = admin(&p, "/metrics").await.body;
-    assert!(m.contains("fulcrum_proxy_tls_handshakes_total{result=\"alert_received\"} 1"), "{m}");
+    counted(&p, "fulcrum_proxy_tls_handshakes_total{result=\"alert_received\"} 1").await;
     let expiry = m
         .lines()
         .find_map(|l| l.strip_prefix("fulcrum_proxy_tls_certificate_expiry_seconds "))
@@ -254,8 +294,7 @@ async fn an_expired_certificate_and_an_old_tls_version_are_refused() {
     let old = get(p.addr, "a.example", Arc::new(tls12), "/").await;
     assert!(old.as_ref().is_err_and(|e| e.contains("ProtocolVersion")), "{old:?}");
     assert!(get(p.addr, "a.example", client_config(&roots, &[b"h2"], None), "/").await.is_ok_and(|s| s.status == 200));
-    let m = admin(&p, "/metrics").await.body;
-    assert!(m.contains("fulcrum_proxy_tls_handshakes_total{result=\"incompatible\"} 1"), "{m}");
+    counted(&p, "fulcrum_proxy_tls_handshakes_total{result=\"incompatible\"} 1").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,18 +332,17 @@ async fn client_certificates_are_required_verified_and_forwarded_never_forged() 
     assert!(xfcc.contains("Subject=\"CN=alice\"") && xfcc.contains("DNS=alice.clients.example"), "{xfcc}");
     assert!(xfcc.contains("Hash=") && xfcc.len() > 64, "{xfcc}");
     // No certificate: refused (TLS 1.3 reports it on the first read).
-    let none = get(p.addr, "a.example", client_config(&roots, &[b"http/1.1"], None), "/").await;
-    assert!(none.as_ref().is_err_and(|e| e.contains("CertificateRequired")), "{none:?}");
+    let none = refusal(p.addr, client_config(&roots, &[b"http/1.1"], None)).await;
+    assert!(none.contains("CertificateRequired"), "{none}");
     // An expired certificate, and one from another authority: refused.
     let expired = pki.issue(&["old.clients.example"], "old", true);
-    let old = get(p.addr, "a.example", client_config(&roots, &[b"http/1.1"], Some(&expired)), "/").await;
-    assert!(old.as_ref().is_err_and(|e| e.contains("CertificateExpired")), "{old:?}");
+    let old = refusal(p.addr, client_config(&roots, &[b"http/1.1"], Some(&expired))).await;
+    assert!(old.contains("CertificateExpired"), "{old}");
     let other = Pki::new("mtls-other").issue(&["mallory.example"], "mallory", false);
-    let forged = get(p.addr, "a.example", client_config(&roots, &[b"http/1.1"], Some(&other)), "/").await;
-    assert!(forged.as_ref().is_err_and(|e| e.contains("UnknownCA")), "{forged:?}");
-    let m = admin(&p, "/metrics").await.body;
-    assert!(m.contains("fulcrum_proxy_tls_handshakes_total{result=\"no_client_certificate\"} 1"), "{m}");
-    assert!(m.contains("fulcrum_proxy_tls_handshakes_total{result=\"bad_client_certificate\"} 2"), "{m}");
+    let forged = refusal(p.addr, client_config(&roots, &[b"http/1.1"], Some(&other))).await;
+    assert!(forged.contains("UnknownCA"), "{forged}");
+    counted(&p, "fulcrum_proxy_tls_handshakes_total{result=\"no_client_certificate\"} 1").await;
+    counted(&p, "fulcrum_proxy_tls_handshakes_total{result=\"bad_client_certificate\"} 2").await;
     // curl with a client certificate, sending its own XFCC: replaced by the verified one.
     pki.write("alice.crt", &alice.cert);
     pki.write("alice.key", &alice.key);
@@ -428,8 +466,7 @@ async fn a_client_that_never_starts_its_handshake_is_let_go_after_the_header_tim
     let read = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf)).await.expect("closed in time");
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
-    let m = admin(&p, "/metrics").await.body;
-    assert!(m.contains("fulcrum_proxy_tls_handshakes_total{result=\"timeout\"} 1"), "{m}");
+    counted(&p, "fulcrum_proxy_tls_handshakes_total{result=\"timeout\"} 1").await;
 }
 
 #[test]
