@@ -193,6 +193,13 @@ pub(crate) fn endpoints_json(shared: &Shared) -> String {
         "appProtocol": rt.config.app_protocol,
         "algorithm": rt.config.load_balancing.algorithm.name(),
         "zoneAware": zone_aware,
+        // TLS as in effect: whether the listener terminates it, the seconds
+        // until its earliest certificate expires, whether endpoints get TLS.
+        "tls": {
+            "terminates": shared.tls.server().is_some(),
+            "certificateExpirySeconds": shared.tls.seconds_to_expiry(),
+            "endpoints": shared.tls.endpoint().is_some(),
+        },
         "panic": shared.in_panic(),
         "draining": shared.draining.load(Ordering::Relaxed),
         "endpoints": endpoints,

@@ -251,6 +251,9 @@ async fn https_chooses_the_certificate_by_sni_and_negotiates_h2_or_http1() {
         .find_map(|l| l.strip_prefix("fulcrum_proxy_tls_certificate_expiry_seconds "))
         .map(|v| v.parse::<i64>());
     assert!(matches!(expiry, Some(Ok(s)) if s > 86_400 * 300), "{expiry:?}");
+    let doc: serde_json::Value = serde_json::from_str(&admin(&p, "/endpoints").await.body).expect("JSON");
+    assert_eq!((doc["tls"]["terminates"].as_bool(), doc["tls"]["endpoints"].as_bool()), (Some(true), Some(false)));
+    assert!(doc["tls"]["certificateExpirySeconds"].as_i64().is_some_and(|s| s > 86_400 * 300), "{doc}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
