@@ -377,6 +377,22 @@ async fn serve_http_connection(
     let Some(config) = shared.tls.server() else {
         return serve_http_io(shared, builder, stream, http::Peer::new(peer), limits.header, limits, graceful).await;
     };
+    // Boxed: a cleartext connection's task does not carry room for a TLS
+    // session's state.
+    Box::pin(serve_https(shared, builder, stream, peer, limits, graceful, config)).await;
+}
+
+/// A client connection whose TLS the proxy terminates: the handshake, then
+/// [`serve_http_io`] over the TLS stream.
+async fn serve_https(
+    shared: &Arc<Shared>,
+    builder: &auto::Builder<TokioExecutor>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    limits: conn::Limits,
+    graceful: &CancellationToken,
+    config: Arc<rustls::ServerConfig>,
+) {
     let started = std::time::Instant::now();
     let handshake = tokio_rustls::TlsAcceptor::from(config).accept(stream);
     let stream = match tokio::time::timeout(limits.header, handshake).await {
