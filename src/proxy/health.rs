@@ -20,7 +20,7 @@ use super::config::{ActiveCheck, Probe};
 use super::grpc;
 use super::state::Shared;
 use super::tls::TlsState;
-use super::upstream::EndpointIo;
+use super::upstream::{EndpointIo, connect_endpoint};
 use crate::balance::{Endpoint, HealthFlag, OutlierDetector, OutlierEvent};
 
 /// How often the outlier sweep runs and the probe supervisor looks for changes.
@@ -156,7 +156,7 @@ async fn probe_loop(endpoint: Arc<Endpoint>, check: ActiveCheck, probe: Probe, t
 /// endpoints are reached over TLS (the handshake itself is then part of
 /// every probe, a TCP one included).
 async fn probe_once(addr: SocketAddr, probe: &Probe, tls: &TlsState) -> bool {
-    let Ok(stream) = EndpointIo::connect(addr, tls.endpoint().as_deref()).await else { return false };
+    let Ok(stream) = connect_endpoint(addr, tls.endpoint().as_deref()).await else { return false };
     let path = match probe {
         Probe::Tcp => return true,
         Probe::Http(path) => path,

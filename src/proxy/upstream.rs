@@ -395,7 +395,7 @@ impl Upstream {
 
     /// A new connection to the endpoint (TLS when configured), within `timeout`.
     async fn open(&self, timeout: Duration) -> Result<EndpointIo, UpstreamError> {
-        match tokio::time::timeout(timeout, EndpointIo::connect(self.addr, self.tls.endpoint().as_deref())).await {
+        match tokio::time::timeout(timeout, connect_endpoint(self.addr, self.tls.endpoint().as_deref())).await {
             Ok(Ok(s)) => Ok(s),
             Ok(Err(e)) => Err(UpstreamError::Connect(e)),
             Err(_) => Err(UpstreamError::Connect(std::io::ErrorKind::TimedOut.into())),
@@ -779,77 +779,14 @@ pub(crate) fn carry(
 }
 
 /// A connection to an endpoint: plain TCP, or TLS over it.
-pub(crate) enum EndpointIo {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
+pub(crate) type EndpointIo = tokio_util::either::Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
-impl EndpointIo {
-    /// Connects to `addr`, with TLS when `tls` is given.
-    pub(crate) async fn connect(addr: SocketAddr, tls: Option<&EndpointConnector>) -> std::io::Result<EndpointIo> {
-        let tcp = TcpStream::connect(addr).await?;
-        let _ = tcp.set_nodelay(true);
-        match tls {
-            Some(c) => Ok(EndpointIo::Tls(Box::new(c.connect(addr.ip(), tcp).await?))),
-            None => Ok(EndpointIo::Plain(tcp)),
-        }
-    }
-}
-
-impl tokio::io::AsyncRead for EndpointIo {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            EndpointIo::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-            EndpointIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for EndpointIo {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        data: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            EndpointIo::Plain(s) => std::pin::Pin::new(s).poll_write(cx, data),
-            EndpointIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, data),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            EndpointIo::Plain(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
-            EndpointIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            EndpointIo::Plain(s) => s.is_write_vectored(),
-            EndpointIo::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            EndpointIo::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
-            EndpointIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            EndpointIo::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-            EndpointIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
+/// Connects to `addr`, with TLS when `tls` is given.
+pub(crate) async fn connect_endpoint(addr: SocketAddr, tls: Option<&EndpointConnector>) -> std::io::Result<EndpointIo> {
+    let tcp = TcpStream::connect(addr).await?;
+    let _ = tcp.set_nodelay(true);
+    match tls {
+        Some(c) => Ok(EndpointIo::Right(Box::new(c.connect(addr.ip(), tcp).await?))),
+        None => Ok(EndpointIo::Left(tcp)),
     }
 }

@@ -429,19 +429,35 @@ async fn install_as_a_user_quickstart_traffic_healing_failover_examples_and_faul
     // readiness. The TLS example's Secret is made as its comment says.
     let ca = TestCa::new();
     let first = ca.issue("secure-web.example.com", "secure-web first");
-    let (crt, key) = (dir.0.join("tls.crt"), dir.0.join("tls.key"));
-    std::fs::write(&crt, &first.0).expect("write");
-    std::fs::write(&key, &first.1).expect("write");
-    let (crt_arg, key_arg) = (format!("--cert={}", crt.display()), format!("--key={}", key.display()));
-    // (Made client-side and applied: the double speaks JSON, not the protobuf
-    // `kubectl create` sends for built-in kinds.)
-    let secret = kubectl
-        .must(
-            &["create", "secret", "tls", "secure-web-tls", &crt_arg, &key_arg, "--dry-run=client", "-o", "yaml"],
-            &node,
-        )
-        .await;
-    kubectl.must_with(&["apply", "-f", "-"], &secret, &node).await;
+    // `kubectl create secret tls`, made client-side and applied: the double
+    // speaks JSON, not the protobuf `kubectl create` sends for built-in kinds.
+    let apply_secret = |(cert, key): (String, String)| {
+        let (crt, key_file) = (dir.0.join("tls.crt"), dir.0.join("tls.key"));
+        std::fs::write(&crt, cert).expect("write");
+        std::fs::write(&key_file, key).expect("write");
+        let (crt_arg, key_arg) = (format!("--cert={}", crt.display()), format!("--key={}", key_file.display()));
+        let (kubectl, node) = (&kubectl, &node);
+        async move {
+            let secret = kubectl
+                .must(
+                    &[
+                        "create",
+                        "secret",
+                        "tls",
+                        "secure-web-tls",
+                        &crt_arg,
+                        &key_arg,
+                        "--dry-run=client",
+                        "-o",
+                        "yaml",
+                    ],
+                    node,
+                )
+                .await;
+            kubectl.must_with(&["apply", "-f", "-"], &secret, node).await;
+        }
+    };
+    apply_secret(first).await;
     let examples = Path::new(ROOT).join("manifests/examples").display().to_string();
     kubectl.must(&["apply", "-f", &examples], &node).await;
     kubectl.must(&["wait", "lba", "--all", "--for=condition=Available", "--timeout=180s"], &node).await;
@@ -476,16 +492,7 @@ async fn install_as_a_user_quickstart_traffic_healing_failover_examples_and_faul
         ok && first_subject.contains("secure-web first") && body.starts_with("secure-web-"),
         "{first_subject} {body}"
     );
-    let renewed = ca.issue("secure-web.example.com", "secure-web renewed");
-    std::fs::write(&crt, &renewed.0).expect("write");
-    std::fs::write(&key, &renewed.1).expect("write");
-    let secret = kubectl
-        .must(
-            &["create", "secret", "tls", "secure-web-tls", &crt_arg, &key_arg, "--dry-run=client", "-o", "yaml"],
-            &node,
-        )
-        .await;
-    kubectl.must_with(&["apply", "-f", "-"], &secret, &node).await;
+    apply_secret(ca.issue("secure-web.example.com", "secure-web renewed")).await;
     until("the renewed certificate served", Duration::from_secs(30), &node, || async {
         let (ok, subject, _) = subject().await;
         ok && subject.contains("secure-web renewed")
