@@ -53,8 +53,15 @@ FULCRUM_ADMIN = 19901
 ALGORITHMS = ["RoundRobin", "WeightedRoundRobin", "Random", "LeastConnections", "LeastRequest", "PeakEwma", "ConsistentHash"]
 
 
+# Every line logged also goes here (set with --raw): the raw figures of each round.
+RAW_LOG: list = [None]
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+    if RAW_LOG[0] is not None:
+        RAW_LOG[0].write(msg + "\n")
+        RAW_LOG[0].flush()
 
 
 class Procs:
@@ -429,6 +436,9 @@ class WrkResult:
     transfer_mb_s: float
     errors: int
     requests: int
+    # The proxy's CPU time per request, user and kernel, in microseconds (when measured).
+    user_us: float = float("nan")
+    sys_us: float = float("nan")
 
 
 UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
@@ -470,6 +480,8 @@ def median_result(rs: list[WrkResult]) -> WrkResult:
         p50_ms=statistics.median(r.p50_ms for r in rs),
         p99_ms=statistics.median(r.p99_ms for r in rs),
         transfer_mb_s=statistics.median(r.transfer_mb_s for r in rs),
+        user_us=statistics.median(r.user_us for r in rs),
+        sys_us=statistics.median(r.sys_us for r in rs),
         errors=sum(r.errors for r in rs),
         requests=sum(r.requests for r in rs),
     )
@@ -485,6 +497,57 @@ class LoadResult:
     p99_ms: float
     errors: int
     cpu_us: float = float("nan")
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """User and system CPU time of a process and its children, in seconds."""
+    user = system = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            user += int(fields[11]) / tick
+            system += int(fields[12]) / tick
+        except (FileNotFoundError, IndexError, ValueError):
+            pass
+    return user, system
+
+
+def interleaved_cpu(targets: dict[str, tuple[str, int | None]], rounds: int, run) -> tuple[dict[str, WrkResult], list[dict[str, WrkResult]]]:
+    """Like `interleaved`, with each proxy's user and kernel CPU time per
+    request; returns the medians and every round's results (for per-round ratios)."""
+    per_round: list[dict[str, WrkResult]] = []
+    for r in range(rounds):
+        this: dict[str, WrkResult] = {}
+        for name, (url, pid) in targets.items():
+            before = cpu_split(pid) if pid else (0.0, 0.0)
+            res = run(url)
+            if pid and res.requests > 0:
+                after = cpu_split(pid)
+                res.user_us = (after[0] - before[0]) * 1e6 / res.requests
+                res.sys_us = (after[1] - before[1]) * 1e6 / res.requests
+            log(
+                f"  round {r + 1} {name:<12} {res.rps:>10.0f} req/s  p50 {res.p50_ms:.3f} ms  p99 {res.p99_ms:.3f} ms"
+                f"  user {res.user_us:.1f} us  kernel {res.sys_us:.1f} us  errors {res.errors}"
+            )
+            this[name] = res
+        per_round.append(this)
+    medians = {t: median_result([rd[t] for rd in per_round]) for t in targets}
+    return medians, per_round
+
+
+def ratios(per_round: list[dict[str, WrkResult]], a: str = "fulcrum", b: str = "haproxy") -> dict[str, float]:
+    """Medians over the rounds of a's figure divided by b's in the same round."""
+    def med(key) -> float:
+        vals = [key(rd[a]) / key(rd[b]) for rd in per_round if key(rd[b]) > 0]
+        return statistics.median(vals) if vals else float("nan")
+
+    return {
+        "rps": med(lambda r: r.rps),
+        "p99": med(lambda r: r.p99_ms),
+        "user": med(lambda r: r.user_us),
+        "kernel": med(lambda r: r.sys_us),
+    }
 
 
 def cpu_seconds(pid: int) -> float:
@@ -670,7 +733,10 @@ def main() -> int:
     ap.add_argument("--idle", type=int, default=8000, help="idle connections for the memory run (file descriptors here are capped at 20000)")
     ap.add_argument("--peer", default="target/release/examples/bench_peer", help="the gRPC and WebSocket peers (examples/bench_peer.rs)")
     ap.add_argument("--splice", action="store_true", help="replace only the sections run in --out, keeping the others")
+    ap.add_argument("--raw", help="also write every round's figures to this file")
     args = ap.parse_args()
+    if args.raw:
+        RAW_LOG[0] = open(args.raw, "w")
     args_seconds[0] = args.seconds
     for tool in ["wrk", "haproxy", "nginx", "h2load"]:
         if not shutil.which(tool):
@@ -701,11 +767,17 @@ def main() -> int:
 
         only = set(args.sections.split(","))
         if "http" in only:
+            cpu_targets = {
+                "direct": (http_targets["direct"], procs.procs["backend0"].pid),
+                "fulcrum": (http_targets["fulcrum"], procs.procs["fulcrum"].pid),
+                "haproxy": (http_targets["haproxy"], procs.procs["haproxy"].pid),
+                "nginx": (http_targets["nginx"], procs.procs["nginx-proxy"].pid),
+            }
             log(f"HTTP/1.1 keep-alive, {c} connections")
-            ka = interleaved(http_targets, rounds, lambda u: wrk(u, c, s))
+            ka, ka_rounds = interleaved_cpu(cpu_targets, rounds, lambda u: wrk(u, c, s))
             log(f"HTTP/1.1, a new connection per request, {c} connections")
-            nc = interleaved(http_targets, rounds, lambda u: wrk(u, c, s, headers=["Connection: close"]))
-            sections.append(http_table(ka, nc, c, s))
+            nc, nc_rounds = interleaved_cpu(cpu_targets, rounds, lambda u: wrk(u, c, s, headers=["Connection: close"]))
+            sections.append(http_table(ka, nc, ratios(ka_rounds), ratios(nc_rounds), c, s))
 
         if "tcp" in only:
             log("TCP bulk: 8 MiB downloads through TCP-mode proxies, 4 connections")
@@ -930,24 +1002,32 @@ def ws_table(res: dict[str, LoadResult]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def http_table(ka: dict[str, WrkResult], nc: dict[str, WrkResult], conns: int, seconds: int) -> str:
+def http_table(ka: dict[str, WrkResult], nc: dict[str, WrkResult], ka_ratio: dict[str, float], nc_ratio: dict[str, float], conns: int, seconds: int) -> str:
     lines = [
         "## HTTP/1.1, small responses",
         "",
-        f"`wrk -t1 -c{conns} -d{seconds}s --latency`, keep-alive (left) and `Connection: close`, a new connection per request (right). \"direct\" is one backend without a proxy.",
+        f"`wrk -t1 -c{conns} -d{seconds}s --latency`, keep-alive and `Connection: close` (a new connection per request). "
+        "CPU is the process's (or its workers') user and kernel time per request, from `/proc/<pid>/stat` around each run; "
+        "\"direct\" is one backend without a proxy (its CPU is the backend's).",
         "",
-        "| target | keep-alive req/s | p50 | p99 | new-connection req/s | p50 | p99 | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| target | keep-alive req/s | p50 | p99 | user µs/req | kernel µs/req | new-connection req/s | p99 | user µs/req | kernel µs/req | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for t in ka:
         a, b = ka[t], nc[t]
         lines.append(
-            f"| {t} | {a.rps:,.0f} | {a.p50_ms:.2f} ms | {a.p99_ms:.2f} ms | {b.rps:,.0f} | {b.p50_ms:.2f} ms | {b.p99_ms:.2f} ms | {a.errors + b.errors} |"
+            f"| {t} | {a.rps:,.0f} | {a.p50_ms:.2f} ms | {a.p99_ms:.2f} ms | {a.user_us:.1f} | {a.sys_us:.1f} "
+            f"| {b.rps:,.0f} | {b.p99_ms:.2f} ms | {b.user_us:.1f} | {b.sys_us:.1f} | {a.errors + b.errors} |"
         )
-    h = ka.get("haproxy")
-    f = ka.get("fulcrum")
-    if h and f:
-        lines += ["", f"fulcrum / HAProxy keep-alive throughput: {f.rps / h.rps:.2f}; new connections: {nc['fulcrum'].rps / nc['haproxy'].rps:.2f}."]
+    lines += [
+        "",
+        "fulcrum / HAProxy, medians of the per-round ratios (each round runs the proxies back to back):",
+        "",
+        "| scenario | req/s | p99 | user CPU per request | kernel CPU per request |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, r in [("keep-alive", ka_ratio), ("new connection per request", nc_ratio)]:
+        lines.append(f"| {name} | {r['rps']:.2f} | {r['p99']:.2f} | {r['user']:.2f} | {r['kernel']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
