@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: build test lint unit doc fuzz docs manifests-check manifests demo crds bench bench-balance bench-proxy bench-operator bench-discovery kind-deploy image clean
+.PHONY: build test lint unit doc fuzz docs manifests-check manifests demo crds bench bench-balance bench-h1 bench-proxy bench-operator bench-discovery kind-deploy image clean
 
 # The manifest checks' tools (Helm's Go SDK, kubernetes-validate, checkov) live
 # in a virtualenv in the repository, reinstalled when their pinned list changes.
@@ -87,7 +87,7 @@ demo:
 
 ## All benchmarks (not part of `make test`): the balancing core, then the proxy
 ## against HAProxy and NGINX. Writes bench/results/ and bench/RESULTS.md.
-bench: bench-balance bench-proxy bench-operator bench-discovery bench-zones
+bench: bench-balance bench-h1 bench-proxy bench-operator bench-discovery bench-zones
 
 ## Balancing-core benchmark; writes bench/results/balance.md.
 bench-balance:
@@ -95,12 +95,16 @@ bench-balance:
 	python3 bench/balance_table.py target/criterion > bench/results/balance.md
 	@cat bench/results/balance.md
 
+## The HTTP/1.1 fast path's head parsing and rewriting, without I/O (criterion).
+bench-h1:
+	$(CARGO) bench --locked --bench h1
+
 ## Proxy benchmarks: fulcrum vs HAProxy vs NGINX on loopback; installs wrk,
 ## haproxy and nginx from Debian's packages when missing.
 bench-proxy: build
 	$(CARGO) build --release --locked --example bench_peer
 	bash bench/proxy/install.sh
-	python3 bench/proxy/run.py --fulcrum target/release/fulcrum --peer target/release/examples/bench_peer --out bench/RESULTS.md
+	python3 bench/proxy/run.py --fulcrum target/release/fulcrum --peer target/release/examples/bench_peer --out bench/RESULTS.md --raw bench/results/proxy-raw.log
 	@cat bench/RESULTS.md
 
 ## Operator at scale: 500 apps on the in-memory API server; the table goes into bench/RESULTS.md.

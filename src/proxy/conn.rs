@@ -211,31 +211,37 @@ impl<B: hyper::body::Body + Unpin> hyper::body::Body for Guarded<B> {
     }
 }
 
-/// Reads the first bytes of a connection, enough to tell the HTTP/2 preface
-/// from an HTTP/1 request, within `limit`. Returns them (to be read again by
-/// the HTTP server) and whether the connection speaks HTTP/1; `None` when
-/// the client sent too little in time or closed.
-pub(crate) async fn detect<S: AsyncRead + Unpin>(io: &mut S, limit: Duration) -> Option<(Bytes, bool)> {
-    let mut buf = Vec::with_capacity(H2_PREFACE.len());
-    let read = async {
+/// Reads the first bytes of a connection into `buf`, enough to tell the
+/// HTTP/2 preface from an HTTP/1 request, within `limit`: as much as has
+/// arrived, so an HTTP/1 request head usually comes whole with the first
+/// read. Returns them (to be read again by the HTTP server) and whether the
+/// connection speaks HTTP/1; `None` when the client sent too little in time
+/// or closed.
+pub(crate) async fn detect<S: AsyncRead + Unpin>(
+    io: &mut S,
+    limit: Duration,
+    buf: impl FnOnce() -> Vec<u8>,
+) -> Option<(Vec<u8>, bool)> {
+    let read = async move {
+        let mut buf = buf();
         loop {
-            let mut chunk = [0u8; 24];
-            let want = H2_PREFACE.len() - buf.len();
-            let n = io.read(&mut chunk[..want]).await.ok()?;
+            if buf.capacity() - buf.len() < H2_PREFACE.len() {
+                buf.reserve(4096);
+            }
+            let n = io.read_buf(&mut buf).await.ok()?;
             if n == 0 {
                 return None;
             }
-            buf.extend_from_slice(&chunk[..n]);
-            if buf[..] != H2_PREFACE[..buf.len()] {
-                return Some(true);
+            let seen = buf.len().min(H2_PREFACE.len());
+            if buf[..seen] != H2_PREFACE[..seen] {
+                return Some((buf, true));
             }
-            if buf.len() == H2_PREFACE.len() {
-                return Some(false);
+            if seen == H2_PREFACE.len() {
+                return Some((buf, false));
             }
         }
     };
-    let http1 = tokio::time::timeout(limit, read).await.ok()??;
-    Some((Bytes::from(buf), http1))
+    tokio::time::timeout(limit, read).await.ok()?
 }
 
 /// A client socket that replays the bytes [`detect`] read, and records its
@@ -321,17 +327,20 @@ mod tests {
     async fn detection_tells_http1_from_the_preface_and_gives_up_on_silence() {
         let (mut a, mut b) = tokio::io::duplex(64);
         tokio::io::AsyncWriteExt::write_all(&mut b, b"GET / HTTP/1.1\r\n").await.unwrap();
-        let (bytes, http1) = detect(&mut a, Duration::from_secs(1)).await.unwrap();
-        assert!(http1 && bytes.starts_with(b"G"));
+        let (bytes, http1) = detect(&mut a, Duration::from_secs(1), Vec::new).await.unwrap();
+        assert!(http1 && bytes == b"GET / HTTP/1.1\r\n", "the whole first read is kept");
         let (mut a, mut b) = tokio::io::duplex(64);
         tokio::io::AsyncWriteExt::write_all(&mut b, H2_PREFACE).await.unwrap();
-        assert_eq!(detect(&mut a, Duration::from_secs(1)).await.map(|(b, h)| (b.len(), h)), Some((24, false)));
+        assert_eq!(
+            detect(&mut a, Duration::from_secs(1), Vec::new).await.map(|(b, h)| (b.len(), h)),
+            Some((24, false))
+        );
         // The preface's first bytes, then nothing: not a hang.
         let (mut a, mut b) = tokio::io::duplex(64);
         tokio::io::AsyncWriteExt::write_all(&mut b, b"PRI * HTTP").await.unwrap();
-        assert!(detect(&mut a, Duration::from_millis(50)).await.is_none());
+        assert!(detect(&mut a, Duration::from_millis(50), Vec::new).await.is_none());
         let (mut a, _b) = tokio::io::duplex(64);
-        assert!(detect(&mut a, Duration::from_millis(50)).await.is_none());
+        assert!(detect(&mut a, Duration::from_millis(50), Vec::new).await.is_none());
     }
 
     #[tokio::test]

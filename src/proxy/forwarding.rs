@@ -56,7 +56,7 @@ fn proto(peer: &Peer) -> HeaderValue {
 
 /// The right-most address of `chain` outside `trusted`, walking left from a
 /// trusted peer; a malformed entry stops the walk at the last good address.
-fn client_of(chain: &[u8], peer: IpAddr, trusted: &[Cidr]) -> IpAddr {
+pub(crate) fn client_of(chain: &[u8], peer: IpAddr, trusted: &[Cidr]) -> IpAddr {
     let text = String::from_utf8_lossy(chain);
     let mut client = peer;
     for hop in text.rsplit(',').map(str::trim).filter(|h| !h.is_empty()) {

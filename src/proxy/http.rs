@@ -32,7 +32,7 @@ use super::metrics::{NO_RESPONSE, class_of};
 use super::replay::{ReplayError, Replayable};
 use super::state::{Runtime, Shared};
 use super::tls::ClientCert;
-use super::upstream::{ConnSettings, Lease, UpstreamError};
+use super::upstream::{ConnSettings, Lease, Upstream, UpstreamError};
 use super::{forwarding, grpc, tracks, upgrade};
 use crate::balance::{self, AffinityToken, Outcome, Pick, hash_key};
 
@@ -141,7 +141,7 @@ impl Failure {
         }
     }
 
-    fn message(self) -> &'static str {
+    pub(crate) fn message(self) -> &'static str {
         match self {
             Failure::NoEndpoint => "no healthy endpoint",
             Failure::Unreachable => "no endpoint reachable",
@@ -288,46 +288,14 @@ async fn forward(
         Sendable::Once(Some(ClientBody { inner: body, clock: stream.clone() }))
     };
     let idempotent = parts.as_ref().is_some_and(|p| is_idempotent(&p.method));
-    if retries > 0 {
-        shared.retry_budget.deposit();
-    }
-    let breakers = &rt.config.circuit_breakers;
-    let settings = ConnSettings {
-        connect_timeout: timeouts.connect.0,
-        idle_timeout: timeouts.idle.0,
-        max_connections: breakers.max_connections as usize,
-        max_pending: breakers.max_pending_requests as usize,
-    };
+    let mut attempts = Attempts::new(shared, rt, idempotent);
+    let settings = attempts.settings();
     let deadline = tokio::time::Instant::now() + call_timeout.unwrap_or(timeouts.request.0);
 
-    let mut tried = [SocketAddr::from(([0, 0, 0, 0], 0)); MAX_RETRY_ATTEMPTS as usize + 1];
-    let mut all_refused = true;
     let mut now = start;
     for attempt in 0..=retries {
-        let breq = balance::Request { hash, affinity: presented, exclude: &tried[..attempt] };
-        let Some(mut pick) = shared.pick(rt, &breq, now) else {
-            return Err(match attempt {
-                0 => Failure::NoEndpoint,
-                _ if all_refused => Failure::Unreachable,
-                _ => Failure::Upstream,
-            });
-        };
-        tried[attempt] = pick.addr();
-        let Some(upstream) = rt.upstreams.get(&pick.addr()) else {
-            // Every member of the set has an upstream; a miss would be a bug, not a client's fault.
-            return Err(Failure::Upstream);
-        };
+        let Some((mut pick, upstream)) = attempts.pick(attempt, hash, presented, now)? else { continue };
         let stats = &upstream.stats;
-        // Circuit breaking: an endpoint at its cap is skipped before anything is
-        // sent, so the next attempt is free; past the last one, a fast 503.
-        if pick.endpoint().in_flight() > breakers.max_requests {
-            pick.complete(Outcome::Cancelled);
-            shared.metrics.overflow("maxRequests");
-            if attempt == retries {
-                return Err(Failure::Overflow);
-            }
-            continue;
-        }
         let Some(attempt_body) = body.next() else { return Err(Failure::Upstream) };
         let Some(mut head) = (if attempt < retries { parts.clone() } else { parts.take() }) else {
             return Err(Failure::Upstream);
@@ -384,47 +352,139 @@ async fn forward(
                 }
                 return Ok(Response::from_parts(rparts, Either::Left(tracked)));
             }
-            Ok(Err(UpstreamError::Overflow)) => {
-                // Nothing was sent and the endpoint is not at fault: like maxRequests.
-                pick.complete(Outcome::Cancelled);
-                shared.metrics.overflow("maxPendingRequests");
-                if attempt == retries {
-                    return Err(Failure::Overflow);
-                }
-            }
+            Ok(Err(UpstreamError::Overflow)) => attempts.overflowed(pick, attempt)?,
             Ok(Err(e)) => {
-                stats.count(NO_RESPONSE);
-                upstream.track.no_response(tracks::now_s());
-                shared.endpoint_failed(rt, pick, now);
-                let connect_failed = matches!(e, UpstreamError::Connect(_));
-                all_refused &= connect_failed;
-                let unprocessed = connect_failed || matches!(e, UpstreamError::Refused(_));
-                let safe = unprocessed || idempotent;
-                tracing::debug!(endpoint = %tried[attempt], error = %e, safe, "request to endpoint failed");
                 if upgrade.is_some() {
                     shared.metrics.upgrade("failed");
                 }
-                if !safe || attempt == retries {
-                    return Err(if all_refused { Failure::Unreachable } else { Failure::Upstream });
-                }
-                // A request the endpoint never processed cost it nothing, so its
-                // retry is free; a retry of a request an endpoint may have worked on
-                // is paid from the budget.
-                if !unprocessed && !shared.retry_budget.withdraw() {
-                    shared.metrics.retry(false);
-                    return Err(Failure::Upstream);
-                }
-                shared.metrics.retry(true);
+                let connect_failed = matches!(e, UpstreamError::Connect(_));
+                let unprocessed = connect_failed || matches!(e, UpstreamError::Refused(_));
+                attempts.failed(pick, upstream, now, attempt, connect_failed, unprocessed, &e)?;
             }
-            Err(_elapsed) => {
-                stats.count(NO_RESPONSE);
-                upstream.track.no_response(tracks::now_s());
-                shared.endpoint_failed(rt, pick, now);
-                return Err(Failure::Timeout);
-            }
+            Err(_elapsed) => return Err(attempts.timed_out(pick, upstream, now)),
         }
     }
     Err(Failure::Upstream)
+}
+
+/// One request's attempts at endpoints, for the hyper path and the fast
+/// path alike: the pick that avoids endpoints already tried, circuit
+/// breaking, and what a failure means for the endpoint, the retry budget
+/// and the client.
+pub(crate) struct Attempts<'a> {
+    shared: &'a Arc<Shared>,
+    rt: &'a Runtime,
+    /// Retries allowed after the first attempt.
+    pub(crate) retries: usize,
+    tried: [SocketAddr; MAX_RETRY_ATTEMPTS as usize + 1],
+    /// Every endpoint tried refused the connection so far.
+    all_refused: bool,
+    idempotent: bool,
+}
+
+impl<'a> Attempts<'a> {
+    /// A request's attempts under `rt`'s retry policy (a request that may be
+    /// retried earns the retry budget its share).
+    pub(crate) fn new(shared: &'a Arc<Shared>, rt: &'a Runtime, idempotent: bool) -> Self {
+        let retries = rt.config.retries.attempts.min(MAX_RETRY_ATTEMPTS) as usize;
+        if retries > 0 {
+            shared.retry_budget.deposit();
+        }
+        let tried = [SocketAddr::from(([0, 0, 0, 0], 0)); MAX_RETRY_ATTEMPTS as usize + 1];
+        Attempts { shared, rt, retries, tried, all_refused: true, idempotent }
+    }
+
+    /// The settings of connections to endpoints.
+    pub(crate) fn settings(&self) -> ConnSettings {
+        let (timeouts, breakers) = (&self.rt.config.timeouts, &self.rt.config.circuit_breakers);
+        ConnSettings {
+            connect_timeout: timeouts.connect.0,
+            idle_timeout: timeouts.idle.0,
+            max_connections: breakers.max_connections as usize,
+            max_pending: breakers.max_pending_requests as usize,
+        }
+    }
+
+    /// The endpoint of attempt `attempt`, one not tried yet; `None` when it is
+    /// at `circuitBreakers.maxRequests` and skipped before anything is sent
+    /// (the next attempt is free); past the last attempt, or with no
+    /// endpoint left, the failure the client reads.
+    pub(crate) fn pick(
+        &mut self,
+        attempt: usize,
+        hash: Option<u64>,
+        affinity: Option<AffinityToken>,
+        now: balance::Nanos,
+    ) -> Result<Option<(Pick, &'a Arc<Upstream>)>, Failure> {
+        let breq = balance::Request { hash, affinity, exclude: &self.tried[..attempt] };
+        let Some(pick) = self.shared.pick(self.rt, &breq, now) else {
+            return Err(match attempt {
+                0 => Failure::NoEndpoint,
+                _ if self.all_refused => Failure::Unreachable,
+                _ => Failure::Upstream,
+            });
+        };
+        self.tried[attempt] = pick.addr();
+        // Every member of the set has an upstream; a miss would be a bug, not a client's fault.
+        let upstream = self.rt.upstreams.get(&pick.addr()).ok_or(Failure::Upstream)?;
+        if pick.endpoint().in_flight() > self.rt.config.circuit_breakers.max_requests {
+            pick.complete(Outcome::Cancelled);
+            self.shared.metrics.overflow("maxRequests");
+            return if attempt == self.retries { Err(Failure::Overflow) } else { Ok(None) };
+        }
+        Ok(Some((pick, upstream)))
+    }
+
+    /// The endpoint had `maxConnections` open and `maxPendingRequests`
+    /// waiting: nothing was sent and it is not at fault, like `maxRequests`.
+    pub(crate) fn overflowed(&self, pick: Pick, attempt: usize) -> Result<(), Failure> {
+        pick.complete(Outcome::Cancelled);
+        self.shared.metrics.overflow("maxPendingRequests");
+        if attempt == self.retries { Err(Failure::Overflow) } else { Ok(()) }
+    }
+
+    /// The exchange failed (the connection could not open when
+    /// `connect_failed`; the endpoint never processed the request when
+    /// `unprocessed`). `Ok` when the request goes to another endpoint.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn failed(
+        &mut self,
+        pick: Pick,
+        upstream: &Upstream,
+        now: balance::Nanos,
+        attempt: usize,
+        connect_failed: bool,
+        unprocessed: bool,
+        error: &dyn std::fmt::Display,
+    ) -> Result<(), Failure> {
+        upstream.stats.count(NO_RESPONSE);
+        upstream.track.no_response(tracks::now_s());
+        self.shared.endpoint_failed(self.rt, pick, now);
+        self.all_refused &= connect_failed;
+        let safe = unprocessed || self.idempotent;
+        tracing::debug!(endpoint = %self.tried[attempt], %error, safe, "request to endpoint failed");
+        if !safe || attempt == self.retries {
+            return Err(if self.all_refused { Failure::Unreachable } else { Failure::Upstream });
+        }
+        // A request the endpoint never processed cost it nothing, so its
+        // retry is free; a retry of a request an endpoint may have worked on
+        // is paid from the budget.
+        if !unprocessed && !self.shared.retry_budget.withdraw() {
+            self.shared.metrics.retry(false);
+            return Err(Failure::Upstream);
+        }
+        self.shared.metrics.retry(true);
+        Ok(())
+    }
+
+    /// No answer within the request's timeout: the endpoint failed, and the
+    /// client reads a timeout (not retried: the time is spent).
+    pub(crate) fn timed_out(&self, pick: Pick, upstream: &Upstream, now: balance::Nanos) -> Failure {
+        upstream.stats.count(NO_RESPONSE);
+        upstream.track.no_response(tracks::now_s());
+        self.shared.endpoint_failed(self.rt, pick, now);
+        Failure::Timeout
+    }
 }
 
 /// Methods that may be sent twice without changing the outcome (RFC 9110 §9.2.2).
@@ -434,14 +494,14 @@ fn is_idempotent(m: &Method) -> bool {
 
 /// What a request's consistent-hashing key is made of, read before the
 /// headers are rewritten; the client address is known only after.
-enum HashInput {
+pub(crate) enum HashInput {
     ClientIp,
     Value(u64),
     Missing,
 }
 
 impl HashInput {
-    fn resolve(self, client: IpAddr) -> Option<u64> {
+    pub(crate) fn resolve(self, client: IpAddr) -> Option<u64> {
         match self {
             HashInput::ClientIp => Some(match client {
                 IpAddr::V4(ip) => hash_key(&ip.octets()),
@@ -454,21 +514,34 @@ impl HashInput {
 }
 
 fn request_hash_input(key: &HashKey, headers: &HeaderMap, peer: &Peer) -> HashInput {
+    hash_input(key, peer, |name| headers.get(name).map(HeaderValue::as_bytes), |name| cookie(headers, name))
+}
+
+/// A request's hashing key, from its header named `header(name)` or its
+/// cookie `cookie(name)`, or the connection.
+pub(crate) fn hash_input<'h>(
+    key: &HashKey,
+    peer: &Peer,
+    header: impl FnOnce(&HeaderName) -> Option<&'h [u8]>,
+    cookie: impl FnOnce(&str) -> Option<&'h str>,
+) -> HashInput {
     let found = match key {
         HashKey::ClientCertificate => peer.cert.as_ref().map(|c| c.subject_hash),
         HashKey::SourceIp => return HashInput::ClientIp,
-        HashKey::Header(name) => headers.get(name).map(|v| hash_key(v.as_bytes())),
-        HashKey::Cookie(name) => cookie(headers, name).map(|v| hash_key(v.as_bytes())),
+        HashKey::Header(name) => header(name).map(hash_key),
+        HashKey::Cookie(name) => cookie(name).map(|v| hash_key(v.as_bytes())),
     };
     found.map_or(HashInput::Missing, HashInput::Value)
 }
 
 /// The value of cookie `name`, from any `Cookie` header.
 pub(crate) fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+    cookie_in(headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()), name)
+}
+
+/// The value of cookie `name` among `Cookie` header values.
+pub(crate) fn cookie_in<'h>(values: impl Iterator<Item = &'h str>, name: &str) -> Option<&'h str> {
+    values
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
         .find(|(k, _)| *k == name)

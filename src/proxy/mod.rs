@@ -3,14 +3,17 @@
 //!
 //! Layout: [`config`] is the file format; `state` holds the runtime swapped
 //! on each update and the per-thread balancers; `http` and `tcp` are the two
-//! request paths; `health` runs active probes and the passive sweep; `admin`
+//! request paths, and `fast` with [`h1`] the HTTP/1.1 fast path in front of
+//! `http`; `health` runs active probes and the passive sweep; `admin`
 //! serves the admin API; [`server`] binds, serves and drains.
 
 mod admin;
 pub mod config;
 mod conn;
+mod fast;
 mod forwarding;
 mod grpc;
+pub mod h1;
 mod health;
 mod http;
 pub mod metrics;

@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use super::config::{Protocol, ProxyConfig};
 use super::state::{ApplyError, Shared};
-use super::{admin, conn, health, http, tcp, tls};
+use super::{admin, conn, fast, health, http, tcp, tls};
 use crate::discovery::{Snapshot, SourceMetrics};
 use crate::small_http;
 
@@ -109,6 +109,7 @@ impl Proxy {
         background.spawn(health::run(shared.clone()));
         background.spawn(apply_updates(shared.clone(), updates));
         background.spawn(tls::watch(shared.clone()));
+        background.spawn(fast::trim_after_bursts());
         if let Some(admin) = admin {
             background.spawn(serve_admin(shared.clone(), admin));
         }
@@ -196,6 +197,7 @@ fn worker(
             let _ = stopped.wait_for(|s| *s).await;
         };
         let connections = Connections::new();
+        tokio::spawn(heartbeat());
         match protocol {
             Protocol::Http => accept_http(&shared, listener, &connections, shutdown).await,
             Protocol::Tcp => accept_tcp(&shared, listener, &connections, shutdown).await,
@@ -204,6 +206,21 @@ fn worker(
         connections.drain(grace).await;
     });
 }
+
+/// Keeps a timer due within [`HEARTBEAT`] on the worker's event loop. A
+/// timer armed while the loop is busy (a request's timeout, every request)
+/// costs a wake-up of the loop through its event fd when no timer is due
+/// sooner: tokio must then shorten its next sleep. With this one always due
+/// first, request timers never do, at the price of a few idle wake-ups a
+/// second.
+async fn heartbeat() {
+    loop {
+        tokio::time::sleep(HEARTBEAT).await;
+    }
+}
+
+/// The heartbeat's period: well below the shortest timeout a request arms.
+const HEARTBEAT: Duration = Duration::from_millis(50);
 
 async fn apply_updates(shared: Arc<Shared>, mut updates: watch::Receiver<Arc<Snapshot>>) {
     while updates.changed().await.is_ok() {
@@ -440,13 +457,27 @@ async fn serve_http_io<S>(
     limits: conn::Limits,
     graceful: &CancellationToken,
 ) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: fast::ClientStream + 'static,
 {
     let peer = client.addr;
-    let Some((prefix, http1)) = conn::detect(&mut stream, detect_within).await else {
+    // A connection that has sent nothing yet holds no buffer.
+    let started = std::time::Instant::now();
+    if S::WAITS_WITHOUT_BUFFER && !matches!(tokio::time::timeout(detect_within, stream.readable()).await, Ok(Ok(()))) {
+        shared.metrics.timed_out("header");
+        return;
+    }
+    let detect_within = detect_within.saturating_sub(started.elapsed());
+    let Some((mut first, http1)) = conn::detect(&mut stream, detect_within, fast::take_buffer).await else {
         shared.metrics.timed_out("header");
         return;
     };
+    if http1 {
+        match fast::serve(shared, &mut stream, first, &client, limits, graceful).await {
+            fast::Left::Closed => return,
+            fast::Left::Handoff(rest) => first = rest,
+        }
+    }
+    let prefix = bytes::Bytes::from(first);
     let activity = conn::Activity::new();
     let io = TokioIo::new(conn::ClientIo::new(stream, prefix, http1, activity.clone()));
     let svc_shared = shared.clone();

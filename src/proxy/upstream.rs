@@ -66,6 +66,11 @@ fn worker_slot(slots: usize) -> usize {
     WORKER.with(Cell::get).min(slots - 1)
 }
 
+/// This worker's list of `lists`.
+fn own<T>(lists: &[Mutex<Vec<T>>]) -> std::sync::MutexGuard<'_, Vec<T>> {
+    lists[worker_slot(lists.len())].lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// One endpoint as the proxy sees it.
 #[derive(Debug)]
 pub(crate) struct Upstream {
@@ -79,7 +84,10 @@ pub(crate) struct Upstream {
     pub(crate) http2: bool,
     /// Idle HTTP/1.1 connections, one list per worker (and one for other threads).
     /// Each list is only ever locked by its own thread, so the lock is uncontended.
-    idle: Box<[Mutex<Vec<Idle>>]>,
+    idle: Pools<http1::SendRequest<UpstreamBody>>,
+    /// Idle HTTP/1.1 connections of the fast path ([`super::fast`]), kept
+    /// as sockets, one list per worker like `idle`.
+    raw: Pools<RawConn>,
     /// HTTP/2 connections, one list per worker (and one for other threads).
     h2: Box<[Mutex<Vec<H2Conn>>]>,
     /// Held while a worker opens an HTTP/2 connection, so a burst of requests
@@ -150,14 +158,58 @@ impl Drop for Pending {
     }
 }
 
-struct Idle {
-    sender: http1::SendRequest<UpstreamBody>,
+/// Idle connections, one list per worker (and one for other threads).
+type Pools<T> = Box<[Mutex<Vec<Idle<T>>>]>;
+
+/// A pooled connection and when it went idle.
+struct Idle<T> {
+    conn: T,
     since: Instant,
 }
 
-impl std::fmt::Debug for Idle {
+impl<T> std::fmt::Debug for Idle<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Idle").field("since", &self.since).finish_non_exhaustive()
+    }
+}
+
+/// A connection that can wait in a pool.
+trait Pooled {
+    /// Whether it can still carry a request (the endpoint has not closed it).
+    fn usable(&self) -> bool;
+}
+
+impl Pooled for http1::SendRequest<UpstreamBody> {
+    fn usable(&self) -> bool {
+        !self.is_closed()
+    }
+}
+
+/// An HTTP/1.1 connection of the fast path: the socket itself, counted
+/// against `maxConnections` until it is dropped.
+pub(crate) struct RawConn {
+    pub(crate) io: EndpointIo,
+    _slot: OpenConn,
+}
+
+impl Pooled for RawConn {
+    /// Looks at the socket's readiness without a system call unless the event
+    /// loop has seen it become readable: an idle connection that is readable
+    /// was closed by the endpoint (or sent bytes nobody asked for). Over TLS,
+    /// bytes may be a session ticket: only a close counts.
+    fn usable(&self) -> bool {
+        let (tcp, tls) = match &self.io {
+            EndpointIo::Left(tcp) => (tcp, false),
+            EndpointIo::Right(s) => (s.get_ref().0, true),
+        };
+        let mut byte = [0u8; 1];
+        let mut buf = tokio::io::ReadBuf::new(&mut byte);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match tcp.poll_peek(&mut cx, &mut buf) {
+            Poll::Pending => true,
+            Poll::Ready(Ok(n)) => tls && n > 0,
+            Poll::Ready(Err(_)) => false,
+        }
     }
 }
 
@@ -317,6 +369,7 @@ impl Upstream {
         let authority = label.parse().unwrap_or_else(|_| http::uri::Authority::from_static("invalid"));
         let slots = if http2 { 0 } else { workers + 1 };
         let idle = (0..slots).map(|_| Mutex::new(Vec::new())).collect();
+        let raw = (0..slots).map(|_| Mutex::new(Vec::new())).collect();
         let h2_slots = if http2 { workers + 1 } else { 0 };
         let h2 = (0..h2_slots).map(|_| Mutex::new(Vec::new())).collect();
         let h2_opening = (0..h2_slots).map(|_| tokio::sync::Mutex::new(())).collect();
@@ -327,6 +380,7 @@ impl Upstream {
             track,
             http2,
             idle,
+            raw,
             h2,
             h2_opening,
             warned: AtomicBool::new(false),
@@ -344,14 +398,6 @@ impl Upstream {
     /// Requests waiting for a connection to the endpoint now.
     pub(crate) fn pending(&self) -> usize {
         self.capacity.pending.load(Ordering::Relaxed)
-    }
-
-    fn idle_list(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
-        self.idle[worker_slot(self.idle.len())].lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn h2_list(&self) -> std::sync::MutexGuard<'_, Vec<H2Conn>> {
-        self.h2[worker_slot(self.h2.len())].lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Sends `req` to the endpoint, over HTTP/1.1 or HTTP/2 as configured.
@@ -409,7 +455,33 @@ impl Upstream {
         &self,
         settings: ConnSettings,
     ) -> Result<(http1::SendRequest<UpstreamBody>, bool), UpstreamError> {
-        if let Some(s) = Self::checkout(&mut self.idle_list(), settings.idle_timeout) {
+        self.pooled(&self.idle, settings, |slot| self.connect_h1(settings.connect_timeout, slot)).await
+    }
+
+    /// A connection of the fast path to the endpoint: pooled (and `true`), or
+    /// new, under the same caps as [`Upstream::send`]'s.
+    pub(crate) async fn raw_connection(&self, settings: ConnSettings) -> Result<(RawConn, bool), UpstreamError> {
+        self.pooled(&self.raw, settings, |slot| async move {
+            Ok(RawConn { io: self.open(settings.connect_timeout).await?, _slot: slot })
+        })
+        .await
+    }
+
+    /// Gives a fast-path connection back for the next request.
+    pub(crate) fn checkin_raw(&self, conn: RawConn) {
+        self.checkin_to(&self.raw, conn);
+    }
+
+    async fn pooled<T: Pooled, F>(
+        &self,
+        lists: &[Mutex<Vec<Idle<T>>>],
+        settings: ConnSettings,
+        connect: impl FnOnce(OpenConn) -> F,
+    ) -> Result<(T, bool), UpstreamError>
+    where
+        F: Future<Output = Result<T, UpstreamError>>,
+    {
+        if let Some(s) = Self::checkout(&mut own(lists), settings.idle_timeout) {
             return Ok((s, true));
         }
         let mut queued = None;
@@ -419,10 +491,10 @@ impl Upstream {
             let mut freed = std::pin::pin!(freed);
             freed.as_mut().enable();
             if let Some(slot) = self.capacity.try_open(settings.max_connections) {
-                return Ok((self.connect_h1(settings.connect_timeout, slot).await?, false));
+                return Ok((connect(slot).await?, false));
             }
             if queued.is_some() {
-                for list in &self.idle {
+                for list in lists {
                     let mut idle = list.lock().unwrap_or_else(|p| p.into_inner());
                     if let Some(s) = Self::checkout(&mut idle, settings.idle_timeout) {
                         return Ok((s, true));
@@ -453,24 +525,28 @@ impl Upstream {
         Ok(sender)
     }
 
-    fn checkout(idle: &mut Vec<Idle>, idle_timeout: Duration) -> Option<http1::SendRequest<UpstreamBody>> {
+    fn checkout<T: Pooled>(idle: &mut Vec<Idle<T>>, idle_timeout: Duration) -> Option<T> {
         // Most recently used first: its socket is warm and least likely to have been closed.
         while let Some(i) = idle.pop() {
-            if !i.sender.is_closed() && i.since.elapsed() < idle_timeout {
-                return Some(i.sender);
+            if i.conn.usable() && i.since.elapsed() < idle_timeout {
+                return Some(i.conn);
             }
         }
         None
     }
 
     fn checkin(&self, sender: http1::SendRequest<UpstreamBody>) {
-        if sender.is_closed() {
+        self.checkin_to(&self.idle, sender);
+    }
+
+    fn checkin_to<T: Pooled>(&self, lists: &[Mutex<Vec<Idle<T>>>], conn: T) {
+        if !conn.usable() {
             return;
         }
         {
-            let mut idle = self.idle_list();
+            let mut idle = own(lists);
             if idle.len() < MAX_IDLE {
-                idle.push(Idle { sender, since: Instant::now() });
+                idle.push(Idle { conn, since: Instant::now() });
             }
         }
         self.capacity.wake();
@@ -516,7 +592,7 @@ impl Upstream {
         &self,
         settings: ConnSettings,
     ) -> Result<(http2::SendRequest<UpstreamBody>, Arc<H2State>), UpstreamError> {
-        if let Some(found) = Self::h2_with_room(&self.h2_list()) {
+        if let Some(found) = Self::h2_with_room(&own(&self.h2)) {
             return Ok(found);
         }
         let mut queued = None;
@@ -527,7 +603,7 @@ impl Upstream {
             {
                 let _opening = self.h2_opening[worker_slot(self.h2_opening.len())].lock().await;
                 // Another request of this worker may have opened one meanwhile.
-                if let Some(found) = Self::h2_with_room(&self.h2_list()) {
+                if let Some(found) = Self::h2_with_room(&own(&self.h2)) {
                     return Ok(found);
                 }
                 if let Some(slot) = self.capacity.try_open(settings.max_connections) {
@@ -536,7 +612,7 @@ impl Upstream {
                     // after the connection opens: wait for it, so a burst of requests on a
                     // new connection does not pile onto it past the limit.
                     state.settled(settings.connect_timeout).await;
-                    let mut list = self.h2_list();
+                    let mut list = own(&self.h2);
                     list.retain(|c| !c.sender.is_closed());
                     if list.len() < MAX_H2_CONNECTIONS {
                         list.push(H2Conn { sender: sender.clone(), state: state.clone() });
@@ -615,7 +691,11 @@ impl Upstream {
     pub(crate) fn prune(&self, idle_timeout: Duration) {
         for list in &self.idle {
             let mut idle = list.lock().unwrap_or_else(|p| p.into_inner());
-            idle.retain(|i| !i.sender.is_closed() && i.since.elapsed() < idle_timeout);
+            idle.retain(|i| i.conn.usable() && i.since.elapsed() < idle_timeout);
+        }
+        for list in &self.raw {
+            let mut idle = list.lock().unwrap_or_else(|p| p.into_inner());
+            idle.retain(|i| i.conn.usable() && i.since.elapsed() < idle_timeout);
         }
         for list in &self.h2 {
             let mut conns = list.lock().unwrap_or_else(|p| p.into_inner());
@@ -625,7 +705,8 @@ impl Upstream {
 
     /// Connections held now with no request on them, over all workers.
     pub(crate) fn idle_count(&self) -> usize {
-        let h1: usize = self.idle.iter().map(|l| l.lock().map(|v| v.len()).unwrap_or(0)).sum();
+        let h1: usize = self.idle.iter().map(|l| l.lock().map(|v| v.len()).unwrap_or(0)).sum::<usize>()
+            + self.raw.iter().map(|l| l.lock().map(|v| v.len()).unwrap_or(0)).sum::<usize>();
         let h2: usize = self
             .h2
             .iter()

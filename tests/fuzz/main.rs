@@ -7,6 +7,8 @@
 //! runs them far longer (`PROPTEST_CASES`). A crash found becomes a case in
 //! `regressions` below.
 
+mod h1;
+
 use std::net::SocketAddr;
 
 use fulcrum::api::{LoadBalancedApp, LoadBalancedAppSpec};

@@ -12,6 +12,7 @@ mod grpc_peer;
 mod health;
 mod process;
 mod reload;
+mod smuggling;
 mod support;
 mod tcp;
 mod tls;
