@@ -394,7 +394,7 @@ worker_processes 2;
     return fulcrum, haproxy, nginx
 
 
-def tls_load(targets: dict[str, tuple[str, int]], rounds: int, conns: int, seconds: int, close: bool) -> dict[str, LoadResult]:
+def tls_load(targets: dict[str, tuple[str, int]], rounds: int, conns: int, seconds: int, close: bool) -> tuple[dict[str, LoadResult], list[dict[str, LoadResult]]]:
     """wrk over HTTPS (OpenSSL, TLS 1.3, no session resumption), keep-alive or
     a new connection and so a full handshake per request, with the proxy's CPU
     time per request."""
@@ -497,6 +497,10 @@ class LoadResult:
     p99_ms: float
     errors: int
     cpu_us: float = float("nan")
+    user_us: float = float("nan")
+    sys_us: float = float("nan")
+    # Seconds of load before the measured run (h2load's warm-up), whose CPU time is counted too.
+    warmup_s: float = 0.0
 
 
 def cpu_split(pid: int) -> tuple[float, float]:
@@ -536,31 +540,33 @@ def interleaved_cpu(targets: dict[str, tuple[str, int | None]], rounds: int, run
     return medians, per_round
 
 
-def ratios(per_round: list[dict[str, WrkResult]], a: str = "fulcrum", b: str = "haproxy") -> dict[str, float]:
-    """Medians over the rounds of a's figure divided by b's in the same round."""
+def ratios(per_round: list[dict], a: str = "fulcrum", b: str = "haproxy") -> dict[str, float]:
+    """Medians over the rounds of a's figure divided by b's in the same round
+    (rounds run the targets back to back, so the machine's drift cancels)."""
     def med(key) -> float:
         vals = [key(rd[a]) / key(rd[b]) for rd in per_round if key(rd[b]) > 0]
         return statistics.median(vals) if vals else float("nan")
 
     return {
-        "rps": med(lambda r: r.rps),
+        "rps": med(lambda r: r.rps if isinstance(r, WrkResult) else r.rate),
         "p99": med(lambda r: r.p99_ms),
         "user": med(lambda r: r.user_us),
         "kernel": med(lambda r: r.sys_us),
     }
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process and its children, in seconds."""
-    total = 0.0
-    tick = os.sysconf("SC_CLK_TCK")
-    for p in process_tree(pid):
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-        except (FileNotFoundError, IndexError, ValueError):
-            pass
-    return total
+def ratio_table(rows: list[tuple[str, dict[str, float]]], rate: str = "req/s") -> list[str]:
+    """Markdown lines: fulcrum / HAProxy per scenario, medians of per-round ratios."""
+    lines = [
+        "",
+        "fulcrum / HAProxy, medians of the per-round ratios (each round runs the proxies back to back):",
+        "",
+        f"| scenario | {rate} | p99 | user CPU per request | kernel CPU per request |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['rps']:.2f} | {r['p99']:.2f} | {r['user']:.2f} | {r['kernel']:.2f} |")
+    return lines
 
 
 def grpc_body(work: Path) -> Path:
@@ -571,13 +577,13 @@ def grpc_body(work: Path) -> Path:
     return p
 
 
-def h2load(url: str, body: Path, conns: int, streams: int, seconds: int, work: Path) -> LoadResult:
+def h2load(url: str, body: Path | None, conns: int, streams: int, seconds: int, work: Path) -> LoadResult:
+    """h2load over h2c prior knowledge: gRPC unary calls when `body` is given, plain GETs otherwise."""
     logf = work / "h2load.log"
-    argv = [
-        "h2load", "-c", str(conns), "-m", str(streams), "-D", str(seconds), "--warm-up-time", "1",
-        "-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers",
-        "--log-file", str(logf), url,
-    ]
+    argv = ["h2load", "-c", str(conns), "-m", str(streams), "-D", str(seconds), "--warm-up-time", "1"]
+    if body is not None:
+        argv += ["-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers"]
+    argv += ["--log-file", str(logf), url]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60).stdout
     m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
     if not m:
@@ -586,7 +592,7 @@ def h2load(url: str, body: Path, conns: int, streams: int, seconds: int, work: P
     errors = int(done.group(2)) + int(done.group(3)) if done else 0
     times = sorted(int(l.split("\t")[2]) for l in logf.read_text().splitlines() if l.count("\t") >= 2)
     pct = lambda q: times[min(len(times) - 1, int(len(times) * q))] / 1000 if times else float("nan")
-    return LoadResult(rate=float(m.group(1)), p50_ms=pct(0.5), p99_ms=pct(0.99), errors=errors)
+    return LoadResult(rate=float(m.group(1)), p50_ms=pct(0.5), p99_ms=pct(0.99), errors=errors, warmup_s=1.0)
 
 
 def ws_load(peer: str, url: str, conns: int, seconds: int) -> LoadResult:
@@ -595,31 +601,45 @@ def ws_load(peer: str, url: str, conns: int, seconds: int) -> LoadResult:
     return LoadResult(rate=r["messages_per_s"], p50_ms=r["p50_us"] / 1000, p99_ms=r["p99_us"] / 1000, errors=r["errors"])
 
 
-def interleaved_load(targets: dict[str, tuple[str, int | None]], rounds: int, run) -> dict[str, LoadResult]:
-    """Like `interleaved`, with the CPU time per request or message of the process behind each target."""
-    results: dict[str, list[LoadResult]] = {t: [] for t in targets}
+def interleaved_load(targets: dict[str, tuple[str, int | None]], rounds: int, run) -> tuple[dict[str, LoadResult], list[dict[str, LoadResult]]]:
+    """Like `interleaved`, with the CPU time (user and kernel) per request or
+    message of the process behind each target; returns the medians and every
+    round's results (for per-round ratios)."""
+    per_round: list[dict[str, LoadResult]] = []
     for r in range(rounds):
+        this: dict[str, LoadResult] = {}
         for name, (url, pid) in targets.items():
-            before = cpu_seconds(pid) if pid else 0.0
+            before = cpu_split(pid) if pid else (0.0, 0.0)
             res = run(url)
             if pid and res.rate > 0:
-                res.cpu_us = (cpu_seconds(pid) - before) * 1e6 / (res.rate * args_seconds[0])
-            log(f"  round {r + 1} {name:<12} {res.rate:>10.0f}/s  p50 {res.p50_ms:.3f} ms  p99 {res.p99_ms:.3f} ms  cpu {res.cpu_us:.1f} us  errors {res.errors}")
-            results[name].append(res)
-    return {
+                after = cpu_split(pid)
+                done = res.rate * (args_seconds[0] + res.warmup_s)
+                res.user_us = (after[0] - before[0]) * 1e6 / done
+                res.sys_us = (after[1] - before[1]) * 1e6 / done
+                res.cpu_us = res.user_us + res.sys_us
+            log(
+                f"  round {r + 1} {name:<12} {res.rate:>10.0f}/s  p50 {res.p50_ms:.3f} ms  p99 {res.p99_ms:.3f} ms"
+                f"  user {res.user_us:.1f} us  kernel {res.sys_us:.1f} us  errors {res.errors}"
+            )
+            this[name] = res
+        per_round.append(this)
+    medians = {
         t: LoadResult(
-            rate=statistics.median(x.rate for x in v),
-            p50_ms=statistics.median(x.p50_ms for x in v),
-            p99_ms=statistics.median(x.p99_ms for x in v),
-            errors=sum(x.errors for x in v),
-            cpu_us=statistics.median(x.cpu_us for x in v),
+            rate=statistics.median(rd[t].rate for rd in per_round),
+            p50_ms=statistics.median(rd[t].p50_ms for rd in per_round),
+            p99_ms=statistics.median(rd[t].p99_ms for rd in per_round),
+            errors=sum(rd[t].errors for rd in per_round),
+            cpu_us=statistics.median(rd[t].cpu_us for rd in per_round),
+            user_us=statistics.median(rd[t].user_us for rd in per_round),
+            sys_us=statistics.median(rd[t].sys_us for rd in per_round),
         )
-        for t, v in results.items()
+        for t in targets
     }
+    return medians, per_round
 
 
 # Length of one load run, for the CPU-per-request figure (set in main).
-args_seconds = [5]
+args_seconds = [4]
 
 
 # --- scenarios -------------------------------------------------------------------------------
@@ -726,7 +746,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fulcrum", default="target/release/fulcrum")
     ap.add_argument("--out", default="bench/RESULTS.md")
-    ap.add_argument("--seconds", type=int, default=5, help="length of each wrk run")
+    ap.add_argument("--seconds", type=int, default=4, help="length of each load run")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per comparison")
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--sections", default="http,tcp,memory,quality,failover,grpc,websocket,tls", help="comma-separated subset to run")
@@ -777,7 +797,10 @@ def main() -> int:
             ka, ka_rounds = interleaved_cpu(cpu_targets, rounds, lambda u: wrk(u, c, s))
             log(f"HTTP/1.1, a new connection per request, {c} connections")
             nc, nc_rounds = interleaved_cpu(cpu_targets, rounds, lambda u: wrk(u, c, s, headers=["Connection: close"]))
-            sections.append(http_table(ka, nc, ratios(ka_rounds), ratios(nc_rounds), c, s))
+            log("HTTP/2 cleartext clients (prior knowledge), 16 connections x 10 streams")
+            h2_targets = {t: cpu_targets[t] for t in ("fulcrum", "haproxy")}
+            h2, h2_rounds = interleaved_load(h2_targets, rounds, lambda u: h2load(u, None, 16, 10, s, work))
+            sections.append(http_table(ka, nc, h2, [("keep-alive", ratios(ka_rounds)), ("new connection per request", ratios(nc_rounds)), ("HTTP/2 clients, 16 × 10 streams", ratios(h2_rounds))], c, s))
 
         if "tcp" in only:
             log("TCP bulk: 8 MiB downloads through TCP-mode proxies, 4 connections")
@@ -787,8 +810,9 @@ def main() -> int:
                 "haproxy": f"http://127.0.0.1:{PORTS['haproxy-tcp']}/big",
                 "nginx": f"http://127.0.0.1:{PORTS['nginx-tcp']}/big",
             }
-            bulk = interleaved(tcp_targets, rounds, lambda u: wrk(u, 4, s))
-            sections.append(tcp_table(bulk))
+            tcp_pids = {"direct": "backend0", "fulcrum": "fulcrum-tcp", "haproxy": "haproxy", "nginx": "nginx-proxy"}
+            bulk, bulk_rounds = interleaved_cpu({t: (u, procs.procs[tcp_pids[t]].pid) for t, u in tcp_targets.items()}, rounds, lambda u: wrk(u, 4, s))
+            sections.append(tcp_table(bulk, ratios(bulk_rounds)))
 
         if "memory" in only:
             log(f"memory per idle connection, {args.idle} connections")
@@ -881,11 +905,12 @@ def main() -> int:
                 "fulcrum": (f"http://127.0.0.1:{PORTS['fulcrum-grpc']}/test.Echo/Unary", procs.procs["fulcrum-grpc"].pid),
                 "haproxy": (f"http://127.0.0.1:{PORTS['haproxy-grpc']}/test.Echo/Unary", procs.procs["haproxy-peers"].pid),
             }
-            grpc = {}
+            grpc, grpc_ratios = {}, []
             for conns, streams in [(1, 64), (16, 10)]:
                 log(f"gRPC unary over h2c, {conns} connection(s) x {streams} streams")
-                grpc[(conns, streams)] = interleaved_load(targets, rounds, lambda u: h2load(u, body, conns, streams, s, work))
-            sections.append(grpc_table(grpc))
+                grpc[(conns, streams)], rounds_ = interleaved_load(targets, rounds, lambda u: h2load(u, body, conns, streams, s, work))
+                grpc_ratios.append((f"{conns} × {streams}", ratios(rounds_)))
+            sections.append(grpc_table(grpc, grpc_ratios))
 
         if "websocket" in only:
             targets = {
@@ -894,8 +919,8 @@ def main() -> int:
                 "haproxy": (f"ws://127.0.0.1:{PORTS['haproxy-ws']}/", procs.procs["haproxy-peers"].pid),
             }
             log("WebSocket echo, 16 connections")
-            ws = interleaved_load(targets, rounds, lambda u: ws_load(args.peer, u, 16, s))
-            sections.append(ws_table(ws))
+            ws, ws_rounds = interleaved_load(targets, rounds, lambda u: ws_load(args.peer, u, 16, s))
+            sections.append(ws_table(ws, ratios(ws_rounds)))
 
         if "tls" in only:
             f_conf, h_conf, n_conf = tls_confs(work)
@@ -906,10 +931,10 @@ def main() -> int:
                 wait_port(f"127.0.0.1:{PORTS[t]}")
             targets = {t: (f"https://127.0.0.1:{PORTS[t + '-tls']}/", procs.procs[t + "-tls"].pid) for t in ("fulcrum", "haproxy", "nginx")}
             log(f"HTTPS keep-alive, {c} connections")
-            ka = tls_load(targets, rounds, c, s, close=False)
+            ka, ka_rounds = tls_load(targets, rounds, c, s, close=False)
             log(f"HTTPS, a full handshake per request, {c} connections")
-            hs = tls_load(targets, rounds, c, s, close=True)
-            sections.append(tls_table(ka, hs, c, s))
+            hs, hs_rounds = tls_load(targets, rounds, c, s, close=True)
+            sections.append(tls_table(ka, hs, [("HTTPS keep-alive", ratios(ka_rounds)), ("full handshake per request", ratios(hs_rounds))], c, s))
     finally:
         procs.stop_all()
         shutil.rmtree(work, ignore_errors=True)
@@ -943,7 +968,7 @@ Versions: fulcrum {version([args.fulcrum, '--version'])}, {version(['haproxy', '
     return 0
 
 
-def tls_table(ka: dict[str, LoadResult], hs: dict[str, LoadResult], conns: int, seconds: int) -> str:
+def tls_table(ka: dict[str, LoadResult], hs: dict[str, LoadResult], ratio_rows: list, conns: int, seconds: int) -> str:
     rows = [
         "## TLS termination",
         "",
@@ -961,13 +986,11 @@ def tls_table(ka: dict[str, LoadResult], hs: dict[str, LoadResult], conns: int, 
         rows.append(
             f"| {t} | {a.rate:,.0f} | {a.p99_ms:.2f} ms | {a.cpu_us:.1f} | {b.rate:,.0f} | {b.p99_ms:.2f} ms | {b.cpu_us:.1f} | {a.errors + b.errors} |"
         )
-    f, h = ka.get("fulcrum"), ka.get("haproxy")
-    if f and h:
-        rows += ["", f"fulcrum / HAProxy: keep-alive {f.rate / h.rate:.2f}, handshakes {hs['fulcrum'].rate / hs['haproxy'].rate:.2f}; CPU per handshake {hs['fulcrum'].cpu_us / hs['haproxy'].cpu_us:.2f}."]
+    rows += ratio_table(ratio_rows)
     return "\n".join(rows) + "\n"
 
 
-def grpc_table(runs: dict[tuple[int, int], dict[str, LoadResult]]) -> str:
+def grpc_table(runs: dict[tuple[int, int], dict[str, LoadResult]], ratio_rows: list) -> str:
     rows = [
         "## gRPC unary over HTTP/2 cleartext",
         "",
@@ -982,10 +1005,11 @@ def grpc_table(runs: dict[tuple[int, int], dict[str, LoadResult]]) -> str:
     for (c, m), res in runs.items():
         for name, r in res.items():
             rows.append(f"| {c} × {m} | {name} | {r.rate:,.0f} | {r.p50_ms:.2f} ms | {r.p99_ms:.2f} ms | {r.cpu_us:.1f} | {r.errors} |")
+    rows += ratio_table(ratio_rows, "calls/s")
     return "\n".join(rows) + "\n"
 
 
-def ws_table(res: dict[str, LoadResult]) -> str:
+def ws_table(res: dict[str, LoadResult], ratio: dict[str, float]) -> str:
     rows = [
         "## WebSocket echo through a tunnel",
         "",
@@ -999,10 +1023,11 @@ def ws_table(res: dict[str, LoadResult]) -> str:
     for name, r in res.items():
         cpu = "" if r.cpu_us != r.cpu_us else f"{r.cpu_us:.1f}"
         rows.append(f"| {name} | {r.rate:,.0f} | {r.p50_ms:.3f} ms | {r.p99_ms:.3f} ms | {cpu} | {r.errors} |")
+    rows += ratio_table([("WebSocket echo", ratio)], "messages/s")
     return "\n".join(rows) + "\n"
 
 
-def http_table(ka: dict[str, WrkResult], nc: dict[str, WrkResult], ka_ratio: dict[str, float], nc_ratio: dict[str, float], conns: int, seconds: int) -> str:
+def http_table(ka: dict[str, WrkResult], nc: dict[str, WrkResult], h2: dict[str, LoadResult], ratio_rows: list, conns: int, seconds: int) -> str:
     lines = [
         "## HTTP/1.1, small responses",
         "",
@@ -1021,28 +1046,31 @@ def http_table(ka: dict[str, WrkResult], nc: dict[str, WrkResult], ka_ratio: dic
         )
     lines += [
         "",
-        "fulcrum / HAProxy, medians of the per-round ratios (each round runs the proxies back to back):",
+        "HTTP/2 cleartext clients (prior knowledge) on the same port, `h2load -c16 -m10` GETs (NGINX 1.22 cannot serve",
+        "h2c next to HTTP/1.1 on one port; the endpoints are spoken to over HTTP/1.1):",
         "",
-        "| scenario | req/s | p99 | user CPU per request | kernel CPU per request |",
-        "|---|---:|---:|---:|---:|",
+        "| target | req/s | p50 | p99 | user µs/req | kernel µs/req | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, r in [("keep-alive", ka_ratio), ("new connection per request", nc_ratio)]:
-        lines.append(f"| {name} | {r['rps']:.2f} | {r['p99']:.2f} | {r['user']:.2f} | {r['kernel']:.2f} |")
+    for t, r in h2.items():
+        lines.append(f"| {t} | {r.rate:,.0f} | {r.p50_ms:.2f} ms | {r.p99_ms:.2f} ms | {r.user_us:.1f} | {r.sys_us:.1f} | {r.errors} |")
+    lines += ratio_table(ratio_rows)
     return "\n".join(lines) + "\n"
 
 
-def tcp_table(bulk: dict[str, WrkResult]) -> str:
+def tcp_table(bulk: dict[str, WrkResult], ratio: dict[str, float]) -> str:
     lines = [
         "## TCP bulk throughput",
         "",
         "8 MiB HTTP downloads carried by TCP-mode proxies (fulcrum `protocol: TCP`, HAProxy `mode tcp`, NGINX `stream`), `wrk -t1 -c4`.",
         "",
-        "| target | MB/s | share of direct |",
-        "|---|---:|---:|",
+        "| target | MB/s | share of direct | user µs/download | kernel µs/download |",
+        "|---|---:|---:|---:|---:|",
     ]
     d = bulk["direct"].transfer_mb_s or 1
     for t, r in bulk.items():
-        lines.append(f"| {t} | {r.transfer_mb_s:,.0f} | {r.transfer_mb_s / d:.0%} |")
+        lines.append(f"| {t} | {r.transfer_mb_s:,.0f} | {r.transfer_mb_s / d:.0%} | {r.user_us:,.0f} | {r.sys_us:,.0f} |")
+    lines += ratio_table([("TCP bulk", ratio)], "downloads/s")
     return "\n".join(lines) + "\n"
 
 

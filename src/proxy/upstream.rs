@@ -455,15 +455,19 @@ impl Upstream {
         &self,
         settings: ConnSettings,
     ) -> Result<(http1::SendRequest<UpstreamBody>, bool), UpstreamError> {
-        self.pooled(&self.idle, settings, |slot| self.connect_h1(settings.connect_timeout, slot)).await
+        let evict = || Self::evict(&self.raw);
+        self.pooled(&self.idle, settings, evict, |slot| self.connect_h1(settings.connect_timeout, slot)).await
     }
 
     /// A connection of the fast path to the endpoint: pooled (and `true`), or
     /// new, under the same caps as [`Upstream::send`]'s.
     pub(crate) async fn raw_connection(&self, settings: ConnSettings) -> Result<(RawConn, bool), UpstreamError> {
-        self.pooled(&self.raw, settings, |slot| async move {
-            Ok(RawConn { io: self.open(settings.connect_timeout).await?, _slot: slot })
-        })
+        self.pooled(
+            &self.raw,
+            settings,
+            || Self::evict(&self.idle),
+            |slot| async move { Ok(RawConn { io: self.open(settings.connect_timeout).await?, _slot: slot }) },
+        )
         .await
     }
 
@@ -472,10 +476,14 @@ impl Upstream {
         self.checkin_to(&self.raw, conn);
     }
 
+    /// A connection from `lists`, or a new one, within the caps; waiting at
+    /// `maxConnections`, an idle connection of the other path's pool is
+    /// closed (`evict`) so that its slot serves this request.
     async fn pooled<T: Pooled, F>(
         &self,
         lists: &[Mutex<Vec<Idle<T>>>],
         settings: ConnSettings,
+        evict: impl Fn() -> bool,
         connect: impl FnOnce(OpenConn) -> F,
     ) -> Result<(T, bool), UpstreamError>
     where
@@ -500,11 +508,18 @@ impl Upstream {
                         return Ok((s, true));
                     }
                 }
+                // Its slot frees when it closes, which wakes this wait.
+                evict();
                 freed.await;
             } else {
                 queued = Some(self.capacity.queue(settings.max_pending).ok_or(UpstreamError::Overflow)?);
             }
         }
+    }
+
+    /// Closes one idle connection of `lists`; whether there was one.
+    fn evict<T>(lists: &[Mutex<Vec<Idle<T>>>]) -> bool {
+        lists.iter().any(|l| l.lock().unwrap_or_else(|p| p.into_inner()).pop().is_some())
     }
 
     async fn connect_h1(

@@ -5,6 +5,7 @@ mod abuse;
 mod algorithms;
 mod config;
 mod demo;
+mod fast_path;
 mod faults;
 mod forwarding;
 mod grpc;
