@@ -887,6 +887,10 @@ def main() -> int:
                 failover[name] = (out.get("r"), reroute)
                 log(f"  {name:<8} errors {out['r'].errors} of {out['r'].requests}, reroute {reroute}")
             sections.append(failover_table(failover))
+            # The sections after this one find all three backends up again.
+            for i in range(3):
+                procs.stop(f"backend{i}")
+            start_backends(procs, work)
         if "grpc" in only or "websocket" in only:
             for i, (g, w) in enumerate(zip(GRPC_BACKENDS, WS_BACKENDS)):
                 procs.start(f"grpc{i}", [args.peer, "grpc-server", g, f"g{i + 1}"])
