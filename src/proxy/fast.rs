@@ -352,7 +352,7 @@ impl Conn<'_> {
     /// endpoint's, or the proxy's on failure). Returns whether the client
     /// connection can carry another request.
     async fn exchange<S: ClientStream>(&mut self, rt: &Runtime, io: &mut S, close: bool) -> bool {
-        let clock = rt.set.clock().clone();
+        let clock = rt.set.clock();
         let start = clock.now();
         let forwarded = self.forward(rt, io, close, start).await;
         match forwarded {
@@ -463,7 +463,7 @@ impl Conn<'_> {
                         .as_ref()
                         .filter(|_| presented != Some(pick.affinity_token()))
                         .map(|a| format!("{}={}{}", a.cookie, pick.affinity_token(), a.attributes));
-                    let framing = self.resp.framing.unwrap_or(Framing::Close);
+                    let framing = self.resp.framing;
                     let close = close || framing == Framing::Close;
                     let extra = cookie.as_deref().map(|c| (&b"set-cookie"[..], c.as_bytes()));
                     h1::write_response(&self.upstream, &self.resp, extra, close, &mut self.out);

@@ -208,9 +208,10 @@ fn is_grpc(v: &[u8]) -> bool {
 }
 
 /// How a response's body ends (RFC 9112 §6.3).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Framing {
     /// No body (`HEAD`, `204`, `304`).
+    #[default]
     Empty,
     /// `Content-Length` bytes.
     Length(u64),
@@ -230,7 +231,7 @@ pub struct ResponseHead {
     /// The reason phrase's bytes.
     pub reason: Range<usize>,
     /// How the body ends.
-    pub framing: Option<Framing>,
+    pub framing: Framing,
     /// The connection can carry another request after this response.
     pub reusable: bool,
     /// The headers, in order.
@@ -321,7 +322,7 @@ pub fn parse_response(buf: &[u8], head: bool, out: &mut ResponseHead) -> Result<
         }
     };
     out.reusable = !close && framing != Framing::Close;
-    out.framing = Some(framing);
+    out.framing = framing;
     Ok(true)
 }
 
@@ -398,12 +399,12 @@ pub fn write_response(buf: &[u8], resp: &ResponseHead, extra: Option<(&[u8], &[u
             n += 1;
         }
     }
-    let chunked = resp.framing == Some(Framing::Chunked);
+    let chunked = resp.framing == Framing::Chunked;
     for h in &resp.headers {
         let keep = match h.kind {
             Kind::Connection | Kind::HopByHop => false,
             // Passed through as chunked, the body keeps its coding.
-            Kind::TransferEncoding => chunked || resp.framing == Some(Framing::Close),
+            Kind::TransferEncoding => chunked || resp.framing == Framing::Close,
             _ => n == 0 || !named_by_connection(buf, &buf[h.name.clone()], &listed[..n]),
         };
         if keep {
@@ -417,11 +418,6 @@ pub fn write_response(buf: &[u8], resp: &ResponseHead, extra: Option<(&[u8], &[u
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-}
-
-/// Writes an interim (`1xx`) response as it came, less hop-by-hop headers.
-pub fn write_interim(buf: &[u8], resp: &ResponseHead, out: &mut Vec<u8>) {
-    write_response(buf, resp, None, false, out);
 }
 
 fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -622,7 +618,7 @@ mod tests {
     fn response_framing_follows_rfc_9112() {
         let framing = |raw: &str, head: bool| {
             let mut r = ResponseHead::default();
-            parse_response(raw.as_bytes(), head, &mut r).map(|_| (r.framing.unwrap(), r.reusable))
+            parse_response(raw.as_bytes(), head, &mut r).map(|_| (r.framing, r.reusable))
         };
         assert_eq!(framing("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", false), Ok((Framing::Length(3), true)));
         assert_eq!(framing("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", true), Ok((Framing::Empty, true)));
