@@ -470,6 +470,20 @@ enum ChunkState {
     Done,
 }
 
+/// One step of [`Chunked::decode`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decoded {
+    /// Bytes of the input taken.
+    pub consumed: usize,
+    /// Where the data among them is (empty when there is none).
+    pub data: Range<usize>,
+    /// The body ended with them.
+    pub ended: bool,
+}
+
+/// Largest trailer section [`Chunked::decode`] collects.
+pub const MAX_TRAILER_BYTES: usize = 16 * 1024;
+
 /// A malformed chunked body.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("malformed chunked body")]
@@ -538,6 +552,41 @@ impl Chunked {
             };
         }
         Ok((i, false))
+    }
+
+    /// Takes the next bytes of the body up to the end of the first data run
+    /// among them (or all of them), for a reader that wants the data without
+    /// the framing. The trailer section's bytes, its final empty line
+    /// included, are appended to `trailers`.
+    pub fn decode(&mut self, bytes: &[u8], trailers: &mut Vec<u8>) -> Result<Decoded, BadChunk> {
+        let mut i = 0;
+        while i < bytes.len() {
+            if self.state == ChunkState::Data {
+                let take = (bytes.len() - i).min(usize::try_from(self.left).unwrap_or(usize::MAX));
+                self.left -= take as u64;
+                if self.left == 0 {
+                    self.state = ChunkState::DataCr;
+                }
+                return Ok(Decoded { consumed: i + take, data: i..i + take, ended: false });
+            }
+            let in_trailers = matches!(
+                self.state,
+                ChunkState::TrailerStart | ChunkState::Trailer | ChunkState::TrailerLf | ChunkState::EndLf
+            );
+            if in_trailers {
+                if trailers.len() >= MAX_TRAILER_BYTES {
+                    return Err(BadChunk);
+                }
+                trailers.push(bytes[i]);
+            }
+            // One framing byte at a time through the same state machine.
+            let (_, ended) = self.feed(&bytes[i..=i])?;
+            i += 1;
+            if ended {
+                return Ok(Decoded { consumed: i, data: i..i, ended: true });
+            }
+        }
+        Ok(Decoded { consumed: i, data: i..i, ended: false })
     }
 }
 
@@ -671,5 +720,33 @@ mod tests {
         for bad in [&b"x\r\n"[..], b"4\r\nwikiXX", b"\r\n", b"0\r\n\n", b"fffffffffffffffff\r\n", b"4\nwiki"] {
             assert_eq!(Chunked::default().feed(bad), Err(BadChunk), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_chunked_body_decodes_to_its_data_and_trailers_across_any_split() {
+        let body = b"4;ext=1\r\nwiki\r\n5\r\npedia\r\n0\r\nExpires: never\r\n\r\nNEXT";
+        for split in 0..body.len() {
+            let (mut c, mut data, mut trailers, mut at, mut ended) =
+                (Chunked::default(), Vec::new(), Vec::new(), 0, false);
+            for part in [&body[..split], &body[split..]] {
+                let mut from = 0;
+                while from < part.len() && !ended {
+                    let d = c.decode(&part[from..], &mut trailers).unwrap();
+                    data.extend_from_slice(&part[from..][d.data.clone()]);
+                    from += d.consumed;
+                    ended = d.ended;
+                }
+                at += from;
+            }
+            assert!(ended, "split at {split}");
+            assert_eq!(
+                (&data[..], &trailers[..], at),
+                (&b"wikipedia"[..], &b"Expires: never\r\n\r\n"[..], body.len() - 4)
+            );
+        }
+        let mut trailers = Vec::new();
+        assert_eq!(Chunked::default().decode(b"0\r\n\r\n", &mut trailers).map(|d| d.ended), Ok(true));
+        assert_eq!(trailers, b"\r\n");
+        assert_eq!(Chunked::default().decode(b"4\nwiki", &mut trailers), Err(BadChunk));
     }
 }

@@ -33,7 +33,7 @@ use super::replay::{ReplayError, Replayable};
 use super::state::{Runtime, Shared};
 use super::tls::ClientCert;
 use super::upstream::{ConnSettings, Lease, Upstream, UpstreamError};
-use super::{forwarding, grpc, tracks, upgrade};
+use super::{bridge, forwarding, grpc, tracks, upgrade};
 use crate::balance::{self, AffinityToken, Outcome, Pick, hash_key};
 
 /// A client's request body; on an HTTP/2 connection each frame marks its
@@ -288,6 +288,19 @@ async fn forward(
         Sendable::Once(Some(ClientBody { inner: body, clock: stream.clone() }))
     };
     let idempotent = parts.as_ref().is_some_and(|p| is_idempotent(&p.method));
+    // An HTTP/2 client's request without a body, to an HTTP/1.1 endpoint:
+    // over the fast path's sockets, its head written once for every attempt.
+    let raw_head = parts
+        .as_ref()
+        .filter(|p| {
+            !http2
+                && stream.is_some()
+                && upgrade.is_none()
+                && !grpc_call
+                && matches!(body, Sendable::Empty)
+                && bridge::eligible(p)
+        })
+        .map(|p| (bridge::request_head(p), p.method == Method::HEAD));
     let mut attempts = Attempts::new(shared, rt, idempotent);
     let settings = attempts.settings();
     let deadline = tokio::time::Instant::now() + call_timeout.unwrap_or(timeouts.request.0);
@@ -296,15 +309,24 @@ async fn forward(
     for attempt in 0..=retries {
         let Some((mut pick, upstream)) = attempts.pick(attempt, hash, presented, now)? else { continue };
         let stats = &upstream.stats;
-        let Some(attempt_body) = body.next() else { return Err(Failure::Upstream) };
-        let Some(mut head) = (if attempt < retries { parts.clone() } else { parts.take() }) else {
-            return Err(Failure::Upstream);
-        };
-        head.uri = upstream_uri(&head.uri, authority.as_ref().unwrap_or(&upstream.authority), http2);
-        let exchange = upstream.send(Request::from_parts(head, attempt_body), settings);
         let per_attempt =
             if call_timeout.is_some() { deadline } else { tokio::time::Instant::now() + timeouts.request.0 };
-        let sent = tokio::time::timeout_at(per_attempt, exchange).await;
+        let sent = if let Some((wire, is_head)) = &raw_head {
+            let exchange = bridge::exchange(upstream, wire, *is_head, settings, idempotent);
+            tokio::time::timeout_at(per_attempt, exchange)
+                .await
+                .map(|r| r.map(|resp| (resp.map(EndpointBody::Raw), Lease::raw(upstream.clone()))))
+        } else {
+            let Some(attempt_body) = body.next() else { return Err(Failure::Upstream) };
+            let Some(mut head) = (if attempt < retries { parts.clone() } else { parts.take() }) else {
+                return Err(Failure::Upstream);
+            };
+            head.uri = upstream_uri(&head.uri, authority.as_ref().unwrap_or(&upstream.authority), http2);
+            let exchange = upstream.send(Request::from_parts(head, attempt_body), settings);
+            tokio::time::timeout_at(per_attempt, exchange)
+                .await
+                .map(|r| r.map(|(resp, lease)| (resp.map(EndpointBody::Hyper), lease)))
+        };
         let clock = rt.set.clock();
         now = clock.now();
         match sent {
@@ -655,7 +677,7 @@ fn upstream_uri(original: &Uri, authority: &http::uri::Authority, http2: bool) -
 /// pool; if the client goes away first, it is dropped with the body (hyper
 /// closes it), since it may still carry the rest of the response.
 pub struct TrackedBody {
-    inner: Incoming,
+    inner: EndpointBody,
     done: Option<(Pick, Outcome, Lease)>,
     /// A gRPC response: its `grpc-status` trailer decides the outcome, and a
     /// failure mid-stream ends it with gRPC trailers rather than a reset.
@@ -668,12 +690,69 @@ pub struct TrackedBody {
     ended: bool,
 }
 
+/// An endpoint's response body: from hyper's client, or read from a socket
+/// of the fast path's pool.
+pub(crate) enum EndpointBody {
+    Hyper(Incoming),
+    Raw(bridge::RawBody),
+}
+
+impl Body for EndpointBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            EndpointBody::Hyper(b) => Pin::new(b).poll_frame(cx).map(|f| {
+                f.map(|f| {
+                    f.map(|mut frame| {
+                        if let Some(trailers) = frame.trailers_mut() {
+                            sanitize_trailers(trailers);
+                        }
+                        frame
+                    })
+                    .map_err(BodyError::Endpoint)
+                })
+            }),
+            EndpointBody::Raw(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::EndpointIo),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            EndpointBody::Hyper(b) => b.is_end_stream(),
+            EndpointBody::Raw(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            EndpointBody::Hyper(b) => b.size_hint(),
+            EndpointBody::Raw(b) => b.size_hint(),
+        }
+    }
+}
+
+/// Removes from an endpoint's trailers the fields a trailer section may not
+/// carry (RFC 9110 §6.5.1: framing, routing, connection management), which
+/// an HTTP/2 client would take as a protocol error.
+pub(crate) fn sanitize_trailers(trailers: &mut HeaderMap) {
+    strip_hop_by_hop(trailers);
+    for name in [header::CONTENT_LENGTH, header::HOST, header::CONTENT_ENCODING, header::CONTENT_TYPE] {
+        trailers.remove(name);
+    }
+}
+
 /// Why an endpoint's response body did not reach its end.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
     /// The endpoint's connection failed.
     #[error("endpoint body: {0}")]
     Endpoint(hyper::Error),
+    /// The endpoint's connection failed, or its body was malformed (read
+    /// by [`bridge::RawBody`]).
+    #[error("endpoint body: {0}")]
+    EndpointIo(std::io::Error),
     /// Neither direction of the HTTP/2 stream moved for `timeouts.bodyIdle`.
     #[error("stream idle past timeouts.bodyIdle")]
     StreamIdle,
@@ -707,7 +786,7 @@ impl StreamIdle {
 }
 
 impl TrackedBody {
-    fn new(inner: Incoming, pick: Pick, outcome: Outcome, lease: Lease, grpc: bool) -> Self {
+    fn new(inner: EndpointBody, pick: Pick, outcome: Outcome, lease: Lease, grpc: bool) -> Self {
         let mut body =
             TrackedBody { inner, done: Some((pick, outcome, lease)), grpc, deadline: None, idle: None, ended: false };
         if body.inner.is_end_stream() {
@@ -805,7 +884,7 @@ impl Body for TrackedBody {
             }
             Poll::Pending => {}
         }
-        polled.map_err(BodyError::Endpoint)
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -4,10 +4,13 @@
 //! Layout: [`config`] is the file format; `state` holds the runtime swapped
 //! on each update and the per-thread balancers; `http` and `tcp` are the two
 //! request paths, and `fast` with [`h1`] the HTTP/1.1 fast path in front of
-//! `http`; `health` runs active probes and the passive sweep; `admin`
-//! serves the admin API; [`server`] binds, serves and drains.
+//! `http`; `bridge` takes HTTP/2 clients' bodiless requests to HTTP/1.1
+//! endpoints over the fast path's sockets; `health` runs active probes and
+//! the passive sweep; `admin` serves the admin API; [`server`] binds, serves
+//! and drains.
 
 mod admin;
+mod bridge;
 pub mod config;
 mod conn;
 mod fast;

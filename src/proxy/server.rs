@@ -487,7 +487,9 @@ async fn serve_http_io<S>(
         // HTTP/1 has one exchange at a time, bounded by the connection's
         // watchdog; an HTTP/2 stream has its own clock.
         let stream = (!http1).then(conn::StreamClock::new);
-        let served = http::serve(svc_shared.clone(), client.clone(), req, stream);
+        // Boxed: hyper spawns each HTTP/2 stream's future as a task, and a
+        // future held by value would be copied whole (several KiB) on the way.
+        let served = Box::pin(http::serve(svc_shared.clone(), client.clone(), req, stream));
         async move { served.await.map(|resp| resp.map(|body| conn::Guarded::new(body, guard))) }
     });
     let connection = builder.serve_connection_with_upgrades(io, svc);

@@ -41,11 +41,11 @@ pub(crate) fn requested(req: &Request<Incoming>) -> Option<HeaderValue> {
 }
 
 /// Answers `101` to the client and joins both connections in a task of their own.
-pub(crate) fn tunnel(
+pub(crate) fn tunnel<B>(
     shared: &Shared,
     rt: &Runtime,
     client: OnUpgrade,
-    mut resp: Response<Incoming>,
+    mut resp: Response<B>,
     requested: &HeaderValue,
     pick: Pick,
     lease: Lease,

@@ -293,6 +293,10 @@ pub(crate) enum UpstreamError {
     /// The connection failed after the request may have been sent.
     #[error("exchange: {0}")]
     Exchange(hyper::Error),
+    /// A connection of the fast path's pool failed, or its endpoint
+    /// answered nonsense, after the request may have been sent.
+    #[error("exchange: {0}")]
+    Io(std::io::Error),
     /// The endpoint has `maxConnections` open and `maxPendingRequests`
     /// waiting: the request was not sent.
     #[error("maxConnections open and maxPendingRequests waiting")]
@@ -312,6 +316,12 @@ enum LeaseKind {
 }
 
 impl Lease {
+    /// A request on a connection of the fast path's pool, which the
+    /// response body itself gives back ([`super::bridge::RawBody`]).
+    pub(crate) fn raw(upstream: Arc<Upstream>) -> Self {
+        Lease { upstream, kind: None }
+    }
+
     /// The endpoint.
     pub(crate) fn upstream(&self) -> &Upstream {
         &self.upstream

@@ -10,6 +10,7 @@ mod faults;
 mod forwarding;
 mod grpc;
 mod grpc_peer;
+mod h2_bridge;
 mod health;
 mod process;
 mod reload;

@@ -1,0 +1,366 @@
+//! HTTP/2 clients' requests without a body, to HTTP/1.1 endpoints, over the
+//! fast path's pooled sockets instead of hyper's client.
+//!
+//! hyper's HTTP/1 client runs each endpoint connection as a task of its own
+//! and hands every request and response across a channel to it: per request,
+//! two wake-ups between tasks, a second head encoder and a second parser on
+//! top of the HTTP/2 server's. A request whose stream ended with its headers
+//! (`GET`, `HEAD`, `DELETE`, ...) needs none of it: its head is written from
+//! the header map in one write on a socket of [`Upstream::raw_connection`]
+//! (the fast path's pool, under the same `maxConnections`), the response
+//! head is parsed in place ([`h1::parse_response`]) into the response the
+//! HTTP/2 server encodes, and the body is read by its framing in the same
+//! task as the stream ([`RawBody`]): Content-Length, chunked (decoded, its
+//! trailers passed on as HTTP/2 trailers) or until the endpoint closes.
+//!
+//! The caller ([`super::http`]) keeps everything else as it is for hyper's
+//! client: the pick, retries, circuit breaking, timeouts, the outcome at the
+//! end of the body, `bodyIdle` per stream.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncWriteExt, ReadBuf};
+
+use super::h1::{self, BadChunk, Chunked, Framing, ResponseHead};
+use super::upstream::{ConnSettings, RawConn, Upstream, UpstreamError};
+
+/// Size of the reads from the endpoint.
+const READ: usize = 16 * 1024;
+
+/// Whether a request from an HTTP/2 client can take this path: its stream
+/// ended with its headers and its head says nothing of a body.
+pub(crate) fn eligible(parts: &http::request::Parts) -> bool {
+    parts.method != Method::CONNECT
+        && parts.headers.get(header::CONTENT_LENGTH).is_none_or(|v| v.as_bytes() == b"0")
+        && !parts.headers.contains_key(header::TRANSFER_ENCODING)
+}
+
+/// The HTTP/1.1 head of a request prepared for an endpoint (hop-by-hop
+/// headers already removed, `Host` and forwarding headers set).
+pub(crate) fn request_head(parts: &http::request::Parts) -> Vec<u8> {
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let target = if target.starts_with('/') { target } else { "/" };
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    // As hyper's client does: a method that usually carries a body says it has none.
+    if matches!(parts.method, Method::POST | Method::PUT | Method::PATCH)
+        && !parts.headers.contains_key(header::CONTENT_LENGTH)
+    {
+        out.extend_from_slice(b"content-length: 0\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Sends `head` to `upstream` and reads the response head. A pooled
+/// connection the endpoint closed before answering anything is replaced by
+/// a new one once, for a request that may be sent twice.
+pub(crate) async fn exchange(
+    upstream: &Arc<Upstream>,
+    head: &[u8],
+    is_head: bool,
+    settings: ConnSettings,
+    idempotent: bool,
+) -> Result<Response<RawBody>, UpstreamError> {
+    let mut stale_retry = idempotent;
+    loop {
+        let (mut conn, pooled) = upstream.raw_connection(settings).await?;
+        let mut buf = BytesMut::new();
+        let mut resp = ResponseHead::default();
+        let read = match conn.io.write_all(head).await {
+            Ok(()) => read_head(&mut conn, &mut buf, is_head, &mut resp).await,
+            Err(e) => Err((0, e)),
+        };
+        match read {
+            Ok(()) => return response(upstream, conn, buf, &resp),
+            Err((0, _)) if pooled && stale_retry => stale_retry = false,
+            Err((_, e)) => return Err(UpstreamError::Io(e)),
+        }
+    }
+}
+
+/// Reads a response head into `resp`, skipping interim (`1xx`) ones as
+/// hyper's client does. `Err((n, _))`: failed after `n` bytes.
+async fn read_head(
+    conn: &mut RawConn,
+    buf: &mut BytesMut,
+    is_head: bool,
+    resp: &mut ResponseHead,
+) -> Result<(), (usize, std::io::Error)> {
+    let mut got = 0;
+    loop {
+        match h1::parse_response(buf, is_head, resp) {
+            Ok(true) if (100..200).contains(&resp.status) => {
+                buf.advance(resp.len);
+                continue;
+            }
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => return Err((got.max(1), std::io::Error::new(std::io::ErrorKind::InvalidData, e))),
+        }
+        buf.reserve(READ);
+        match tokio::io::AsyncReadExt::read_buf(&mut conn.io, buf).await {
+            Ok(0) => return Err((got, std::io::ErrorKind::UnexpectedEof.into())),
+            Ok(n) => got += n,
+            Err(e) => return Err((got, e)),
+        }
+    }
+}
+
+/// The response for the HTTP/2 server: the head's headers in a map (the
+/// caller strips the hop-by-hop ones), the body still on the socket.
+fn response(
+    upstream: &Arc<Upstream>,
+    conn: RawConn,
+    mut buf: BytesMut,
+    head: &ResponseHead,
+) -> Result<Response<RawBody>, UpstreamError> {
+    let invalid = || UpstreamError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, "invalid response header"));
+    let status = StatusCode::from_u16(head.status).map_err(|_| invalid())?;
+    let mut headers = HeaderMap::with_capacity(head.headers.len());
+    for h in &head.headers {
+        let name = HeaderName::from_bytes(&buf[h.name.clone()]).map_err(|_| invalid())?;
+        let value = HeaderValue::from_bytes(&buf[h.value.clone()]).map_err(|_| invalid())?;
+        headers.append(name, value);
+    }
+    buf.advance(head.len);
+    let state = match head.framing {
+        Framing::Empty => State::Done,
+        Framing::Length(0) => State::Done,
+        Framing::Length(n) => State::Length(n),
+        Framing::Chunked => State::Chunked(Chunked::default(), Vec::new()),
+        Framing::Close => State::Close,
+    };
+    let mut body = RawBody { conn: Some(conn), upstream: upstream.clone(), buf, state, reusable: head.reusable };
+    if matches!(body.state, State::Done) {
+        body.finish();
+    }
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    Ok(resp)
+}
+
+enum State {
+    /// Bytes of the body left.
+    Length(u64),
+    /// Decoding, with the trailer section's bytes collected so far.
+    Chunked(Chunked, Vec<u8>),
+    /// Until the endpoint closes.
+    Close,
+    /// The trailers, once the chunked body ended.
+    Trailers(HeaderMap),
+    Done,
+}
+
+/// An endpoint's response body read from its socket. At its clean end the
+/// connection goes back to the endpoint's pool if it can carry another
+/// request; dropped before, it is closed with the body.
+pub(crate) struct RawBody {
+    conn: Option<RawConn>,
+    upstream: Arc<Upstream>,
+    buf: BytesMut,
+    state: State,
+    reusable: bool,
+}
+
+impl RawBody {
+    fn finish(&mut self) {
+        self.state = State::Done;
+        if let Some(conn) = self.conn.take()
+            && self.reusable
+            && self.buf.is_empty()
+        {
+            self.upstream.checkin_raw(conn);
+        }
+    }
+
+    /// Reads more of the body; `Ok(0)` at the end of the stream.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        let Some(conn) = self.conn.as_mut() else { return Poll::Ready(Ok(0)) };
+        self.buf.reserve(READ);
+        let spare = self.buf.spare_capacity_mut();
+        let mut read = ReadBuf::uninit(spare);
+        ready!(tokio::io::AsyncRead::poll_read(Pin::new(&mut conn.io), cx, &mut read))?;
+        let n = read.filled().len();
+        // SAFETY: `poll_read` initialised the first `n` bytes of the spare capacity.
+        unsafe { self.buf.set_len(self.buf.len() + n) };
+        Poll::Ready(Ok(n))
+    }
+
+    /// The next data in the buffer, by the framing; `None` when more must be read.
+    fn next_data(&mut self) -> Result<Option<Frame<Bytes>>, std::io::Error> {
+        let bad = |_: BadChunk| std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed chunked body");
+        match &mut self.state {
+            State::Length(left) if !self.buf.is_empty() => {
+                let take = self.buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                *left -= take as u64;
+                let data = self.buf.split_to(take).freeze();
+                if *left == 0 {
+                    self.finish();
+                }
+                Ok(Some(Frame::data(data)))
+            }
+            State::Close if !self.buf.is_empty() => Ok(Some(Frame::data(self.buf.split().freeze()))),
+            State::Chunked(decoder, trailers) => {
+                while !self.buf.is_empty() {
+                    let d = decoder.decode(&self.buf, trailers).map_err(bad)?;
+                    let data = (!d.data.is_empty()).then(|| {
+                        self.buf.advance(d.data.start);
+                        self.buf.split_to(d.data.len()).freeze()
+                    });
+                    let skipped = if data.is_some() { d.consumed - d.data.end } else { d.consumed };
+                    self.buf.advance(skipped);
+                    if d.ended {
+                        let trailers = parse_trailers(trailers)?;
+                        self.finish();
+                        if let Some(data) = data {
+                            if !trailers.is_empty() {
+                                self.state = State::Trailers(trailers);
+                            }
+                            return Ok(Some(Frame::data(data)));
+                        }
+                        return Ok((!trailers.is_empty()).then(|| Frame::trailers(trailers)));
+                    }
+                    if let Some(data) = data {
+                        return Ok(Some(Frame::data(data)));
+                    }
+                }
+                Ok(None)
+            }
+            State::Trailers(_) => match std::mem::replace(&mut self.state, State::Done) {
+                State::Trailers(t) => Ok(Some(Frame::trailers(t))),
+                _ => Ok(None),
+            },
+            _ => Ok(None),
+        }
+    }
+}
+
+/// The trailer section of a chunked body as HTTP/2 trailers, without the
+/// fields a trailer may not carry.
+fn parse_trailers(raw: &[u8]) -> Result<HeaderMap, std::io::Error> {
+    let invalid = || std::io::Error::new(std::io::ErrorKind::InvalidData, "invalid trailer section");
+    let mut fields = [httparse::EMPTY_HEADER; 64];
+    let mut map = HeaderMap::new();
+    if raw.len() <= 2 {
+        return Ok(map);
+    }
+    let httparse::Status::Complete((_, fields)) = httparse::parse_headers(raw, &mut fields).map_err(|_| invalid())?
+    else {
+        return Err(invalid());
+    };
+    for f in fields {
+        let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| invalid())?;
+        let value = HeaderValue::from_bytes(f.value).map_err(|_| invalid())?;
+        map.append(name, value);
+    }
+    super::http::sanitize_trailers(&mut map);
+    Ok(map)
+}
+
+impl Body for RawBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        loop {
+            if matches!(self.state, State::Done) {
+                return Poll::Ready(None);
+            }
+            match self.next_data() {
+                Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
+                Ok(None) if matches!(self.state, State::Done) => return Poll::Ready(None),
+                Ok(None) => {}
+                Err(e) => {
+                    self.conn = None;
+                    self.state = State::Done;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+            match ready!(self.poll_read(cx)) {
+                Ok(0) if matches!(self.state, State::Close) => {
+                    self.conn = None;
+                    self.state = State::Done;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    self.conn = None;
+                    self.state = State::Done;
+                    return Poll::Ready(Some(Err(std::io::ErrorKind::UnexpectedEof.into())));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.conn = None;
+                    self.state = State::Done;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Length(n) => SizeHint::with_exact(n),
+            State::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_head_is_written_from_the_prepared_map() {
+        let req = http::Request::builder()
+            .method("GET")
+            .uri("http://shop.example/a?b=1")
+            .header("host", "shop.example")
+            .header("x-a", "1")
+            .body(())
+            .unwrap();
+        let (parts, ()) = req.into_parts();
+        assert!(eligible(&parts));
+        assert_eq!(
+            String::from_utf8(request_head(&parts)).unwrap(),
+            "GET /a?b=1 HTTP/1.1\r\nhost: shop.example\r\nx-a: 1\r\n\r\n"
+        );
+        let (mut post, ()) = http::Request::post("/p").body(()).unwrap().into_parts();
+        assert!(String::from_utf8(request_head(&post)).unwrap().ends_with("content-length: 0\r\n\r\n"));
+        post.headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        assert!(!eligible(&post));
+    }
+
+    #[test]
+    fn trailers_keep_what_a_trailer_may_carry() {
+        let t = parse_trailers(b"grpc-status: 0\r\ncontent-length: 9\r\nconnection: x\r\nx-sum: abc\r\n\r\n").unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!(t["x-sum"], "abc");
+        assert!(parse_trailers(b"\r\n").unwrap().is_empty());
+        assert!(parse_trailers(b"bad header\r\n\r\n").is_err());
+    }
+}

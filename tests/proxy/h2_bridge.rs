@@ -1,0 +1,254 @@
+//! HTTP/2 clients' requests without a body to HTTP/1.1 endpoints, which go
+//! over the fast path's sockets: every response framing an HTTP/1.1
+//! endpoint may use arrives whole (chunked trailers as HTTP/2 trailers),
+//! hop-by-hop headers stay behind, connections are reused only when clean,
+//! a broken body never ends cleanly, and curl agrees.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use crate::support::*;
+
+/// An HTTP/1.1 endpoint that answers by path with the exact bytes of each
+/// framing, some of them written a few bytes at a time.
+struct Scripted {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    requests: Arc<std::sync::Mutex<Vec<String>>>,
+    task: JoinHandle<()>,
+}
+
+/// What the endpoint writes for `path` (to a request with `method`), and
+/// whether it closes the connection after.
+fn script(method: &str, path: &str) -> (Vec<&'static [u8]>, bool) {
+    match (method, path) {
+        ("HEAD", _) => (vec![b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"], false),
+        (_, "/len") => (
+            vec![b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: x-hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nX-Kept: yes\r\n\r\nhello"],
+            false,
+        ),
+        (_, "/chunked") => (
+            vec![
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\n\r\n4;e=1\r",
+                b"\nwi",
+                b"ki\r\n5\r\npe",
+                b"dia\r\n0\r\nx-sum: 9\r\nconte",
+                b"nt-length: 3\r\n\r\n",
+            ],
+            false,
+        ),
+        (_, "/close") => (vec![b"HTTP/1.1 200 OK\r\n\r\nuntil ", b"the end"], true),
+        (_, "/interim") => (
+            vec![b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"],
+            false,
+        ),
+        (_, "/empty") => (vec![b"HTTP/1.1 204 No Content\r\n\r\n"], false),
+        (_, "/cut") => (vec![b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello"], true),
+        (_, "/badchunk") => (vec![b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\nzz\r\n"], false),
+        // Answers, then closes the connection without saying so: the proxy
+        // finds it closed when it next takes it from its pool.
+        (_, "/stale") => (vec![b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"], true),
+        _ => (vec![b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"], false),
+    }
+}
+
+impl Scripted {
+    async fn start(host: u8) -> Scripted {
+        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, host], 0))).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (count, seen) = (accepted.clone(), requests.clone());
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((s, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::Relaxed);
+                conns.spawn(serve_scripted(s, seen.clone()));
+            }
+        });
+        Scripted { addr, accepted, requests, task }
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+async fn serve_scripted(mut s: TcpStream, seen: Arc<std::sync::Mutex<Vec<String>>>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    for _ in 0..100 {
+        let end = loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end;
+            }
+            match s.read(&mut chunk).await {
+                Ok(n) if n > 0 && buf.len() < 65536 => buf.extend_from_slice(&chunk[..n]),
+                _ => return,
+            }
+        };
+        let head: Vec<u8> = buf.drain(..end + 4).collect();
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let mut line = head.split(' ');
+        let (method, path) = (line.next().unwrap_or("").to_owned(), line.next().unwrap_or("").to_owned());
+        seen.lock().unwrap_or_else(|p| p.into_inner()).push(head);
+        let (parts, close) = script(&method, &path);
+        for part in parts {
+            if s.write_all(part).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        if close {
+            if path == "/stale" {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            return;
+        }
+    }
+}
+
+impl Drop for Scripted {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A response over HTTP/2, read whole: status, headers, body, trailers; or
+/// the error that ended it.
+async fn fetch(client: &TestClient, req: Request<Full<Bytes>>) -> Result<(Reply, Option<http::HeaderMap>), String> {
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| format!("{e:?}"))?;
+    let (parts, body) = resp.into_parts();
+    let collected = tokio::time::timeout(Duration::from_secs(10), body.collect())
+        .await
+        .map_err(|_| "body timed out".to_owned())?
+        .map_err(|e| format!("{e:?}"))?;
+    let trailers = collected.trailers().cloned();
+    let body = String::from_utf8_lossy(&collected.to_bytes()).into_owned();
+    Ok((Reply { status: parts.status, headers: parts.headers, body }, trailers))
+}
+
+fn req(method: &str, url: &str) -> Request<Full<Bytes>> {
+    Request::builder().method(method).uri(url).body(Full::default()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_response_framing_reaches_an_http2_client_whole() {
+    let e = Scripted::start(41).await;
+    let p = proxy1(&format!("endpoints: [{{address: \"{}\"}}]\n", e.addr)).await;
+    let h2 = h2_client();
+    let url = |path: &str| format!("http://{}{path}", p.addr);
+    // An HTTP/1.1 client first: its endpoint connection is the one the
+    // HTTP/2 client's requests then reuse (one pool for both).
+    let (r, _) = fetch(&client(), req("GET", &url("/len"))).await.unwrap();
+    assert_eq!(r.body, "hello");
+
+    let (r, _) = fetch(&h2, req("GET", &url("/len"))).await.unwrap();
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "hello"));
+    assert_eq!(r.headers["x-kept"], "yes");
+    for hop in ["connection", "x-hop", "keep-alive"] {
+        assert!(!r.headers.contains_key(hop), "{hop} reached the client: {:?}", r.headers);
+    }
+
+    let (r, trailers) = fetch(&h2, req("GET", &url("/chunked"))).await.unwrap();
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "wikipedia"));
+    assert!(!r.headers.contains_key("transfer-encoding"));
+    let trailers = trailers.expect("the chunked body's trailers arrive as HTTP/2 trailers");
+    assert_eq!(trailers["x-sum"], "9");
+    assert!(!trailers.contains_key("content-length"), "{trailers:?}");
+
+    let (r, _) = fetch(&h2, req("GET", &url("/interim"))).await.unwrap();
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "ok"));
+    let (r, _) = fetch(&h2, req("GET", &url("/empty"))).await.unwrap();
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (204, ""));
+    let (r, _) = fetch(&h2, req("HEAD", &url("/len"))).await.unwrap();
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (200, ""));
+    assert_eq!(r.headers["content-length"], "5");
+    let (r, _) = fetch(&h2, req("DELETE", &url("/len"))).await.unwrap();
+    assert_eq!(r.body, "hello");
+
+    // All of these went over one endpoint connection, one after the other,
+    // the HTTP/1.1 client's included.
+    assert_eq!(e.accepted.load(Ordering::Relaxed), 1, "{:?}", e.requests());
+    let (r, _) = fetch(&h2, req("GET", &url("/close"))).await.unwrap();
+    assert_eq!(r.body, "until the end");
+    let (r, _) = fetch(&h2, req("GET", &url("/len"))).await.unwrap();
+    assert_eq!(r.body, "hello");
+    assert_eq!(e.accepted.load(Ordering::Relaxed), 2, "a close-delimited body's connection is not reused");
+
+    // The endpoint got HTTP/1.1 heads with the client's host and the forwarding headers.
+    let heads = e.requests();
+    assert!(heads[0].starts_with("GET /len HTTP/1.1\r\n"), "{heads:?}");
+    assert!(heads[0].contains(&format!("host: {}\r\n", p.addr)), "{heads:?}");
+    assert!(heads[0].contains("x-forwarded-for: 127.0.0.1\r\n"), "{heads:?}");
+    assert!(heads.iter().any(|h| h.starts_with("HEAD /len HTTP/1.1\r\n")), "{heads:?}");
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_body_never_ends_cleanly_and_its_connection_is_dropped() {
+    let e = Scripted::start(42).await;
+    let p = proxy1(&format!("endpoints: [{{address: \"{}\"}}]\n", e.addr)).await;
+    let h2 = h2_client();
+    let url = |path: &str| format!("http://{}{path}", p.addr);
+    let cut = fetch(&h2, req("GET", &url("/cut"))).await;
+    assert!(cut.is_err(), "a body cut short ended cleanly: {cut:?}");
+    let bad = fetch(&h2, req("GET", &url("/badchunk"))).await;
+    assert!(bad.is_err(), "a malformed chunked body ended cleanly: {bad:?}");
+    // The client's connection is fine, and the next request gets a new endpoint connection.
+    let before = e.accepted.load(Ordering::Relaxed);
+    let (r, _) = fetch(&h2, req("GET", &url("/len"))).await.unwrap();
+    assert_eq!(r.body, "hello");
+    assert_eq!(e.accepted.load(Ordering::Relaxed), before + 1);
+    assert!(
+        eventually(Duration::from_secs(2), || async { admin(&p, "/endpoints").await.body.contains("\"inFlight\": 0") })
+            .await
+    );
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_endpoint_closed_is_replaced_without_failing_the_request() {
+    let e = Scripted::start(43).await;
+    // No retries: the request succeeds on the stale connection's replacement alone.
+    let p = proxy1(&format!("retries: {{attempts: 0}}\nendpoints: [{{address: \"{}\"}}]\n", e.addr)).await;
+    let h2 = h2_client();
+    for i in 0..5 {
+        let (r, _) = fetch(&h2, req("GET", &format!("http://{}/stale", p.addr))).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "ok"), "request {i}");
+        // Let the endpoint close the connection while it idles in the pool.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    assert_eq!(e.accepted.load(Ordering::Relaxed), 5);
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_over_h2c_gets_chunked_bodies_and_trailers_from_an_http1_endpoint() {
+    let e = Scripted::start(44).await;
+    let p = proxy1(&format!("endpoints: [{{address: \"{}\"}}]\n", e.addr)).await;
+    for (path, want) in [("/len", "hello"), ("/chunked", "wikipedia"), ("/close", "until the end")] {
+        let out = tokio::process::Command::new("curl")
+            .args(["-sS", "--http2-prior-knowledge", "--max-time", "10", "-w", "|%{http_version}|%{http_code}"])
+            .arg(format!("http://{}{path}", p.addr))
+            .kill_on_drop(true)
+            .output()
+            .await
+            .expect("run curl");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(text, format!("{want}|2|200"), "{path}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    p.shutdown().await;
+}
