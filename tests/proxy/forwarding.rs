@@ -1,5 +1,7 @@
 //! Proxy semantics: protocols, headers, bodies, local error responses.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::{Request, Version};
 use http_body_util::Full;
@@ -184,6 +186,13 @@ async fn admin_endpoints_report_health_load_and_counts() {
     }
     assert_eq!(admin(&p, "/healthz").await.status, 200);
     assert_eq!(admin(&p, "/readyz").await.status, 200);
+    // A request is counted done once its last byte is written: the client
+    // may read the answer a moment before the proxy's task books it.
+    let settled = || async {
+        let body = admin(&p, "/endpoints").await.body;
+        body.matches("\"inFlight\": 0").count() == 2
+    };
+    assert!(eventually(Duration::from_secs(2), settled).await);
     let doc: serde_json::Value = serde_json::from_str(&admin(&p, "/endpoints").await.body).unwrap();
     let eps = doc["endpoints"].as_array().unwrap();
     assert_eq!(eps.len(), 2);
