@@ -1,12 +1,15 @@
-//! HTTP/2 clients' requests without a body, to HTTP/1.1 endpoints, over the
-//! fast path's pooled sockets instead of hyper's client.
+//! HTTP/2 clients' requests without a body or with a small one of known
+//! length, to HTTP/1.1 endpoints, over the fast path's pooled sockets
+//! instead of hyper's client.
 //!
 //! hyper's HTTP/1 client runs each endpoint connection as a task of its own
 //! and hands every request and response across a channel to it: per request,
 //! two wake-ups between tasks, a second head encoder and a second parser on
 //! top of the HTTP/2 server's. A request whose stream ended with its headers
-//! (`GET`, `HEAD`, `DELETE`, ...) needs none of it: its head is written from
-//! the header map in one write on a socket of [`Upstream::raw_connection`]
+//! (`GET`, `HEAD`, `DELETE`, ...), or whose body has a `Content-Length` of at
+//! most [`MAX_BODY`] bytes (read whole first, as the HTTP/1.1 fast path
+//! does), needs none of it: its head is written from the header map, with the
+//! body, in one write on a socket of [`Upstream::raw_connection`]
 //! (the fast path's pool, under the same `maxConnections`), the response
 //! head is parsed in place ([`h1::parse_response`]) into the response the
 //! HTTP/2 server encodes, and the body is read by its framing in the same
@@ -33,12 +36,74 @@ use super::upstream::{ConnSettings, RawConn, Upstream, UpstreamError};
 /// Size of the reads from the endpoint.
 const READ: usize = 16 * 1024;
 
-/// Whether a request from an HTTP/2 client can take this path: its stream
-/// ended with its headers and its head says nothing of a body.
-pub(crate) fn eligible(parts: &http::request::Parts) -> bool {
-    parts.method != Method::CONNECT
-        && parts.headers.get(header::CONTENT_LENGTH).is_none_or(|v| v.as_bytes() == b"0")
-        && !parts.headers.contains_key(header::TRANSFER_ENCODING)
+/// Largest request body read whole to take this path; a larger one, or one
+/// of unknown length, streams through hyper's client.
+pub(crate) const MAX_BODY: usize = 64 * 1024;
+
+/// Whether a request from an HTTP/2 client can take this path, and the
+/// length of its body: none (its stream ended with its headers, and its
+/// head says nothing of a body), or a `Content-Length` of at most
+/// [`MAX_BODY`] bytes.
+pub(crate) fn body_length(parts: &http::request::Parts, end_stream: bool) -> Option<usize> {
+    if parts.method == Method::CONNECT || parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        return None;
+    }
+    let mut lengths = parts.headers.get_all(header::CONTENT_LENGTH).iter();
+    let length = match (lengths.next(), lengths.next()) {
+        (None, _) => None,
+        (Some(v), None) if !v.is_empty() && v.as_bytes().iter().all(u8::is_ascii_digit) && v.len() <= 6 => {
+            std::str::from_utf8(v.as_bytes()).ok()?.parse::<usize>().ok()
+        }
+        _ => return None,
+    };
+    match (end_stream, length) {
+        (true, None | Some(0)) => Some(0),
+        (false, Some(n)) if (1..=MAX_BODY).contains(&n) => Some(n),
+        _ => None,
+    }
+}
+
+/// Why a request body could not be read whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BodyRead {
+    /// The client sent nothing for `timeouts.bodyIdle`.
+    Timeout,
+    /// The stream broke off, or its data did not match its `Content-Length`.
+    Failed,
+}
+
+/// Reads a request body of `len` bytes onto `wire` (after its head), each
+/// frame within `idle`; trailers are dropped, as hyper's HTTP/1.1 client
+/// does with a body of known length.
+pub(crate) async fn read_body(
+    mut body: hyper::body::Incoming,
+    len: usize,
+    wire: &mut Vec<u8>,
+    idle: std::time::Duration,
+    clock: Option<&super::conn::StreamClock>,
+) -> Result<(), BodyRead> {
+    use http_body_util::BodyExt;
+    let want = wire.len() + len;
+    wire.reserve(len);
+    loop {
+        match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => return Err(BodyRead::Timeout),
+            Ok(None) => break,
+            Ok(Some(Err(_))) => return Err(BodyRead::Failed),
+            Ok(Some(Ok(frame))) => {
+                if let Some(clock) = clock {
+                    clock.touch();
+                }
+                if let Ok(data) = frame.into_data() {
+                    if wire.len() + data.len() > want {
+                        return Err(BodyRead::Failed);
+                    }
+                    wire.extend_from_slice(&data);
+                }
+            }
+        }
+    }
+    if wire.len() == want { Ok(()) } else { Err(BodyRead::Failed) }
 }
 
 /// The HTTP/1.1 head of a request prepared for an endpoint (hop-by-hop
@@ -344,7 +409,8 @@ mod tests {
             .body(())
             .unwrap();
         let (parts, ()) = req.into_parts();
-        assert!(eligible(&parts));
+        assert_eq!(body_length(&parts, true), Some(0));
+        assert_eq!(body_length(&parts, false), None, "a body of unknown length streams");
         assert_eq!(
             String::from_utf8(request_head(&parts)).unwrap(),
             "GET /a?b=1 HTTP/1.1\r\nhost: shop.example\r\nx-a: 1\r\n\r\n"
@@ -352,7 +418,15 @@ mod tests {
         let (mut post, ()) = http::Request::post("/p").body(()).unwrap().into_parts();
         assert!(String::from_utf8(request_head(&post)).unwrap().ends_with("content-length: 0\r\n\r\n"));
         post.headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
-        assert!(!eligible(&post));
+        assert_eq!(body_length(&post, true), None, "a stream that ended short of its length");
+        assert_eq!(body_length(&post, false), Some(3));
+        post.headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("65537"));
+        assert_eq!(body_length(&post, false), None, "larger than the path reads whole");
+        post.headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("+3"));
+        assert_eq!(body_length(&post, false), None);
+        post.headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        post.headers.append(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        assert_eq!(body_length(&post, false), None, "a repeated length");
     }
 
     #[test]

@@ -121,6 +121,9 @@ pub(crate) enum Failure {
     /// Every endpoint tried was at its `circuitBreakers.maxRequests`, or had
     /// `maxConnections` open and `maxPendingRequests` waiting.
     Overflow,
+    /// The client's request body ended early, broke off or stalled past
+    /// `timeouts.bodyIdle` while the proxy read it (nothing was sent).
+    ClientBody,
 }
 
 impl Failure {
@@ -130,6 +133,7 @@ impl Failure {
             Failure::NoEndpoint | Failure::Unreachable | Failure::Overflow => StatusCode::SERVICE_UNAVAILABLE,
             Failure::Upstream => StatusCode::BAD_GATEWAY,
             Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Failure::ClientBody => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -148,6 +152,7 @@ impl Failure {
             Failure::Upstream => "endpoint failed",
             Failure::Timeout => "endpoint timed out",
             Failure::Overflow => "endpoints at their request limit",
+            Failure::ClientBody => "request body incomplete",
         }
     }
 }
@@ -278,29 +283,35 @@ async fn forward(
         None
     };
 
-    let mut parts = Some(parts);
     let retries = rt.config.retries.attempts.min(MAX_RETRY_ATTEMPTS) as usize;
-    let mut body = if body.is_end_stream() {
-        Sendable::Empty
-    } else if retries > 0 {
-        Sendable::Held(Replayable::new(ClientBody { inner: body, clock: stream.clone() }))
-    } else {
-        Sendable::Once(Some(ClientBody { inner: body, clock: stream.clone() }))
+    let idempotent = is_idempotent(&parts.method);
+    // An HTTP/2 client's request without a body, or with a small one of
+    // known length (read whole first), to an HTTP/1.1 endpoint: over the fast
+    // path's sockets, its head and body written once for every attempt.
+    let bridged = (!http2 && stream.is_some() && upgrade.is_none() && !grpc_call)
+        .then(|| bridge::body_length(&parts, body.is_end_stream()))
+        .flatten();
+    let (raw_head, mut body) = match bridged {
+        Some(len) => {
+            let mut wire = bridge::request_head(&parts);
+            if len > 0 {
+                let read = bridge::read_body(body, len, &mut wire, timeouts.body_idle.0, stream.as_ref()).await;
+                if let Err(e) = read {
+                    if e == bridge::BodyRead::Timeout {
+                        shared.metrics.timed_out("bodyIdle");
+                    }
+                    return Err(Failure::ClientBody);
+                }
+            }
+            (Some((wire, parts.method == Method::HEAD)), Sendable::Empty)
+        }
+        None if body.is_end_stream() => (None, Sendable::Empty),
+        None if retries > 0 => {
+            (None, Sendable::Held(Replayable::new(ClientBody { inner: body, clock: stream.clone() })))
+        }
+        None => (None, Sendable::Once(Some(ClientBody { inner: body, clock: stream.clone() }))),
     };
-    let idempotent = parts.as_ref().is_some_and(|p| is_idempotent(&p.method));
-    // An HTTP/2 client's request without a body, to an HTTP/1.1 endpoint:
-    // over the fast path's sockets, its head written once for every attempt.
-    let raw_head = parts
-        .as_ref()
-        .filter(|p| {
-            !http2
-                && stream.is_some()
-                && upgrade.is_none()
-                && !grpc_call
-                && matches!(body, Sendable::Empty)
-                && bridge::eligible(p)
-        })
-        .map(|p| (bridge::request_head(p), p.method == Method::HEAD));
+    let mut parts = Some(parts);
     let mut attempts = Attempts::new(shared, rt, idempotent);
     let settings = attempts.settings();
     let deadline = tokio::time::Instant::now() + call_timeout.unwrap_or(timeouts.request.0);
