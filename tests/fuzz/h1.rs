@@ -183,4 +183,84 @@ proptest! {
             prop_assert_eq!(a, b);
         }
     }
+
+    /// What an HTTP/2 client receives from a chunked HTTP/1.1 answer: the
+    /// data and the trailer section, whatever the reads' boundaries, ending
+    /// where `feed` (which finds the end on the fast path) says it ends.
+    #[test]
+    fn decoding_a_chunked_body_yields_its_data_and_trailers_over_any_splits(
+        chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 1..40), 0..6),
+        extension in any::<bool>(),
+        trailers in prop::collection::vec("[a-z]{1,8}: [a-z0-9 ]{0,12}", 0..3),
+        cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..4),
+    ) {
+        let mut wire = Vec::new();
+        for c in &chunks {
+            wire.extend_from_slice(format!("{:x}{}\r\n", c.len(), if extension { ";a=b" } else { "" }).as_bytes());
+            wire.extend_from_slice(c);
+            wire.extend_from_slice(b"\r\n");
+        }
+        wire.extend_from_slice(b"0\r\n");
+        let mut section = Vec::new();
+        for t in &trailers {
+            section.extend_from_slice(t.as_bytes());
+            section.extend_from_slice(b"\r\n");
+        }
+        section.extend_from_slice(b"\r\n");
+        wire.extend_from_slice(&section);
+        let end = wire.len();
+        wire.extend_from_slice(b"NEXT");
+
+        let mut bounds: Vec<usize> = cuts.iter().map(|i| i.index(wire.len() + 1)).collect();
+        bounds.push(wire.len());
+        bounds.sort_unstable();
+        let (mut decoder, mut data, mut got, mut at, mut ended) = (h1::Chunked::default(), Vec::new(), Vec::new(), 0, false);
+        let mut from = 0;
+        for to in bounds {
+            let piece = &wire[from..to];
+            let mut i = 0;
+            while i < piece.len() && !ended {
+                let d = decoder.decode(&piece[i..], &mut got).expect("a valid chunked body");
+                prop_assert!(d.data.end <= d.consumed && d.consumed > 0);
+                data.extend_from_slice(&piece[i..][d.data.clone()]);
+                i += d.consumed;
+                ended = d.ended;
+            }
+            at += i;
+            from = to;
+            if ended {
+                break;
+            }
+        }
+        prop_assert!(ended);
+        prop_assert_eq!(at, end);
+        prop_assert_eq!(data, chunks.concat());
+        prop_assert_eq!(got, section);
+        prop_assert_eq!(h1::Chunked::default().feed(&wire), Ok((end, true)));
+    }
+
+    #[test]
+    fn decoding_and_finding_the_end_agree_on_any_bytes(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+        let (mut decoder, mut trailers, mut i, mut verdict) = (h1::Chunked::default(), Vec::new(), 0, Ok(false));
+        while i < bytes.len() {
+            match decoder.decode(&bytes[i..], &mut trailers) {
+                Ok(d) => {
+                    i += d.consumed;
+                    if d.ended {
+                        verdict = Ok(true);
+                        break;
+                    }
+                }
+                Err(e) => {
+                    verdict = Err(e);
+                    break;
+                }
+            }
+        }
+        match (h1::Chunked::default().feed(&bytes), verdict) {
+            (Ok((n, true)), Ok(true)) => prop_assert_eq!(n, i),
+            (Ok((_, false)), Ok(false)) | (Err(_), Err(_)) => {}
+            (a, b) => prop_assert!(false, "feed {:?}, decode {:?}", a, b),
+        }
+    }
 }
