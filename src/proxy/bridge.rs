@@ -24,14 +24,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
+use super::fast::{self, Broken};
+use super::h1::{BadChunk, Chunked, Framing, ResponseHead};
+use super::upstream::{ConnSettings, RawConn, Upstream, UpstreamError};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode};
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncWriteExt, ReadBuf};
-
-use super::h1::{self, BadChunk, Chunked, Framing, ResponseHead};
-use super::upstream::{ConnSettings, RawConn, Upstream, UpstreamError};
 
 /// Size of the reads from the endpoint.
 const READ: usize = 16 * 1024;
@@ -132,58 +131,23 @@ pub(crate) fn request_head(parts: &http::request::Parts) -> Vec<u8> {
     out
 }
 
-/// Sends `head` to `upstream` and reads the response head. A pooled
-/// connection the endpoint closed before answering anything is replaced by
-/// a new one once, for a request that may be sent twice.
+/// Sends `wire` (head and body) to `upstream` and reads the response head
+/// ([`fast::send_raw`], the fast path's exchange).
 pub(crate) async fn exchange(
     upstream: &Arc<Upstream>,
-    head: &[u8],
+    wire: &[u8],
     is_head: bool,
     settings: ConnSettings,
     idempotent: bool,
 ) -> Result<Response<RawBody>, UpstreamError> {
-    let mut stale_retry = idempotent;
-    loop {
-        let (mut conn, pooled) = upstream.raw_connection(settings).await?;
-        let mut buf = BytesMut::new();
-        let mut resp = ResponseHead::default();
-        let read = match conn.io.write_all(head).await {
-            Ok(()) => read_head(&mut conn, &mut buf, is_head, &mut resp).await,
-            Err(e) => Err((0, e)),
-        };
-        match read {
-            Ok(()) => return response(upstream, conn, buf, &resp),
-            Err((0, _)) if pooled && stale_retry => stale_retry = false,
-            Err((_, e)) => return Err(UpstreamError::Io(e)),
-        }
-    }
-}
-
-/// Reads a response head into `resp`, skipping interim (`1xx`) ones as
-/// hyper's client does. `Err((n, _))`: failed after `n` bytes.
-async fn read_head(
-    conn: &mut RawConn,
-    buf: &mut BytesMut,
-    is_head: bool,
-    resp: &mut ResponseHead,
-) -> Result<(), (usize, std::io::Error)> {
-    let mut got = 0;
-    loop {
-        match h1::parse_response(buf, is_head, resp) {
-            Ok(true) if (100..200).contains(&resp.status) => {
-                buf.advance(resp.len);
-                continue;
-            }
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
-            Err(e) => return Err((got.max(1), std::io::Error::new(std::io::ErrorKind::InvalidData, e))),
-        }
-        buf.reserve(READ);
-        match tokio::io::AsyncReadExt::read_buf(&mut conn.io, buf).await {
-            Ok(0) => return Err((got, std::io::ErrorKind::UnexpectedEof.into())),
-            Ok(n) => got += n,
-            Err(e) => return Err((got, e)),
-        }
+    let mut buf = Vec::new();
+    let mut head = ResponseHead::default();
+    match fast::send_raw(upstream, settings, idempotent, (wire, &[]), &mut buf, is_head, &mut head).await {
+        Ok(conn) => response(upstream, conn, buf, &head),
+        Err(Broken::Upstream(e)) => Err(e),
+        Err(Broken::Exchange) => Err(UpstreamError::Io(std::io::Error::other(
+            "the endpoint closed the connection or answered an invalid head",
+        ))),
     }
 }
 
@@ -192,7 +156,7 @@ async fn read_head(
 fn response(
     upstream: &Arc<Upstream>,
     conn: RawConn,
-    mut buf: BytesMut,
+    buf: Vec<u8>,
     head: &ResponseHead,
 ) -> Result<Response<RawBody>, UpstreamError> {
     let invalid = || UpstreamError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, "invalid response header"));
@@ -203,6 +167,8 @@ fn response(
         let value = HeaderValue::from_bytes(&buf[h.value.clone()]).map_err(|_| invalid())?;
         headers.append(name, value);
     }
+    // The bytes after the head, without a copy.
+    let mut buf = BytesMut::from(Bytes::from(buf));
     buf.advance(head.len);
     let state = match head.framing {
         Framing::Empty => State::Done,
@@ -259,13 +225,7 @@ impl RawBody {
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
         let Some(conn) = self.conn.as_mut() else { return Poll::Ready(Ok(0)) };
         self.buf.reserve(READ);
-        let spare = self.buf.spare_capacity_mut();
-        let mut read = ReadBuf::uninit(spare);
-        ready!(tokio::io::AsyncRead::poll_read(Pin::new(&mut conn.io), cx, &mut read))?;
-        let n = read.filled().len();
-        // SAFETY: `poll_read` initialised the first `n` bytes of the spare capacity.
-        unsafe { self.buf.set_len(self.buf.len() + n) };
-        Poll::Ready(Ok(n))
+        tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut self.buf)
     }
 
     /// The next data in the buffer, by the framing; `None` when more must be read.
@@ -317,8 +277,9 @@ impl RawBody {
     }
 }
 
-/// The trailer section of a chunked body as HTTP/2 trailers, without the
-/// fields a trailer may not carry.
+/// The trailer section of a chunked body as a header map (the fields a
+/// trailer may not carry are dropped with every endpoint body's, in
+/// [`super::http::EndpointBody`]).
 fn parse_trailers(raw: &[u8]) -> Result<HeaderMap, std::io::Error> {
     let invalid = || std::io::Error::new(std::io::ErrorKind::InvalidData, "invalid trailer section");
     let mut fields = [httparse::EMPTY_HEADER; 64];
@@ -335,7 +296,6 @@ fn parse_trailers(raw: &[u8]) -> Result<HeaderMap, std::io::Error> {
         let value = HeaderValue::from_bytes(f.value).map_err(|_| invalid())?;
         map.append(name, value);
     }
-    super::http::sanitize_trailers(&mut map);
     Ok(map)
 }
 
@@ -431,7 +391,9 @@ mod tests {
 
     #[test]
     fn trailers_keep_what_a_trailer_may_carry() {
-        let t = parse_trailers(b"grpc-status: 0\r\ncontent-length: 9\r\nconnection: x\r\nx-sum: abc\r\n\r\n").unwrap();
+        let mut t =
+            parse_trailers(b"grpc-status: 0\r\ncontent-length: 9\r\nconnection: x\r\nx-sum: abc\r\n\r\n").unwrap();
+        super::super::http::sanitize_trailers(&mut t);
         assert_eq!(t.len(), 2);
         assert_eq!(t["x-sum"], "abc");
         assert!(parse_trailers(b"\r\n").unwrap().is_empty());

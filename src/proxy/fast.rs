@@ -187,7 +187,7 @@ struct Conn<'a> {
 
 /// Why an exchange with an endpoint failed.
 #[derive(Debug, thiserror::Error)]
-enum Broken {
+pub(crate) enum Broken {
     #[error(transparent)]
     Upstream(UpstreamError),
     /// The endpoint's connection failed or answered nonsense after the
@@ -241,6 +241,67 @@ async fn read_more<R: AsyncRead + Unpin>(io: &mut R, buf: &mut Vec<u8>, limit: u
     }
     let mut limited = buf.limit(limit);
     io.read_buf(&mut limited).await
+}
+
+/// Sends a request (`head` and `body`, both raw bytes) on a connection of
+/// `upstream`'s fast-path pool and reads the response head into `resp`,
+/// its bytes and any that followed into `buf` (to a `HEAD` request when
+/// `is_head`). A pooled connection the endpoint closed before answering
+/// anything is replaced by a new one once, for a request that may be sent
+/// twice. For the fast path and for HTTP/2 clients' requests
+/// ([`super::bridge`]).
+pub(crate) async fn send_raw(
+    upstream: &Upstream,
+    settings: ConnSettings,
+    idempotent: bool,
+    (head, body): (&[u8], &[u8]),
+    buf: &mut Vec<u8>,
+    is_head: bool,
+    resp: &mut ResponseHead,
+) -> Result<RawConn, Broken> {
+    let mut stale_retry = idempotent;
+    loop {
+        let (mut conn, pooled) = upstream.raw_connection(settings).await?;
+        buf.clear();
+        let read = match write_both(&mut conn.io, head, body).await {
+            Ok(()) => read_response_head(&mut conn, buf, is_head, resp).await,
+            Err(_) => Err(0),
+        };
+        match read {
+            Ok(()) => return Ok(conn),
+            Err(0) if pooled && stale_retry => stale_retry = false,
+            Err(_) => return Err(Broken::Exchange),
+        }
+    }
+}
+
+/// Reads a response head into `resp`, skipping interim (`1xx`) ones as
+/// the hyper path does. `Err(n)`: failed after `n` bytes.
+async fn read_response_head(
+    conn: &mut RawConn,
+    buf: &mut Vec<u8>,
+    is_head: bool,
+    resp: &mut ResponseHead,
+) -> Result<(), usize> {
+    let mut got = 0;
+    loop {
+        match h1::parse_response(buf, is_head, resp) {
+            Ok(true) if (100..200).contains(&resp.status) => {
+                buf.drain(..resp.len);
+                continue;
+            }
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "endpoint response refused");
+                return Err(got.max(1));
+            }
+        }
+        match read_more(&mut conn.io, buf, usize::MAX).await {
+            Ok(0) | Err(_) => return Err(got),
+            Ok(n) => got += n,
+        }
+    }
 }
 
 /// Writes `head` and `body` (vectored while both are left).
@@ -497,55 +558,16 @@ impl Conn<'_> {
         Err(Failure::Upstream)
     }
 
-    /// Sends the request on a connection to `upstream` and reads the
-    /// response head into `resp`. A pooled connection the endpoint closed
-    /// before answering anything is replaced by a new one once, for a
-    /// request that may be sent twice.
+    /// Sends the request and reads the response head ([`send_raw`]).
     async fn attempt(
         &mut self,
         upstream: &Upstream,
         settings: ConnSettings,
         idempotent: bool,
     ) -> Result<RawConn, Broken> {
-        let mut stale_retry = idempotent;
-        loop {
-            let (mut conn, pooled) = upstream.raw_connection(settings).await?;
-            let body = &self.client[self.req.len..self.req.len + self.req.body as usize];
-            self.upstream.clear();
-            let read = match write_both(&mut conn.io, &self.sent, body).await {
-                Ok(()) => self.read_response_head(&mut conn).await,
-                Err(_) => Err(0),
-            };
-            match read {
-                Ok(()) => return Ok(conn),
-                Err(0) if pooled && stale_retry => stale_retry = false,
-                Err(_) => return Err(Broken::Exchange),
-            }
-        }
-    }
-
-    /// Reads a response head into `resp`, skipping interim (`1xx`) ones as
-    /// the hyper path does. `Err(n)`: failed after `n` bytes.
-    async fn read_response_head(&mut self, conn: &mut RawConn) -> Result<(), usize> {
-        let mut got = 0;
-        loop {
-            match h1::parse_response(&self.upstream, self.req.head, &mut self.resp) {
-                Ok(true) if (100..200).contains(&self.resp.status) => {
-                    self.upstream.drain(..self.resp.len);
-                    continue;
-                }
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::debug!(error = %e, "endpoint response refused");
-                    return Err(got.max(1));
-                }
-            }
-            match read_more(&mut conn.io, &mut self.upstream, usize::MAX).await {
-                Ok(0) | Err(_) => return Err(got),
-                Ok(n) => got += n,
-            }
-        }
+        let body = &self.client[self.req.len..self.req.len + self.req.body as usize];
+        let sent = (&self.sent[..], body);
+        send_raw(upstream, settings, idempotent, sent, &mut self.upstream, self.req.head, &mut self.resp).await
     }
 
     /// Writes the response head and streams the body to the client.

@@ -18,7 +18,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -713,20 +713,18 @@ impl Body for EndpointBody {
     type Error = BodyError;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        match self.get_mut() {
-            EndpointBody::Hyper(b) => Pin::new(b).poll_frame(cx).map(|f| {
-                f.map(|f| {
-                    f.map(|mut frame| {
-                        if let Some(trailers) = frame.trailers_mut() {
-                            sanitize_trailers(trailers);
-                        }
-                        frame
-                    })
-                    .map_err(BodyError::Endpoint)
-                })
-            }),
-            EndpointBody::Raw(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::EndpointIo),
-        }
+        let polled = match self.get_mut() {
+            EndpointBody::Hyper(b) => ready!(Pin::new(b).poll_frame(cx)).map(|f| f.map_err(BodyError::Endpoint)),
+            EndpointBody::Raw(b) => ready!(Pin::new(b).poll_frame(cx)).map(|f| f.map_err(BodyError::EndpointIo)),
+        };
+        Poll::Ready(polled.map(|frame| {
+            frame.map(|mut frame| {
+                if let Some(trailers) = frame.trailers_mut() {
+                    sanitize_trailers(trailers);
+                }
+                frame
+            })
+        }))
     }
 
     fn is_end_stream(&self) -> bool {
