@@ -155,6 +155,11 @@ struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerLabel {
+    worker: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabel {
     code: u16,
 }
@@ -219,6 +224,8 @@ pub struct Metrics {
     pub active_connections: Gauge,
     /// Client connections accepted.
     pub connections: Counter,
+    /// Client connections each worker serves now, by worker index.
+    pub(crate) worker_connections: Box<[Gauge]>,
     /// Time from receiving a request to sending its response headers.
     pub request_duration: LatencyHistogram,
     /// Responses the proxy produced itself (no endpoint, timeout, failure), by status.
@@ -246,10 +253,15 @@ struct TlsLabel {
 }
 
 impl Metrics {
-    pub(crate) fn new(current: Arc<ArcSwap<Runtime>>, source: SourceMetrics) -> Self {
+    pub(crate) fn new(current: Arc<ArcSwap<Runtime>>, source: SourceMetrics, workers: usize) -> Self {
         let mut registry = Registry::with_prefix("fulcrum_proxy");
         let active_connections = Gauge::default();
         registry.register("active_connections", "Client connections open now", active_connections.clone());
+        let per_worker = Family::<WorkerLabel, Gauge>::default();
+        let worker_connections = (0..workers)
+            .map(|i| per_worker.get_or_create(&WorkerLabel { worker: u16::try_from(i).unwrap_or(u16::MAX) }).clone())
+            .collect();
+        registry.register("worker_connections", "Client connections each worker serves now", per_worker);
         let connections = Counter::default();
         registry.register("connections", "Client connections accepted", connections.clone());
         let request_duration = LatencyHistogram::default();
@@ -343,6 +355,7 @@ impl Metrics {
             registry,
             active_connections,
             connections,
+            worker_connections,
             request_duration,
             local_responses,
             local_grpc_responses,

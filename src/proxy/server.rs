@@ -3,7 +3,10 @@
 //! Clients are served by worker threads, one per CPU by default, each with
 //! its own listening socket on the shared address (SO_REUSEPORT: the kernel
 //! spreads new connections over them), its own single-threaded event loop,
-//! balancer and upstream connections. A request is handled start to finish
+//! balancer and upstream connections. A worker that accepts a connection
+//! while it serves clearly more than another hands it over ([`Spread`]), so
+//! that the kernel's hashing does not leave one worker with more than its
+//! share of long-lived connections. A request is handled start to finish
 //! on one thread and never waits for another to wake up (the NGINX and
 //! Envoy model). Updates, health checks and the admin listener run on the
 //! runtime that calls [`Proxy::run`].
@@ -17,8 +20,9 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -116,12 +120,14 @@ impl Proxy {
         let protocol = shared.runtime().config.protocol;
         let workers = listeners.len();
         let (stop, stopped) = watch::channel(false);
+        let (spread, inboxes) = Spread::new(&shared.metrics.worker_connections);
         let mut done = Vec::new();
-        for (index, listener) in listeners.into_iter().enumerate() {
+        for ((index, listener), inbox) in listeners.into_iter().enumerate().zip(inboxes) {
             let (tx, rx) = oneshot::channel();
             let (shared, stopped) = (shared.clone(), stopped.clone());
+            let seats = Seats { spread: spread.clone(), worker: index, inbox };
             let spawned = std::thread::Builder::new().name(format!("fulcrum-worker-{index}")).spawn(move || {
-                worker(index, shared, listener, protocol, stopped);
+                worker(index, shared, listener, seats, protocol, stopped);
                 let _ = tx.send(());
             });
             match spawned {
@@ -174,6 +180,7 @@ fn worker(
     index: usize,
     shared: Arc<Shared>,
     listener: std::net::TcpListener,
+    seats: Seats,
     protocol: Protocol,
     mut stopped: watch::Receiver<bool>,
 ) {
@@ -199,8 +206,8 @@ fn worker(
         let connections = Connections::new();
         tokio::spawn(heartbeat());
         match protocol {
-            Protocol::Http => accept_http(&shared, listener, &connections, shutdown).await,
-            Protocol::Tcp => accept_tcp(&shared, listener, &connections, shutdown).await,
+            Protocol::Http => accept_http(&shared, listener, seats, &connections, shutdown).await,
+            Protocol::Tcp => accept_tcp(&shared, listener, seats, &connections, shutdown).await,
         }
         let grace = shared.runtime().config.timeouts.drain.0;
         connections.drain(grace).await;
@@ -273,60 +280,166 @@ impl Connections {
     }
 }
 
-/// A client connection counted against `limits.maxConnections` until dropped.
-pub(crate) struct Admitted(Arc<Shared>);
+/// A client connection counted against `limits.maxConnections`, and against
+/// the worker serving it, until dropped.
+pub(crate) struct Admitted {
+    shared: Arc<Shared>,
+    _seat: Seat,
+}
+
+impl Admitted {
+    fn new(shared: &Arc<Shared>, seat: Seat) -> Self {
+        shared.open_connections.fetch_add(1, Ordering::Relaxed);
+        shared.metrics.active_connections.inc();
+        Admitted { shared: shared.clone(), _seat: seat }
+    }
+}
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
-        self.0.metrics.active_connections.dec();
-        self.0.connection_closed.notify_waiters();
+        self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
+        self.shared.metrics.active_connections.dec();
+        self.shared.connection_closed.notify_waiters();
+    }
+}
+
+/// How many connections each worker serves, and a way to hand a connection
+/// to another worker.
+///
+/// SO_REUSEPORT hashes each new connection to a worker, blind to load: 50
+/// long-lived connections can split 28/22, and the busier worker then sets
+/// the tail latency for all. A worker that accepts a connection while it
+/// serves more than [`SPREAD_SLACK`] connections over the least busy worker
+/// passes the socket to that one instead (HAProxy, too, gives each accepted
+/// connection to its least loaded thread). Short-lived connections rarely
+/// move: the counts stay within the slack.
+struct Spread {
+    /// Connections each worker serves now (the `worker_connections` gauges).
+    serving: Box<[Gauge]>,
+    inboxes: Box<[mpsc::UnboundedSender<Handed>]>,
+}
+
+/// How far a worker's connection count may exceed the least busy worker's
+/// before it hands new connections over.
+const SPREAD_SLACK: i64 = 2;
+
+/// A connection on its way to another worker.
+struct Handed {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    admitted: Admitted,
+}
+
+impl Spread {
+    fn new(serving: &[Gauge]) -> (Arc<Spread>, Vec<mpsc::UnboundedReceiver<Handed>>) {
+        let (senders, receivers): (Vec<_>, Vec<_>) = serving.iter().map(|_| mpsc::unbounded_channel()).unzip();
+        let spread = Spread { serving: serving.into(), inboxes: senders.into_boxed_slice() };
+        (Arc::new(spread), receivers)
+    }
+
+    /// The worker that should serve a connection `worker` just accepted:
+    /// itself, unless it serves more than [`SPREAD_SLACK`] connections over
+    /// the least busy worker.
+    fn choose(&self, worker: usize) -> usize {
+        let Some(mine) = self.serving.get(worker).map(Gauge::get) else { return worker };
+        let (least, count) =
+            self.serving.iter().map(Gauge::get).enumerate().min_by_key(|&(_, n)| n).unwrap_or((worker, mine));
+        if mine > count + SPREAD_SLACK { least } else { worker }
+    }
+
+    fn seat(self: &Arc<Self>, worker: usize) -> Seat {
+        self.serving[worker].inc();
+        Seat { spread: self.clone(), worker }
+    }
+}
+
+/// One connection counted against a worker until dropped.
+struct Seat {
+    spread: Arc<Spread>,
+    worker: usize,
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        self.spread.serving[self.worker].dec();
+    }
+}
+
+/// A worker's side of [`Spread`]: its index and the connections other
+/// workers hand it.
+struct Seats {
+    spread: Arc<Spread>,
+    worker: usize,
+    inbox: mpsc::UnboundedReceiver<Handed>,
+}
+
+impl Seats {
+    /// Serves an accepted connection here, or hands it to a less busy
+    /// worker. A connection that cannot be handed over (the other worker
+    /// has stopped) is served here.
+    fn place(&self, stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Option<(TcpStream, Admitted)> {
+        let to = self.spread.choose(self.worker);
+        if to == self.worker {
+            return Some((stream, Admitted::new(shared, self.spread.seat(to))));
+        }
+        // A socket that cannot leave this event loop is closed.
+        let stream = stream.into_std().ok()?;
+        let handed = Handed { stream, peer, admitted: Admitted::new(shared, self.spread.seat(to)) };
+        let mpsc::error::SendError(back) = self.spread.inboxes[to].send(handed).err()?;
+        drop(back.admitted);
+        let stream = TcpStream::from_std(back.stream).ok()?;
+        Some((stream, Admitted::new(shared, self.spread.seat(self.worker))))
     }
 }
 
 /// Accepts until `shutdown`, holding off while `limits.maxConnections` are
 /// open (new connections wait in the kernel's backlog); a failed accept (out
-/// of file descriptors) backs off briefly.
+/// of file descriptors) backs off briefly. Connections other workers hand
+/// over are served as they come, cap or not: they were admitted already.
 async fn accept_loop(
     shared: &Arc<Shared>,
     listener: TcpListener,
+    mut seats: Seats,
     shutdown: impl Future<Output = ()>,
     mut on_conn: impl FnMut(TcpStream, SocketAddr, Admitted),
 ) {
     tokio::pin!(shutdown);
     let max = shared.runtime().config.limits.max_connections as usize;
+    let mut capped: Option<std::time::Instant> = None;
     loop {
-        let mut capped: Option<std::time::Instant> = None;
-        loop {
-            let closed = shared.connection_closed.notified();
-            if shared.open_connections.load(Ordering::Relaxed) < max {
-                break;
+        let closed = shared.connection_closed.notified();
+        let open = shared.open_connections.load(Ordering::Relaxed) < max;
+        match (open, capped) {
+            (true, Some(since)) => {
+                shared.metrics.at_connection_cap(since.elapsed());
+                capped = None;
             }
-            capped.get_or_insert_with(std::time::Instant::now);
-            tokio::select! {
-                () = &mut shutdown => return,
-                () = closed => {}
-                // A notification may go to another worker first; look again soon.
-                () = tokio::time::sleep(Duration::from_millis(50)) => {}
-            }
-        }
-        if let Some(since) = capped {
-            shared.metrics.at_connection_cap(since.elapsed());
+            (false, None) => capped = Some(std::time::Instant::now()),
+            _ => {}
         }
         tokio::select! {
             () = &mut shutdown => return,
-            accepted = listener.accept() => match accepted {
+            Some(handed) = seats.inbox.recv() => {
+                let Handed { stream, peer, admitted } = handed;
+                if let Ok(stream) = TcpStream::from_std(stream) {
+                    on_conn(stream, peer, admitted);
+                }
+            }
+            accepted = listener.accept(), if open => match accepted {
                 Ok((stream, peer)) => {
-                    shared.open_connections.fetch_add(1, Ordering::Relaxed);
                     shared.metrics.connections.inc();
-                    shared.metrics.active_connections.inc();
-                    on_conn(stream, peer, Admitted(shared.clone()));
+                    if let Some((stream, admitted)) = seats.place(stream, peer, shared) {
+                        on_conn(stream, peer, admitted);
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             },
+            () = closed, if !open => {}
+            // A notification may go to another worker first; look again soon.
+            () = tokio::time::sleep(Duration::from_millis(50)), if !open => {}
         }
     }
 }
@@ -334,6 +447,7 @@ async fn accept_loop(
 async fn accept_http(
     shared: &Arc<Shared>,
     listener: TcpListener,
+    seats: Seats,
     conns: &Connections,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -363,7 +477,7 @@ async fn accept_http(
         .max_pending_accept_reset_streams(Some(32))
         .max_local_error_reset_streams(Some(256));
     let builder = Arc::new(builder);
-    accept_loop(shared, listener, shutdown, |stream, peer, admitted| {
+    accept_loop(shared, listener, seats, shutdown, |stream, peer, admitted| {
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         let builder = builder.clone();
@@ -532,10 +646,11 @@ async fn serve_http_io<S>(
 async fn accept_tcp(
     shared: &Arc<Shared>,
     listener: TcpListener,
+    seats: Seats,
     conns: &Connections,
     shutdown: impl Future<Output = ()>,
 ) {
-    accept_loop(shared, listener, shutdown, |stream, peer, admitted| {
+    accept_loop(shared, listener, seats, shutdown, |stream, peer, admitted| {
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         let hard_stop = conns.hard_stop.clone();
@@ -629,5 +744,48 @@ impl ProxyHandle {
 impl Drop for ProxyHandle {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spread(counts: &[i64]) -> Arc<Spread> {
+        let gauges: Vec<Gauge> = counts
+            .iter()
+            .map(|&n| {
+                let g = Gauge::default();
+                g.set(n);
+                g
+            })
+            .collect();
+        Spread::new(&gauges).0
+    }
+
+    #[test]
+    fn a_worker_keeps_connections_within_the_slack() {
+        assert_eq!(spread(&[0, 0]).choose(0), 0);
+        assert_eq!(spread(&[12, 10]).choose(0), 0);
+        assert_eq!(spread(&[10, 12]).choose(1), 1);
+        assert_eq!(spread(&[5]).choose(0), 0);
+    }
+
+    #[test]
+    fn a_busier_worker_hands_over_to_the_least_busy() {
+        assert_eq!(spread(&[13, 10]).choose(0), 1);
+        assert_eq!(spread(&[9, 20, 7, 8]).choose(1), 2);
+        // The least busy never hands over.
+        assert_eq!(spread(&[9, 20, 7, 8]).choose(2), 2);
+    }
+
+    #[test]
+    fn seats_count_while_held() {
+        let s = spread(&[0, 0]);
+        let a = s.seat(1);
+        let b = s.seat(1);
+        assert_eq!(s.serving.iter().map(Gauge::get).collect::<Vec<_>>(), [0, 2]);
+        drop((a, b));
+        assert_eq!(s.serving.iter().map(Gauge::get).collect::<Vec<_>>(), [0, 0]);
     }
 }

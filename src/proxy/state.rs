@@ -119,7 +119,7 @@ impl Shared {
         let budget = RetryBudget::new(snapshot.config.retries.budget_percent);
         let current = Arc::new(ArcSwap::from_pointee(rt));
         Ok(Arc::new(Shared {
-            metrics: Metrics::new(current.clone(), source),
+            metrics: Metrics::new(current.clone(), source, snapshot.config.worker_count()),
             current,
             retry_budget: budget,
             draining: AtomicBool::new(false),

@@ -217,3 +217,55 @@ async fn admin_endpoints_report_health_load_and_counts() {
     }
     p.shutdown().await;
 }
+
+/// The value of a metric line `name` (with its labels) in a scrape.
+fn metric(scrape: &str, name: &str) -> Option<f64> {
+    scrape.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The kernel hashes connections to workers blind to load (with four
+/// workers, 120 connections split within ±3 of even about one time in a
+/// thousand); the proxy hands new connections from a busier worker to the
+/// least busy one, and a handed-over connection serves like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_spread_evenly_over_workers() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const N: usize = 120;
+    const WORKERS: usize = 4;
+    let bs = backends(2).await;
+    let p = proxy(&format!("workers: {WORKERS}\n{}", endpoints_yaml(&bs))).await;
+    let mut conns = Vec::with_capacity(N);
+    for _ in 0..N {
+        conns.push(tokio::net::TcpStream::connect(p.addr).await.expect("connect"));
+    }
+    let serving = |m: &str| -> Vec<f64> {
+        (0..WORKERS)
+            .map(|w| metric(m, &format!("fulcrum_proxy_worker_connections{{worker=\"{w}\"}}")).unwrap_or(-1.0))
+            .collect()
+    };
+    let mut last = Vec::new();
+    for _ in 0..250 {
+        last = serving(&admin(&p, "/metrics").await.body);
+        if last.iter().sum::<f64>() == N as f64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(last.iter().sum::<f64>(), N as f64, "connections per worker: {last:?}");
+    let (min, max) = last.iter().fold((f64::MAX, 0f64), |(lo, hi), &n| (lo.min(n), hi.max(n)));
+    assert!(max - min <= 3.0, "connections per worker: {last:?}");
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.write_all(b"GET / HTTP/1.1\r\nHost: spread\r\n\r\n").await.expect("write");
+        let mut buf = vec![0; 512];
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await.expect("answer").expect("read");
+        let head = String::from_utf8_lossy(&buf[..n]);
+        assert!(head.starts_with("HTTP/1.1 200"), "connection {i}: {head}");
+    }
+    drop(conns);
+    let empty = eventually(Duration::from_secs(5), || async {
+        serving(&admin(&p, "/metrics").await.body).iter().all(|&n| n == 0.0)
+    })
+    .await;
+    assert!(empty, "{:?}", serving(&admin(&p, "/metrics").await.body));
+    p.shutdown().await;
+}
