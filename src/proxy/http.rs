@@ -333,7 +333,9 @@ async fn forward(
                 return Err(Failure::Upstream);
             };
             head.uri = upstream_uri(&head.uri, authority.as_ref().unwrap_or(&upstream.authority), http2);
-            let exchange = upstream.send(Request::from_parts(head, attempt_body), settings);
+            // Boxed: hyper's client future is 3 KiB, and every request's
+            // future (moved whole into its task) would otherwise hold room for it.
+            let exchange = Box::pin(upstream.send(Request::from_parts(head, attempt_body), settings));
             tokio::time::timeout_at(per_attempt, exchange)
                 .await
                 .map(|r| r.map(|(resp, lease)| (resp.map(EndpointBody::Hyper), lease)))
