@@ -118,8 +118,12 @@ impl Shared {
         let rt = build_runtime(1, snapshot, Arc::new(set), None, &tls)?;
         let budget = RetryBudget::new(snapshot.config.retries.budget_percent);
         let current = Arc::new(ArcSwap::from_pointee(rt));
+        let metrics = Metrics::new(current.clone(), source, snapshot.config.worker_count());
+        // Known from the first scrape: a gauge at 0 until the first reload
+        // would read as a certificate expiring now.
+        metrics.tls_expiry(tls.seconds_to_expiry());
         Ok(Arc::new(Shared {
-            metrics: Metrics::new(current.clone(), source, snapshot.config.worker_count()),
+            metrics,
             current,
             retry_budget: budget,
             draining: AtomicBool::new(false),

@@ -274,10 +274,11 @@ async fn an_expired_certificate_and_an_old_tls_version_are_refused() {
         )
     };
     let p = proxy1(&format!("tls: {{certificates: [{}]}}\n{}", files("x"), endpoints_yaml(&bs))).await;
+    // Known from the first scrape, before the files are read again.
+    let m = admin(&p, "/metrics").await.body;
     let roots = [pki.ca_der()];
     let seen = get(p.addr, "a.example", client_config(&roots, &[b"http/1.1"], None), "/").await;
     assert!(seen.as_ref().is_err_and(|e| e.contains("certificate expired")), "{seen:?}");
-    let m = admin(&p, "/metrics").await.body;
     counted(&p, "fulcrum_proxy_tls_handshakes_total{result=\"alert_received\"} 1").await;
     let expiry = m
         .lines()
