@@ -336,9 +336,7 @@ async fn forward(
             // Boxed: hyper's client future is 3 KiB, and every request's
             // future (moved whole into its task) would otherwise hold room for it.
             let exchange = Box::pin(upstream.send(Request::from_parts(head, attempt_body), settings));
-            tokio::time::timeout_at(per_attempt, exchange)
-                .await
-                .map(|r| r.map(|(resp, lease)| (resp.map(EndpointBody::Hyper), lease)))
+            tokio::time::timeout_at(per_attempt, exchange).await
         };
         let clock = rt.set.clock();
         now = clock.now();
@@ -708,6 +706,7 @@ pub struct TrackedBody {
 pub(crate) enum EndpointBody {
     Hyper(Incoming),
     Raw(bridge::RawBody),
+    H2(super::h2c::H2Body),
 }
 
 impl Body for EndpointBody {
@@ -718,6 +717,7 @@ impl Body for EndpointBody {
         let polled = match self.get_mut() {
             EndpointBody::Hyper(b) => ready!(Pin::new(b).poll_frame(cx)).map(|f| f.map_err(BodyError::Endpoint)),
             EndpointBody::Raw(b) => ready!(Pin::new(b).poll_frame(cx)).map(|f| f.map_err(BodyError::EndpointIo)),
+            EndpointBody::H2(b) => ready!(Pin::new(b).poll_frame(cx)).map(|f| f.map_err(BodyError::EndpointStream)),
         };
         Poll::Ready(polled.map(|frame| {
             frame.map(|mut frame| {
@@ -733,6 +733,7 @@ impl Body for EndpointBody {
         match self {
             EndpointBody::Hyper(b) => b.is_end_stream(),
             EndpointBody::Raw(b) => b.is_end_stream(),
+            EndpointBody::H2(b) => b.is_end_stream(),
         }
     }
 
@@ -740,6 +741,7 @@ impl Body for EndpointBody {
         match self {
             EndpointBody::Hyper(b) => b.size_hint(),
             EndpointBody::Raw(b) => b.size_hint(),
+            EndpointBody::H2(b) => b.size_hint(),
         }
     }
 }
@@ -764,6 +766,9 @@ pub enum BodyError {
     /// by [`bridge::RawBody`]).
     #[error("endpoint body: {0}")]
     EndpointIo(std::io::Error),
+    /// The endpoint's HTTP/2 stream failed.
+    #[error("endpoint body: {0}")]
+    EndpointStream(h2::Error),
     /// Neither direction of the HTTP/2 stream moved for `timeouts.bodyIdle`.
     #[error("stream idle past timeouts.bodyIdle")]
     StreamIdle,

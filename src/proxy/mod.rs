@@ -17,6 +17,7 @@ mod fast;
 mod forwarding;
 mod grpc;
 pub mod h1;
+mod h2c;
 mod health;
 mod http;
 pub mod metrics;

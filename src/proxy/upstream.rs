@@ -34,15 +34,17 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::tls::{EndpointConnector, TlsState};
 
-use super::http::UpstreamBody;
+use super::h2c;
+use super::http::{EndpointBody, UpstreamBody};
 use super::metrics::EndpointStats;
 use super::tracks::TrackStats;
 
@@ -215,7 +217,7 @@ impl Pooled for RawConn {
 
 /// One HTTP/2 connection to an endpoint.
 struct H2Conn {
-    sender: http2::SendRequest<UpstreamBody>,
+    sender: h2::client::SendRequest<Bytes>,
     state: Arc<H2State>,
 }
 
@@ -238,9 +240,16 @@ struct H2State {
     /// The endpoint's first SETTINGS frame has been read.
     settled: AtomicBool,
     settled_notify: tokio::sync::Notify,
+    /// The connection has ended, or refused a new stream (it received
+    /// `GOAWAY`): it takes no more.
+    closed: AtomicBool,
 }
 
 impl H2State {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
     fn settle(&self, max_streams: usize) {
         self.max_streams.store(max_streams, Ordering::Relaxed);
         self.settled.store(true, Ordering::Release);
@@ -264,13 +273,13 @@ impl H2State {
 
 /// Streams allowed on a connection whose endpoint sets no limit: h2's initial
 /// value, which stays in force until the endpoint sets one.
-const DEFAULT_MAX_STREAMS: usize = 100;
+pub(crate) const DEFAULT_MAX_STREAMS: usize = 100;
 
 use super::conn::now_ms;
 
 impl H2Conn {
     fn has_room(&self) -> bool {
-        !self.sender.is_closed()
+        !self.state.is_closed()
             && self.state.streams.load(Ordering::Relaxed) < self.state.max_streams.load(Ordering::Relaxed).max(1)
     }
 
@@ -289,10 +298,13 @@ pub(crate) enum UpstreamError {
     /// The endpoint refused the stream (`REFUSED_STREAM`, or above its
     /// `GOAWAY`): it never processed the request.
     #[error("refused by the endpoint: {0}")]
-    Refused(hyper::Error),
+    Refused(h2::Error),
     /// The connection failed after the request may have been sent.
     #[error("exchange: {0}")]
     Exchange(hyper::Error),
+    /// The HTTP/2 stream failed after the request may have been sent.
+    #[error("exchange: {0}")]
+    Stream(h2::Error),
     /// A connection of the fast path's pool failed, or its endpoint
     /// answered nonsense, after the request may have been sent.
     #[error("exchange: {0}")]
@@ -415,8 +427,13 @@ impl Upstream {
         self: &Arc<Self>,
         req: Request<UpstreamBody>,
         settings: ConnSettings,
-    ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
-        if self.http2 { self.send_h2(req, settings).await } else { self.send_h1(req, settings).await }
+    ) -> Result<(Response<EndpointBody>, Lease), UpstreamError> {
+        if self.http2 {
+            self.send_h2(req, settings).await
+        } else {
+            let (resp, lease) = self.send_h1(req, settings).await?;
+            Ok((resp.map(EndpointBody::Hyper), lease))
+        }
     }
 
     /// Sends `req` on a pooled connection, or a new one. A pooled connection
@@ -581,33 +598,39 @@ impl Upstream {
     /// room, opening one when all are full.
     async fn send_h2(
         self: &Arc<Self>,
-        mut req: Request<UpstreamBody>,
+        req: Request<UpstreamBody>,
         settings: ConnSettings,
-    ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
-        // A connection that closes between checkout and dispatch hands the request back;
-        // bounded, in case connections keep closing as they open.
+    ) -> Result<(Response<EndpointBody>, Lease), UpstreamError> {
+        let (parts, body) = req.into_parts();
+        // A connection that closes between checkout and dispatch takes no
+        // stream: the request goes out on another. Bounded, in case
+        // connections keep closing as they open.
         for _ in 0..4 {
-            let (mut sender, state) = self.h2_stream(settings).await?;
+            let (sender, state) = self.h2_stream(settings).await?;
+            let Ok(mut sender) = sender.ready().await else {
+                state.closed.store(true, Ordering::Relaxed);
+                continue;
+            };
             state.streams.fetch_add(1, Ordering::Relaxed);
             let first = state.opened.fetch_add(1, Ordering::Relaxed) == 0;
-            let lease = Lease { upstream: self.clone(), kind: Some(LeaseKind::Http2(state)) };
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, lease)),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => req = unsent,
-                    None => {
-                        let e = e.into_error();
-                        if first && !self.warned.swap(true, Ordering::Relaxed) {
-                            tracing::warn!(
-                                endpoint = %self.addr, error = %e,
-                                "the first HTTP/2 exchange with the endpoint failed: does it speak HTTP/2 cleartext \
-                                 (prior knowledge), as appProtocol says? It is treated as failing"
-                            );
-                        }
-                        return Err(if refused(&e) { UpstreamError::Refused(e) } else { UpstreamError::Exchange(e) });
+            let lease = Lease { upstream: self.clone(), kind: Some(LeaseKind::Http2(state.clone())) };
+            return match h2c::exchange(&mut sender, Request::from_parts(parts, ()), body).await {
+                Ok(resp) => Ok((resp.map(EndpointBody::H2), lease)),
+                Err(e) => {
+                    if e.is_go_away() || e.is_io() {
+                        // Nothing more goes out on this connection.
+                        state.closed.store(true, Ordering::Relaxed);
                     }
-                },
-            }
+                    if first && !self.warned.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            endpoint = %self.addr, error = %e,
+                            "the first HTTP/2 exchange with the endpoint failed: does it speak HTTP/2 cleartext \
+                             (prior knowledge), as appProtocol says? It is treated as failing"
+                        );
+                    }
+                    Err(if h2c::refused(&e) { UpstreamError::Refused(e) } else { UpstreamError::Stream(e) })
+                }
+            };
         }
         Err(UpstreamError::Connect(std::io::Error::other("HTTP/2 connections kept closing before use")))
     }
@@ -616,7 +639,7 @@ impl Upstream {
     async fn h2_stream(
         &self,
         settings: ConnSettings,
-    ) -> Result<(http2::SendRequest<UpstreamBody>, Arc<H2State>), UpstreamError> {
+    ) -> Result<(h2::client::SendRequest<Bytes>, Arc<H2State>), UpstreamError> {
         if let Some(found) = Self::h2_with_room(&own(&self.h2)) {
             return Ok(found);
         }
@@ -638,7 +661,7 @@ impl Upstream {
                     // new connection does not pile onto it past the limit.
                     state.settled(settings.connect_timeout).await;
                     let mut list = own(&self.h2);
-                    list.retain(|c| !c.sender.is_closed());
+                    list.retain(|c| !c.state.is_closed());
                     if list.len() < MAX_H2_CONNECTIONS {
                         list.push(H2Conn { sender: sender.clone(), state: state.clone() });
                     }
@@ -659,7 +682,7 @@ impl Upstream {
         }
     }
 
-    fn h2_with_room(list: &[H2Conn]) -> Option<(http2::SendRequest<UpstreamBody>, Arc<H2State>)> {
+    fn h2_with_room(list: &[H2Conn]) -> Option<(h2::client::SendRequest<Bytes>, Arc<H2State>)> {
         list.iter().find(|c| c.has_room()).map(|c| (c.sender.clone(), c.state.clone()))
     }
 
@@ -667,7 +690,7 @@ impl Upstream {
         &self,
         settings: ConnSettings,
         slot: OpenConn,
-    ) -> Result<(http2::SendRequest<UpstreamBody>, Arc<H2State>), UpstreamError> {
+    ) -> Result<(h2::client::SendRequest<Bytes>, Arc<H2State>), UpstreamError> {
         let stream = self.open(settings.connect_timeout).await?;
         let state = Arc::new(H2State {
             streams: AtomicUsize::new(0),
@@ -676,15 +699,12 @@ impl Upstream {
             idle_since_ms: AtomicU64::new(now_ms()),
             settled: AtomicBool::new(false),
             settled_notify: tokio::sync::Notify::new(),
+            closed: AtomicBool::new(false),
         });
-        let io = TokioIo::new(PrefaceTap { io: stream, state: state.clone(), head: Some(Vec::new()) });
+        let io = PrefaceTap { io: stream, state: state.clone(), head: Some(Vec::new()) };
         let ping = (settings.idle_timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(ping)
-            .keep_alive_timeout(Duration::from_secs(20))
-            .keep_alive_while_idle(true)
-            .handshake(io)
+        let (sender, conn) = h2c::builder()
+            .handshake::<_, Bytes>(io)
             .await
             .map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;
         let watched = state.clone();
@@ -692,21 +712,8 @@ impl Upstream {
             // Drives the connection until the endpoint closes it or every
             // sender is gone, publishing the endpoint's stream limit when a
             // later SETTINGS frame changes it.
-            let mut conn = std::pin::pin!(conn);
-            let mut last = DEFAULT_MAX_STREAMS;
-            std::future::poll_fn(|cx| {
-                let polled = conn.as_mut().poll(cx);
-                let now = conn.current_max_send_streams();
-                if now != last {
-                    last = now;
-                    watched.max_streams.store(now, Ordering::Relaxed);
-                }
-                match polled {
-                    Poll::Ready(_) => Poll::Ready(()),
-                    Poll::Pending => Poll::Pending,
-                }
-            })
-            .await;
+            h2c::drive(conn, ping, |max| watched.max_streams.store(max, Ordering::Relaxed)).await;
+            watched.closed.store(true, Ordering::Relaxed);
             drop(slot);
         });
         Ok((sender, state))
@@ -724,7 +731,7 @@ impl Upstream {
         }
         for list in &self.h2 {
             let mut conns = list.lock().unwrap_or_else(|p| p.into_inner());
-            conns.retain(|c| !c.sender.is_closed() && c.idle_for().is_none_or(|d| d < idle_timeout));
+            conns.retain(|c| !c.state.is_closed() && c.idle_for().is_none_or(|d| d < idle_timeout));
         }
     }
 
@@ -742,7 +749,7 @@ impl Upstream {
 
     /// HTTP/2 connections open now, over all workers.
     pub(crate) fn h2_connections(&self) -> usize {
-        self.h2.iter().map(|l| l.lock().map(|v| v.iter().filter(|c| !c.sender.is_closed()).count()).unwrap_or(0)).sum()
+        self.h2.iter().map(|l| l.lock().map(|v| v.iter().filter(|c| !c.state.is_closed()).count()).unwrap_or(0)).sum()
     }
 }
 
@@ -840,21 +847,6 @@ impl tokio::io::AsyncWrite for PrefaceTap {
     fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
-}
-
-/// Whether an HTTP/2 failure proves the endpoint never processed the stream:
-/// it reset it with `REFUSED_STREAM`, or it was above the endpoint's `GOAWAY`
-/// (RFC 9113 §8.7). Streams below the `GOAWAY` id that end because the
-/// connection closes fail with an I/O error instead, and are not retried.
-fn refused(e: &hyper::Error) -> bool {
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(h2e) = s.downcast_ref::<h2::Error>() {
-            return h2e.is_remote() && (h2e.is_go_away() || h2e.reason() == Some(h2::Reason::REFUSED_STREAM));
-        }
-        source = s.source();
-    }
-    false
 }
 
 /// Upstreams for a new endpoint set (each address with its track's

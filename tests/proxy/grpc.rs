@@ -403,3 +403,56 @@ async fn the_standard_grpc_health_check_takes_a_not_serving_endpoint_out() {
     );
     p.shutdown().await;
 }
+
+/// HTTP/2 frames in `bytes` (after the client preface): their types, in order.
+fn frame_types(mut bytes: &[u8]) -> Vec<u8> {
+    let mut types = Vec::new();
+    while bytes.len() >= 9 {
+        let len = usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]);
+        types.push(bytes[3]);
+        bytes = &bytes[(9 + len).min(bytes.len())..];
+    }
+    types
+}
+
+/// A byte-scripted HTTP/2 endpoint that takes a request and then answers
+/// nothing, not even PINGs. The proxy sends a PING every half
+/// `timeouts.idle` and closes a connection whose PING is still unanswered
+/// when the next is due, so a hung endpoint (or a path that silently dropped
+/// the connection) holds a request for two PING intervals, not for
+/// `timeouts.request`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_leaves_pings_unanswered_loses_its_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let endpoint = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.expect("accept");
+        // Its SETTINGS (none) and the ACK of the client's, sent with its preface.
+        s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 4, 1, 0, 0, 0, 0]).await.expect("settings");
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+                Err(_) => panic!("the proxy kept the connection 10 s past an unanswered PING"),
+            }
+        }
+        frame_types(seen.get(PREFACE.len()..).unwrap_or_default())
+    });
+    let p = proxy1(&format!(
+        "appProtocol: H2C\ntimeouts: {{idle: 2s, request: 30s}}\nendpoints:\n  - {{address: \"{addr}\"}}\n"
+    ))
+    .await;
+    let started = Instant::now();
+    let r = get(&client(), &p, "/").await;
+    let held = started.elapsed();
+    assert_eq!(r.status, 502, "{r:?}");
+    assert!(held >= Duration::from_millis(1500) && held < Duration::from_secs(6), "answered after {held:?}");
+    let frames = tokio::time::timeout(Duration::from_secs(15), endpoint).await.expect("endpoint").expect("ran");
+    // SETTINGS (4), the request's HEADERS (1), then a PING (6).
+    assert!(frames.starts_with(&[4]) && frames.contains(&1) && frames.contains(&6), "frames {frames:?}");
+    p.shutdown().await;
+}
