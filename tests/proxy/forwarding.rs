@@ -226,14 +226,24 @@ fn metric(scrape: &str, name: &str) -> Option<f64> {
 /// The kernel hashes connections to workers blind to load (with four
 /// workers, 120 connections split within ±3 of even about one time in a
 /// thousand); the proxy hands new connections from a busier worker to the
-/// least busy one, and a handed-over connection serves like any other.
+/// least busy one, and a handed-over connection serves like any other, in
+/// HTTP mode and in TCP mode.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_spread_evenly_over_workers() {
+    spread_over_workers("HTTP").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connections_spread_evenly_over_workers() {
+    spread_over_workers("TCP").await;
+}
+
+async fn spread_over_workers(protocol: &str) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const N: usize = 120;
     const WORKERS: usize = 4;
     let bs = backends(2).await;
-    let p = proxy(&format!("workers: {WORKERS}\n{}", endpoints_yaml(&bs))).await;
+    let p = proxy(&format!("protocol: {protocol}\nworkers: {WORKERS}\n{}", endpoints_yaml(&bs))).await;
     let mut conns = Vec::with_capacity(N);
     for _ in 0..N {
         conns.push(tokio::net::TcpStream::connect(p.addr).await.expect("connect"));
@@ -259,7 +269,7 @@ async fn connections_spread_evenly_over_workers() {
         let mut buf = vec![0; 512];
         let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await.expect("answer").expect("read");
         let head = String::from_utf8_lossy(&buf[..n]);
-        assert!(head.starts_with("HTTP/1.1 200"), "connection {i}: {head}");
+        assert!(head.starts_with("HTTP/1.1 200"), "{protocol} connection {i}: {head}");
     }
     drop(conns);
     let empty = eventually(Duration::from_secs(5), || async {
