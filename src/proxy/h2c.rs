@@ -98,8 +98,8 @@ where
     .await;
 }
 
-/// Sends `req` on a stream of `sender` (ready for one) and waits for the
-/// response head, sending the request body meanwhile.
+/// Opens a stream on `sender` (ready for one) with `head`, and waits for the
+/// response head while it sends `body`.
 pub(crate) async fn exchange(
     sender: &mut h2::client::SendRequest<Bytes>,
     head: Request<()>,
