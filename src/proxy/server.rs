@@ -4,7 +4,7 @@
 //! its own listening socket on the shared address (SO_REUSEPORT: the kernel
 //! spreads new connections over them), its own single-threaded event loop,
 //! balancer and upstream connections. A worker that accepts a connection
-//! while it serves clearly more than another hands it over ([`Spread`]), so
+//! while it serves clearly more than another hands it over (`Spread`), so
 //! that the kernel's hashing does not leave one worker with more than its
 //! share of long-lived connections. A request is handled start to finish
 //! on one thread and never waits for another to wake up (the NGINX and
