@@ -12,6 +12,7 @@ mod grpc;
 mod grpc_peer;
 mod h2_bridge;
 mod health;
+mod http2;
 mod process;
 mod reload;
 mod smuggling;
