@@ -107,7 +107,7 @@ pub(crate) async fn exchange(
 ) -> Result<Response<H2Body>, h2::Error> {
     let eos = body.is_end_stream();
     let (response, stream) = sender.send_request(head, eos)?;
-    let mut pump = (!eos).then(|| Pump { body, stream, waiting: None });
+    let mut pump = (!eos).then(|| Pump { body, stream, done: false });
     let mut response = response;
     let resp = std::future::poll_fn(|cx| {
         if let Some(p) = &mut pump
@@ -136,18 +136,16 @@ pub(crate) fn refused(e: &h2::Error) -> bool {
 
 /// A request body on its way into an HTTP/2 stream, with the stream's flow
 /// control as back-pressure (hyper's pipe, in the caller's task until the
-/// response head arrives). A frame is taken from the client before any
-/// window is claimed, then sent as capacity opens: a claim held while the
-/// client has nothing to send pins connection window the other streams may
-/// need, and stalls them against an endpoint that opens its window only
-/// once it is used up (hyper's pipe changed the same way, hyper#4003). A
-/// client body that fails resets the stream; a stream the endpoint resets
-/// ends the pump.
+/// response head arrives). A byte of window is claimed before each frame is
+/// taken from the client, and given back while the client has nothing to
+/// send: a claim held by an idle body pins connection window the other
+/// streams may need, and stalls them against an endpoint that opens its
+/// window only once all of it is used (hyper#4003). A client body that
+/// fails resets the stream.
 pub(crate) struct Pump {
     body: UpstreamBody,
     stream: h2::SendStream<Bytes>,
-    /// A chunk taken from the client, waiting for capacity; and whether it is the last.
-    waiting: Option<(Bytes, bool)>,
+    done: bool,
 }
 
 impl Future for Pump {
@@ -155,50 +153,43 @@ impl Future for Pump {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = &mut *self;
-        loop {
-            if this.stream.poll_reset(cx).is_ready() {
-                // The endpoint reset the stream (it may have answered already).
-                return Poll::Ready(());
-            }
-            if this.waiting.is_some() {
-                while this.stream.capacity() == 0 {
+        while !this.done {
+            // Room for at least a byte before the next frame is taken from the
+            // client (h2 splits a chunk over the window as it opens).
+            this.stream.reserve_capacity(1);
+            if this.stream.capacity() == 0 {
+                loop {
                     match ready!(this.stream.poll_capacity(cx)) {
                         Some(Ok(0)) => {}
                         Some(Ok(_)) => break,
                         Some(Err(_)) | None => return Poll::Ready(()),
                     }
                 }
-                let Some((data, last)) = this.waiting.take() else { continue };
-                if this.stream.send_data(data, last).is_err() || last {
-                    return Poll::Ready(());
-                }
-                continue;
+            } else if this.stream.poll_reset(cx).is_ready() {
+                // The endpoint reset the stream (it may have answered already).
+                return Poll::Ready(());
             }
-            // Whether the last frame went out or the stream is gone, the pump is done.
-            let _ = match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+            let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) else {
+                this.stream.reserve_capacity(0);
+                return Poll::Pending;
+            };
+            let sent = match frame {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
-                        let last = this.body.is_end_stream();
-                        if !data.is_empty() {
-                            // h2 raises the claim to the chunk's length as it sends.
-                            this.stream.reserve_capacity(1);
-                            this.waiting = Some((data, last));
-                            continue;
-                        }
-                        if !last {
-                            continue;
-                        }
-                        this.stream.send_data(data, true)
+                        this.done = this.body.is_end_stream();
+                        this.stream.send_data(data, this.done)
                     }
-                    Err(frame) => match frame.into_trailers() {
-                        Ok(trailers) => {
-                            this.stream.reserve_capacity(0);
-                            this.stream.send_trailers(trailers)
+                    Err(frame) => {
+                        this.done = true;
+                        this.stream.reserve_capacity(0);
+                        match frame.into_trailers() {
+                            Ok(trailers) => this.stream.send_trailers(trailers),
+                            Err(_) => this.stream.send_data(Bytes::new(), true),
                         }
-                        Err(_) => continue,
-                    },
+                    }
                 },
                 None => {
+                    this.done = true;
                     this.stream.reserve_capacity(0);
                     this.stream.send_data(Bytes::new(), true)
                 }
@@ -208,8 +199,11 @@ impl Future for Pump {
                     return Poll::Ready(());
                 }
             };
-            return Poll::Ready(());
+            if sent.is_err() {
+                return Poll::Ready(());
+            }
         }
+        Poll::Ready(())
     }
 }
 

@@ -5,7 +5,7 @@
 //! certificate.
 //!
 //! The material (every certificate, key and CA file) is loaded as one set.
-//! [`watch`] reads the files again every [`POLL`] and swaps in a changed set
+//! `watch` reads the files again every [`POLL`] and swaps in a changed set
 //! for new handshakes, while open connections keep theirs: that is how a
 //! Kubernetes Secret volume update (the kubelet swaps a `..data` symlink)
 //! reaches the proxy. A set that does not load (a key that does not match

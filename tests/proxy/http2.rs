@@ -272,9 +272,11 @@ async fn an_idle_request_body_leaves_the_endpoint_window_to_the_other_streams() 
     drop(tx);
     let first = tokio::time::timeout(Duration::from_secs(5), first).await.expect("first answered");
     assert_eq!(first.expect("ran").expect("response"), 200);
-    let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
-    assert_eq!((seen.opened.len(), seen.answered.len()), (2, 2), "{seen:?}");
-    drop(seen);
+    let (counts, seen) = {
+        let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+        ((seen.opened.len(), seen.answered.len()), format!("{seen:?}"))
+    };
+    assert_eq!(counts, (2, 2), "{seen}");
     endpoint.abort();
     p.shutdown().await;
 }
