@@ -2,7 +2,7 @@
 //!
 //! A source publishes [`Snapshot`]s on a `tokio::sync::watch` channel; the
 //! proxy applies each new one without a restart. The standalone source reads a
-//! file ([`file`]); the Kubernetes source (EndpointSlices and a ConfigMap)
+//! file ([`file`](mod@file)); the Kubernetes source (EndpointSlices and a ConfigMap)
 //! publishes the same type, so the proxy does not know which one feeds it.
 
 pub mod file;
