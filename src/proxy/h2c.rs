@@ -106,9 +106,8 @@ pub(crate) async fn exchange(
     body: UpstreamBody,
 ) -> Result<Response<H2Body>, h2::Error> {
     let eos = body.is_end_stream();
-    let (response, stream) = sender.send_request(head, eos)?;
+    let (mut response, stream) = sender.send_request(head, eos)?;
     let mut pump = (!eos).then(|| Pump { body, stream, done: false });
-    let mut response = response;
     let resp = std::future::poll_fn(|cx| {
         if let Some(p) = &mut pump
             && Pin::new(&mut *p).poll(cx).is_ready()

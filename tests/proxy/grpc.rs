@@ -404,17 +404,6 @@ async fn the_standard_grpc_health_check_takes_a_not_serving_endpoint_out() {
     p.shutdown().await;
 }
 
-/// HTTP/2 frames in `bytes` (after the client preface): their types, in order.
-fn frame_types(mut bytes: &[u8]) -> Vec<u8> {
-    let mut types = Vec::new();
-    while bytes.len() >= 9 {
-        let len = usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]);
-        types.push(bytes[3]);
-        bytes = &bytes[(9 + len).min(bytes.len())..];
-    }
-    types
-}
-
 /// A byte-scripted HTTP/2 endpoint that takes a request and then answers
 /// nothing, not even PINGs. The proxy sends a PING every half
 /// `timeouts.idle` and closes a connection whose PING is still unanswered
@@ -424,13 +413,12 @@ fn frame_types(mut bytes: &[u8]) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_that_leaves_pings_unanswered_loses_its_connection() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let endpoint = tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.expect("accept");
         // Its SETTINGS (none) and the ACK of the client's, sent with its preface.
-        s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 4, 1, 0, 0, 0, 0]).await.expect("settings");
+        s.write_all(&[h2_frame(4, 0, 0, &[]), h2_frame(4, 0x1, 0, &[])].concat()).await.expect("settings");
         let mut seen = Vec::new();
         let mut buf = [0u8; 4096];
         loop {
@@ -440,7 +428,10 @@ async fn an_endpoint_that_leaves_pings_unanswered_loses_its_connection() {
                 Err(_) => panic!("the proxy kept the connection 10 s past an unanswered PING"),
             }
         }
-        frame_types(seen.get(PREFACE.len()..).unwrap_or_default())
+        h2_frames(seen.get(H2_PREFACE.len()..).unwrap_or_default())
+            .into_iter()
+            .map(|(kind, _)| kind)
+            .collect::<Vec<_>>()
     });
     let p = proxy1(&format!(
         "appProtocol: H2C\ntimeouts: {{idle: 2s, request: 30s}}\nendpoints:\n  - {{address: \"{addr}\"}}\n"

@@ -9,30 +9,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::*;
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = u32::try_from(payload.len()).expect("small frame").to_be_bytes();
-    let mut f = vec![len[1], len[2], len[3], kind, flags];
-    f.extend_from_slice(&stream.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-/// HTTP/2 frames in `bytes`: their types and, for a `GOAWAY`, its error code.
-fn frames(mut bytes: &[u8]) -> Vec<(u8, Option<u32>)> {
-    let mut out = Vec::new();
-    while bytes.len() >= 9 {
-        let len = usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]);
-        let payload = &bytes[9..(9 + len).min(bytes.len())];
-        let code = (bytes[3] == 7 && payload.len() >= 8)
-            .then(|| u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]));
-        out.push((bytes[3], code));
-        bytes = &bytes[(9 + len).min(bytes.len())..];
-    }
-    out
-}
-
 /// An HTTP/1.1 endpoint that answers `GET /` at once and holds `GET /hold`
 /// unanswered, reporting when the proxy closes a held request's connection.
 async fn holding_endpoint(host: u8) -> (std::net::SocketAddr, tokio::sync::mpsc::Receiver<Instant>) {
@@ -119,13 +95,13 @@ async fn a_stream_the_client_resets_is_abandoned_at_the_endpoint_and_the_connect
 async fn rapid_resets_end_the_connection_and_spare_the_endpoints() {
     let bs = backends(1).await;
     let p = proxy(&endpoints_yaml(&bs)).await;
-    let mut burst = PREFACE.to_vec();
-    burst.extend(frame(4, 0, 0, &[]));
+    let mut burst = H2_PREFACE.to_vec();
+    burst.extend(h2_frame(4, 0, 0, &[]));
     // GET / on http://a, then RST_STREAM CANCEL, 500 times.
     let block = [0x82, 0x86, 0x84, 0x01, 0x01, b'a'];
     for i in 0..500u32 {
-        burst.extend(frame(1, 0x5, 2 * i + 1, &block));
-        burst.extend(frame(3, 0, 2 * i + 1, &8u32.to_be_bytes()));
+        burst.extend(h2_frame(1, 0x5, 2 * i + 1, &block));
+        burst.extend(h2_frame(3, 0, 2 * i + 1, &8u32.to_be_bytes()));
     }
     let mut s = TcpStream::connect(p.addr).await.expect("connect");
     // The proxy may close before it has read everything.
@@ -140,7 +116,7 @@ async fn rapid_resets_end_the_connection_and_spare_the_endpoints() {
             Err(_) => panic!("the connection stayed open 5 s after 500 rapid resets"),
         }
     }
-    let got = frames(&seen);
+    let got = h2_frames(&seen);
     assert!(got.contains(&(7, Some(0xb))), "no GOAWAY ENHANCE_YOUR_CALM in {got:?}");
     let reached = bs[0].hits();
     assert!(reached < 100, "{reached} of 500 reset requests reached the endpoint");
@@ -166,7 +142,7 @@ struct Seen {
 async fn window_hoarding_endpoint(listener: TcpListener, seen: std::sync::Arc<std::sync::Mutex<Seen>>) {
     let Ok((mut s, _)) = listener.accept().await else { return };
     // Default settings: 65,535 bytes of window per stream and for the connection.
-    if s.write_all(&frame(4, 0, 0, &[])).await.is_err() {
+    if s.write_all(&h2_frame(4, 0, 0, &[])).await.is_err() {
         return;
     }
     let mut buf = Vec::new();
@@ -180,10 +156,10 @@ async fn window_hoarding_endpoint(listener: TcpListener, seen: std::sync::Arc<st
         }
         buf.extend_from_slice(&chunk[..n]);
         if !preface {
-            if buf.len() < PREFACE.len() {
+            if buf.len() < H2_PREFACE.len() {
                 continue;
             }
-            buf.drain(..PREFACE.len());
+            buf.drain(..H2_PREFACE.len());
             preface = true;
         }
         let mut out = Vec::new();
@@ -198,20 +174,20 @@ async fn window_hoarding_endpoint(listener: TcpListener, seen: std::sync::Arc<st
             match kind {
                 // SETTINGS (not an ACK): acknowledged.
                 4 if flags & 0x1 == 0 => {
-                    out.extend(frame(4, 0x1, 0, &[]));
+                    out.extend(h2_frame(4, 0x1, 0, &[]));
                     ended = false;
                 }
                 4 => ended = false,
                 // PING: answered.
                 6 if flags & 0x1 == 0 => {
-                    out.extend(frame(6, 0x1, 0, &f[9..]));
+                    out.extend(h2_frame(6, 0x1, 0, &f[9..]));
                     ended = false;
                 }
                 1 => seen.lock().unwrap_or_else(|p| p.into_inner()).opened.push(id),
                 0 => {
                     consumed += u32::try_from(len).expect("frame length");
                     if consumed >= 65_535 {
-                        out.extend(frame(8, 0, 0, &consumed.to_be_bytes()));
+                        out.extend(h2_frame(8, 0, 0, &consumed.to_be_bytes()));
                         consumed = 0;
                     }
                 }
@@ -219,7 +195,7 @@ async fn window_hoarding_endpoint(listener: TcpListener, seen: std::sync::Arc<st
             }
             if ended && (kind == 0 || kind == 1) {
                 // `:status: 200` (static table index 8), no body.
-                out.extend(frame(1, 0x5, id, &[0x88]));
+                out.extend(h2_frame(1, 0x5, id, &[0x88]));
                 seen.lock().unwrap_or_else(|p| p.into_inner()).answered.push(id);
             }
         }

@@ -355,3 +355,30 @@ impl Drop for RawBackend {
         self.task.abort();
     }
 }
+
+/// The HTTP/2 client connection preface (RFC 9113 §3.4).
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// One HTTP/2 frame, for peers scripted byte by byte.
+pub fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).expect("small frame").to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// HTTP/2 frames in `bytes` (after any preface): their types and, for a
+/// `GOAWAY`, its error code.
+pub fn h2_frames(mut bytes: &[u8]) -> Vec<(u8, Option<u32>)> {
+    let mut out = Vec::new();
+    while bytes.len() >= 9 {
+        let len = usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]);
+        let payload = &bytes[9..(9 + len).min(bytes.len())];
+        let code = (bytes[3] == 7 && payload.len() >= 8)
+            .then(|| u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]));
+        out.push((bytes[3], code));
+        bytes = &bytes[(9 + len).min(bytes.len())..];
+    }
+    out
+}
