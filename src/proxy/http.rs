@@ -333,9 +333,8 @@ async fn forward(
                 return Err(Failure::Upstream);
             };
             head.uri = upstream_uri(&head.uri, authority.as_ref().unwrap_or(&upstream.authority), http2);
-            // Boxed: hyper's client future is 3 KiB, and every request's
-            // future (moved whole into its task) would otherwise hold room for it.
-            let exchange = Box::pin(upstream.send(Request::from_parts(head, attempt_body), settings));
+            // Boxed by `send`, sized to the protocol it speaks.
+            let exchange = upstream.send(Request::from_parts(head, attempt_body), settings);
             tokio::time::timeout_at(per_attempt, exchange).await
         };
         let clock = rt.set.clock();
@@ -581,8 +580,10 @@ pub(crate) fn cookie_in<'h>(values: impl Iterator<Item = &'h str>, name: &str) -
         .map(|(_, v)| v.trim_matches('"'))
 }
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1),
+/// `Connection` first ([`strip_hop_by_hop`] relies on it).
+const HOP_BY_HOP_COUNT: usize = 8;
+const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -596,24 +597,40 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 /// `Transfer-Encoding` goes too: hyper frames each side's body itself.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names instead of nine lookups.
-    let any = headers.keys().any(|k| k == header::TRANSFER_ENCODING || HOP_BY_HOP.contains(k));
-    if !any {
-        return;
+    // One pass over the names, then a lookup only for those present: most
+    // messages carry none, a gRPC call only `TE`.
+    let mut present = [false; HOP_BY_HOP_COUNT];
+    let mut transfer_encoding = false;
+    for name in headers.keys() {
+        if name == header::TRANSFER_ENCODING {
+            transfer_encoding = true;
+        } else if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+        }
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
+    // `HOP_BY_HOP[0]` is `Connection`: the fields it names go too.
+    if present[0] {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in &named {
+            headers.remove(name);
+        }
     }
-    headers.remove(header::TRANSFER_ENCODING);
+    for (name, here) in HOP_BY_HOP.iter().zip(present) {
+        if here {
+            headers.remove(name);
+        }
+    }
+    if transfer_encoding {
+        headers.remove(header::TRANSFER_ENCODING);
+    }
 }
 
 /// Whether the client accepts trailers (`TE: trailers`); gRPC needs it to reach the endpoint.
@@ -750,9 +767,14 @@ impl Body for EndpointBody {
 /// carry (RFC 9110 §6.5.1: framing, routing, connection management), which
 /// an HTTP/2 client would take as a protocol error.
 pub(crate) fn sanitize_trailers(trailers: &mut HeaderMap) {
+    const NOT_IN_TRAILERS: [HeaderName; 4] =
+        [header::CONTENT_LENGTH, header::HOST, header::CONTENT_ENCODING, header::CONTENT_TYPE];
     strip_hop_by_hop(trailers);
-    for name in [header::CONTENT_LENGTH, header::HOST, header::CONTENT_ENCODING, header::CONTENT_TYPE] {
-        trailers.remove(name);
+    // Trailers are few (gRPC's two or three): look up only when one is there.
+    if trailers.keys().any(|k| NOT_IN_TRAILERS.contains(k)) {
+        for name in NOT_IN_TRAILERS {
+            trailers.remove(name);
+        }
     }
 }
 
@@ -927,6 +949,45 @@ mod tests {
         h.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+    }
+
+    #[test]
+    fn every_hop_by_hop_header_goes_with_all_its_values_and_only_those() {
+        for name in HOP_BY_HOP.iter().chain([&header::TRANSFER_ENCODING]) {
+            let mut h = HeaderMap::new();
+            h.append(name, HeaderValue::from_static("a"));
+            h.append(name, HeaderValue::from_static("b"));
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            h.append("x-kept", HeaderValue::from_static("1"));
+            h.append("x-kept", HeaderValue::from_static("2"));
+            strip_hop_by_hop(&mut h);
+            assert!(!h.contains_key(name), "{name} kept");
+            assert_eq!(h.len(), 3, "{name}: {h:?}");
+        }
+        // Several at once, with fields named by more than one Connection value.
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("x-one"));
+        h.append(header::CONNECTION, HeaderValue::from_static("X-Two , keep-alive"));
+        for name in ["x-one", "x-two", "te", "trailer", "proxy-authorization", "x-three"] {
+            h.insert(name, HeaderValue::from_static("v"));
+        }
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-three"]);
+    }
+
+    #[test]
+    fn trailers_lose_the_fields_a_trailer_section_may_not_carry() {
+        let mut t = HeaderMap::new();
+        for name in ["grpc-status", "content-length", "host", "content-encoding", "content-type", "te", "grpc-message"]
+        {
+            t.insert(name, HeaderValue::from_static("0"));
+        }
+        sanitize_trailers(&mut t);
+        assert_eq!(t.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["grpc-status", "grpc-message"]);
+        let mut t = HeaderMap::new();
+        t.insert("grpc-status", HeaderValue::from_static("0"));
+        sanitize_trailers(&mut t);
+        assert_eq!(t.len(), 1);
     }
 
     #[test]

@@ -35,6 +35,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
@@ -423,16 +424,23 @@ impl Upstream {
     }
 
     /// Sends `req` to the endpoint, over HTTP/1.1 or HTTP/2 as configured.
-    pub(crate) async fn send(
-        self: &Arc<Self>,
+    ///
+    /// Boxed, each protocol's future on its own: a request's future would
+    /// otherwise hold room for the larger of the two (hyper's HTTP/1.1 client
+    /// future is 2.5 KiB, an HTTP/2 exchange less than half of that), and be
+    /// moved whole on its way into its task.
+    pub(crate) fn send<'a>(
+        self: &'a Arc<Self>,
         req: Request<UpstreamBody>,
         settings: ConnSettings,
-    ) -> Result<(Response<EndpointBody>, Lease), UpstreamError> {
+    ) -> BoxFuture<'a, Result<(Response<EndpointBody>, Lease), UpstreamError>> {
         if self.http2 {
-            self.send_h2(req, settings).await
+            Box::pin(self.send_h2(req, settings))
         } else {
-            let (resp, lease) = self.send_h1(req, settings).await?;
-            Ok((resp.map(EndpointBody::Hyper), lease))
+            Box::pin(async move {
+                let (resp, lease) = self.send_h1(req, settings).await?;
+                Ok((resp.map(EndpointBody::Hyper), lease))
+            })
         }
     }
 
@@ -482,19 +490,25 @@ impl Upstream {
         &self,
         settings: ConnSettings,
     ) -> Result<(http1::SendRequest<UpstreamBody>, bool), UpstreamError> {
+        if let Some(found) = Self::checkout(&mut own(&self.idle), settings.idle_timeout) {
+            return Ok((found, true));
+        }
         let evict = || Self::evict(&self.raw);
-        self.pooled(&self.idle, settings, evict, |slot| self.connect_h1(settings.connect_timeout, slot)).await
+        Box::pin(self.opened(&self.idle, settings, evict, |slot| self.connect_h1(settings.connect_timeout, slot))).await
     }
 
     /// A connection of the fast path to the endpoint: pooled (and `true`), or
     /// new, under the same caps as [`Upstream::send`]'s.
     pub(crate) async fn raw_connection(&self, settings: ConnSettings) -> Result<(RawConn, bool), UpstreamError> {
-        self.pooled(
+        if let Some(found) = Self::checkout(&mut own(&self.raw), settings.idle_timeout) {
+            return Ok((found, true));
+        }
+        Box::pin(self.opened(
             &self.raw,
             settings,
             || Self::evict(&self.idle),
             |slot| async move { Ok(RawConn { io: self.open(settings.connect_timeout).await?, _slot: slot }) },
-        )
+        ))
         .await
     }
 
@@ -503,10 +517,15 @@ impl Upstream {
         self.checkin_to(&self.raw, conn);
     }
 
-    /// A connection from `lists`, or a new one, within the caps; waiting at
-    /// `maxConnections`, an idle connection of the other path's pool is
+    /// A new connection within the caps, when the caller's pool had no
+    /// usable one; waiting at `maxConnections`, for one to come back to
+    /// `lists` or for an idle connection of the other path's pool to be
     /// closed (`evict`) so that its slot serves this request.
-    async fn pooled<T: Pooled, F>(
+    ///
+    /// Callers box it: opening a connection is the exception, and this
+    /// future (1.7 KiB) would otherwise be part of every request's, and of
+    /// every fast-path client connection's while it waits.
+    async fn opened<T: Pooled, F>(
         &self,
         lists: &[Mutex<Vec<Idle<T>>>],
         settings: ConnSettings,
@@ -516,9 +535,6 @@ impl Upstream {
     where
         F: Future<Output = Result<T, UpstreamError>>,
     {
-        if let Some(s) = Self::checkout(&mut own(lists), settings.idle_timeout) {
-            return Ok((s, true));
-        }
         let mut queued = None;
         loop {
             // Armed before looking, so a connection freed meanwhile is not missed.
@@ -643,6 +659,17 @@ impl Upstream {
         if let Some(found) = Self::h2_with_room(&own(&self.h2)) {
             return Ok(found);
         }
+        // Boxed: opening a connection is rare, and its future (1.5 KiB) would
+        // otherwise be part of every request's.
+        Box::pin(self.h2_stream_opening(settings)).await
+    }
+
+    /// [`Self::h2_stream`] when no connection has room: opens one, or waits
+    /// for room at `maxConnections`.
+    async fn h2_stream_opening(
+        &self,
+        settings: ConnSettings,
+    ) -> Result<(h2::client::SendRequest<Bytes>, Arc<H2State>), UpstreamError> {
         let mut queued = None;
         loop {
             let freed = self.capacity.freed.notified();
