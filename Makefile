@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: build test lint unit doc fuzz docs manifests-check manifests demo crds bench bench-balance bench-h1 bench-proxy bench-operator bench-discovery kind-deploy image clean
+.PHONY: build test lint unit doc fuzz docs manifests-check manifests demo crds bench bench-balance bench-h1 bench-proxy bench-instructions bench-operator bench-discovery kind-deploy image clean
 
 # The manifest checks' tools (Helm's Go SDK, kubernetes-validate, checkov) live
 # in a virtualenv in the repository, reinstalled when their pinned list changes.
@@ -106,6 +106,15 @@ bench-proxy: build
 	bash bench/proxy/install.sh
 	python3 bench/proxy/run.py --fulcrum target/release/fulcrum --peer target/release/examples/bench_peer --out bench/RESULTS.md --raw bench/results/proxy-raw.log
 	@cat bench/RESULTS.md
+
+## Instructions per proxied request under callgrind (HTTP/1.1, HTTP/2 clients,
+## gRPC): repeatable to 0.1%, for judging a change to the proxy before the load
+## rounds of bench-proxy. `make bench-instructions BASE=path/to/other/fulcrum`
+## compares against another build.
+bench-instructions: build
+	$(CARGO) build --release --locked --example bench_peer
+	bash bench/proxy/install.sh
+	python3 bench/proxy/instructions.py $(BASE) target/release/fulcrum
 
 ## Operator at scale: 500 apps on the in-memory API server; the table goes into bench/RESULTS.md.
 ## Cost of one EndpointSlice change inside the proxy; the table goes into bench/RESULTS.md.

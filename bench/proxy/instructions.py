@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""User-space instructions per proxied request, counted by callgrind.
+
+CPU time per request on a shared 2-core machine moves by 10-30% from one
+round to the next (see bench/RESULTS.md), more than most single changes to
+the proxy gain or lose. The number of instructions the proxy executes per
+request does not: it repeats within 0.1% from run to run, so a change can be
+judged on it alone, before the interleaved load rounds of `run.py` confirm
+it in time. It counts work, not time: cache misses and system calls are
+not in it.
+
+For each scenario, each binary given runs under `valgrind --tool=callgrind`
+in front of the same backends as `run.py`'s; after a warm-up the counters are
+zeroed, h2load sends a fixed number of requests, and the instructions of all
+the proxy's threads (its code, the libraries', libc's) are divided by the
+requests that succeeded.
+
+    python3 bench/proxy/instructions.py target/release/fulcrum [other/fulcrum ...]
+"""
+import argparse
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as R  # noqa: E402
+
+SCENARIOS = {
+    "http1": "HTTP/1.1 keep-alive, 16 connections",
+    "http2": "HTTP/2 clients, 16 × 10 streams, HTTP/1.1 endpoints",
+    "grpc": "gRPC unary calls, 16 × 10 streams, HTTP/2 endpoints",
+}
+
+
+def wait_listening(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"the proxy under callgrind did not listen on {port} within {timeout}s")
+
+
+def load(scenario: str, url: str, body: Path | None, n: int) -> int:
+    """Sends `n` requests with h2load; returns how many succeeded."""
+    if scenario == "http1":
+        argv = ["h2load", "--h1", "-c", "16", "-m", "1", "-n", str(n), url]
+    else:
+        argv = ["h2load", "-c", "16", "-m", "10", "-n", str(n)]
+        if body is not None:
+            argv += ["-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers"]
+        argv.append(url)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=900).stdout
+    m = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", out)
+    return int(m.group(1)) if m else 0
+
+
+def measure(scenario: str, binary: str, peer: str, n: int, top: int) -> tuple[float, list[str]]:
+    procs = R.Procs()
+    work = Path(tempfile.mkdtemp(prefix="fulcrum-instr-"))
+    work.chmod(0o755)
+    out = work / "callgrind.out"
+    try:
+        if scenario == "grpc":
+            for i, addr in enumerate(R.GRPC_BACKENDS):
+                procs.start(f"grpc{i}", [peer, "grpc-server", addr, f"g{i + 1}"])
+            for addr in R.GRPC_BACKENDS:
+                R.wait_port(addr)
+            conf, port = R.fulcrum_peer_conf(work, "grpc"), R.PORTS["fulcrum-grpc"]
+            url, body = f"http://127.0.0.1:{port}/test.Echo/Unary", R.grpc_body(work)
+        else:
+            R.start_backends(procs, work)
+            conf, port = R.fulcrum_conf(work), R.PORTS["fulcrum"]
+            url, body = f"http://127.0.0.1:{port}/", None
+        argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", binary, "proxy", "--config", str(conf)]
+        procs.start("fulcrum", argv, env=dict(os.environ, RUST_LOG="warn"))
+        wait_listening(port, 120)
+        load(scenario, url, body, 2000)
+        pid = str(procs.procs["fulcrum"].pid)
+        subprocess.run(["callgrind_control", "-z", pid], capture_output=True, check=True, timeout=60)
+        ok = load(scenario, url, body, n)
+        subprocess.run(["callgrind_control", "-d", pid], capture_output=True, check=True, timeout=60)
+        dumps = [p for p in work.glob("callgrind.out.*") if re.fullmatch(r"callgrind\.out\.\d+", p.name)]
+        if ok == 0 or not dumps:
+            raise RuntimeError(f"{scenario}: {ok} requests succeeded, {len(dumps)} callgrind dumps")
+        dump = max(dumps, key=lambda p: p.stat().st_mtime)
+        total = int(re.search(r"^(?:summary|totals): (\d+)", dump.read_text(errors="replace"), re.M).group(1))
+        lines = []
+        if top:
+            ann = subprocess.run(["callgrind_annotate", "--inclusive=no", str(dump)], capture_output=True, text=True).stdout
+            for line in ann.splitlines():
+                m = re.match(r"\s*([\d,]+) \([\s\d.]+%\)\s+(?:\S*:)?(.+?) \[", line)
+                if m and "PROGRAM TOTALS" not in line:
+                    lines.append(f"{int(m.group(1).replace(',', '')) / ok:8.0f}  {m.group(2)[:110]}")
+                if len(lines) == top:
+                    break
+        return total / ok, lines
+    finally:
+        procs.stop_all()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("binaries", nargs="+", help="fulcrum binaries to compare (the first is the base of the ratios)")
+    ap.add_argument("--peer", default="target/release/examples/bench_peer", help="the gRPC backends (examples/bench_peer.rs)")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of " + ", ".join(SCENARIOS))
+    ap.add_argument("--requests", type=int, default=5000, help="requests counted per scenario")
+    ap.add_argument("--top", type=int, default=0, help="also list the N functions with the most instructions of their own")
+    args = ap.parse_args()
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    unknown = [s for s in scenarios if s not in SCENARIOS]
+    if unknown:
+        ap.error(f"unknown scenario(s): {', '.join(unknown)}")
+    names = [f"`{b}`" for b in args.binaries]
+    print(f"Instructions per request (callgrind, {args.requests} requests after 2,000 to warm up)\n")
+    print("| scenario | " + " | ".join(names) + (" | ratio to the first |" if len(names) > 1 else " |"))
+    print("|---|" + "---:|" * len(names) + ("---:|" if len(names) > 1 else ""))
+    tops = []
+    for s in scenarios:
+        counts = []
+        for b in args.binaries:
+            per_request, lines = measure(s, b, args.peer, args.requests, args.top)
+            counts.append(per_request)
+            if lines:
+                tops.append((s, b, lines))
+        ratio = " | " + " / ".join(f"{c / counts[0]:.3f}" for c in counts[1:]) if len(counts) > 1 else ""
+        print(f"| {SCENARIOS[s]} | " + " | ".join(f"{c:,.0f}" for c in counts) + ratio + " |", flush=True)
+    for s, b, lines in tops:
+        print(f"\n{s}, {b}: instructions per request of each function's own code\n")
+        print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
