@@ -108,13 +108,13 @@ bench-proxy: build
 	@cat bench/RESULTS.md
 
 ## Instructions per proxied request under callgrind (HTTP/1.1, HTTP/2 clients,
-## gRPC): repeatable to 0.1%, for judging a change to the proxy before the load
+## gRPC), HAProxy's beside: repeatable to 0.1%, for judging a change before the load
 ## rounds of bench-proxy. `make bench-instructions BASE=path/to/other/fulcrum`
 ## compares against another build.
 bench-instructions: build
 	$(CARGO) build --release --locked --example bench_peer
 	bash bench/proxy/install.sh
-	python3 bench/proxy/instructions.py $(BASE) target/release/fulcrum
+	python3 bench/proxy/instructions.py haproxy $(BASE) target/release/fulcrum
 
 ## Operator at scale: 500 apps on the in-memory API server; the table goes into bench/RESULTS.md.
 ## Cost of one EndpointSlice change inside the proxy; the table goes into bench/RESULTS.md.

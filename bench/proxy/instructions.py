@@ -10,12 +10,13 @@ it in time. It counts work, not time: cache misses and system calls are
 not in it.
 
 For each scenario, each binary given runs under `valgrind --tool=callgrind`
-in front of the same backends as `run.py`'s; after a warm-up the counters are
+in front of the same backends as `run.py`'s (HAProxy too, with `run.py`'s
+configuration, when `haproxy` is given as a target); after a warm-up the counters are
 zeroed, h2load sends a fixed number of requests, and the instructions of all
 the proxy's threads (its code, the libraries', libc's) are divided by the
 requests that succeeded.
 
-    python3 bench/proxy/instructions.py target/release/fulcrum [other/fulcrum ...]
+    python3 bench/proxy/instructions.py haproxy target/release/fulcrum [other/fulcrum ...]
 """
 import argparse
 import os
@@ -62,28 +63,37 @@ def load(scenario: str, url: str, body: Path | None, n: int) -> int:
     return int(m.group(1)) if m else 0
 
 
-def measure(scenario: str, binary: str, peer: str, n: int, top: int) -> tuple[float, list[str]]:
+def measure(scenario: str, target: str, peer: str, n: int, top: int) -> tuple[float, list[str]]:
+    """Instructions per request of `target` (a fulcrum binary, or `haproxy`)."""
     procs = R.Procs()
     work = Path(tempfile.mkdtemp(prefix="fulcrum-instr-"))
     work.chmod(0o755)
     out = work / "callgrind.out"
+    haproxy = target == "haproxy"
     try:
         if scenario == "grpc":
             for i, addr in enumerate(R.GRPC_BACKENDS):
                 procs.start(f"grpc{i}", [peer, "grpc-server", addr, f"g{i + 1}"])
             for addr in R.GRPC_BACKENDS:
                 R.wait_port(addr)
-            conf, port = R.fulcrum_peer_conf(work, "grpc"), R.PORTS["fulcrum-grpc"]
+            if haproxy:
+                conf, port = R.haproxy_peer_conf(work), R.PORTS["haproxy-grpc"]
+            else:
+                conf, port = R.fulcrum_peer_conf(work, "grpc"), R.PORTS["fulcrum-grpc"]
             url, body = f"http://127.0.0.1:{port}/test.Echo/Unary", R.grpc_body(work)
         else:
             R.start_backends(procs, work)
-            conf, port = R.fulcrum_conf(work), R.PORTS["fulcrum"]
+            if haproxy:
+                conf, port = R.haproxy_conf(work), R.PORTS["haproxy"]
+            else:
+                conf, port = R.fulcrum_conf(work), R.PORTS["fulcrum"]
             url, body = f"http://127.0.0.1:{port}/", None
-        argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", binary, "proxy", "--config", str(conf)]
-        procs.start("fulcrum", argv, env=dict(os.environ, RUST_LOG="warn"))
+        command = ["haproxy", "-db", "-f", str(conf)] if haproxy else [target, "proxy", "--config", str(conf)]
+        argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *command]
+        procs.start("proxy", argv, env=dict(os.environ, RUST_LOG="warn"))
         wait_listening(port, 120)
         load(scenario, url, body, 2000)
-        pid = str(procs.procs["fulcrum"].pid)
+        pid = str(procs.procs["proxy"].pid)
         subprocess.run(["callgrind_control", "-z", pid], capture_output=True, check=True, timeout=60)
         ok = load(scenario, url, body, n)
         subprocess.run(["callgrind_control", "-d", pid], capture_output=True, check=True, timeout=60)
@@ -108,7 +118,7 @@ def measure(scenario: str, binary: str, peer: str, n: int, top: int) -> tuple[fl
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("binaries", nargs="+", help="fulcrum binaries to compare (the first is the base of the ratios)")
+    ap.add_argument("targets", nargs="+", help="fulcrum binaries to compare, or `haproxy` (the first is the base of the ratios)")
     ap.add_argument("--peer", default="target/release/examples/bench_peer", help="the gRPC backends (examples/bench_peer.rs)")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of " + ", ".join(SCENARIOS))
     ap.add_argument("--requests", type=int, default=5000, help="requests counted per scenario")
@@ -118,14 +128,14 @@ def main() -> int:
     unknown = [s for s in scenarios if s not in SCENARIOS]
     if unknown:
         ap.error(f"unknown scenario(s): {', '.join(unknown)}")
-    names = [f"`{b}`" for b in args.binaries]
+    names = [f"`{b}`" for b in args.targets]
     print(f"Instructions per request (callgrind, {args.requests} requests after 2,000 to warm up)\n")
     print("| scenario | " + " | ".join(names) + (" | ratio to the first |" if len(names) > 1 else " |"))
     print("|---|" + "---:|" * len(names) + ("---:|" if len(names) > 1 else ""))
     tops = []
     for s in scenarios:
         counts = []
-        for b in args.binaries:
+        for b in args.targets:
             per_request, lines = measure(s, b, args.peer, args.requests, args.top)
             counts.append(per_request)
             if lines:
