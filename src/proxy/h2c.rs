@@ -98,16 +98,27 @@ where
     .await;
 }
 
-/// Opens a stream on `sender` (ready for one) with `head`, and waits for the
-/// response head while it sends `body`.
-pub(crate) async fn exchange(
+/// Opens a stream on `sender` (ready for one) with `head`; the future it
+/// returns waits for the response head while it sends `body`.
+///
+/// The stream opens here, before the future: the head is handed to `h2`
+/// at once, and the future does not carry room for it while it waits.
+pub(crate) fn exchange(
     sender: &mut h2::client::SendRequest<Bytes>,
     head: Request<()>,
     body: UpstreamBody,
-) -> Result<Response<H2Body>, h2::Error> {
+) -> Result<impl Future<Output = Result<Response<H2Body>, h2::Error>> + use<>, h2::Error> {
     let eos = body.is_end_stream();
-    let (mut response, stream) = sender.send_request(head, eos)?;
-    let mut pump = (!eos).then(|| Pump { body, stream, done: false });
+    let (response, stream) = sender.send_request(head, eos)?;
+    let pump = (!eos).then(|| Pump { body, stream, done: false });
+    Ok(respond(response, pump))
+}
+
+/// The response head of an opened stream, while `pump` sends the request body.
+async fn respond(
+    mut response: h2::client::ResponseFuture,
+    mut pump: Option<Pump>,
+) -> Result<Response<H2Body>, h2::Error> {
     let resp = std::future::poll_fn(|cx| {
         if let Some(p) = &mut pump
             && Pin::new(&mut *p).poll(cx).is_ready()

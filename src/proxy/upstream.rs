@@ -612,43 +612,53 @@ impl Upstream {
 
     /// Sends `req` as a stream on this worker's first HTTP/2 connection with
     /// room, opening one when all are full.
-    async fn send_h2(
+    ///
+    /// A plain function around an `async` block: an `async fn` keeps its
+    /// arguments for its whole life beside what it binds from them, and the
+    /// request taken apart would be held twice.
+    fn send_h2(
         self: &Arc<Self>,
         req: Request<UpstreamBody>,
         settings: ConnSettings,
-    ) -> Result<(Response<EndpointBody>, Lease), UpstreamError> {
+    ) -> impl Future<Output = Result<(Response<EndpointBody>, Lease), UpstreamError>> + Send {
         let (parts, body) = req.into_parts();
-        // A connection that closes between checkout and dispatch takes no
-        // stream: the request goes out on another. Bounded, in case
-        // connections keep closing as they open.
-        for _ in 0..4 {
-            let (sender, state) = self.h2_stream(settings).await?;
-            let Ok(mut sender) = sender.ready().await else {
-                state.closed.store(true, Ordering::Relaxed);
-                continue;
-            };
-            state.streams.fetch_add(1, Ordering::Relaxed);
-            let first = state.opened.fetch_add(1, Ordering::Relaxed) == 0;
-            let lease = Lease { upstream: self.clone(), kind: Some(LeaseKind::Http2(state.clone())) };
-            return match h2c::exchange(&mut sender, Request::from_parts(parts, ()), body).await {
-                Ok(resp) => Ok((resp.map(EndpointBody::H2), lease)),
-                Err(e) => {
-                    if e.is_go_away() || e.is_io() {
-                        // Nothing more goes out on this connection.
-                        state.closed.store(true, Ordering::Relaxed);
+        async move {
+            // A connection that closes between checkout and dispatch takes no
+            // stream: the request goes out on another. Bounded, in case
+            // connections keep closing as they open.
+            for _ in 0..4 {
+                let (sender, state) = self.h2_stream(settings).await?;
+                let Ok(mut sender) = sender.ready().await else {
+                    state.closed.store(true, Ordering::Relaxed);
+                    continue;
+                };
+                state.streams.fetch_add(1, Ordering::Relaxed);
+                let first = state.opened.fetch_add(1, Ordering::Relaxed) == 0;
+                let lease = Lease { upstream: self.clone(), kind: Some(LeaseKind::Http2(state.clone())) };
+                let sent = match h2c::exchange(&mut sender, Request::from_parts(parts, ()), body) {
+                    Ok(response) => response.await,
+                    Err(e) => Err(e),
+                };
+                return match sent {
+                    Ok(resp) => Ok((resp.map(EndpointBody::H2), lease)),
+                    Err(e) => {
+                        if e.is_go_away() || e.is_io() {
+                            // Nothing more goes out on this connection.
+                            state.closed.store(true, Ordering::Relaxed);
+                        }
+                        if first && !self.warned.swap(true, Ordering::Relaxed) {
+                            tracing::warn!(
+                                endpoint = %self.addr, error = %e,
+                                "the first HTTP/2 exchange with the endpoint failed: does it speak HTTP/2 cleartext \
+                                 (prior knowledge), as appProtocol says? It is treated as failing"
+                            );
+                        }
+                        Err(if h2c::refused(&e) { UpstreamError::Refused(e) } else { UpstreamError::Stream(e) })
                     }
-                    if first && !self.warned.swap(true, Ordering::Relaxed) {
-                        tracing::warn!(
-                            endpoint = %self.addr, error = %e,
-                            "the first HTTP/2 exchange with the endpoint failed: does it speak HTTP/2 cleartext \
-                             (prior knowledge), as appProtocol says? It is treated as failing"
-                        );
-                    }
-                    Err(if h2c::refused(&e) { UpstreamError::Refused(e) } else { UpstreamError::Stream(e) })
-                }
-            };
+                };
+            }
+            Err(UpstreamError::Connect(std::io::Error::other("HTTP/2 connections kept closing before use")))
         }
-        Err(UpstreamError::Connect(std::io::Error::other("HTTP/2 connections kept closing before use")))
     }
 
     /// A connection with room for one more stream: an open one, or a new one.
