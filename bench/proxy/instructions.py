@@ -22,11 +22,10 @@ requests that succeeded.
 import argparse
 import os
 import re
-import socket
+import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,17 +36,6 @@ SCENARIOS = {
     "http2": "HTTP/2 clients, 16 × 10 streams, HTTP/1.1 endpoints",
     "grpc": "gRPC unary calls, 16 × 10 streams, HTTP/2 endpoints",
 }
-
-
-def wait_listening(port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"the proxy under callgrind did not listen on {port} within {timeout}s")
 
 
 def load(scenario: str, url: str, body: Path | None, n: int) -> int:
@@ -92,7 +80,7 @@ def measure(scenario: str, target: str, peer: str, n: int, top: int) -> tuple[fl
         command = ["haproxy", "-db", "-f", str(conf)] if haproxy else [target, "proxy", "--config", str(conf)]
         argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *command]
         procs.start("proxy", argv, env=dict(os.environ, RUST_LOG="warn"))
-        wait_listening(port, 120)
+        R.wait_port(f"127.0.0.1:{port}", timeout=120)  # valgrind starts slowly
         load(scenario, url, body, 2000)
         pid = str(procs.procs["proxy"].pid)
         subprocess.run(["callgrind_control", "-z", pid], capture_output=True, check=True, timeout=60)
@@ -109,14 +97,16 @@ def measure(scenario: str, target: str, peer: str, n: int, top: int) -> tuple[fl
             ann = subprocess.run(argv, capture_output=True, text=True, timeout=300).stdout
             for line in ann.splitlines():
                 m = re.match(r"\s*([\d,]+) \([\s\d.]+%\)\s+[^:\s]*:(.+?) \[", line)
+                own = int(m.group(1).replace(",", "")) if m else total
                 # The threads' entry points carry the whole total: not code of their own.
-                if m and int(m.group(1).replace(",", "")) < total:
-                    lines.append(f"{int(m.group(1).replace(',', '')) / ok:8.0f}  {m.group(2)[:110]}")
+                if own < total:
+                    lines.append(f"{own / ok:8.0f}  {m.group(2)[:110]}")
                 if len(lines) == top:
                     break
         return total / ok, lines
     finally:
         procs.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> int:
