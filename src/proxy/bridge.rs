@@ -75,7 +75,7 @@ pub(crate) enum BodyRead {
 /// frame within `idle`; trailers are dropped, as hyper's HTTP/1.1 client
 /// does with a body of known length.
 pub(crate) async fn read_body(
-    mut body: hyper::body::Incoming,
+    mut body: super::http::RequestBody,
     len: usize,
     wire: &mut Vec<u8>,
     idle: std::time::Duration,

@@ -166,6 +166,68 @@ pub(crate) enum Verdict {
     Close(&'static str),
 }
 
+/// What a connection does after its watchdog looked: [`Watchdog::check`].
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Watch {
+    /// Nothing to do before this instant.
+    Wait(Instant),
+    /// Close gracefully now (HTTP/2: `GOAWAY`), and look again at this instant.
+    Drain(Instant),
+    /// Close now.
+    Stop,
+}
+
+/// A connection's watchdog: the [`Activity`] verdicts turned into what the
+/// connection does, with the drain bounded by `timeouts.header` (a peer that
+/// does not take part in the graceful close, such as an HTTP/2 client that
+/// never answers the `GOAWAY`'s PING, is let go).
+#[derive(Debug, Default)]
+pub(crate) struct Watchdog {
+    draining: Option<Instant>,
+}
+
+impl Watchdog {
+    /// The graceful close has begun.
+    pub(crate) fn draining(&self) -> bool {
+        self.draining.is_some()
+    }
+
+    /// Records that the graceful close began (the proxy is draining).
+    pub(crate) fn drain_started(&mut self) {
+        self.draining.get_or_insert_with(Instant::now);
+    }
+
+    /// What the connection of `peer` must do now, counting a timeout that
+    /// ends it in `shared`'s metrics.
+    pub(crate) fn check(
+        &mut self,
+        activity: &Activity,
+        limits: &Limits,
+        shared: &super::state::Shared,
+        peer: std::net::SocketAddr,
+    ) -> Watch {
+        match activity.check(limits) {
+            Verdict::Wait(at) => Watch::Wait(at),
+            Verdict::Drain => match self.draining {
+                None => {
+                    self.draining = Some(Instant::now());
+                    Watch::Drain(Instant::now() + limits.header)
+                }
+                Some(since) if since.elapsed() >= limits.header => {
+                    shared.metrics.timed_out("idle");
+                    Watch::Stop
+                }
+                Some(since) => Watch::Wait(since + limits.header),
+            },
+            Verdict::Close(timeout) => {
+                tracing::debug!(%peer, timeout, "client connection past its timeout; closed");
+                shared.metrics.timed_out(timeout);
+                Watch::Stop
+            }
+        }
+    }
+}
+
 /// A request in flight on a connection.
 #[derive(Debug)]
 pub(crate) struct InFlight(Arc<Activity>);

@@ -110,7 +110,7 @@ pub(crate) fn exchange(
 ) -> Result<impl Future<Output = Result<Response<H2Body>, h2::Error>> + use<>, h2::Error> {
     let eos = body.is_end_stream();
     let (response, stream) = sender.send_request(head, eos)?;
-    let pump = (!eos).then(|| Pump { body, stream, done: false });
+    let pump = (!eos).then(|| Pump::new(body, stream, h2::Reason::CANCEL));
     Ok(respond(response, pump))
 }
 
@@ -132,8 +132,9 @@ async fn respond(
         // The request body is still streaming: it goes on beside the response.
         tokio::spawn(p);
     }
-    let length = resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
-    Ok(resp.map(|recv| H2Body { recv, length, data_done: false, ended: false }))
+    let (parts, recv) = resp.into_parts();
+    let body = H2Body::new(recv, &parts.headers);
+    Ok(Response::from_parts(parts, body))
 }
 
 /// Whether an HTTP/2 failure proves the endpoint never processed the stream:
@@ -144,21 +145,33 @@ pub(crate) fn refused(e: &h2::Error) -> bool {
     e.is_remote() && (e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM))
 }
 
-/// A request body on its way into an HTTP/2 stream, with the stream's flow
-/// control as back-pressure (hyper's pipe, in the caller's task until the
-/// response head arrives). A byte of window is claimed before each frame is
-/// taken from the client, and given back while the client has nothing to
-/// send: a claim held by an idle body pins connection window the other
-/// streams may need, and stalls them against an endpoint that opens its
-/// window only once all of it is used (hyper#4003). A client body that
-/// fails resets the stream.
-pub(crate) struct Pump {
-    body: UpstreamBody,
+/// A body on its way into an HTTP/2 stream (a request's towards an
+/// endpoint, a response's towards a client), with the stream's flow control
+/// as back-pressure (hyper's pipe; a request's runs in the caller's task
+/// until the response head arrives). A byte of window is claimed before
+/// each frame is taken from the body, and given back while the body has
+/// nothing to send: a claim held by an idle body pins connection window the
+/// other streams may need, and stalls them against a peer that opens its
+/// window only once all of it is used (hyper#4003). A body that fails
+/// resets the stream with the reason it was given.
+pub(crate) struct Pump<B = UpstreamBody> {
+    body: B,
     stream: h2::SendStream<Bytes>,
     done: bool,
+    on_failure: h2::Reason,
 }
 
-impl Future for Pump {
+impl<B> Pump<B> {
+    pub(crate) fn new(body: B, stream: h2::SendStream<Bytes>, on_failure: h2::Reason) -> Self {
+        Pump { body, stream, done: false, on_failure }
+    }
+}
+
+impl<B> Future for Pump<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -176,7 +189,7 @@ impl Future for Pump {
                     }
                 }
             } else if this.stream.poll_reset(cx).is_ready() {
-                // The endpoint reset the stream (it may have answered already).
+                // The peer reset the stream (an endpoint may have answered already).
                 return Poll::Ready(());
             }
             let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) else {
@@ -204,8 +217,8 @@ impl Future for Pump {
                     this.stream.send_data(Bytes::new(), true)
                 }
                 Some(Err(e)) => {
-                    tracing::debug!(error = %e, "the client's request body failed; resetting the endpoint's stream");
-                    this.stream.send_reset(h2::Reason::CANCEL);
+                    tracing::debug!(error = %e, reason = ?this.on_failure, "a body failed on its way into an HTTP/2 stream; the stream is reset");
+                    this.stream.send_reset(this.on_failure);
                     return Poll::Ready(());
                 }
             };
@@ -217,14 +230,23 @@ impl Future for Pump {
     }
 }
 
-/// An endpoint's HTTP/2 response body: its data, with the flow-control
-/// window given back as each chunk is taken, then its trailers.
+/// A body received on an HTTP/2 stream (an endpoint's response, a client's
+/// request): its data, with the flow-control window given back as each
+/// chunk is taken, then its trailers.
 pub(crate) struct H2Body {
     recv: h2::RecvStream,
-    /// What is left of the endpoint's `Content-Length` (h2 holds the data to it).
+    /// What is left of the sender's `Content-Length` (h2 holds the data to it).
     length: Option<u64>,
     data_done: bool,
     ended: bool,
+}
+
+impl H2Body {
+    /// The body of the message whose head carried `headers`.
+    pub(crate) fn new(recv: h2::RecvStream, headers: &http::HeaderMap) -> Self {
+        let length = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
+        H2Body { recv, length, data_done: false, ended: false }
+    }
 }
 
 impl Body for H2Body {

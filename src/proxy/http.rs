@@ -33,21 +33,58 @@ use super::replay::{ReplayError, Replayable};
 use super::state::{Runtime, Shared};
 use super::tls::ClientCert;
 use super::upstream::{ConnSettings, Lease, Upstream, UpstreamError};
-use super::{bridge, forwarding, grpc, tracks, upgrade};
+use super::{bridge, forwarding, grpc, h2c, tracks, upgrade};
 use crate::balance::{self, AffinityToken, Outcome, Pick, hash_key};
+
+/// A client's request body as the server that read its head hands it over:
+/// hyper's HTTP/1.1 server (connections the fast path handed on), or an
+/// HTTP/2 stream of [`h2s`](super::h2s).
+pub(crate) enum RequestBody {
+    Hyper(Incoming),
+    H2(h2c::H2Body),
+}
+
+/// Why a client's request body could not be read.
+pub(crate) type BodyFailure = Box<dyn std::error::Error + Send + Sync>;
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyFailure;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyFailure>>> {
+        match self.get_mut() {
+            RequestBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            RequestBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Hyper(b) => b.is_end_stream(),
+            RequestBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Hyper(b) => b.size_hint(),
+            RequestBody::H2(b) => b.size_hint(),
+        }
+    }
+}
 
 /// A client's request body; on an HTTP/2 connection each frame marks its
 /// stream's progress.
 pub(crate) struct ClientBody {
-    inner: Incoming,
+    inner: RequestBody,
     clock: Option<StreamClock>,
 }
 
 impl Body for ClientBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyFailure;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyFailure>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         if let (Some(clock), Poll::Ready(Some(Ok(_)))) = (&this.clock, &polled) {
@@ -81,7 +118,7 @@ impl Body for UpstreamBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ReplayError>>> {
         match self.get_mut() {
-            UpstreamBody::Client(b) => Pin::new(b).poll_frame(cx).map_err(|e| ReplayError::Client(e.into())),
+            UpstreamBody::Client(b) => Pin::new(b).poll_frame(cx).map_err(ReplayError::Client),
             UpstreamBody::Replay(b) => Pin::new(b).poll_frame(cx),
             UpstreamBody::Empty => Poll::Ready(None),
         }
@@ -212,7 +249,7 @@ static X_FORWARDED_CLIENT_CERT: header::HeaderName = header::HeaderName::from_st
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     peer: Peer,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     stream: Option<StreamClock>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let rt = shared.current.load_full();
@@ -250,7 +287,7 @@ async fn forward(
     shared: &Arc<Shared>,
     rt: &Runtime,
     peer: &Peer,
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
     start: balance::Nanos,
     grpc_call: bool,
     stream: Option<StreamClock>,

@@ -18,8 +18,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -29,7 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use super::config::{Protocol, ProxyConfig};
 use super::state::{ApplyError, Shared};
-use super::{admin, conn, fast, health, http, tcp, tls};
+use super::{admin, conn, fast, h2s, health, http, tcp, tls};
 use crate::discovery::{Snapshot, SourceMetrics};
 use crate::small_http;
 
@@ -444,6 +443,14 @@ async fn accept_loop(
     }
 }
 
+/// How client connections in HTTP mode are served once their protocol is
+/// known: HTTP/1.1 connections the fast path hands on go to hyper's server,
+/// HTTP/2 connections to [`h2s`].
+struct Builders {
+    http1: hyper::server::conn::http1::Builder,
+    http2: h2::server::Builder,
+}
+
 async fn accept_http(
     shared: &Arc<Shared>,
     listener: TcpListener,
@@ -455,27 +462,15 @@ async fn accept_http(
     let t = &config.timeouts;
     let limits = conn::Limits { header: t.header.0, idle: t.idle.0, body_idle: t.body_idle.0 };
     let l = &config.limits;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut http1 = hyper::server::conn::http1::Builder::new();
     // hyper's timer ends the wait for the next request head on a kept-alive
     // connection; the watchdog bounds the head itself and everything else.
-    builder
-        .http1()
+    http1
         .timer(TokioTimer::new())
         .header_read_timeout(t.idle.0)
         .max_buf_size(l.max_request_header_bytes as usize)
         .max_headers(l.max_request_headers as usize);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval((t.idle.0 / 2).min(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20))
-        .max_concurrent_streams(l.max_concurrent_streams)
-        .max_header_list_size(l.max_request_header_bytes)
-        // Rapid reset (CVE-2023-44487) and its variants: streams a client
-        // resets before they are served, or that make the proxy reset them,
-        // end the connection past these counts.
-        .max_pending_accept_reset_streams(Some(32))
-        .max_local_error_reset_streams(Some(256));
+    let builder = Builders { http1, http2: h2s::builder(l) };
     let builder = Arc::new(builder);
     accept_loop(shared, listener, seats, shutdown, |stream, peer, admitted| {
         let _ = stream.set_nodelay(true);
@@ -499,7 +494,7 @@ async fn accept_http(
 /// detection share the `timeouts.header` budget.
 async fn serve_http_connection(
     shared: &Arc<Shared>,
-    builder: &auto::Builder<TokioExecutor>,
+    builder: &Builders,
     stream: TcpStream,
     peer: SocketAddr,
     limits: conn::Limits,
@@ -517,7 +512,7 @@ async fn serve_http_connection(
 /// [`serve_http_io`] over the TLS stream.
 async fn serve_https(
     shared: &Arc<Shared>,
-    builder: &auto::Builder<TokioExecutor>,
+    builder: &Builders,
     stream: TcpStream,
     peer: SocketAddr,
     limits: conn::Limits,
@@ -561,10 +556,11 @@ async fn serve_https(
 
 /// One HTTP client connection (cleartext or after TLS), from protocol
 /// detection (within `detect_within`) to its close, under the watchdog of
-/// [`conn`].
+/// [`conn`]: HTTP/1.1 through the fast path (hyper's server for what it hands
+/// on), HTTP/2 through [`h2s`].
 async fn serve_http_io<S>(
     shared: &Arc<Shared>,
-    builder: &auto::Builder<TokioExecutor>,
+    builder: &Builders,
     mut stream: S,
     client: http::Peer,
     detect_within: Duration,
@@ -593,51 +589,36 @@ async fn serve_http_io<S>(
     }
     let prefix = bytes::Bytes::from(first);
     let activity = conn::Activity::new();
-    let io = TokioIo::new(conn::ClientIo::new(stream, prefix, http1, activity.clone()));
+    let io = conn::ClientIo::new(stream, prefix, http1, activity.clone());
+    if !http1 {
+        return h2s::serve(shared, io, &client, &activity, limits, graceful, &builder.http2).await;
+    }
     let svc_shared = shared.clone();
     let svc_activity = activity.clone();
-    let svc = service_fn(move |req| {
+    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let guard = svc_activity.request();
-        // HTTP/1 has one exchange at a time, bounded by the connection's
-        // watchdog; an HTTP/2 stream has its own clock.
-        let stream = (!http1).then(conn::StreamClock::new);
-        // Boxed: hyper spawns each HTTP/2 stream's future as a task, and a
-        // future held by value would be copied whole (several KiB) on the way.
-        let served = Box::pin(http::serve(svc_shared.clone(), client.clone(), req, stream));
+        let req = req.map(http::RequestBody::Hyper);
+        let served = http::serve(svc_shared.clone(), client.clone(), req, None);
         async move { served.await.map(|resp| resp.map(|body| conn::Guarded::new(body, guard))) }
     });
-    let connection = builder.serve_connection_with_upgrades(io, svc);
+    let connection = builder.http1.serve_connection(TokioIo::new(io), svc).with_upgrades();
     tokio::pin!(connection);
-    let mut draining: Option<std::time::Instant> = None;
+    let mut watchdog = conn::Watchdog::default();
     loop {
-        let wake = match activity.check(&limits) {
-            conn::Verdict::Wait(at) => at,
-            conn::Verdict::Drain => match draining {
-                None => {
-                    connection.as_mut().graceful_shutdown();
-                    draining = Some(std::time::Instant::now());
-                    std::time::Instant::now() + limits.header
-                }
-                // A peer that does not take part in the graceful close (an
-                // HTTP/2 client that never answers the GOAWAY's PING) is let go.
-                Some(since) if since.elapsed() >= limits.header => {
-                    shared.metrics.timed_out("idle");
-                    return;
-                }
-                Some(since) => since + limits.header,
-            },
-            conn::Verdict::Close(timeout) => {
-                tracing::debug!(%peer, timeout, "client connection past its timeout; closed");
-                shared.metrics.timed_out(timeout);
-                return;
+        let wake = match watchdog.check(&activity, &limits, shared, peer) {
+            conn::Watch::Wait(at) => at,
+            conn::Watch::Drain(at) => {
+                connection.as_mut().graceful_shutdown();
+                at
             }
+            conn::Watch::Stop => return,
         };
         tokio::select! {
             _ = connection.as_mut() => return,
             () = tokio::time::sleep_until(wake.into()) => {}
-            () = graceful.cancelled(), if draining.is_none() => {
+            () = graceful.cancelled(), if !watchdog.draining() => {
                 connection.as_mut().graceful_shutdown();
-                draining = Some(std::time::Instant::now());
+                watchdog.drain_started();
             }
         }
     }

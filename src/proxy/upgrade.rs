@@ -12,7 +12,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Version};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
@@ -24,7 +23,7 @@ use super::upstream::Lease;
 use crate::balance::{Outcome, Pick};
 
 /// The protocol an HTTP/1.1 request asks to upgrade to, if it asks.
-pub(crate) fn requested(req: &Request<Incoming>) -> Option<HeaderValue> {
+pub(crate) fn requested<B>(req: &Request<B>) -> Option<HeaderValue> {
     if req.version() != Version::HTTP_11 {
         return None;
     }

@@ -52,6 +52,21 @@ async fn holding_endpoint(host: u8) -> (std::net::SocketAddr, tokio::sync::mpsc:
     (addr, rx)
 }
 
+/// Everything the proxy sends on `s` until it closes the connection; `None`
+/// when it is still open after `within`.
+async fn read_until_closed(s: &mut TcpStream, within: Duration) -> Option<Vec<u8>> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 16384];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return Some(seen),
+            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+            Err(_) => return None,
+        }
+    }
+}
+
 /// A client that resets its stream (`RST_STREAM CANCEL`, what a browser or
 /// a gRPC client sends when the user gives up) before the answer: the
 /// request is abandoned at once, its endpoint connection closed rather than
@@ -87,6 +102,55 @@ async fn a_stream_the_client_resets_is_abandoned_at_the_endpoint_and_the_connect
     p.shutdown().await;
 }
 
+/// The proxy PINGs an HTTP/2 client every half of `timeouts.idle`: a client
+/// that answers keeps a connection whose only stream waits on a slow
+/// endpoint, one that has vanished (it sent its request and then nothing,
+/// not even a PONG) loses it by the next PING, and its request is dropped
+/// at the endpoint, long before `timeouts.request` or `bodyIdle` would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_pings_unanswered_loses_its_connection_and_one_that_answers_keeps_it() {
+    let (addr, mut closed) = holding_endpoint(2).await;
+    let timeouts = "timeouts: {idle: 400ms, request: 30s, bodyIdle: 30s}";
+    let p = proxy1(&format!("{timeouts}\nendpoints:\n  - {{address: \"{addr}\"}}\n")).await;
+
+    // The h2 crate's client answers PINGs: five intervals later its request still waits.
+    let tcp = TcpStream::connect(p.addr).await.expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("handshake");
+    let conn = tokio::spawn(conn);
+    let mut client = client.ready().await.expect("ready");
+    let head = http::Request::get(format!("http://{}/hold", p.addr)).body(()).expect("request");
+    let (held, mut stream) = client.send_request(head, true).expect("send");
+    let waited = tokio::time::timeout(Duration::from_millis(1000), held).await;
+    assert!(waited.is_err(), "an answering client's stream ended: {waited:?}");
+    assert!(!conn.is_finished(), "an answering client's connection closed");
+    stream.send_reset(h2::Reason::CANCEL);
+    tokio::time::timeout(Duration::from_secs(5), closed.recv()).await.expect("first request released");
+    drop(client);
+    conn.abort();
+
+    // A client scripted frame by frame: its request, then silence.
+    let mut s = TcpStream::connect(p.addr).await.expect("connect");
+    let mut hello = H2_PREFACE.to_vec();
+    hello.extend(h2_frame(4, 0, 0, &[]));
+    // GET /hold on http://a, the request complete.
+    let mut block = vec![0x82, 0x86, 0x04, 5];
+    block.extend_from_slice(b"/hold");
+    block.extend_from_slice(&[0x01, 0x01, b'a']);
+    hello.extend(h2_frame(1, 0x5, 1, &block));
+    s.write_all(&hello).await.expect("request");
+    let sent = Instant::now();
+    let seen = read_until_closed(&mut s, Duration::from_secs(5))
+        .await
+        .expect("a client that answers no PING kept its connection 5 s");
+    let took = sent.elapsed();
+    let frames = h2_frames(&seen);
+    assert!(frames.iter().any(|f| f.0 == 6), "no PING before the close: {frames:?}");
+    assert!(took >= Duration::from_millis(300), "closed after {took:?}, before a PING could go unanswered");
+    let released = tokio::time::timeout(Duration::from_secs(5), closed.recv()).await.expect("second request released");
+    assert!(released.expect("closed").duration_since(sent) < Duration::from_secs(3));
+    p.shutdown().await;
+}
+
 /// Rapid reset (CVE-2023-44487): a client that opens streams and resets
 /// them at once, hundreds in one write, gets its connection ended with
 /// `GOAWAY ENHANCE_YOUR_CALM`, and few of its requests reach an endpoint;
@@ -106,16 +170,9 @@ async fn rapid_resets_end_the_connection_and_spare_the_endpoints() {
     let mut s = TcpStream::connect(p.addr).await.expect("connect");
     // The proxy may close before it has read everything.
     let _ = s.write_all(&burst).await;
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 16384];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
-            Ok(Ok(0) | Err(_)) => break,
-            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
-            Err(_) => panic!("the connection stayed open 5 s after 500 rapid resets"),
-        }
-    }
+    let seen = read_until_closed(&mut s, Duration::from_secs(5))
+        .await
+        .expect("the connection stayed open 5 s after 500 rapid resets");
     let got = h2_frames(&seen);
     assert!(got.contains(&(7, Some(0xb))), "no GOAWAY ENHANCE_YOUR_CALM in {got:?}");
     let reached = bs[0].hits();
