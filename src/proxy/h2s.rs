@@ -8,7 +8,7 @@
 //! [`FuturesUnordered`] and polls the ones that were woken before it polls
 //! the connection, so what they queue (a request to an endpoint, a response)
 //! goes out with the same pass that read the frames that made them ready:
-//! one task per client connection, no allocation but the stream's own, and
+//! one task per client connection, no allocation per stream but its own, and
 //! one turn of the event loop for a response that was waiting only for its
 //! endpoint. A stream that waits (for an endpoint, for window) costs nothing
 //! until it is woken.
@@ -91,7 +91,10 @@ pub(crate) async fn serve<S>(
     let mut awaiting_pong = false;
     let mut next_ping = Instant::now() + ping_every;
     let mut watchdog = conn::Watchdog::default();
-    let mut streams = FuturesUnordered::new();
+    // Made with the first stream and dropped with the last: the set holds a
+    // stub of a stream's size (3–4 KiB), which an idle connection does not
+    // need.
+    let mut streams: Option<FuturesUnordered<_>> = None;
     // Fires at once: the first look at the deadlines sets it.
     let mut timer = pin!(tokio::time::sleep(Duration::ZERO));
     let mut drain = pin!(graceful.cancelled());
@@ -99,10 +102,16 @@ pub(crate) async fn serve<S>(
         loop {
             // The streams first: what they queue goes out with this poll of
             // the connection, which also reads what the client sent.
-            while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
+            if let Some(set) = &mut streams {
+                while let Poll::Ready(Some(())) = set.poll_next_unpin(cx) {}
+                if set.is_empty() {
+                    streams = None;
+                }
+            }
             match conn.poll_accept(cx) {
                 Poll::Ready(Some(Ok((req, respond)))) => {
-                    streams.push(stream(shared.clone(), client.clone(), req, respond, activity.request()));
+                    let served = stream(shared.clone(), client.clone(), req, respond, activity.request());
+                    streams.get_or_insert_with(FuturesUnordered::new).push(served);
                     continue;
                 }
                 Poll::Ready(Some(Err(e))) => {
