@@ -165,6 +165,19 @@ pub(crate) async fn serve<S>(
         }
     })
     .await;
+    // The connection's end reaches its streams (h2 fails them as it drops),
+    // and each is polled once more to see it, as a stream task of its own
+    // would be: a request still reading its body answers `400` and is
+    // counted; one waiting for its endpoint is dropped, and its endpoint
+    // released.
+    drop(conn);
+    if let Some(mut set) = streams {
+        std::future::poll_fn(|cx| {
+            while let Poll::Ready(Some(())) = set.poll_next_unpin(cx) {}
+            Poll::Ready(())
+        })
+        .await;
+    }
 }
 
 /// One stream: the request served, then its response sent, the body at the
