@@ -340,6 +340,40 @@ async fn a_request_body_that_stalls_is_answered_400_after_body_idle_and_never_se
     p.shutdown().await;
 }
 
+/// A client that goes away in the middle of a request body: its connection's
+/// end reaches the stream, which is answered `400` and counted (though no one
+/// reads the answer), and the request never reaches the endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_in_the_middle_of_a_body_is_counted_and_its_request_never_sent() {
+    let e = Scripted::start(47).await;
+    let p = proxy1(&format!("endpoints: [{{address: \"{}\"}}]\n", e.addr)).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let mut hello = H2_PREFACE.to_vec();
+    hello.extend(h2_frame(4, 0, 0, &[]));
+    // POST /echo on http://a with `content-length: 10` (HPACK static index 28).
+    let mut block = vec![0x83, 0x86, 0x04, 5];
+    block.extend_from_slice(b"/echo");
+    block.extend_from_slice(&[0x01, 0x01, b'a', 0x0f, 0x0d, 2]);
+    block.extend_from_slice(b"10");
+    hello.extend(h2_frame(1, 0x4, 1, &block));
+    // Five bytes of the ten, then the client is gone.
+    hello.extend(h2_frame(0, 0, 1, b"hello"));
+    s.write_all(&hello).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(s);
+    let mut counted = String::new();
+    for _ in 0..40 {
+        counted = admin(&p, "/metrics").await.body;
+        if counted.contains("fulcrum_proxy_local_responses_total{code=\"400\"} 1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(counted.contains("fulcrum_proxy_local_responses_total{code=\"400\"} 1"), "{counted}");
+    assert!(e.requests().is_empty(), "the endpoint saw {:?}", e.requests());
+    p.shutdown().await;
+}
+
 /// The receiving half of a channel as a stream of body frames.
 fn tokio_stream_from<T: Send + 'static>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures::Stream<Item = T> {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
