@@ -9,9 +9,10 @@
 //! the connection, so what they queue (a request to an endpoint, a response)
 //! goes out with the same pass that read the frames that made them ready:
 //! one task per client connection, no allocation per stream but its own, and
-//! one turn of the event loop for a response that was waiting only for its
-//! endpoint. A stream that waits (for an endpoint, for window) costs nothing
-//! until it is woken.
+//! one turn of the event loop for a response from an HTTP/1.1 endpoint, which
+//! the stream reads itself (an HTTP/2 endpoint's comes through the endpoint
+//! connection's task). A stream that waits (for an endpoint, for window)
+//! costs nothing until it is woken.
 //!
 //! The rest is what hyper's server did with the same settings: 1 MiB
 //! windows, 16 KiB frames, a 400 KiB send buffer, the stream and header
