@@ -210,8 +210,9 @@ impl Watchdog {
             Verdict::Wait(at) => Watch::Wait(at),
             Verdict::Drain => match self.draining {
                 None => {
-                    self.draining = Some(Instant::now());
-                    Watch::Drain(Instant::now() + limits.header)
+                    let now = Instant::now();
+                    self.draining = Some(now);
+                    Watch::Drain(now + limits.header)
                 }
                 Some(since) if since.elapsed() >= limits.header => {
                     shared.metrics.timed_out("idle");

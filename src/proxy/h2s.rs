@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 use ::http::{Request, Response};
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
+use http_body_util::Either;
 use hyper::body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
@@ -192,7 +193,7 @@ async fn stream(
     in_flight: InFlight,
 ) {
     let (parts, recv) = req.into_parts();
-    let body = RequestBody::H2(H2Body::new(recv, &parts.headers));
+    let body: RequestBody = Either::Right(H2Body::new(recv, &parts.headers));
     let mut served = pin!(http::serve(shared, client, Request::from_parts(parts, body), Some(StreamClock::new())));
     let answered = std::future::poll_fn(|cx| {
         if let Poll::Ready(Ok(resp)) = served.as_mut().poll(cx) {

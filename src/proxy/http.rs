@@ -37,41 +37,12 @@ use super::{bridge, forwarding, grpc, h2c, tracks, upgrade};
 use crate::balance::{self, AffinityToken, Outcome, Pick, hash_key};
 
 /// A client's request body as the server that read its head hands it over:
-/// hyper's HTTP/1.1 server (connections the fast path handed on), or an
-/// HTTP/2 stream of [`h2s`](super::h2s).
-pub(crate) enum RequestBody {
-    Hyper(Incoming),
-    H2(h2c::H2Body),
-}
+/// hyper's HTTP/1.1 server (connections the fast path handed on, `Left`), or
+/// an HTTP/2 stream of [`h2s`](super::h2s) (`Right`).
+pub(crate) type RequestBody = Either<Incoming, h2c::H2Body>;
 
-/// Why a client's request body could not be read.
+/// Why a client's request body could not be read (the error of [`RequestBody`]).
 pub(crate) type BodyFailure = Box<dyn std::error::Error + Send + Sync>;
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = BodyFailure;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyFailure>>> {
-        match self.get_mut() {
-            RequestBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            RequestBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            RequestBody::Hyper(b) => b.is_end_stream(),
-            RequestBody::H2(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            RequestBody::Hyper(b) => b.size_hint(),
-            RequestBody::H2(b) => b.size_hint(),
-        }
-    }
-}
 
 /// A client's request body; on an HTTP/2 connection each frame marks its
 /// stream's progress.

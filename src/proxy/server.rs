@@ -597,7 +597,7 @@ async fn serve_http_io<S>(
     let svc_activity = activity.clone();
     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let guard = svc_activity.request();
-        let req = req.map(http::RequestBody::Hyper);
+        let req = req.map(http_body_util::Either::Left);
         let served = http::serve(svc_shared.clone(), client.clone(), req, None);
         async move { served.await.map(|resp| resp.map(|body| conn::Guarded::new(body, guard))) }
     });
