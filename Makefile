@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: build test lint unit doc fuzz docs manifests-check manifests demo crds bench bench-balance bench-h1 bench-proxy bench-instructions bench-operator bench-discovery kind-deploy image clean
+.PHONY: build test lint unit doc fuzz docs manifests-check manifests demo crds bench bench-balance bench-h1 bench-hpack bench-proxy bench-instructions bench-operator bench-discovery kind-deploy image clean
 
 # The manifest checks' tools (Helm's Go SDK, kubernetes-validate, checkov) live
 # in a virtualenv in the repository, reinstalled when their pinned list changes.
@@ -87,7 +87,7 @@ demo:
 
 ## All benchmarks (not part of `make test`): the balancing core, then the proxy
 ## against HAProxy and NGINX. Writes bench/results/ and bench/RESULTS.md.
-bench: bench-balance bench-h1 bench-proxy bench-operator bench-discovery bench-zones
+bench: bench-balance bench-h1 bench-hpack bench-proxy bench-operator bench-discovery bench-zones
 
 ## Balancing-core benchmark; writes bench/results/balance.md.
 bench-balance:
@@ -98,6 +98,10 @@ bench-balance:
 ## The HTTP/1.1 fast path's head parsing and rewriting, without I/O (criterion).
 bench-h1:
 	$(CARGO) bench --locked --bench h1
+
+## HPACK decoding and encoding per message, beside loona-hpack (criterion).
+bench-hpack:
+	$(CARGO) bench --locked --bench hpack
 
 ## Proxy benchmarks: fulcrum vs HAProxy vs NGINX on loopback; installs wrk,
 ## haproxy and nginx from Debian's packages when missing.

@@ -21,6 +21,7 @@ pub mod h1;
 mod h2c;
 mod h2s;
 mod health;
+pub mod hpack;
 mod http;
 pub mod metrics;
 mod replay;

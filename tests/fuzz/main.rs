@@ -8,6 +8,7 @@
 //! `regressions` below.
 
 mod h1;
+mod hpack;
 
 use std::net::SocketAddr;
 
