@@ -797,9 +797,12 @@ mod tests {
         (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
     }
 
+    /// A block in hex, the fields it holds, the table's size after it.
+    type Step<'a> = (&'a str, &'a [(&'a str, &'a str)], usize);
+
     /// Decodes each block in turn: the fields it holds, and the table's
     /// size after it.
-    fn check_sequence(d: &mut Decoder, steps: &[(&str, &[(&str, &str)], usize)]) {
+    fn check_sequence(d: &mut Decoder, steps: &[Step<'_>]) {
         for (i, (block, want, size)) in steps.iter().enumerate() {
             assert_eq!(decode_all(d, &hex(block)).unwrap(), fields(want), "block {i}");
             assert_eq!(d.table_size(), *size, "block {i}");

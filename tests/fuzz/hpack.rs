@@ -5,11 +5,13 @@
 //! reads back; on any bytes the proxy's decoder answers fields or an error,
 //! never a panic, and agrees with loona's where both accept. On the wire,
 //! against the encoders and decoders of the `h2` crate (hyper's) and of
-//! nghttp2 (in curl): their request header blocks decode to what they
-//! sent, and the proxy's response header blocks reach them intact.
+//! nghttp2 (in curl): their request header blocks, read with the proxy's
+//! frame parser, decode to what they sent, and the proxy's response header
+//! blocks, in frames the proxy wrote, reach them intact.
 
 use std::time::Duration;
 
+use fulcrum::proxy::h2frame::{self, Frame, Reason};
 use fulcrum::proxy::hpack::{Decoder, Encoder};
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -157,39 +159,11 @@ proptest! {
 
 // ---- On the wire ----
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const HEADERS: u8 = 0x1;
-const SETTINGS: u8 = 0x4;
-const GOAWAY: u8 = 0x7;
-const CONTINUATION: u8 = 0x9;
-const END_STREAM: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-const PADDED: u8 = 0x8;
-const PRIORITY: u8 = 0x20;
-
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len() as u32;
-    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-    f.extend_from_slice(&stream.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-async fn read_frame(s: &mut TcpStream) -> std::io::Result<(u8, u8, u32, Vec<u8>)> {
-    let mut head = [0u8; 9];
-    s.read_exact(&mut head).await?;
-    let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
-    let mut payload = vec![0u8; len];
-    s.read_exact(&mut payload).await?;
-    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-    Ok((head[3], head[4], stream, payload))
-}
-
 /// Accepts one client, reads its preface and answers with empty SETTINGS;
-/// then reads header blocks (HEADERS with their CONTINUATIONs, padding and
-/// priority taken off) until `blocks` have come, answering each with the
-/// block `respond` writes, if any, and hands them to `done`; then says
-/// GOAWAY and reads until the client closes (at most 2 s).
+/// then reads frames with the proxy's frame parser, collecting header
+/// blocks (HEADERS with their CONTINUATIONs) until `blocks` have come,
+/// answering each with the block `respond` writes, if any, and hands them
+/// to `done`; then says GOAWAY and reads until the client closes (at most 2 s).
 async fn serve_blocks(
     listener: TcpListener,
     blocks: usize,
@@ -199,50 +173,61 @@ async fn serve_blocks(
     let (mut s, _) = listener.accept().await.expect("accept");
     let mut preface = [0u8; 24];
     s.read_exact(&mut preface).await.expect("preface");
-    assert_eq!(preface, PREFACE);
-    s.write_all(&frame(SETTINGS, 0, 0, &[])).await.expect("settings");
+    assert_eq!(&preface, h2frame::PREFACE);
+    let mut out = Vec::new();
+    h2frame::write_settings(&mut out, &[]);
+    s.write_all(&out).await.expect("settings");
     let mut seen = Vec::new();
     let mut open: Option<(u32, Vec<u8>)> = None;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16384];
     for _ in 0..1000 {
         if seen.len() == blocks {
             break;
         }
-        let (kind, flags, stream, mut payload) = read_frame(&mut s).await.expect("frame");
-        match kind {
-            SETTINGS if flags & 1 == 0 => s.write_all(&frame(SETTINGS, 1, 0, &[])).await.expect("ack"),
-            HEADERS => {
-                if flags & PADDED != 0 {
-                    let pad = usize::from(payload[0]);
-                    payload.truncate(payload.len() - pad);
-                    payload.remove(0);
+        let n = s.read(&mut chunk).await.expect("read");
+        assert!(n > 0, "the client closed early");
+        buf.extend_from_slice(&chunk[..n]);
+        let mut at = 0;
+        out.clear();
+        while let Some((head, payload, _)) = h2frame::split(&buf[at..], h2frame::DEFAULT_MAX_FRAME_SIZE).expect("frame")
+        {
+            at += h2frame::HEAD_LEN + payload.len();
+            let (stream, fragment, end) = match h2frame::parse(head, payload).expect("valid") {
+                Frame::Settings { ack: false, .. } => {
+                    h2frame::write_settings_ack(&mut out);
+                    continue;
                 }
-                if flags & PRIORITY != 0 {
-                    payload.drain(..5);
+                Frame::Headers { stream, fragment, end_headers, .. } => {
+                    open = Some((stream, Vec::new()));
+                    (stream, fragment, end_headers)
                 }
-                open = Some((stream, payload));
+                Frame::Continuation { stream, fragment, end_headers } => (stream, fragment, end_headers),
+                _ => continue,
+            };
+            let block = open.as_mut().filter(|(s, _)| *s == stream).expect("a CONTINUATION of the open block");
+            block.1.extend_from_slice(fragment);
+            if end {
+                let (stream, block) = open.take().expect("a block");
+                let mut answer = Vec::new();
+                if respond(&mut answer) {
+                    h2frame::write_headers(&mut out, stream, &answer, true, h2frame::DEFAULT_MAX_FRAME_SIZE);
+                }
+                seen.push((stream, block));
             }
-            CONTINUATION => open.as_mut().expect("a CONTINUATION after HEADERS").1.extend_from_slice(&payload),
-            _ => {}
         }
-        if matches!(kind, HEADERS | CONTINUATION) && flags & END_HEADERS != 0 {
-            let (stream, block) = open.take().expect("a block");
-            let mut answer = Vec::new();
-            if respond(&mut answer) {
-                s.write_all(&frame(HEADERS, END_STREAM | END_HEADERS, stream, &answer)).await.expect("answer");
-            }
-            seen.push((stream, block));
-        }
+        buf.drain(..at);
+        s.write_all(&out).await.expect("write");
     }
     // GOAWAY, then read until the client closes: closing with its frames
     // unread would reset the connection under what it has not read yet.
     let last = seen.last().map_or(0, |(stream, _)| *stream);
     let _ = done.send(seen);
-    let mut goaway = last.to_be_bytes().to_vec();
-    goaway.extend_from_slice(&[0; 4]);
-    s.write_all(&frame(GOAWAY, 0, 0, &goaway)).await.expect("goaway");
-    let mut sink = [0u8; 4096];
+    out.clear();
+    h2frame::write_goaway(&mut out, last, Reason::NoError);
+    s.write_all(&out).await.expect("goaway");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, s.read(&mut sink)).await {
+    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
         if n == 0 {
             break;
         }
