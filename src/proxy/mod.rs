@@ -19,6 +19,7 @@ mod forwarding;
 mod grpc;
 pub mod h1;
 mod h2c;
+pub mod h2conn;
 pub mod h2frame;
 mod h2s;
 mod health;

@@ -8,6 +8,7 @@
 //! `regressions` below.
 
 mod h1;
+mod h2conn;
 mod hpack;
 
 use std::net::SocketAddr;
