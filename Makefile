@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: build test lint unit doc fuzz docs manifests-check manifests demo crds bench bench-balance bench-h1 bench-hpack bench-proxy bench-instructions bench-operator bench-discovery kind-deploy image clean
+.PHONY: build test lint unit doc fuzz docs manifests-check manifests demo crds bench bench-balance bench-h1 bench-hpack bench-codec bench-proxy bench-instructions bench-operator bench-discovery kind-deploy image clean
 
 # The manifest checks' tools (Helm's Go SDK, kubernetes-validate, checkov) live
 # in a virtualenv in the repository, reinstalled when their pinned list changes.
@@ -87,7 +87,7 @@ demo:
 
 ## All benchmarks (not part of `make test`): the balancing core, then the proxy
 ## against HAProxy and NGINX. Writes bench/results/ and bench/RESULTS.md.
-bench: bench-balance bench-h1 bench-hpack bench-proxy bench-operator bench-discovery bench-zones
+bench: bench-balance bench-h1 bench-hpack bench-codec bench-proxy bench-operator bench-discovery bench-zones
 
 ## Balancing-core benchmark; writes bench/results/balance.md.
 bench-balance:
@@ -102,6 +102,13 @@ bench-h1:
 ## HPACK decoding and encoding per message, beside loona-hpack (criterion).
 bench-hpack:
 	$(CARGO) bench --locked --bench hpack
+
+## The HTTP/2 layer alone: the proxy's codec against the h2 crate under h2load
+## (installs h2load with the proxy benchmark's tools when missing).
+bench-codec:
+	$(CARGO) build --release --locked --example h2_codec
+	bash bench/proxy/install.sh
+	python3 bench/proxy/codec.py
 
 ## Proxy benchmarks: fulcrum vs HAProxy vs NGINX on loopback; installs wrk,
 ## haproxy and nginx from Debian's packages when missing.
