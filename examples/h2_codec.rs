@@ -2,7 +2,7 @@
 //! on one thread each, for comparing the cost of the HTTP/2 layer alone
 //! (`bench/proxy/codec.py` loads them with h2load and reads their CPU time):
 //!
-//! - `h2_codec own ADDR`: the proxy's own codec ([`ServerConn`]): bytes read
+//! - `h2_codec own ADDR`: the proxy's own codec ([`Conn`]): bytes read
 //!   go through `recv`, responses are written into its output, the output
 //!   is written in one call;
 //! - `h2_codec h2 ADDR`: the `h2` crate's server with the settings the
@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use bytes::Bytes;
-use fulcrum::proxy::h2conn::{Config, Handler, RequestHead, ServerConn};
+use fulcrum::proxy::h2conn::{Config, Conn, Handler, Head};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -50,7 +50,7 @@ struct Answer {
 }
 
 impl Handler for Answer {
-    fn request(&mut self, stream: u32, _: &RequestHead, end_stream: bool) {
+    fn request(&mut self, stream: u32, _: &Head, end_stream: bool) {
         if end_stream {
             self.ended.push(stream);
         }
@@ -61,7 +61,7 @@ impl Handler for Answer {
             self.ended.push(stream);
         }
     }
-    fn trailers(&mut self, stream: u32, _: &RequestHead) {
+    fn trailers(&mut self, stream: u32, _: &Head) {
         self.ended.push(stream);
     }
     fn reset(&mut self, _: u32, _: u32) {}
@@ -69,7 +69,7 @@ impl Handler for Answer {
 }
 
 async fn serve_own(mut s: TcpStream) {
-    let mut conn = ServerConn::new(Config::default());
+    let mut conn = Conn::server(Config::default());
     let mut app = Answer::default();
     let mut buf = Vec::with_capacity(64 * 1024);
     let mut out = Vec::with_capacity(64 * 1024);

@@ -1,34 +1,41 @@
-//! The server side of an HTTP/2 connection (RFC 9113), without I/O: the
-//! proxy's own codec for its client connections. Bytes read from the
-//! client go in through [`ServerConn::recv`], which calls a [`Handler`]
-//! for each request head, body chunk, trailer block, reset and opened
-//! window; responses go out through [`ServerConn::send_response`],
-//! [`ServerConn::send_data`] and [`ServerConn::send_trailers`]; everything
-//! to write gathers in [`ServerConn::output`], which the caller writes out
-//! whole before it calls `recv` again (so replies to the client's control
-//! frames never pile up beyond one read's worth).
+//! Both ends of an HTTP/2 connection (RFC 9113), without I/O: the proxy's
+//! own codec, for its client connections ([`Conn::server`]) and its
+//! connections to HTTP/2 endpoints ([`Conn::client`]). Bytes read go in
+//! through [`Conn::recv`], which calls a [`Handler`] for each head (a
+//! request, or a final response), body piece, trailer block, reset and
+//! opened window; heads go out through [`Conn::send_response`] and
+//! [`Conn::send_request`], bodies through [`Conn::send_data`] and
+//! [`Conn::send_trailers`]; everything to write gathers in
+//! [`Conn::output`], which the caller writes out whole before it calls
+//! `recv` again (so replies to the peer's control frames never pile up
+//! beyond one read's worth).
 //!
-//! A request head is decoded straight into one buffer the connection
-//! reuses ([`RequestHead`]): no header map, no allocation per request once
-//! the buffers have grown. Streams sit in a flat table. The rules are the
-//! RFC's: the preface and SETTINGS first; client streams odd and
-//! increasing; header blocks whole, with nothing between HEADERS and their
-//! CONTINUATIONs; both flow-control windows on both sides, the client's
-//! `SETTINGS_INITIAL_WINDOW_SIZE` changes applied to open streams; frames
-//! on streams the proxy reset are ignored, on streams that ended, refused.
-//! A malformed request (RFC 9113 §8.1.1: bad or misplaced pseudo-headers,
-//! capitals or invalid bytes in names, bytes a value may not hold,
-//! connection-specific fields, `TE` other than `trailers`, conflicting
-//! `Content-Length` or one the body does not match) resets its stream with
-//! `PROTOCOL_ERROR`; a header list over the limit is answered `431`; one
-//! over the stream limit is refused (`REFUSED_STREAM`).
+//! A head is decoded straight into one buffer the connection reuses
+//! ([`Head`]): no header map, no allocation per message once the buffers
+//! have grown. Streams sit in a flat table. The rules are the RFC's: the
+//! preface and SETTINGS first; client streams odd and increasing, none
+//! opened by a server (push is off); header blocks whole, with nothing
+//! between HEADERS and their CONTINUATIONs; both flow-control windows on
+//! both sides, the peer's `SETTINGS_INITIAL_WINDOW_SIZE` changes applied to
+//! open streams; frames on streams the proxy reset are ignored, on streams
+//! that ended, refused. A malformed message (RFC 9113 §8.1.1: bad, missing
+//! or misplaced pseudo-headers, capitals or invalid bytes in names, bytes a
+//! value may not hold, connection-specific fields, `TE` other than
+//! `trailers`, conflicting `Content-Length` or one the body does not match)
+//! resets its stream with `PROTOCOL_ERROR`. A server answers a request head
+//! over the limit `431` and refuses a stream over its limit
+//! (`REFUSED_STREAM`); a client keeps to the server's stream limit, skips
+//! 1xx heads, and after the server's GOAWAY reports the streams it did not
+//! process as refused (safe to retry).
 //!
-//! Abuse ends the connection with GOAWAY `ENHANCE_YOUR_CALM`: more than
-//! [`Config::max_pending_resets`] streams reset by the client before their
-//! response ended, net of the responses that did end (rapid reset,
-//! CVE-2023-44487); more than [`Config::max_local_resets`] streams the
-//! proxy had to reset for the client's errors; a header block longer than
-//! twice the header list limit (CONTINUATION flood, CVE-2024-27316).
+//! Abuse of a server ends the connection with GOAWAY `ENHANCE_YOUR_CALM`:
+//! more than [`Config::max_pending_resets`] streams reset by the client
+//! before their response ended, net of the responses that did end (rapid
+//! reset, CVE-2023-44487); more than [`Config::max_local_resets`] streams
+//! the proxy had to reset for the client's errors; a header block longer
+//! than twice the header list limit (CONTINUATION flood, CVE-2024-27316).
+//! On either end, a head's decoded size is bounded by the limit whatever
+//! its block names (an HPACK bomb).
 
 use std::collections::VecDeque;
 
@@ -88,26 +95,36 @@ pub struct ConnError {
 pub enum SendError {
     #[error("stream {0} is not open")]
     NoStream(u32),
-    #[error("stream {0} has its response head already")]
+    #[error("stream {0} has its head already")]
     HeadSent(u32),
-    #[error("stream {0} has no response head yet")]
+    #[error("stream {0} has no head yet")]
     NoHead(u32),
+    #[error("no stream can be opened now")]
+    CannotOpen,
 }
 
 /// What the connection tells the proxy, as it reads.
 pub trait Handler {
-    /// A request head, valid; `end_stream` when there is no body.
-    fn request(&mut self, stream: u32, head: &RequestHead, end_stream: bool);
-    /// A piece of a request body (give its bytes back with
-    /// [`ServerConn::release`] once they are consumed).
+    /// A server's: a request head, valid; `end_stream` when there is no body.
+    fn request(&mut self, stream: u32, head: &Head, end_stream: bool) {
+        let _ = (stream, head, end_stream);
+    }
+    /// A client's: the final response head (1xx ones are skipped), valid.
+    fn response(&mut self, stream: u32, status: u16, head: &Head, end_stream: bool) {
+        let _ = (stream, status, head, end_stream);
+    }
+    /// A piece of the peer's body (give its bytes back with
+    /// [`Conn::release`] once they are consumed).
     fn data(&mut self, stream: u32, data: &[u8], end_stream: bool);
-    /// The request's trailers, which end it.
-    fn trailers(&mut self, stream: u32, head: &RequestHead);
-    /// The stream is gone: reset by the client (its code), or by the
-    /// proxy for the client's error (the code sent). Nothing more is sent on it.
+    /// The peer's trailers, which end its side.
+    fn trailers(&mut self, stream: u32, head: &Head);
+    /// The stream is gone: reset by the peer (its code), by the proxy for
+    /// the peer's error (the code sent), or, for a client, left unprocessed
+    /// by the server's GOAWAY (`REFUSED_STREAM`, safe to retry). Nothing
+    /// more is sent on it.
     fn reset(&mut self, stream: u32, code: u32);
-    /// The stream's send window opened after a [`ServerConn::send_data`]
-    /// that could not send everything.
+    /// The stream's send window opened after a [`Conn::send_data`] that
+    /// could not send everything.
     fn writable(&mut self, stream: u32);
 }
 
@@ -117,9 +134,9 @@ struct Span {
     end: u32,
 }
 
-/// A request head (or a trailer block), decoded into one reused buffer.
+/// A request or response head (or a trailer block), decoded into one reused buffer.
 #[derive(Debug, Default)]
-pub struct RequestHead {
+pub struct Head {
     bytes: Vec<u8>,
     fields: Vec<(Span, Span)>,
     method: Option<Span>,
@@ -127,6 +144,7 @@ pub struct RequestHead {
     authority: Option<Span>,
     path: Option<Span>,
     protocol: Option<Span>,
+    status: Option<Span>,
     content_length: Option<u64>,
     /// Size in RFC 9113's accounting.
     size: usize,
@@ -136,7 +154,7 @@ pub struct RequestHead {
     malformed: Option<&'static str>,
 }
 
-impl RequestHead {
+impl Head {
     fn clear(&mut self) {
         self.bytes.clear();
         self.fields.clear();
@@ -145,6 +163,7 @@ impl RequestHead {
         self.authority = None;
         self.path = None;
         self.protocol = None;
+        self.status = None;
         self.content_length = None;
         self.size = 0;
         self.malformed = None;
@@ -184,6 +203,16 @@ impl RequestHead {
         self.opt(self.path)
     }
 
+    /// A response's `:status`, when it is three digits.
+    pub fn status(&self) -> Option<u16> {
+        match self.opt(self.status)? {
+            &[a, b, c] if [a, b, c].iter().all(u8::is_ascii_digit) && a != b'0' => {
+                Some(u16::from(a - b'0') * 100 + u16::from(b - b'0') * 10 + u16::from(c - b'0'))
+            }
+            _ => None,
+        }
+    }
+
     pub fn content_length(&self) -> Option<u64> {
         self.content_length
     }
@@ -214,6 +243,7 @@ impl RequestHead {
                 b"authority" => &mut self.authority,
                 b"path" => &mut self.path,
                 b"protocol" => &mut self.protocol,
+                b"status" => &mut self.status,
                 _ => return self.bad("unknown pseudo-header"),
             };
             if slot.replace(span).is_some() {
@@ -255,8 +285,19 @@ impl RequestHead {
         }
     }
 
+    /// A response has `:status` alone (RFC 9113 §8.3.2).
+    fn check_response(&mut self) {
+        let request = self.method.or(self.scheme).or(self.authority).or(self.path).or(self.protocol);
+        if self.status().is_none() || request.is_some() {
+            self.bad("a response needs :status alone");
+        }
+    }
+
     /// The pseudo-headers a request needs (RFC 9113 §8.3.1).
     fn check_request(&mut self) {
+        if self.status.is_some() {
+            return self.bad(":status in a request");
+        }
         match (self.method(), self.protocol) {
             (_, Some(_)) => self.bad(":protocol without extended CONNECT"),
             (b"", _) => self.bad("no :method"),
@@ -282,10 +323,16 @@ fn is_name_byte(b: u8) -> bool {
 #[derive(Debug)]
 struct Stream {
     id: u32,
-    /// The client's side ended (END_STREAM received).
+    /// The peer's side ended (END_STREAM received).
     recv_done: bool,
-    /// The response head went out.
+    /// The proxy's side ended (END_STREAM sent).
+    send_done: bool,
+    /// The head went out (a server's response; a client's request, at once).
     head_sent: bool,
+    /// The peer's head came (a client's: the final response head).
+    head_received: bool,
+    /// A client's: the request was HEAD (its response has no body).
+    head_request: bool,
     send_window: i64,
     recv_window: i64,
     /// Body bytes consumed and not yet given back with WINDOW_UPDATE.
@@ -306,20 +353,31 @@ struct Block {
 /// How many stream ids the proxy reset to remember (frames on them are ignored).
 const RESET_MEMORY: usize = 128;
 
-/// A server connection's state.
+/// Which end of the connection the proxy is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Server,
+    Client,
+}
+
+/// A connection's state, either end.
 #[derive(Debug)]
-pub struct ServerConn {
+pub struct Conn {
     cfg: Config,
+    role: Role,
     preface: bool,
     got_settings: bool,
     decoder: hpack::Decoder,
     encoder: hpack::Encoder,
-    head: RequestHead,
+    head: Head,
     block: Option<Block>,
     block_buf: Vec<u8>,
     encoded: Vec<u8>,
     streams: Vec<Stream>,
+    /// The highest stream id opened (by the client: the peer, or the proxy).
     last_stream: u32,
+    /// The server's `SETTINGS_MAX_CONCURRENT_STREAMS` (a client's limit).
+    peer_max_streams: u32,
     reset_ids: VecDeque<u32>,
     peer_stream_window: u32,
     peer_max_frame: u32,
@@ -335,16 +393,34 @@ pub struct ServerConn {
     out: Vec<u8>,
 }
 
-impl ServerConn {
-    /// A connection whose SETTINGS (and the connection window's increase)
-    /// are already in the output, to be sent with the first write.
-    pub fn new(cfg: Config) -> Self {
+impl Conn {
+    /// The server end of a client's connection; its SETTINGS (and the
+    /// connection window's increase) are in the output, to go with the
+    /// first write.
+    pub fn server(cfg: Config) -> Self {
+        Self::new(cfg, Role::Server)
+    }
+
+    /// The client end of a connection to a server; the preface and SETTINGS
+    /// (push disabled) are in the output. `max_concurrent_streams` and the
+    /// reset limits do not apply: the server's own limit does.
+    pub fn client(cfg: Config) -> Self {
+        Self::new(cfg, Role::Client)
+    }
+
+    fn new(cfg: Config, role: Role) -> Self {
         let mut out = Vec::with_capacity(64);
         let mut settings = vec![
-            (setting::MAX_CONCURRENT_STREAMS, cfg.max_concurrent_streams),
             (setting::INITIAL_WINDOW_SIZE, cfg.stream_window),
             (setting::MAX_HEADER_LIST_SIZE, cfg.max_header_list_size),
         ];
+        match role {
+            Role::Server => settings.insert(0, (setting::MAX_CONCURRENT_STREAMS, cfg.max_concurrent_streams)),
+            Role::Client => {
+                out.extend_from_slice(h2frame::PREFACE);
+                settings.insert(0, (setting::ENABLE_PUSH, 0));
+            }
+        }
         if cfg.max_frame_size != h2frame::DEFAULT_MAX_FRAME_SIZE {
             settings.push((setting::MAX_FRAME_SIZE, cfg.max_frame_size));
         }
@@ -354,16 +430,21 @@ impl ServerConn {
         }
         Self {
             cfg,
-            preface: false,
+            role,
+            // A client has nothing to read before the server's SETTINGS.
+            preface: role == Role::Client,
             got_settings: false,
             decoder: hpack::Decoder::default(),
             encoder: hpack::Encoder::default(),
-            head: RequestHead::default(),
+            head: Head::default(),
             block: None,
             block_buf: Vec::new(),
             encoded: Vec::new(),
             streams: Vec::new(),
             last_stream: 0,
+            // Until the server's SETTINGS say otherwise (RFC 9113 §6.5.2
+            // leaves it unlimited; the `h2` crate starts at 100 too).
+            peer_max_streams: 100,
             reset_ids: VecDeque::new(),
             peer_stream_window: h2frame::DEFAULT_WINDOW,
             peer_max_frame: h2frame::DEFAULT_MAX_FRAME_SIZE,
@@ -434,7 +515,8 @@ impl ServerConn {
     fn fail(&mut self, reason: Reason, why: &'static str) -> ConnError {
         let e = ConnError { reason, why };
         if self.closed.is_none() {
-            h2frame::write_goaway(&mut self.out, self.last_stream, reason);
+            let last = self.peer_last_stream();
+            h2frame::write_goaway(&mut self.out, last, reason);
             self.closed = Some(e);
         }
         e
@@ -524,8 +606,10 @@ impl ServerConn {
                 if let Some(i) = self.find(stream) {
                     self.streams.swap_remove(i);
                     self.remember_reset(stream);
-                    self.pending_resets += 1;
                     h.reset(stream, code);
+                    if self.role == Role::Server {
+                        self.pending_resets += 1;
+                    }
                     if self.pending_resets > self.cfg.max_pending_resets {
                         return Err(self.fail(Reason::EnhanceYourCalm, "too many streams reset by the client"));
                     }
@@ -537,10 +621,30 @@ impl ServerConn {
                     self.ping = None;
                 }
             }
-            Frame::GoAway { .. } => self.goaway_received = true,
+            Frame::GoAway { last_stream, .. } => {
+                self.goaway_received = true;
+                if self.role == Role::Client {
+                    // Streams past the server's last were not processed.
+                    let mut i = 0;
+                    while i < self.streams.len() {
+                        if self.streams[i].id > last_stream {
+                            let id = self.streams.swap_remove(i).id;
+                            self.remember_reset(id);
+                            h.reset(id, Reason::RefusedStream.code());
+                        } else {
+                            i += 1;
+                        }
+                    }
+                }
+            }
             Frame::Priority { .. } | Frame::Unknown { .. } => {}
         }
         Ok(())
+    }
+
+    /// The last stream the peer opened that the proxy took (none for a client).
+    fn peer_last_stream(&self) -> u32 {
+        if self.role == Role::Server { self.last_stream } else { 0 }
     }
 
     /// A stream id that is not open must be one the client has used.
@@ -576,6 +680,9 @@ impl ServerConn {
         }
         if let Some(size) = s.max_frame_size {
             self.peer_max_frame = size;
+        }
+        if let Some(n) = s.max_concurrent_streams {
+            self.peer_max_streams = n;
         }
         if let Some(window) = s.initial_window_size {
             let delta = i64::from(window) - i64::from(self.peer_stream_window);
@@ -650,6 +757,9 @@ impl ServerConn {
         if s.recv_done {
             return self.local_reset(stream, Reason::StreamClosed, h);
         }
+        if !s.head_received {
+            return self.local_reset(stream, Reason::ProtocolError, h);
+        }
         s.recv_window -= i64::from(flow_len);
         if s.recv_window < 0 {
             return self.local_reset(stream, Reason::FlowControlError, h);
@@ -666,6 +776,9 @@ impl ServerConn {
             self.release(stream, padding as usize);
         }
         h.data(stream, data, end_stream);
+        if end_stream {
+            self.close_if_done(stream);
+        }
         Ok(())
     }
 
@@ -701,9 +814,12 @@ impl ServerConn {
     fn header_block(&mut self, h: &mut impl Handler) -> Result<(), ConnError> {
         let Some(Block { stream, end_stream }) = self.block.take() else { return Ok(()) };
         let existing = self.find(stream);
-        let trailers = existing.is_some();
-        let fresh = !trailers && stream > self.last_stream;
-        if !trailers && !fresh && !self.reset_ids.contains(&stream) {
+        let trailers = existing.is_some_and(|i| self.role == Role::Server || self.streams[i].head_received);
+        let fresh = existing.is_none() && stream > self.last_stream;
+        if self.role == Role::Client && (fresh || stream % 2 == 0) {
+            return Err(self.fail(Reason::ProtocolError, "HEADERS on a stream the proxy did not open"));
+        }
+        if existing.is_none() && !fresh && !self.reset_ids.contains(&stream) {
             return Err(self.fail(Reason::StreamClosed, "HEADERS on a closed stream"));
         }
         if fresh && stream % 2 == 0 {
@@ -718,23 +834,70 @@ impl ServerConn {
         if fresh {
             self.last_stream = stream;
         }
-        if let Some(i) = existing {
-            // Trailers: they end the request and hold no pseudo-header.
-            let s = &self.streams[i];
-            if s.recv_done || !end_stream {
-                let reason = if s.recv_done { Reason::StreamClosed } else { Reason::ProtocolError };
-                return self.local_reset(stream, reason, h);
-            }
-            if self.head.malformed.is_some()
-                || self.head.too_large()
-                || s.content_length.is_some_and(|cl| cl != s.received)
-            {
+        match existing {
+            Some(i) if trailers => self.trailer_block(i, end_stream, h),
+            Some(i) => self.response_head(i, end_stream, h),
+            None => self.request_head(stream, fresh, end_stream, h),
+        }
+    }
+
+    /// Trailers: they end the peer's side and hold no pseudo-header.
+    fn trailer_block(&mut self, i: usize, end_stream: bool, h: &mut impl Handler) -> Result<(), ConnError> {
+        let s = &self.streams[i];
+        let stream = s.id;
+        if s.recv_done || !end_stream {
+            let reason = if s.recv_done { Reason::StreamClosed } else { Reason::ProtocolError };
+            return self.local_reset(stream, reason, h);
+        }
+        if self.head.malformed.is_some() || self.head.too_large() || s.content_length.is_some_and(|cl| cl != s.received)
+        {
+            return self.local_reset(stream, Reason::ProtocolError, h);
+        }
+        self.streams[i].recv_done = true;
+        h.trailers(stream, &self.head);
+        self.close_if_done(stream);
+        Ok(())
+    }
+
+    /// A client's: a response head on a stream it opened; 1xx heads are skipped.
+    fn response_head(&mut self, i: usize, end_stream: bool, h: &mut impl Handler) -> Result<(), ConnError> {
+        let stream = self.streams[i].id;
+        if !self.head.too_large() {
+            self.head.check_response();
+        }
+        let status = self.head.status().unwrap_or(0);
+        if self.head.malformed.is_some() || self.head.too_large() || status == 101 {
+            return self.local_reset(stream, Reason::ProtocolError, h);
+        }
+        if status < 200 {
+            if end_stream {
                 return self.local_reset(stream, Reason::ProtocolError, h);
             }
-            self.streams[i].recv_done = true;
-            h.trailers(stream, &self.head);
             return Ok(());
         }
+        let s = &mut self.streams[i];
+        s.head_received = true;
+        // A response to HEAD, or a 304, names a length it has no body for.
+        s.content_length = self.head.content_length.filter(|_| !s.head_request && status != 304);
+        if end_stream && s.content_length.is_some_and(|cl| cl != 0) {
+            return self.local_reset(stream, Reason::ProtocolError, h);
+        }
+        s.recv_done = end_stream;
+        h.response(stream, status, &self.head, end_stream);
+        if end_stream {
+            self.close_if_done(stream);
+        }
+        Ok(())
+    }
+
+    /// A server's: a request head on a new stream.
+    fn request_head(
+        &mut self,
+        stream: u32,
+        fresh: bool,
+        end_stream: bool,
+        h: &mut impl Handler,
+    ) -> Result<(), ConnError> {
         if !fresh || self.goaway_sent {
             // On a stream the proxy reset, or after its GOAWAY: decoded for
             // the table's sake only (and its DATA ignored).
@@ -757,7 +920,10 @@ impl ServerConn {
         self.streams.push(Stream {
             id: stream,
             recv_done: end_stream,
+            send_done: false,
             head_sent: false,
+            head_received: true,
+            head_request: false,
             send_window: i64::from(self.peer_stream_window),
             recv_window: i64::from(self.cfg.stream_window),
             unacked: 0,
@@ -779,6 +945,74 @@ impl ServerConn {
         Ok(())
     }
 
+    /// Removes a stream whose both sides have ended.
+    fn close_if_done(&mut self, stream: u32) {
+        if let Some(i) = self.find(stream)
+            && self.streams[i].recv_done
+            && self.streams[i].send_done
+        {
+            self.streams.swap_remove(i);
+        }
+    }
+
+    /// A client's: whether a request may be sent now (the server's stream
+    /// limit, no GOAWAY either way, stream ids left).
+    pub fn can_open(&self) -> bool {
+        self.role == Role::Client
+            && self.closed.is_none()
+            && !self.goaway_sent
+            && !self.goaway_received
+            && self.streams.len() < self.peer_max_streams as usize
+            && self.last_stream < h2frame::MAX_WINDOW - 2
+    }
+
+    /// A client's: writes a request head on a new stream and returns its
+    /// id; `end_stream` when there is no body. Connection-specific fields
+    /// are left out.
+    pub fn send_request<'a>(
+        &mut self,
+        method: &[u8],
+        scheme: &[u8],
+        authority: &[u8],
+        path: &[u8],
+        fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+        end_stream: bool,
+    ) -> Result<u32, SendError> {
+        if !self.can_open() {
+            return Err(SendError::CannotOpen);
+        }
+        let stream = self.last_stream + if self.last_stream == 0 { 1 } else { 2 };
+        self.last_stream = stream;
+        self.encoded.clear();
+        self.encoder.begin(&mut self.encoded);
+        for (name, value) in
+            [(&b":method"[..], method), (b":scheme", scheme), (b":authority", authority), (b":path", path)]
+        {
+            self.encoder.field(name, value, &mut self.encoded);
+        }
+        for (name, value) in fields {
+            if !is_connection_specific(name) {
+                self.encoder.field(name, value, &mut self.encoded);
+            }
+        }
+        h2frame::write_headers(&mut self.out, stream, &self.encoded, end_stream, self.peer_max_frame);
+        self.streams.push(Stream {
+            id: stream,
+            recv_done: false,
+            send_done: end_stream,
+            head_sent: true,
+            head_received: false,
+            head_request: method == b"HEAD",
+            send_window: i64::from(self.peer_stream_window),
+            recv_window: i64::from(self.cfg.stream_window),
+            unacked: 0,
+            blocked: false,
+            content_length: None,
+            received: 0,
+        });
+        Ok(stream)
+    }
+
     /// Writes a response head; `end_stream` when there is no body.
     /// Connection-specific fields are left out (RFC 9113 §8.2.2).
     pub fn send_response<'a>(
@@ -789,7 +1023,7 @@ impl ServerConn {
         end_stream: bool,
     ) -> Result<(), SendError> {
         let i = self.find(stream).ok_or(SendError::NoStream(stream))?;
-        if self.streams[i].head_sent {
+        if self.role == Role::Client || self.streams[i].head_sent {
             return Err(SendError::HeadSent(stream));
         }
         self.streams[i].head_sent = true;
@@ -804,7 +1038,7 @@ impl ServerConn {
         }
         h2frame::write_headers(&mut self.out, stream, &self.encoded, end_stream, self.peer_max_frame);
         if end_stream {
-            self.finish(i);
+            self.end_send(i);
         }
         Ok(())
     }
@@ -827,7 +1061,7 @@ impl ServerConn {
             }
         }
         h2frame::write_headers(&mut self.out, stream, &self.encoded, true, self.peer_max_frame);
-        self.finish(i);
+        self.end_send(i);
         Ok(())
     }
 
@@ -838,7 +1072,7 @@ impl ServerConn {
     pub fn send_data(&mut self, stream: u32, data: &[u8], end_stream: bool) -> Result<usize, SendError> {
         let i = self.find(stream).ok_or(SendError::NoStream(stream))?;
         let s = &mut self.streams[i];
-        if !s.head_sent {
+        if !s.head_sent || s.send_done {
             return Err(SendError::NoHead(stream));
         }
         let room = s.send_window.min(self.send_window).max(0) as usize;
@@ -866,19 +1100,29 @@ impl ServerConn {
             s.blocked = true;
         }
         if end {
-            self.finish(i);
+            self.end_send(i);
         }
         Ok(n)
     }
 
-    /// The response ended: the stream goes if the request has ended too;
-    /// if not, the client is asked to stop sending (RFC 9113 §8.1).
-    fn finish(&mut self, i: usize) {
-        self.pending_resets = self.pending_resets.saturating_sub(1);
-        let s = self.streams.swap_remove(i);
-        if !s.recv_done {
-            h2frame::write_rst_stream(&mut self.out, s.id, Reason::NoError);
-            self.remember_reset(s.id);
+    /// The proxy's side ended. A server's stream goes, and if the request
+    /// has not ended the client is asked to stop sending (RFC 9113 §8.1); a
+    /// client's goes once the response has ended too.
+    fn end_send(&mut self, i: usize) {
+        self.streams[i].send_done = true;
+        match self.role {
+            Role::Server => {
+                self.pending_resets = self.pending_resets.saturating_sub(1);
+                let s = self.streams.swap_remove(i);
+                if !s.recv_done {
+                    h2frame::write_rst_stream(&mut self.out, s.id, Reason::NoError);
+                    self.remember_reset(s.id);
+                }
+            }
+            Role::Client if self.streams[i].recv_done => {
+                self.streams.swap_remove(i);
+            }
+            Role::Client => {}
         }
     }
 
@@ -911,7 +1155,8 @@ impl ServerConn {
     /// open ones finish, new ones are ignored.
     pub fn shutdown(&mut self) {
         if !self.goaway_sent && self.closed.is_none() {
-            h2frame::write_goaway(&mut self.out, self.last_stream, Reason::NoError);
+            let last = self.peer_last_stream();
+            h2frame::write_goaway(&mut self.out, last, Reason::NoError);
             self.goaway_sent = true;
         }
     }
@@ -939,12 +1184,13 @@ fn is_connection_specific(name: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::h2frame::{Head, flag, kind};
+    use crate::proxy::h2frame::{Head as FrameHead, flag, kind};
     use proptest::prelude::*;
 
     #[derive(Debug, PartialEq, Eq)]
     enum Ev {
         Request(u32, Vec<(String, String)>, bool),
+        Response(u32, u16, Vec<(String, String)>, bool),
         Data(u32, Vec<u8>, bool),
         Trailers(u32, Vec<(String, String)>),
         Reset(u32, u32),
@@ -959,16 +1205,24 @@ mod tests {
     struct Events(Vec<Ev>);
 
     impl Handler for Events {
-        fn request(&mut self, stream: u32, head: &RequestHead, end_stream: bool) {
+        fn request(&mut self, stream: u32, head: &Head, end_stream: bool) {
             let mut f = vec![(":method".to_owned(), text(head.method()))];
             f.extend(head.path().map(|p| (":path".to_owned(), text(p))));
             f.extend(head.fields().map(|(n, v)| (text(n), text(v))));
             self.0.push(Ev::Request(stream, f, end_stream));
         }
+        fn response(&mut self, stream: u32, status: u16, head: &Head, end_stream: bool) {
+            self.0.push(Ev::Response(
+                stream,
+                status,
+                head.fields().map(|(n, v)| (text(n), text(v))).collect(),
+                end_stream,
+            ));
+        }
         fn data(&mut self, stream: u32, data: &[u8], end_stream: bool) {
             self.0.push(Ev::Data(stream, data.to_vec(), end_stream));
         }
-        fn trailers(&mut self, stream: u32, head: &RequestHead) {
+        fn trailers(&mut self, stream: u32, head: &Head) {
             self.0.push(Ev::Trailers(stream, head.fields().map(|(n, v)| (text(n), text(v))).collect()));
         }
         fn reset(&mut self, stream: u32, code: u32) {
@@ -1018,7 +1272,7 @@ mod tests {
             self.buf.extend_from_slice(data);
         }
         fn raw(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
-            Head { len: payload.len() as u32, kind, flags, stream }.write(&mut self.buf);
+            FrameHead { len: payload.len() as u32, kind, flags, stream }.write(&mut self.buf);
             self.buf.extend_from_slice(payload);
         }
         /// A response head the server wrote, decoded.
@@ -1038,18 +1292,18 @@ mod tests {
     }
 
     /// A frame the server wrote: its header and payload.
-    type Out = (Head, Vec<u8>);
+    type Out = (FrameHead, Vec<u8>);
 
     /// Feeds the client's bytes to the server: the events, the result, and
     /// the frames the server wrote.
-    fn run(conn: &mut ServerConn, c: &mut Client) -> (Vec<Ev>, Result<(), ConnError>, Vec<Out>) {
+    fn run(conn: &mut Conn, c: &mut Client) -> (Vec<Ev>, Result<(), ConnError>, Vec<Out>) {
         let mut ev = Events::default();
         let r = conn.recv(&c.buf, &mut ev).map(|n| assert_eq!(n, c.buf.len(), "a frame left unread"));
         c.buf.clear();
         (ev.0, r, written(conn))
     }
 
-    fn written(conn: &mut ServerConn) -> Vec<Out> {
+    fn written(conn: &mut Conn) -> Vec<Out> {
         let out = std::mem::take(conn.output());
         let mut rest = &out[..];
         let mut frames = Vec::new();
@@ -1074,8 +1328,8 @@ mod tests {
     }
 
     /// A connection past the handshake.
-    fn open(cfg: Config) -> (ServerConn, Client) {
-        let mut conn = ServerConn::new(cfg);
+    fn open(cfg: Config) -> (Conn, Client) {
+        let mut conn = Conn::server(cfg);
         let mut c = Client::new();
         let (ev, r, frames) = run(&mut conn, &mut c);
         assert_eq!((ev, r), (vec![], Ok(())));
@@ -1085,7 +1339,7 @@ mod tests {
 
     #[test]
     fn a_request_and_its_response_go_through_after_the_settings() {
-        let mut conn = ServerConn::new(Config::default());
+        let mut conn = Conn::server(Config::default());
         let settings = written(&mut conn);
         assert_eq!(kinds(&settings), [(kind::SETTINGS, 0), (kind::WINDOW_UPDATE, 0)]);
         let mut c = Client::new();
@@ -1407,12 +1661,12 @@ mod tests {
             assert!(conn.is_done(), "{name}");
         }
         // No preface, or a first frame that is not SETTINGS.
-        let mut conn = ServerConn::new(Config::default());
+        let mut conn = Conn::server(Config::default());
         assert_eq!(
             conn.recv(b"GET / HTTP/1.1\r\n\r\n......", &mut Events::default()).map_err(|e| e.reason),
             Err(Reason::ProtocolError)
         );
-        let mut conn = ServerConn::new(Config::default());
+        let mut conn = Conn::server(Config::default());
         assert_eq!(conn.recv(&h2frame::PREFACE[..10], &mut Events::default()), Ok(0));
         let mut bytes = h2frame::PREFACE.to_vec();
         h2frame::write_ping(&mut bytes, [0; 8], false);
@@ -1461,6 +1715,110 @@ mod tests {
         assert!(!conn.is_done());
         conn.send_response(1, 204, [], true).unwrap();
         assert!(conn.is_done());
+    }
+
+    /// A client connection past the server's SETTINGS (`max_streams`).
+    fn client(max_streams: u32) -> (Conn, Client) {
+        let mut conn = Conn::client(Config::default());
+        let start = std::mem::take(conn.output());
+        assert!(start.starts_with(h2frame::PREFACE));
+        let (head, payload, _) = h2frame::split(&start[24..], 16_384).unwrap().unwrap();
+        let Ok(Frame::Settings { settings, .. }) = h2frame::parse(head, payload) else { panic!("no SETTINGS first") };
+        assert_eq!(settings.enable_push, Some(false));
+        let mut server = Client { enc: hpack::Encoder::default(), dec: hpack::Decoder::default(), buf: Vec::new() };
+        h2frame::write_settings(&mut server.buf, &[(setting::MAX_CONCURRENT_STREAMS, max_streams)]);
+        let (ev, r, frames) = run(&mut conn, &mut server);
+        assert_eq!((ev, r), (vec![], Ok(())));
+        assert_eq!(kinds(&frames), [(kind::SETTINGS, 0)]);
+        (conn, server)
+    }
+
+    /// What the server sends, read by a client: response heads apart.
+    fn feed(conn: &mut Conn, server: &mut Client) -> (Responses, Result<(), ConnError>, Vec<Out>) {
+        let (ev, res, frames) = run(conn, server);
+        let (heads, rest) = ev.into_iter().partition(|e| matches!(e, Ev::Response(..)));
+        (Responses(heads, rest), res, frames)
+    }
+
+    struct Responses(Vec<Ev>, Vec<Ev>);
+
+    #[test]
+    fn a_client_sends_requests_and_reads_responses_past_1xx_heads() {
+        let (mut conn, mut server) = client(2);
+        let fields = [(&b"content-type"[..], &b"application/grpc"[..]), (b"te", b"trailers"), (b"connection", b"x")];
+        let id = conn.send_request(b"POST", b"http", b"svc:50051", b"/pkg.S/M", fields, false).unwrap();
+        assert_eq!(id, 1);
+        assert_eq!(conn.send_data(1, b"abc", true), Ok(3));
+        let frames = written(&mut conn);
+        assert_eq!(kinds(&frames), [(kind::HEADERS, 1), (kind::DATA, 1)]);
+        let head = server.fields(&frames[0].1);
+        let names: Vec<&str> = head.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, [":method", ":scheme", ":authority", ":path", "content-type", "te"]);
+        // A 100 is skipped; the 200, its body and trailers come through.
+        server.headers(1, &[(":status", "100")], false);
+        server.headers(1, &[(":status", "200"), ("content-type", "application/grpc"), ("content-length", "2")], false);
+        server.data(1, b"ok", false);
+        server.headers(1, &[("grpc-status", "0")], true);
+        let (r, res, _) = feed(&mut conn, &mut server);
+        assert_eq!(res, Ok(()));
+        let want = vec![
+            ("content-type".to_owned(), "application/grpc".to_owned()),
+            ("content-length".to_owned(), "2".to_owned()),
+        ];
+        assert_eq!(r.0, [Ev::Response(1, 200, want, false)]);
+        assert_eq!(
+            r.1,
+            [Ev::Data(1, b"ok".to_vec(), false), Ev::Trailers(1, vec![("grpc-status".into(), "0".into())])]
+        );
+        assert_eq!(conn.streams(), 0);
+        // A HEAD's response names a length it has no body for.
+        let id = conn.send_request(b"HEAD", b"http", b"a", b"/", [], true).unwrap();
+        assert_eq!(id, 3);
+        server.headers(3, &[(":status", "200"), ("content-length", "1234")], true);
+        let (r, res, _) = feed(&mut conn, &mut server);
+        assert_eq!((r.0.len(), r.1, res), (1, vec![], Ok(())));
+        assert_eq!(conn.streams(), 0);
+    }
+
+    #[test]
+    fn a_client_keeps_to_the_servers_stream_limit_and_its_goaway() {
+        let (mut conn, mut server) = client(2);
+        for _ in 0..2 {
+            conn.send_request(b"GET", b"http", b"a", b"/", [], true).unwrap();
+        }
+        assert!(!conn.can_open());
+        assert_eq!(conn.send_request(b"GET", b"http", b"a", b"/", [], true), Err(SendError::CannotOpen));
+        // GOAWAY naming stream 1: stream 3 was not processed, and may be retried.
+        h2frame::write_goaway(&mut server.buf, 1, Reason::NoError);
+        let (r, res, _) = feed(&mut conn, &mut server);
+        assert_eq!((r.1, res), (vec![Ev::Reset(3, Reason::RefusedStream.code())], Ok(())));
+        assert!(!conn.can_open());
+        server.headers(1, &[(":status", "204")], true);
+        let (r, _, _) = feed(&mut conn, &mut server);
+        assert_eq!(r.0.len(), 1);
+        assert!(conn.is_done());
+    }
+
+    #[test]
+    fn a_client_refuses_malformed_responses_and_streams_it_did_not_open() {
+        let (mut conn, mut server) = client(10);
+        for _ in 0..3 {
+            conn.send_request(b"GET", b"http", b"a", b"/", [], true).unwrap();
+        }
+        written(&mut conn);
+        server.headers(1, &[("content-type", "x")], true);
+        server.headers(3, &[(":status", "200"), (":path", "/")], true);
+        server.data(5, b"before its head", true);
+        let (r, res, frames) = feed(&mut conn, &mut server);
+        assert_eq!(res, Ok(()));
+        let resets: Vec<_> = r.1.iter().filter(|e| matches!(e, Ev::Reset(_, 1))).collect();
+        assert_eq!(resets.len(), 3, "{:?}", r.1);
+        assert_eq!(kinds(&frames), [(kind::RST_STREAM, 1), (kind::RST_STREAM, 3), (kind::RST_STREAM, 5)]);
+        // A server cannot open a stream (push is off).
+        server.headers(7, &[(":status", "200")], true);
+        let (_, res, frames) = feed(&mut conn, &mut server);
+        assert_eq!(res.map_err(|e| e.reason), Err(Reason::ProtocolError));
+        assert_eq!(code(&frames, kind::GOAWAY), Some(Reason::ProtocolError.code()));
     }
 
     proptest! {

@@ -1,14 +1,17 @@
-//! The proxy's HTTP/2 server connection ([`ServerConn`]) against the
-//! clients of the ecosystem: the `h2` crate's (hyper's) and nghttp2's (in
-//! curl), over loopback, with an echo application on top: many streams at
-//! once, request and response bodies far larger than the default windows
-//! (so both sides' flow control has to work), trailers, a graceful close.
+//! The proxy's HTTP/2 connection ([`Conn`]) against the ecosystem's peers,
+//! over loopback. Its server end serves the `h2` crate's (hyper's) client
+//! and curl (nghttp2) with an echo application: many streams at once,
+//! request and response bodies far larger than the default windows (so both
+//! sides' flow control has to work), trailers, a graceful close. Its client
+//! end calls a tonic server (gRPC unary, answers in trailers) and the `h2`
+//! crate's server (bodies echoed through both windows).
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::grpc_peer;
 use bytes::Bytes;
-use fulcrum::proxy::h2conn::{Config, Handler, RequestHead, ServerConn};
+use fulcrum::proxy::h2conn::{Config, Conn, Handler, Head};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -26,7 +29,7 @@ struct Echo {
 }
 
 impl Handler for Echo {
-    fn request(&mut self, stream: u32, head: &RequestHead, end_stream: bool) {
+    fn request(&mut self, stream: u32, head: &Head, end_stream: bool) {
         let path = String::from_utf8_lossy(head.path().unwrap_or_default()).into_owned();
         let id = head
             .fields()
@@ -47,7 +50,7 @@ impl Handler for Echo {
             self.ended.push(stream);
         }
     }
-    fn trailers(&mut self, stream: u32, _: &RequestHead) {
+    fn trailers(&mut self, stream: u32, _: &Head) {
         self.ended.push(stream);
     }
     fn reset(&mut self, stream: u32, _: u32) {
@@ -61,7 +64,7 @@ impl Handler for Echo {
 
 impl Echo {
     /// What the application does after each read.
-    fn act(&mut self, conn: &mut ServerConn) {
+    fn act(&mut self, conn: &mut Conn) {
         for (stream, n) in self.consumed.drain(..) {
             conn.release(stream, n);
         }
@@ -96,7 +99,7 @@ impl Echo {
 /// closes, or 10 s pass; then how many responses were sent whole.
 async fn serve(listener: TcpListener, shutdown_after: Option<usize>) -> usize {
     let (mut s, _) = listener.accept().await.expect("accept");
-    let mut conn = ServerConn::new(Config::default());
+    let mut conn = Conn::server(Config::default());
     let mut app = Echo::default();
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
@@ -231,4 +234,172 @@ async fn curl_uploads_and_downloads_through_the_connection() {
     assert!(std::fs::read(&got).expect("read") == sent, "the upload came back changed");
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(tokio::time::timeout(Duration::from_secs(5), server).await.expect("in time").expect("server"), 1);
+}
+
+// ---- The client end ----
+
+/// What a client connection reads back: per stream, the status, the
+/// fields, the body and the trailers, and resets.
+#[derive(Default)]
+struct Collect {
+    heads: HashMap<u32, (u16, Vec<(String, String)>)>,
+    bodies: HashMap<u32, Vec<u8>>,
+    trailers: HashMap<u32, Vec<(String, String)>>,
+    ended: Vec<u32>,
+    resets: Vec<(u32, u32)>,
+    consumed: Vec<(u32, usize)>,
+    writable: Vec<u32>,
+}
+
+fn pairs(head: &Head) -> Vec<(String, String)> {
+    head.fields()
+        .map(|(n, v)| (String::from_utf8_lossy(n).into_owned(), String::from_utf8_lossy(v).into_owned()))
+        .collect()
+}
+
+impl Handler for Collect {
+    fn response(&mut self, stream: u32, status: u16, head: &Head, end_stream: bool) {
+        self.heads.insert(stream, (status, pairs(head)));
+        if end_stream {
+            self.ended.push(stream);
+        }
+    }
+    fn data(&mut self, stream: u32, data: &[u8], end_stream: bool) {
+        self.bodies.entry(stream).or_default().extend_from_slice(data);
+        self.consumed.push((stream, data.len()));
+        if end_stream {
+            self.ended.push(stream);
+        }
+    }
+    fn trailers(&mut self, stream: u32, head: &Head) {
+        self.trailers.insert(stream, pairs(head));
+        self.ended.push(stream);
+    }
+    fn reset(&mut self, stream: u32, code: u32) {
+        self.resets.push((stream, code));
+    }
+    fn writable(&mut self, stream: u32) {
+        self.writable.push(stream);
+    }
+}
+
+/// Sends one request per body on a client connection to `addr` (bodies
+/// sent as windows allow) and reads until every stream has ended or been
+/// reset, within 10 s.
+async fn exchange(addr: std::net::SocketAddr, path: &str, fields: &[(&str, &str)], bodies: &[Vec<u8>]) -> Collect {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let mut conn = Conn::client(Config::default());
+    let mut app = Collect::default();
+    let mut sending: HashMap<u32, (usize, usize)> = HashMap::new();
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut opened = 0;
+    loop {
+        // Open what the server's limit allows, then send what the windows allow.
+        while opened < bodies.len() && conn.can_open() {
+            let f = fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes()));
+            let id = conn.send_request(b"POST", b"http", b"peer", path.as_bytes(), f, false).expect("open");
+            sending.insert(id, (opened, 0));
+            app.writable.push(id);
+            opened += 1;
+        }
+        for id in std::mem::take(&mut app.writable) {
+            let Some((i, sent)) = sending.get_mut(&id) else { continue };
+            *sent += conn.send_data(id, &bodies[*i][*sent..], true).expect("open stream");
+            if *sent == bodies[*i].len() {
+                sending.remove(&id);
+            }
+        }
+        s.write_all(&std::mem::take(conn.output())).await.expect("write");
+        if app.ended.len() + app.resets.len() == bodies.len() {
+            return app;
+        }
+        let n = match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            other => panic!("the server stopped answering: {other:?}"),
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let taken = conn.recv(&buf, &mut app).expect("a conforming server");
+        buf.drain(..taken);
+        for (id, n) in app.consumed.drain(..) {
+            conn.release(id, n);
+        }
+    }
+}
+
+/// A gRPC message framed for the wire.
+fn grpc_frame(msg: &grpc_peer::Msg) -> Vec<u8> {
+    let body = prost::Message::encode_to_vec(msg);
+    let mut framed = vec![0];
+    framed.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&body);
+    framed
+}
+
+/// A tonic server answers unary calls sent through the client end: eight
+/// at once, payloads up to 300 KB (past tonic's 64 KiB windows), the
+/// answer and `grpc-status` in the trailers read back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tonic_server_answers_unary_calls_sent_through_the_client_end() {
+    let backend = grpc_peer::GrpcBackend::start_on("tonic-1", "127.0.0.1:0".parse().expect("addr"), None).await;
+    let payloads: Vec<Vec<u8>> = (0..8).map(body).collect();
+    let bodies: Vec<Vec<u8>> =
+        payloads.iter().map(|p| grpc_frame(&grpc_peer::Msg { payload: p.clone(), ..Default::default() })).collect();
+    let fields = [("content-type", "application/grpc"), ("te", "trailers")];
+    let got = exchange(backend.addr, "/test.Echo/Unary", &fields, &bodies).await;
+    assert!(got.resets.is_empty(), "{:?}", got.resets);
+    for (i, payload) in payloads.iter().enumerate() {
+        let id = 1 + 2 * i as u32;
+        let (status, head) = &got.heads[&id];
+        assert_eq!(*status, 200);
+        assert!(head.contains(&("content-type".into(), "application/grpc".into())), "{head:?}");
+        assert_eq!(got.trailers[&id].iter().find(|(n, _)| n == "grpc-status").map(|(_, v)| v.as_str()), Some("0"));
+        let framed = &got.bodies[&id];
+        let answer: grpc_peer::Msg = prost::Message::decode(&framed[5..]).expect("a message");
+        assert_eq!(answer.server, "tonic-1");
+        assert!(answer.payload == *payload, "stream {id}: the payload came back changed");
+    }
+}
+
+/// The `h2` crate's server echoes bodies up to 300 KB: the client end's
+/// sending waits for the server's windows, and its own windows are given
+/// back as it reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_h2_crates_server_echoes_bodies_through_both_windows() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let (s, _) = listener.accept().await.expect("accept");
+        let mut conn = h2::server::handshake(s).await.expect("handshake");
+        while let Some(Ok((req, mut respond))) = conn.accept().await {
+            tokio::spawn(async move {
+                let mut body = req.into_body();
+                let mut got = Vec::new();
+                while let Some(chunk) = body.data().await {
+                    let chunk = chunk.expect("chunk");
+                    body.flow_control().release_capacity(chunk.len()).expect("release");
+                    got.extend_from_slice(&chunk);
+                }
+                let resp = http::Response::builder().header("x-length", got.len()).body(()).expect("response");
+                let mut send = respond.send_response(resp, false).expect("respond");
+                let mut rest = Bytes::from(got);
+                while !rest.is_empty() {
+                    send.reserve_capacity(rest.len());
+                    let cap = std::future::poll_fn(|cx| send.poll_capacity(cx)).await.expect("capacity").expect("open");
+                    send.send_data(rest.split_to(cap.min(rest.len())), false).expect("data");
+                }
+                send.send_data(Bytes::new(), true).expect("end");
+            });
+        }
+    });
+    let bodies: Vec<Vec<u8>> = (0..10).map(body).collect();
+    let got = exchange(addr, "/echo", &[], &bodies).await;
+    assert!(got.resets.is_empty(), "{:?}", got.resets);
+    for (i, sent) in bodies.iter().enumerate() {
+        let id = 1 + 2 * i as u32;
+        assert_eq!(got.heads[&id].1, [("x-length".to_owned(), sent.len().to_string())]);
+        let back = got.bodies.get(&id).map_or(&[][..], Vec::as_slice);
+        assert!(back == &sent[..], "stream {id}: {} bytes back of {}", back.len(), sent.len());
+    }
 }

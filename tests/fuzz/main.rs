@@ -7,6 +7,9 @@
 //! runs them far longer (`PROPTEST_CASES`). A crash found becomes a case in
 //! `regressions` below.
 
+#[allow(dead_code)]
+#[path = "../proxy/grpc_peer.rs"]
+mod grpc_peer;
 mod h1;
 mod h2conn;
 mod hpack;
