@@ -471,6 +471,11 @@ impl Conn {
         self.streams.len()
     }
 
+    /// Whether `stream` is open (neither ended both ways nor reset).
+    pub fn is_open(&self, stream: u32) -> bool {
+        self.find(stream).is_some()
+    }
+
     /// The connection has ended (its GOAWAY is in the output), or is
     /// closing and has no stream left.
     pub fn is_done(&self) -> bool {

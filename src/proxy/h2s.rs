@@ -1,214 +1,587 @@
-//! HTTP/2 client connections, served with the `h2` crate directly: the
-//! connection's own task runs every stream.
+//! HTTP/2 client connections, served with the proxy's own codec
+//! ([`h2conn`](super::h2conn)): the connection's own task reads the
+//! client's frames, runs every stream and writes what they answer.
 //!
-//! hyper's HTTP/2 server spawns a task for each stream: the request is taken
-//! off the connection in its task, served in the stream's, and the response
-//! handed back through `h2`'s shared state, which wakes the connection's
-//! task again to write it. Here the connection's task keeps its streams in a
-//! [`FuturesUnordered`] and polls the ones that were woken before it polls
-//! the connection, so what they queue (a request to an endpoint, a response)
-//! goes out with the same pass that read the frames that made them ready:
-//! one task per client connection, no allocation per stream but its own, and
-//! one turn of the event loop for a response from an HTTP/1.1 endpoint, which
-//! the stream reads itself (an HTTP/2 endpoint's comes through the endpoint
-//! connection's task). A stream that waits (for an endpoint, for window)
-//! costs nothing until it is woken.
+//! Each read goes through [`Conn::recv`]; a request head becomes a
+//! request for the hyper path ([`http::serve`]) whose future joins the
+//! connection's set of streams (a [`FuturesUnordered`], polled before the
+//! socket, so what they queue goes out with the pass that read the frames
+//! that made them ready); its body is fed from the frames as they come
+//! ([`StreamBody`]), and given back to the client's windows as it is read.
+//! A response's head is encoded straight from its header map, its body sent
+//! at the pace of the client's windows, everything one pass produced in one
+//! write. No task per stream, no `h2` crate, no channel between tasks.
 //!
-//! The rest is what hyper's server did with the same settings: 1 MiB
-//! windows, 16 KiB frames, a 400 KiB send buffer, the stream and header
-//! limits of `limits`, the rapid-reset bounds (CVE-2023-44487), a PING every
-//! interval with the connection closed when one goes unanswered, the graceful
-//! close (GOAWAY, then the streams in flight finish), and a stream the client
-//! resets stops being served at once. The connection's watchdog is the one
-//! HTTP/1 connections have ([`conn::Watchdog`]); besides, the proxy sends a
-//! PING every half of `timeouts.idle` (at most every 30 s) and closes the
-//! connection when one is not answered by the next (as it does towards
-//! endpoints, [`super::h2c::drive`]): a client that vanished without a word
-//! does not hold a stream's endpoint until `timeouts.request` ends it.
+//! The settings are the ones the `h2` crate had here: 1 MiB windows, 16 KiB
+//! frames, at most 400 KiB queued for the client, the stream and header
+//! limits of `limits`, the rapid-reset bounds (CVE-2023-44487). The
+//! connection's watchdog is the one HTTP/1 connections have
+//! ([`conn::Watchdog`]); besides, the proxy sends a PING every half of
+//! `timeouts.idle` (at most every 30 s) and closes the connection when one is
+//! not answered by the next (as it does towards endpoints,
+//! [`super::h2c::drive`]): a client that vanished without a word does not
+//! hold a stream's endpoint until `timeouts.request` ends it. The graceful
+//! close sends GOAWAY and lets the streams in flight finish; a stream the
+//! client resets stops being served at once.
 
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::pin::pin;
-use std::sync::Arc;
-use std::task::Poll;
+use std::pin::{Pin, pin};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use ::http::{Request, Response};
-use bytes::Bytes;
+use ::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri, Version, uri};
+use bytes::{Buf, Bytes, BytesMut};
 use futures::stream::{FuturesUnordered, StreamExt};
 use http_body_util::Either;
-use hyper::body::Body;
+use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use super::config::Limits;
 use super::conn::{self, InFlight, StreamClock};
-use super::h2c::{H2Body, Pump};
-use super::http::{self, Peer, RequestBody};
+use super::h2conn::{self, Conn, Handler, Head};
+use super::h2frame::Reason;
+use super::http::{self, Peer, ProxyBody, RequestBody};
 use super::state::Shared;
 
-/// The connection settings: hyper's server defaults, with `limits`.
-pub(crate) fn builder(limits: &Limits) -> h2::server::Builder {
-    let mut b = h2::server::Builder::new();
-    b.initial_window_size(1024 * 1024)
-        .initial_connection_window_size(1024 * 1024)
-        .max_frame_size(16 * 1024)
-        .max_send_buffer_size(400 * 1024)
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        .max_header_list_size(limits.max_request_header_bytes)
-        // Rapid reset (CVE-2023-44487) and its variants: streams a client
-        // resets before they are served, or that make the proxy reset them,
-        // end the connection past these counts.
-        .max_pending_accept_reset_streams(32)
-        .max_local_error_reset_streams(Some(256));
-    b
+/// The most the connection queues for the client before it stops taking
+/// more from the streams' bodies (the `h2` crate's send buffer here).
+const MAX_QUEUED: usize = 400 * 1024;
+
+/// How much is read from the client at a time.
+const READ_SIZE: usize = 16 * 1024;
+
+/// The connection settings, with `limits`.
+pub(crate) fn config(limits: &Limits) -> h2conn::Config {
+    h2conn::Config {
+        max_concurrent_streams: limits.max_concurrent_streams,
+        max_header_list_size: limits.max_request_header_bytes,
+        // HTTP/2 heads are bounded by their size alone (as with hyper).
+        max_header_fields: usize::MAX,
+        stream_window: 1024 * 1024,
+        connection_window: 1024 * 1024,
+        max_frame_size: 16 * 1024,
+        max_pending_resets: 32,
+        max_local_resets: 256,
+    }
+}
+
+/// What a stream's request body and its future share with the connection.
+#[derive(Default)]
+struct Slot {
+    chunks: VecDeque<Bytes>,
+    trailers: Option<HeaderMap>,
+    /// The client's side ended.
+    end: bool,
+    /// The stream broke off (reset, or the connection ended): the body fails.
+    gone: bool,
+    /// The client reset the stream: its request is abandoned at once.
+    reset: bool,
+    /// Body bytes read and not yet given back to the client's windows.
+    consumed: usize,
+    body: Option<Waker>,
+    stream: Option<Waker>,
+}
+
+type SharedSlot = Arc<Mutex<Slot>>;
+
+fn lock(slot: &SharedSlot) -> std::sync::MutexGuard<'_, Slot> {
+    slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn wake(slot: &mut Slot) {
+    if let Some(w) = slot.body.take() {
+        w.wake();
+    }
+    if let Some(w) = slot.stream.take() {
+        w.wake();
+    }
+}
+
+/// The body of a client's request on an HTTP/2 stream.
+pub(crate) struct StreamBody {
+    slot: SharedSlot,
+    /// What is left of the client's `Content-Length` (the codec holds the data to it).
+    length: Option<u64>,
+    ended: bool,
+}
+
+/// The stream broke off before its request body ended.
+#[derive(Debug, thiserror::Error)]
+#[error("the HTTP/2 stream broke off")]
+pub(crate) struct StreamGone;
+
+impl Body for StreamBody {
+    type Data = Bytes;
+    type Error = StreamGone;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, StreamGone>>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        let mut slot = lock(&this.slot);
+        if let Some(data) = slot.chunks.pop_front() {
+            slot.consumed += data.len();
+            if let Some(left) = &mut this.length {
+                *left = left.saturating_sub(data.len() as u64);
+            }
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        if let Some(trailers) = slot.trailers.take() {
+            this.ended = true;
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
+        if slot.end {
+            this.ended = true;
+            return Poll::Ready(None);
+        }
+        if slot.gone {
+            this.ended = true;
+            return Poll::Ready(Some(Err(StreamGone)));
+        }
+        slot.body = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        if self.ended {
+            return true;
+        }
+        let slot = lock(&self.slot);
+        slot.end && slot.chunks.is_empty() && slot.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.length {
+            Some(n) => SizeHint::with_exact(n),
+            None if self.is_end_stream() => SizeHint::with_exact(0),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+/// The request of a head, for the hyper path; `None` when it cannot be one
+/// (a malformed authority, scheme or path: the stream is reset, as the `h2`
+/// crate did).
+fn request_of(head: &Head, body: StreamBody) -> Option<Request<RequestBody>> {
+    let method = Method::from_bytes(head.method()).ok()?;
+    let connect = method == Method::CONNECT;
+    let mut parts = uri::Parts::default();
+    if let Some(a) = head.authority() {
+        parts.authority = Some(uri::Authority::try_from(a).ok()?);
+    }
+    if let Some(s) = head.scheme() {
+        let scheme = uri::Scheme::try_from(s).ok()?;
+        // A URI has no scheme without an authority.
+        if parts.authority.is_some() {
+            parts.scheme = Some(scheme);
+        }
+    }
+    if let Some(p) = head.path() {
+        parts.path_and_query = Some(uri::PathAndQuery::try_from(p).ok()?);
+    } else if !connect {
+        return None;
+    }
+    let uri = Uri::from_parts(parts).ok()?;
+    let mut headers = HeaderMap::with_capacity(head.fields().size_hint().0);
+    for (name, value) in head.fields() {
+        headers.append(HeaderName::from_bytes(name).ok()?, HeaderValue::from_bytes(value).ok()?);
+    }
+    let mut req = Request::new(Either::Right(body));
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_2;
+    *req.headers_mut() = headers;
+    Some(req)
+}
+
+/// What the codec hands over during one read.
+#[derive(Default)]
+struct Events {
+    slots: HashMap<u32, SharedSlot>,
+    /// New requests: their stream and request (`None`: malformed).
+    opened: Vec<(u32, Option<Request<RequestBody>>)>,
+    writable: Vec<u32>,
+    /// Streams the client reset, with their slots (to give back what they hold).
+    gone: Vec<(u32, Option<SharedSlot>)>,
+}
+
+impl Handler for Events {
+    fn request(&mut self, stream: u32, head: &Head, end_stream: bool) {
+        let slot = SharedSlot::default();
+        lock(&slot).end = end_stream;
+        let body = StreamBody { slot: slot.clone(), length: head.content_length(), ended: false };
+        self.slots.insert(stream, slot);
+        self.opened.push((stream, request_of(head, body)));
+    }
+
+    fn data(&mut self, stream: u32, data: &[u8], end_stream: bool) {
+        if let Some(slot) = self.slots.get(&stream) {
+            let mut slot = lock(slot);
+            if !data.is_empty() {
+                slot.chunks.push_back(Bytes::copy_from_slice(data));
+            }
+            slot.end |= end_stream;
+            wake(&mut slot);
+        }
+    }
+
+    fn trailers(&mut self, stream: u32, head: &Head) {
+        if let Some(slot) = self.slots.get(&stream) {
+            let mut map = HeaderMap::new();
+            for (name, value) in head.fields() {
+                if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
+                    map.append(n, v);
+                }
+            }
+            let mut slot = lock(slot);
+            slot.trailers = Some(map);
+            slot.end = true;
+            wake(&mut slot);
+        }
+    }
+
+    fn reset(&mut self, stream: u32, _: u32) {
+        let slot = self.slots.remove(&stream);
+        if let Some(slot) = &slot {
+            let mut slot = lock(slot);
+            slot.gone = true;
+            slot.reset = true;
+            wake(&mut slot);
+        }
+        self.gone.push((stream, slot));
+    }
+
+    fn writable(&mut self, stream: u32) {
+        self.writable.push(stream);
+    }
+}
+
+/// A stream's request served: its response, unless the client reset it first.
+struct Served {
+    stream: u32,
+    response: Option<Response<ProxyBody>>,
+    in_flight: InFlight,
+}
+
+/// A response whose body is being sent.
+struct Sending {
+    stream: u32,
+    body: ProxyBody,
+    /// Data taken from the body and not yet all sent: the bytes and how many went.
+    pending: Option<(Bytes, usize)>,
+    /// Waiting for the client's window.
+    blocked: bool,
+    _in_flight: InFlight,
 }
 
 /// Serves one HTTP/2 client connection (its preface is in `io`'s replayed
 /// prefix) until it closes, its watchdog ends it or the drain has finished it.
 pub(crate) async fn serve<S>(
     shared: &Arc<Shared>,
-    io: conn::ClientIo<S>,
+    mut io: conn::ClientIo<S>,
     client: &Peer,
     activity: &Arc<conn::Activity>,
     limits: conn::Limits,
     graceful: &CancellationToken,
-    builder: &h2::server::Builder,
+    config: &h2conn::Config,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let peer = client.addr;
-    let mut conn = match tokio::time::timeout(limits.header, builder.handshake::<_, Bytes>(io)).await {
-        Ok(Ok(conn)) => conn,
-        Ok(Err(e)) => {
-            tracing::debug!(%peer, error = %e, "HTTP/2 handshake failed");
-            return;
-        }
-        Err(_) => {
-            shared.metrics.timed_out("header");
-            return;
-        }
-    };
+    let mut conn = Conn::server(*config);
+    let mut events = Events::default();
+    let mut read = BytesMut::new();
+    let mut write = Vec::new();
+    let mut written = 0;
+    let mut unflushed = false;
+    let mut read_closed = false;
     let ping_every = (limits.idle / 2).min(Duration::from_secs(30));
-    let mut pings = conn.ping_pong();
-    let mut awaiting_pong = false;
     let mut next_ping = Instant::now() + ping_every;
+    let mut pings = 0u64;
     let mut watchdog = conn::Watchdog::default();
-    // Made with the first stream and dropped with the last: the set holds a
-    // stub of a stream's size (3–4 KiB), which an idle connection does not
-    // need.
+    // Made with the first stream and dropped with the last (its stub has a
+    // stream's size, which an idle connection does not need).
     let mut streams: Option<FuturesUnordered<_>> = None;
-    // Fires at once: the first look at the deadlines sets it.
+    let mut sending: Vec<Sending> = Vec::new();
     let mut timer = pin!(tokio::time::sleep(Duration::ZERO));
     let mut drain = pin!(graceful.cancelled());
     std::future::poll_fn(|cx| {
         loop {
-            // The streams first: what they queue goes out with this poll of
-            // the connection, which also reads what the client sent.
+            let mut progress = false;
+            // The streams first: what they answer goes out with this pass.
             if let Some(set) = &mut streams {
-                while let Poll::Ready(Some(())) = set.poll_next_unpin(cx) {}
+                while let Poll::Ready(Some(served)) = set.poll_next_unpin(cx) {
+                    let Served { stream, response, in_flight } = served;
+                    let Some(resp) = response else { continue };
+                    let (parts, body) = resp.into_parts();
+                    let end = body.is_end_stream();
+                    let fields = parts.headers.iter().map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
+                    if conn.send_response(stream, parts.status.as_u16(), fields, end).is_ok() && !end {
+                        sending.push(Sending { stream, body, pending: None, blocked: false, _in_flight: in_flight });
+                    }
+                    progress = true;
+                }
                 if set.is_empty() {
                     streams = None;
                 }
             }
-            match conn.poll_accept(cx) {
-                Poll::Ready(Some(Ok((req, respond)))) => {
-                    let served = stream(shared.clone(), client.clone(), req, respond, activity.request());
-                    streams.get_or_insert_with(FuturesUnordered::new).push(served);
-                    continue;
+            // Bodies read give their bytes back to the client's windows; a
+            // stream the codec has closed (its response ended, or it was
+            // reset) gives back what its body still holds, and goes.
+            events.slots.retain(|&stream, slot| {
+                if !conn.is_open(stream) {
+                    retire(&mut conn, stream, slot);
+                    return false;
                 }
-                Poll::Ready(Some(Err(e))) => {
-                    tracing::debug!(%peer, error = %e, "HTTP/2 client connection failed");
-                    return Poll::Ready(());
+                let consumed = std::mem::take(&mut lock(slot).consumed);
+                if consumed > 0 {
+                    conn.release(stream, consumed);
                 }
-                Poll::Ready(None) => return Poll::Ready(()),
-                Poll::Pending => {}
+                true
+            });
+            for stream in events.writable.drain(..) {
+                if let Some(s) = sending.iter_mut().find(|s| s.stream == stream) {
+                    s.blocked = false;
+                }
             }
-            if !watchdog.draining() && drain.as_mut().poll(cx).is_ready() {
-                watchdog.drain_started();
-                conn.graceful_shutdown();
-                continue;
+            for (stream, slot) in events.gone.drain(..) {
+                sending.retain(|s| s.stream != stream);
+                if let Some(slot) = slot {
+                    retire(&mut conn, stream, &slot);
+                }
             }
-            if awaiting_pong && let Some(pp) = &mut pings {
-                match pp.poll_pong(cx) {
-                    Poll::Ready(Ok(_)) => {
-                        awaiting_pong = false;
-                        next_ping = Instant::now() + ping_every;
+            if pump(&mut conn, &mut sending, write.len() - written, cx) {
+                progress = true;
+            }
+            // Write what the pass produced, in one write when the socket takes it.
+            if written == write.len() {
+                write.clear();
+                written = 0;
+                std::mem::swap(&mut write, conn.output());
+            }
+            while written < write.len() {
+                match Pin::new(&mut io).poll_write(cx, &write[written..]) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
+                    Poll::Ready(Ok(n)) => {
+                        written += n;
+                        unflushed = true;
+                        progress = true;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            // TLS holds what it took until flushed.
+            if unflushed && written == write.len() {
+                match Pin::new(&mut io).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => {
+                        unflushed = false;
+                        if conn.streams() == 0 {
+                            // An idle connection holds no write buffer.
+                            write = Vec::new();
+                            written = 0;
+                            if conn.output().is_empty() {
+                                *conn.output() = Vec::new();
+                            }
+                        }
                     }
                     Poll::Ready(Err(_)) => return Poll::Ready(()),
                     Poll::Pending => {}
                 }
             }
+            if conn.is_done() && written == write.len() && !unflushed {
+                return Poll::Ready(());
+            }
+            // Read while nothing waits to be written (so the client cannot
+            // make replies pile up) and the streams have room.
+            if written == write.len() && !read_closed {
+                if read.capacity() - read.len() < READ_SIZE {
+                    read.reserve(READ_SIZE);
+                }
+                match tokio_util::io::poll_read_buf(Pin::new(&mut io), cx, &mut read) {
+                    Poll::Ready(Ok(0)) => read_closed = true,
+                    Poll::Ready(Ok(_)) => {
+                        match conn.recv(&read, &mut events) {
+                            Ok(taken) => {
+                                read.advance(taken);
+                                if read.is_empty() {
+                                    // An idle connection holds no read buffer.
+                                    read = BytesMut::new();
+                                }
+                            }
+                            Err(e) => {
+                                tracing::debug!(%peer, error = %e, "HTTP/2 client connection failed");
+                                read.clear();
+                            }
+                        }
+                        for (stream, req) in events.opened.drain(..) {
+                            let Some(req) = req else {
+                                conn.reset(stream, Reason::ProtocolError);
+                                if let Some(slot) = events.slots.remove(&stream) {
+                                    retire(&mut conn, stream, &slot);
+                                }
+                                continue;
+                            };
+                            let Some(slot) = events.slots.get(&stream).cloned() else { continue };
+                            let served =
+                                serve_stream(shared.clone(), client.clone(), stream, req, slot, activity.request());
+                            streams.get_or_insert_with(FuturesUnordered::new).push(served);
+                        }
+                        progress = true;
+                    }
+                    Poll::Ready(Err(_)) => read_closed = true,
+                    Poll::Pending => {}
+                }
+            }
+            if read_closed && written == write.len() && !unflushed {
+                return Poll::Ready(());
+            }
+            if progress {
+                continue;
+            }
+            if !watchdog.draining() && drain.as_mut().poll(cx).is_ready() {
+                watchdog.drain_started();
+                conn.shutdown();
+                continue;
+            }
             if timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
+            let now = Instant::now();
             let wake = match watchdog.check(activity, &limits, shared, peer) {
                 conn::Watch::Wait(at) => at,
                 conn::Watch::Drain(at) => {
-                    conn.graceful_shutdown();
+                    conn.shutdown();
                     at
                 }
                 conn::Watch::Stop => return Poll::Ready(()),
             };
-            let now = Instant::now();
             if now >= next_ping {
-                if awaiting_pong {
+                if conn.ping_pending() {
                     tracing::debug!(%peer, "a client left a PING unanswered; closing the connection");
                     return Poll::Ready(());
                 }
-                // Fails only while a PING is already out, which cannot be.
-                if let Some(pp) = &mut pings
-                    && pp.send_ping(h2::Ping::opaque()).is_ok()
-                {
-                    awaiting_pong = true;
-                }
+                pings += 1;
+                conn.ping(pings.to_be_bytes());
                 next_ping = now + ping_every;
             }
             timer.as_mut().reset(wake.min(next_ping).into());
         }
     })
     .await;
-    // The connection's end reaches its streams (h2 fails them as it drops),
-    // and each is polled once more to see it, as a stream task of its own
-    // would be: a request still reading its body answers `400` and is
-    // counted; one waiting for its endpoint is dropped, and its endpoint
-    // released.
-    drop(conn);
+    // The connection's end reaches its streams, and each is polled once
+    // more to see it, as a stream task of its own would be: a request still
+    // reading its body answers `400` and is counted; one waiting for its
+    // endpoint is dropped, and its endpoint released.
+    for slot in events.slots.values() {
+        let mut slot = lock(slot);
+        slot.gone = true;
+        wake(&mut slot);
+    }
+    drop(sending);
     if let Some(mut set) = streams {
         std::future::poll_fn(|cx| {
-            while let Poll::Ready(Some(())) = set.poll_next_unpin(cx) {}
+            while let Poll::Ready(Some(_)) = set.poll_next_unpin(cx) {}
             Poll::Ready(())
         })
         .await;
     }
 }
 
-/// One stream: the request served, then its response sent, the body at the
-/// pace of the stream's flow control. A client that resets the stream stops
-/// it wherever it is (the request to the endpoint is dropped with it).
-async fn stream(
+/// Gives back to the client's windows what a stream's body read and what
+/// it holds unread, as the stream leaves.
+fn retire(conn: &mut Conn, stream: u32, slot: &SharedSlot) {
+    let mut slot = lock(slot);
+    // A reader still at it sees the stream gone rather than wait.
+    slot.gone = true;
+    wake(&mut slot);
+    let held: usize = slot.chunks.drain(..).map(|c| c.len()).sum();
+    let n = std::mem::take(&mut slot.consumed) + held;
+    if n > 0 {
+        conn.release(stream, n);
+    }
+}
+
+/// Moves what the responses' bodies have into the connection, as far as
+/// the client's windows and the queue's bound allow; whether anything moved.
+fn pump(conn: &mut Conn, sending: &mut Vec<Sending>, queued: usize, cx: &mut Context<'_>) -> bool {
+    let mut progress = false;
+    sending.retain_mut(|s| {
+        loop {
+            if s.blocked || queued + conn.output().len() > MAX_QUEUED {
+                return true;
+            }
+            if let Some((data, sent)) = &mut s.pending {
+                match conn.send_data(s.stream, &data[*sent..], false) {
+                    Ok(n) => {
+                        *sent += n;
+                        progress |= n > 0;
+                        if *sent < data.len() {
+                            s.blocked = true;
+                            return true;
+                        }
+                        s.pending = None;
+                    }
+                    Err(_) => return false,
+                }
+            }
+            match Pin::new(&mut s.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    progress = true;
+                    match frame.into_data() {
+                        Ok(data) => s.pending = Some((data, 0)),
+                        Err(frame) => {
+                            if let Ok(trailers) = frame.into_trailers() {
+                                let fields = trailers.iter().map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
+                                let _ = conn.send_trailers(s.stream, fields);
+                                return false;
+                            }
+                        }
+                    }
+                }
+                Poll::Ready(None) => {
+                    progress = true;
+                    let _ = conn.send_data(s.stream, &[], true);
+                    return false;
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::debug!(error = %e, "a response body failed; resetting its HTTP/2 stream");
+                    conn.reset(s.stream, Reason::InternalError);
+                    return false;
+                }
+                Poll::Pending => return true,
+            }
+        }
+    });
+    progress
+}
+
+/// One stream's request served by the hyper path; a client that resets the
+/// stream stops it wherever it is (the request to the endpoint is dropped
+/// with it).
+async fn serve_stream(
     shared: Arc<Shared>,
     client: Peer,
-    req: Request<h2::RecvStream>,
-    mut respond: h2::server::SendResponse<Bytes>,
+    stream: u32,
+    req: Request<RequestBody>,
+    slot: SharedSlot,
     in_flight: InFlight,
-) {
-    let (parts, recv) = req.into_parts();
-    let body: RequestBody = Either::Right(H2Body::new(recv, &parts.headers));
-    let mut served = pin!(http::serve(shared, client, Request::from_parts(parts, body), Some(StreamClock::new())));
-    let answered = std::future::poll_fn(|cx| {
+) -> Served {
+    let mut served = pin!(http::serve(shared, client, req, Some(StreamClock::new())));
+    let response = std::future::poll_fn(|cx| {
         if let Poll::Ready(Ok(resp)) = served.as_mut().poll(cx) {
             return Poll::Ready(Some(resp));
         }
-        respond.poll_reset(cx).map(|_| None)
+        let mut slot = lock(&slot);
+        if slot.reset {
+            return Poll::Ready(None);
+        }
+        slot.stream = Some(cx.waker().clone());
+        Poll::Pending
     })
     .await;
-    let Some(resp) = answered else { return };
-    let (parts, body) = resp.into_parts();
-    let end = body.is_end_stream();
-    match respond.send_response(Response::from_parts(parts, ()), end) {
-        Ok(send) if !end => Pump::new(body, send, h2::Reason::INTERNAL_ERROR).await,
-        Ok(_) => {}
-        Err(e) => tracing::debug!(error = %e, "a response could not be sent on its HTTP/2 stream"),
-    }
-    drop(in_flight);
+    Served { stream, response, in_flight }
 }

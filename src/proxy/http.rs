@@ -33,13 +33,13 @@ use super::replay::{ReplayError, Replayable};
 use super::state::{Runtime, Shared};
 use super::tls::ClientCert;
 use super::upstream::{ConnSettings, Lease, Upstream, UpstreamError};
-use super::{bridge, forwarding, grpc, h2c, tracks, upgrade};
+use super::{bridge, forwarding, grpc, tracks, upgrade};
 use crate::balance::{self, AffinityToken, Outcome, Pick, hash_key};
 
 /// A client's request body as the server that read its head hands it over:
 /// hyper's HTTP/1.1 server (connections the fast path handed on, `Left`), or
 /// an HTTP/2 stream of [`h2s`](super::h2s) (`Right`).
-pub(crate) type RequestBody = Either<Incoming, h2c::H2Body>;
+pub(crate) type RequestBody = Either<Incoming, super::h2s::StreamBody>;
 
 /// Why a client's request body could not be read (the error of [`RequestBody`]).
 pub(crate) type BodyFailure = Box<dyn std::error::Error + Send + Sync>;

@@ -4,8 +4,9 @@
 //! Layout: [`config`] is the file format; `state` holds the runtime swapped
 //! on each update and the per-thread balancers; `http` and `tcp` are the two
 //! request paths, and `fast` with [`h1`] the HTTP/1.1 fast path in front of
-//! `http`; `h2s` serves HTTP/2 client connections and `h2c` speaks HTTP/2
-//! to endpoints, both with the `h2` crate; `bridge` takes HTTP/2 clients'
+//! `http`; `h2s` serves HTTP/2 client connections with the proxy's own codec
+//! ([`hpack`], [`h2frame`], [`h2conn`]) and `h2c` speaks HTTP/2 to endpoints
+//! with the `h2` crate; `bridge` takes HTTP/2 clients'
 //! bodiless requests to HTTP/1.1 endpoints over the fast path's sockets;
 //! `health` runs active probes and the passive sweep; `admin` serves the
 //! admin API; [`server`] binds, serves and drains.

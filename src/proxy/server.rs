@@ -448,7 +448,7 @@ async fn accept_loop(
 /// HTTP/2 connections to [`h2s`].
 struct Builders {
     http1: hyper::server::conn::http1::Builder,
-    http2: h2::server::Builder,
+    http2: super::h2conn::Config,
 }
 
 async fn accept_http(
@@ -470,7 +470,7 @@ async fn accept_http(
         .header_read_timeout(t.idle.0)
         .max_buf_size(l.max_request_header_bytes as usize)
         .max_headers(l.max_request_headers as usize);
-    let builder = Builders { http1, http2: h2s::builder(l) };
+    let builder = Builders { http1, http2: h2s::config(l) };
     let builder = Arc::new(builder);
     accept_loop(shared, listener, seats, shutdown, |stream, peer, admitted| {
         let _ = stream.set_nodelay(true);
