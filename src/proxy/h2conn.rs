@@ -1826,6 +1826,150 @@ mod tests {
         assert_eq!(code(&frames, kind::GOAWAY), Some(Reason::ProtocolError.code()));
     }
 
+    /// One step of a near-valid client.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Headers {
+            stream: u8,
+            fields: u8,
+            end: bool,
+            split: bool,
+        },
+        Data {
+            stream: u8,
+            len: u16,
+            end: bool,
+            padded: bool,
+        },
+        Window {
+            stream: u8,
+            increment: u32,
+        },
+        Reset {
+            stream: u8,
+        },
+        Settings {
+            window: u32,
+            frame: bool,
+        },
+        Ping,
+        Priority {
+            stream: u8,
+        },
+        /// The proxy answers the oldest open stream (head, some body, maybe the end).
+        Answer {
+            body: u16,
+            end: bool,
+        },
+        /// The next frame written has one byte changed.
+        Damage {
+            at: u16,
+            xor: u8,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0u8..6, 0u8..6, any::<bool>(), any::<bool>()).prop_map(|(stream, fields, end, split)| Op::Headers { stream, fields, end, split }),
+            4 => (0u8..6, 0u16..20_000, any::<bool>(), any::<bool>()).prop_map(|(stream, len, end, padded)| Op::Data { stream, len, end, padded }),
+            2 => (0u8..6, prop_oneof![Just(1u32), Just(65_535), Just(1 << 30), 0u32..(1 << 31)]).prop_map(|(stream, increment)| Op::Window { stream, increment }),
+            1 => (0u8..6).prop_map(|stream| Op::Reset { stream }),
+            1 => (prop_oneof![Just(0u32), Just(1), Just(65_535), Just(1 << 20), Just(h2frame::MAX_WINDOW)], any::<bool>()).prop_map(|(window, frame)| Op::Settings { window, frame }),
+            1 => Just(Op::Ping),
+            1 => (0u8..6).prop_map(|stream| Op::Priority { stream }),
+            3 => (0u16..40_000, any::<bool>()).prop_map(|(body, end)| Op::Answer { body, end }),
+            1 => (any::<u16>(), 1u8..=255).prop_map(|(at, xor)| Op::Damage { at, xor }),
+        ]
+    }
+
+    proptest! {
+        /// Near-valid clients (streams opened, bodies, windows, resets,
+        /// settings, split and damaged frames) against a proxy that answers:
+        /// never a panic, only valid frames written, a connection error
+        /// always ends the connection.
+        #[test]
+        fn near_valid_clients_get_valid_frames_and_no_panic(ops in prop::collection::vec(op(), 1..40)) {
+            let cfg = Config { stream_window: 65_535, connection_window: 100_000, max_concurrent_streams: 4, ..Config::default() };
+            let (mut conn, mut c) = open(cfg);
+            let field_sets: [&[(&str, &str)]; 6] = [
+                &[(":method", "GET"), (":scheme", "http"), (":authority", "a"), (":path", "/")],
+                &[(":method", "POST"), (":scheme", "http"), (":authority", "a"), (":path", "/p"), ("content-length", "10")],
+                &[(":method", "GET"), (":scheme", "http"), (":path", "/"), ("te", "trailers"), ("cookie", "a=1")],
+                &[("grpc-status", "0")],
+                &[(":method", "GET"), (":path", "/")],
+                &[(":status", "200")],
+            ];
+            let mut damage: Option<(u16, u8)> = None;
+            for op in ops {
+                let before = c.buf.len();
+                let id = |s: u8| u32::from(s) * 2 + 1;
+                match op {
+                    Op::Headers { stream, fields, end, split } => {
+                        let block = c.block(field_sets[usize::from(fields)]);
+                        if split && block.len() > 1 {
+                            let (a, b) = block.split_at(block.len() / 2);
+                            c.raw(kind::HEADERS, if end { flag::END_STREAM } else { 0 }, id(stream), a);
+                            c.raw(kind::CONTINUATION, flag::END_HEADERS, id(stream), b);
+                        } else {
+                            h2frame::write_headers(&mut c.buf, id(stream), &block, end, 16_384);
+                        }
+                    }
+                    Op::Data { stream, len, end, padded } => {
+                        let len = usize::from(len).min(16_000);
+                        let mut payload = Vec::new();
+                        if padded {
+                            payload.push(7);
+                        }
+                        payload.resize(payload.len() + len, b'd');
+                        if padded {
+                            payload.extend_from_slice(&[0; 7]);
+                        }
+                        let flags = if end { flag::END_STREAM } else { 0 } | if padded { flag::PADDED } else { 0 };
+                        c.raw(kind::DATA, flags, id(stream), &payload);
+                    }
+                    Op::Window { stream, increment } => {
+                        let s = if stream == 0 { 0 } else { id(stream - 1) };
+                        h2frame::write_window_update(&mut c.buf, s, increment.max(1));
+                    }
+                    Op::Reset { stream } => h2frame::write_rst_stream(&mut c.buf, id(stream), Reason::Cancel),
+                    Op::Settings { window, frame } => {
+                        let mut set = vec![(setting::INITIAL_WINDOW_SIZE, window)];
+                        if frame {
+                            set.push((setting::MAX_FRAME_SIZE, 20_000));
+                        }
+                        h2frame::write_settings(&mut c.buf, &set);
+                    }
+                    Op::Ping => h2frame::write_ping(&mut c.buf, [3; 8], false),
+                    Op::Priority { stream } => c.raw(kind::PRIORITY, 0, id(stream), &[0, 0, 0, 0, 16]),
+                    Op::Answer { body, end } => {
+                        if let Some(s) = conn.streams.first().map(|s| s.id) {
+                            let _ = conn.send_response(s, 200, [(&b"x"[..], &b"y"[..])], false);
+                            let _ = conn.send_data(s, &vec![b'r'; usize::from(body)], end);
+                        }
+                    }
+                    Op::Damage { at, xor } => damage = Some((at, xor)),
+                }
+                if let Some((at, xor)) = damage.filter(|_| c.buf.len() > before) {
+                    let i = before + usize::from(at) % (c.buf.len() - before);
+                    c.buf[i] ^= xor;
+                    damage = None;
+                }
+                let mut ev = Events::default();
+                match conn.recv(&c.buf, &mut ev) {
+                    Ok(n) => {
+                        c.buf.drain(..n);
+                    }
+                    Err(_) => {
+                        prop_assert!(conn.is_done());
+                        written(&mut conn);
+                        break;
+                    }
+                }
+                written(&mut conn);
+            }
+        }
+    }
+
     proptest! {
         #[test]
         fn any_frames_are_answered_with_valid_frames_and_no_panic(
