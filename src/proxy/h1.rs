@@ -196,7 +196,7 @@ fn plain_target_byte(b: u8) -> bool {
 }
 
 /// A `Content-Length` value of plain digits that fits a `u64`.
-fn digits(v: &[u8]) -> Option<u64> {
+pub(crate) fn digits(v: &[u8]) -> Option<u64> {
     if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
         return None;
     }

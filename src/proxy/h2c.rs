@@ -110,7 +110,7 @@ pub(crate) fn exchange(
 ) -> Result<impl Future<Output = Result<Response<H2Body>, h2::Error>> + use<>, h2::Error> {
     let eos = body.is_end_stream();
     let (response, stream) = sender.send_request(head, eos)?;
-    let pump = (!eos).then(|| Pump::new(body, stream, h2::Reason::CANCEL));
+    let pump = (!eos).then(|| Pump::new(body, stream));
     Ok(respond(response, pump))
 }
 
@@ -153,25 +153,20 @@ pub(crate) fn refused(e: &h2::Error) -> bool {
 /// nothing to send: a claim held by an idle body pins connection window the
 /// other streams may need, and stalls them against a peer that opens its
 /// window only once all of it is used (hyper#4003). A body that fails
-/// resets the stream with the reason it was given.
-pub(crate) struct Pump<B = UpstreamBody> {
-    body: B,
+/// resets the stream (`CANCEL`).
+pub(crate) struct Pump {
+    body: UpstreamBody,
     stream: h2::SendStream<Bytes>,
     done: bool,
-    on_failure: h2::Reason,
 }
 
-impl<B> Pump<B> {
-    pub(crate) fn new(body: B, stream: h2::SendStream<Bytes>, on_failure: h2::Reason) -> Self {
-        Pump { body, stream, done: false, on_failure }
+impl Pump {
+    pub(crate) fn new(body: UpstreamBody, stream: h2::SendStream<Bytes>) -> Self {
+        Pump { body, stream, done: false }
     }
 }
 
-impl<B> Future for Pump<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Display,
-{
+impl Future for Pump {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -217,8 +212,8 @@ where
                     this.stream.send_data(Bytes::new(), true)
                 }
                 Some(Err(e)) => {
-                    tracing::debug!(error = %e, reason = ?this.on_failure, "a body failed on its way into an HTTP/2 stream; the stream is reset");
-                    this.stream.send_reset(this.on_failure);
+                    tracing::debug!(error = %e, "a body failed on its way into an HTTP/2 stream; the stream is reset");
+                    this.stream.send_reset(h2::Reason::CANCEL);
                     return Poll::Ready(());
                 }
             };

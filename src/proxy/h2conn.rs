@@ -39,6 +39,7 @@
 
 use std::collections::VecDeque;
 
+use super::h1;
 use super::h2frame::{self, Frame, FrameError, Reason, setting};
 use super::hpack::{self, Field};
 
@@ -255,19 +256,13 @@ impl Head {
             return self.bad("invalid byte or capital in a field name");
         }
         match f.name {
-            b"connection" | b"keep-alive" | b"proxy-connection" | b"transfer-encoding" | b"upgrade" => {
-                return self.bad("connection-specific field");
-            }
+            name if is_connection_specific(name) => return self.bad("connection-specific field"),
             b"te" if f.value != b"trailers" => return self.bad("TE other than trailers"),
-            b"content-length" if !trailers => {
-                let parsed = (!f.value.is_empty() && f.value.len() <= 19 && f.value.iter().all(u8::is_ascii_digit))
-                    .then(|| f.value.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')));
-                match (parsed, self.content_length) {
-                    (None, _) => return self.bad("invalid Content-Length"),
-                    (Some(n), Some(m)) if n != m => return self.bad("conflicting Content-Length"),
-                    (Some(n), _) => self.content_length = Some(n),
-                }
-            }
+            b"content-length" if !trailers => match (h1::digits(f.value), self.content_length) {
+                (None, _) => return self.bad("invalid Content-Length"),
+                (Some(n), Some(m)) if n != m => return self.bad("conflicting Content-Length"),
+                (Some(n), _) => self.content_length = Some(n),
+            },
             _ => {}
         }
         self.check_value(f.value);
