@@ -25,9 +25,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use super::fast::{self, Broken};
-use super::h1::{BadChunk, Chunked, Framing, ResponseHead};
+use super::h1::{self, BadChunk, Chunked, Framing, ResponseHead};
 use super::upstream::{ConnSettings, RawConn, Upstream, UpstreamError};
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode};
 use hyper::body::{Body, Frame, SizeHint};
@@ -140,19 +140,25 @@ pub(crate) async fn exchange(
     settings: ConnSettings,
     idempotent: bool,
 ) -> Result<Response<RawBody>, UpstreamError> {
-    let mut buf = Vec::new();
+    let mut buf = fast::take_buffer();
     let mut head = ResponseHead::default();
-    match fast::send_raw(upstream, settings, idempotent, (wire, &[]), &mut buf, is_head, &mut head).await {
+    let sent = fast::send_raw(upstream, settings, idempotent, (wire, &[]), &mut buf, is_head, &mut head).await;
+    match sent {
         Ok(conn) => response(upstream, conn, buf, &head),
-        Err(Broken::Upstream(e)) => Err(e),
-        Err(Broken::Exchange) => Err(UpstreamError::Io(std::io::Error::other(
-            "the endpoint closed the connection or answered an invalid head",
-        ))),
+        Err(broken) => {
+            fast::give_buffer(buf);
+            Err(match broken {
+                Broken::Upstream(e) => e,
+                Broken::Exchange => UpstreamError::Io(std::io::Error::other(
+                    "the endpoint closed the connection or answered an invalid head",
+                )),
+            })
+        }
     }
 }
 
-/// The response for the HTTP/2 server: the head's headers in a map (the
-/// caller strips the hop-by-hop ones), the body still on the socket.
+/// The response for the HTTP/2 server: the head's headers in a map (less
+/// the hop-by-hop ones), the body still on the socket.
 fn response(
     upstream: &Arc<Upstream>,
     conn: RawConn,
@@ -161,15 +167,17 @@ fn response(
 ) -> Result<Response<RawBody>, UpstreamError> {
     let invalid = || UpstreamError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, "invalid response header"));
     let status = StatusCode::from_u16(head.status).map_err(|_| invalid())?;
+    // One copy of the head, whose slices the values keep (rather than one
+    // allocation each); the buffer stays with the body.
+    let raw = Bytes::copy_from_slice(&buf[..head.len]);
     let mut headers = HeaderMap::with_capacity(head.headers.len());
-    for h in &head.headers {
-        let name = HeaderName::from_bytes(&buf[h.name.clone()]).map_err(|_| invalid())?;
-        let value = HeaderValue::from_bytes(&buf[h.value.clone()]).map_err(|_| invalid())?;
+    // Without the hop-by-hop fields, which HTTP/2 does not carry
+    // (`Transfer-Encoding` included: the body is decoded here).
+    for h in h1::passed_on(&raw, head, false) {
+        let name = HeaderName::from_bytes(&raw[h.name.clone()]).map_err(|_| invalid())?;
+        let value = HeaderValue::from_maybe_shared(raw.slice(h.value.clone())).map_err(|_| invalid())?;
         headers.append(name, value);
     }
-    // The bytes after the head, without a copy.
-    let mut buf = BytesMut::from(Bytes::from(buf));
-    buf.advance(head.len);
     let state = match head.framing {
         Framing::Empty => State::Done,
         Framing::Length(0) => State::Done,
@@ -177,7 +185,8 @@ fn response(
         Framing::Chunked => State::Chunked(Chunked::default(), Vec::new()),
         Framing::Close => State::Close,
     };
-    let mut body = RawBody { conn: Some(conn), upstream: upstream.clone(), buf, state, reusable: head.reusable };
+    let mut body =
+        RawBody { conn: Some(conn), upstream: upstream.clone(), buf, at: head.len, state, reusable: head.reusable };
     if matches!(body.state, State::Done) {
         body.finish();
     }
@@ -205,9 +214,18 @@ enum State {
 pub(crate) struct RawBody {
     conn: Option<RawConn>,
     upstream: Arc<Upstream>,
-    buf: BytesMut,
+    /// What was read and not passed on yet is `buf[at..]`. The buffer comes
+    /// from the worker's pool and goes back to it with the body.
+    buf: Vec<u8>,
+    at: usize,
     state: State,
     reusable: bool,
+}
+
+impl Drop for RawBody {
+    fn drop(&mut self) {
+        fast::give_buffer(std::mem::take(&mut self.buf));
+    }
 }
 
 impl RawBody {
@@ -215,7 +233,7 @@ impl RawBody {
         self.state = State::Done;
         if let Some(conn) = self.conn.take()
             && self.reusable
-            && self.buf.is_empty()
+            && self.at == self.buf.len()
         {
             self.upstream.checkin_raw(conn);
         }
@@ -224,7 +242,15 @@ impl RawBody {
     /// Reads more of the body; `Ok(0)` at the end of the stream.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
         let Some(conn) = self.conn.as_mut() else { return Poll::Ready(Ok(0)) };
-        self.buf.reserve(READ);
+        if self.at == self.buf.len() {
+            self.buf.clear();
+            self.at = 0;
+        }
+        if self.buf.capacity() - self.buf.len() < READ / 4 {
+            self.buf.drain(..self.at);
+            self.at = 0;
+            self.buf.reserve(READ);
+        }
         tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut self.buf)
     }
 
@@ -232,25 +258,27 @@ impl RawBody {
     fn next_data(&mut self) -> Result<Option<Frame<Bytes>>, std::io::Error> {
         let bad = |_: BadChunk| std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed chunked body");
         match &mut self.state {
-            State::Length(left) if !self.buf.is_empty() => {
-                let take = self.buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+            State::Length(left) if self.at < self.buf.len() => {
+                let take = (self.buf.len() - self.at).min(usize::try_from(*left).unwrap_or(usize::MAX));
                 *left -= take as u64;
-                let data = self.buf.split_to(take).freeze();
+                let data = Bytes::copy_from_slice(&self.buf[self.at..self.at + take]);
+                self.at += take;
                 if *left == 0 {
                     self.finish();
                 }
                 Ok(Some(Frame::data(data)))
             }
-            State::Close if !self.buf.is_empty() => Ok(Some(Frame::data(self.buf.split().freeze()))),
+            State::Close if self.at < self.buf.len() => {
+                let data = Bytes::copy_from_slice(&self.buf[self.at..]);
+                self.at = self.buf.len();
+                Ok(Some(Frame::data(data)))
+            }
             State::Chunked(decoder, trailers) => {
-                while !self.buf.is_empty() {
-                    let d = decoder.decode(&self.buf, trailers).map_err(bad)?;
-                    let data = (!d.data.is_empty()).then(|| {
-                        self.buf.advance(d.data.start);
-                        self.buf.split_to(d.data.len()).freeze()
-                    });
-                    let skipped = if data.is_some() { d.consumed - d.data.end } else { d.consumed };
-                    self.buf.advance(skipped);
+                while self.at < self.buf.len() {
+                    let rest = &self.buf[self.at..];
+                    let d = decoder.decode(rest, trailers).map_err(bad)?;
+                    let data = (!d.data.is_empty()).then(|| Bytes::copy_from_slice(&rest[d.data.clone()]));
+                    self.at += d.consumed;
                     if d.ended {
                         let trailers = parse_trailers(trailers)?;
                         self.finish();

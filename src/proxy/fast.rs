@@ -79,7 +79,7 @@ fn take_big() -> Vec<u8> {
 
 /// Gives a buffer back to the pool of its size (one grown past four times
 /// the larger size is shrunk first).
-fn give_buffer(mut buf: Vec<u8>) {
+pub(crate) fn give_buffer(mut buf: Vec<u8>) {
     if buf.capacity() < SMALL {
         return;
     }

@@ -152,6 +152,7 @@ pub fn parse_request(buf: &[u8], max_head: usize, max_headers: usize, out: &mut 
     out.head = method == "HEAD";
     out.idempotent = matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE");
     out.headers.clear();
+    out.headers.reserve(req.headers.len());
     let mut length: Option<u64> = None;
     for h in req.headers.iter() {
         let kind = kind_of(h.name.as_bytes());
@@ -280,6 +281,7 @@ pub fn parse_response(buf: &[u8], head: bool, out: &mut ResponseHead) -> Result<
     out.status = status;
     out.reason = resp.reason.map_or(0..0, |r| at(r.as_bytes()));
     out.headers.clear();
+    out.headers.reserve(resp.headers.len());
     let mut length: Option<u64> = None;
     let mut chunked = None;
     let mut close = version == 0;
@@ -391,25 +393,10 @@ pub fn write_response(buf: &[u8], resp: &ResponseHead, extra: Option<(&[u8], &[u
     out.push(b' ');
     out.extend_from_slice(&buf[resp.reason.clone()]);
     out.extend_from_slice(b"\r\n");
-    let mut listed = [0..0, 0..0, 0..0, 0..0];
-    let mut n = 0;
-    for h in resp.headers.iter().filter(|h| h.kind == Kind::Connection) {
-        if n < listed.len() {
-            listed[n] = h.value.clone();
-            n += 1;
-        }
-    }
-    let chunked = resp.framing == Framing::Chunked;
-    for h in &resp.headers {
-        let keep = match h.kind {
-            Kind::Connection | Kind::HopByHop => false,
-            // Passed through as chunked, the body keeps its coding.
-            Kind::TransferEncoding => chunked || resp.framing == Framing::Close,
-            _ => n == 0 || !named_by_connection(buf, &buf[h.name.clone()], &listed[..n]),
-        };
-        if keep {
-            header(out, &buf[h.name.clone()], &buf[h.value.clone()]);
-        }
+    // Passed through as chunked (or until the endpoint closes), the body keeps its coding.
+    let coded = resp.framing == Framing::Chunked || resp.framing == Framing::Close;
+    for h in passed_on(buf, resp, coded) {
+        header(out, &buf[h.name.clone()], &buf[h.value.clone()]);
     }
     if let Some((name, value)) = extra {
         header(out, name, value);
@@ -418,6 +405,36 @@ pub fn write_response(buf: &[u8], resp: &ResponseHead, extra: Option<(&[u8], &[u
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// The fields of a response head that go on to the client: not the
+/// hop-by-hop ones nor those its `Connection` header names (RFC 9110
+/// §7.6.1); `Transfer-Encoding` only when `transfer_encoding` (the body is
+/// passed on in its coding).
+pub fn passed_on<'a>(
+    buf: &'a [u8],
+    resp: &'a ResponseHead,
+    transfer_encoding: bool,
+) -> impl Iterator<Item = &'a Span> + 'a {
+    // The `Connection` values that name a field (most name none: `keep-alive`, `close`).
+    let mut listed = [0..0, 0..0, 0..0, 0..0];
+    let mut n = 0;
+    let names_a_field = |v: &[u8]| {
+        v.split(|b| *b == b',')
+            .map(<[u8]>::trim_ascii)
+            .any(|t| !t.is_empty() && !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive"))
+    };
+    for h in resp.headers.iter().filter(|h| h.kind == Kind::Connection) {
+        if n < listed.len() && names_a_field(&buf[h.value.clone()]) {
+            listed[n] = h.value.clone();
+            n += 1;
+        }
+    }
+    resp.headers.iter().filter(move |h| match h.kind {
+        Kind::Connection | Kind::HopByHop => false,
+        Kind::TransferEncoding => transfer_encoding,
+        _ => n == 0 || !named_by_connection(buf, &buf[h.name.clone()], &listed[..n]),
+    })
 }
 
 fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -704,6 +721,21 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nset-cookie: a=b\r\nconnection: close\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn only_connection_values_that_name_a_field_remove_one() {
+        let raw = "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nConnection: Close , X-A\r\nX-A: 1\r\nX-B: 2\r\n\
+                   Transfer-Encoding: chunked\r\nTE: x\r\n\r\n";
+        let mut r = ResponseHead::default();
+        assert_eq!(parse_response(raw.as_bytes(), false, &mut r), Ok(true));
+        let names = |te| -> Vec<&str> {
+            passed_on(raw.as_bytes(), &r, te)
+                .map(|h| std::str::from_utf8(&raw.as_bytes()[h.name.clone()]).unwrap())
+                .collect()
+        };
+        assert_eq!(names(false), ["X-B"]);
+        assert_eq!(names(true), ["X-B", "Transfer-Encoding"]);
     }
 
     #[test]

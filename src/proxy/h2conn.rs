@@ -223,6 +223,24 @@ impl Head {
         self.fields.iter().map(|&(n, v)| (self.get(n), self.get(v)))
     }
 
+    /// Every byte of the head: the names and values [`Head::fields`] and
+    /// the pseudo-header accessors hand out are slices of it.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Where `part`, a slice this head handed out, lies in [`Head::bytes`]
+    /// (so a caller that copies the head once can keep its values as
+    /// slices of that copy); an empty range for any other slice.
+    pub fn range_of(&self, part: &[u8]) -> std::ops::Range<usize> {
+        let base = self.bytes.as_ptr() as usize;
+        let start = (part.as_ptr() as usize).wrapping_sub(base);
+        match start.checked_add(part.len()) {
+            Some(end) if end <= self.bytes.len() => start..end,
+            _ => 0..0,
+        }
+    }
+
     fn bad(&mut self, why: &'static str) {
         self.malformed.get_or_insert(why);
     }
@@ -1206,6 +1224,12 @@ mod tests {
 
     impl Handler for Events {
         fn request(&mut self, stream: u32, head: &Head, end_stream: bool) {
+            // Every part a head hands out is found again in its bytes.
+            let parts = head.fields().flat_map(|(n, v)| [n, v]).chain(head.authority()).chain(head.path());
+            for part in parts.chain([head.method()]) {
+                assert_eq!(&head.bytes()[head.range_of(part)], part);
+            }
+            assert_eq!(head.range_of(b"elsewhere"), 0..0);
             let mut f = vec![(":method".to_owned(), text(head.method()))];
             f.extend(head.path().map(|p| (":path".to_owned(), text(p))));
             f.extend(head.fields().map(|(n, v)| (text(n), text(v))));

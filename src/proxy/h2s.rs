@@ -24,7 +24,7 @@
 //! close sends GOAWAY and lets the streams in flight finish; a stream the
 //! client resets stops being served at once.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex};
@@ -52,6 +52,14 @@ const MAX_QUEUED: usize = 400 * 1024;
 
 /// How much is read from the client at a time.
 const READ_SIZE: usize = 16 * 1024;
+
+/// The output buffer's size when a connection that was idle answers again.
+const WRITE_START: usize = 4 * 1024;
+
+/// Fields the request path may add to a request on its way to an endpoint
+/// (`Host`, `TE`, `X-Forwarded-Client-Cert`, `X-Forwarded-For`,
+/// `X-Forwarded-Proto`; see `http::prepare_request`).
+const ADDED_FIELDS: usize = 5;
 
 /// The connection settings, with `limits`.
 pub(crate) fn config(limits: &Limits) -> h2conn::Config {
@@ -169,9 +177,13 @@ impl Body for StreamBody {
 fn request_of(head: &Head, body: StreamBody) -> Option<Request<RequestBody>> {
     let method = Method::from_bytes(head.method()).ok()?;
     let connect = method == Method::CONNECT;
+    // One copy of the head, whose slices the authority, the path and the
+    // values keep (rather than one allocation each).
+    let shared = Bytes::copy_from_slice(head.bytes());
+    let slice = |part: &[u8]| shared.slice(head.range_of(part));
     let mut parts = uri::Parts::default();
     if let Some(a) = head.authority() {
-        parts.authority = Some(uri::Authority::try_from(a).ok()?);
+        parts.authority = Some(uri::Authority::from_maybe_shared(slice(a)).ok()?);
     }
     if let Some(s) = head.scheme() {
         let scheme = uri::Scheme::try_from(s).ok()?;
@@ -181,14 +193,16 @@ fn request_of(head: &Head, body: StreamBody) -> Option<Request<RequestBody>> {
         }
     }
     if let Some(p) = head.path() {
-        parts.path_and_query = Some(uri::PathAndQuery::try_from(p).ok()?);
+        parts.path_and_query = Some(uri::PathAndQuery::from_maybe_shared(slice(p)).ok()?);
     } else if !connect {
         return None;
     }
     let uri = Uri::from_parts(parts).ok()?;
-    let mut headers = HeaderMap::with_capacity(head.fields().size_hint().0);
+    // Room for what the request path adds (`Host`, `TE`, the forwarding
+    // headers): a map that grows is rebuilt.
+    let mut headers = HeaderMap::with_capacity(head.fields().size_hint().0 + ADDED_FIELDS);
     for (name, value) in head.fields() {
-        headers.append(HeaderName::from_bytes(name).ok()?, HeaderValue::from_bytes(value).ok()?);
+        headers.append(HeaderName::from_bytes(name).ok()?, HeaderValue::from_maybe_shared(slice(value)).ok()?);
     }
     let mut req = Request::new(Either::Right(body));
     *req.method_mut() = method;
@@ -198,10 +212,30 @@ fn request_of(head: &Head, body: StreamBody) -> Option<Request<RequestBody>> {
     Some(req)
 }
 
+/// The open streams' slots: at most the connection's stream limit, found
+/// by a scan (cheaper than hashing at these sizes).
+#[derive(Default)]
+struct Slots(Vec<(u32, SharedSlot)>);
+
+impl Slots {
+    fn insert(&mut self, stream: u32, slot: SharedSlot) {
+        self.0.push((stream, slot));
+    }
+
+    fn get(&self, stream: u32) -> Option<&SharedSlot> {
+        self.0.iter().find(|(s, _)| *s == stream).map(|(_, slot)| slot)
+    }
+
+    fn remove(&mut self, stream: u32) -> Option<SharedSlot> {
+        let i = self.0.iter().position(|(s, _)| *s == stream)?;
+        Some(self.0.swap_remove(i).1)
+    }
+}
+
 /// What the codec hands over during one read.
 #[derive(Default)]
 struct Events {
-    slots: HashMap<u32, SharedSlot>,
+    slots: Slots,
     /// New requests: their stream and request (`None`: malformed).
     opened: Vec<(u32, Option<Request<RequestBody>>)>,
     writable: Vec<u32>,
@@ -219,7 +253,7 @@ impl Handler for Events {
     }
 
     fn data(&mut self, stream: u32, data: &[u8], end_stream: bool) {
-        if let Some(slot) = self.slots.get(&stream) {
+        if let Some(slot) = self.slots.get(stream) {
             let mut slot = lock(slot);
             if !data.is_empty() {
                 slot.chunks.push_back(Bytes::copy_from_slice(data));
@@ -230,7 +264,7 @@ impl Handler for Events {
     }
 
     fn trailers(&mut self, stream: u32, head: &Head) {
-        if let Some(slot) = self.slots.get(&stream) {
+        if let Some(slot) = self.slots.get(stream) {
             let mut map = HeaderMap::new();
             for (name, value) in head.fields() {
                 if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
@@ -245,7 +279,7 @@ impl Handler for Events {
     }
 
     fn reset(&mut self, stream: u32, _: u32) {
-        let slot = self.slots.remove(&stream);
+        let slot = self.slots.remove(stream);
         if let Some(slot) = &slot {
             let mut slot = lock(slot);
             slot.gone = true;
@@ -319,6 +353,10 @@ pub(crate) async fn serve<S>(
                     let Some(resp) = response else { continue };
                     let (parts, body) = resp.into_parts();
                     let end = body.is_end_stream();
+                    if conn.output().capacity() == 0 {
+                        // Room for a pass's worth of answers at once, rather than growing by doubling.
+                        conn.output().reserve(WRITE_START);
+                    }
                     let fields = parts.headers.iter().map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
                     if conn.send_response(stream, parts.status.as_u16(), fields, end).is_ok() && !end {
                         sending.push(Sending { stream, body, pending: None, blocked: false, _in_flight: in_flight });
@@ -332,7 +370,8 @@ pub(crate) async fn serve<S>(
             // Bodies read give their bytes back to the client's windows; a
             // stream the codec has closed (its response ended, or it was
             // reset) gives back what its body still holds, and goes.
-            events.slots.retain(|&stream, slot| {
+            events.slots.0.retain(|(stream, slot)| {
+                let stream = *stream;
                 if !conn.is_open(stream) {
                     retire(&mut conn, stream, slot);
                     return false;
@@ -420,12 +459,12 @@ pub(crate) async fn serve<S>(
                         for (stream, req) in events.opened.drain(..) {
                             let Some(req) = req else {
                                 conn.reset(stream, Reason::ProtocolError);
-                                if let Some(slot) = events.slots.remove(&stream) {
+                                if let Some(slot) = events.slots.remove(stream) {
                                     retire(&mut conn, stream, &slot);
                                 }
                                 continue;
                             };
-                            let Some(slot) = events.slots.get(&stream).cloned() else { continue };
+                            let Some(slot) = events.slots.get(stream).cloned() else { continue };
                             let served =
                                 serve_stream(shared.clone(), client.clone(), stream, req, slot, activity.request());
                             streams.get_or_insert_with(FuturesUnordered::new).push(served);
@@ -476,7 +515,7 @@ pub(crate) async fn serve<S>(
     // more to see it, as a stream task of its own would be: a request still
     // reading its body answers `400` and is counted; one waiting for its
     // endpoint is dropped, and its endpoint released.
-    for slot in events.slots.values() {
+    for (_, slot) in &events.slots.0 {
         let mut slot = lock(slot);
         slot.gone = true;
         wake(&mut slot);
@@ -570,7 +609,9 @@ async fn serve_stream(
     slot: SharedSlot,
     in_flight: InFlight,
 ) -> Served {
-    let mut served = pin!(http::serve(shared, client, req, Some(StreamClock::new())));
+    // Boxed: the set of a connection's streams holds each stream's future
+    // inline, and moves it there whole.
+    let mut served = Box::pin(http::serve(shared, client, req, Some(StreamClock::new())));
     let response = std::future::poll_fn(|cx| {
         if let Poll::Ready(Ok(resp)) = served.as_mut().poll(cx) {
             return Poll::Ready(Some(resp));

@@ -372,7 +372,10 @@ async fn forward(
                         outcome = Outcome::Failure;
                     }
                 }
-                strip_hop_by_hop(resp.headers_mut());
+                // A bridged response's head left them out already.
+                if raw_head.is_none() {
+                    strip_hop_by_hop(resp.headers_mut());
+                }
                 if let Some(a) = &rt.affinity
                     && presented != Some(pick.affinity_token())
                     && let Ok(v) =

@@ -5,8 +5,8 @@
 //! a broken body never ends cleanly, and curl agrees.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,6 +27,31 @@ struct Scripted {
     task: JoinHandle<()>,
 }
 
+/// `n` bytes of letters, in order.
+fn letters(n: usize) -> Vec<u8> {
+    (0..n).map(|i| b'a' + (i % 26) as u8).collect()
+}
+
+/// Length of the large bodies: many times the proxy's read buffer.
+const BIG: usize = 300_000;
+
+static BIG_LENGTH: LazyLock<Vec<u8>> = LazyLock::new(|| {
+    let mut v = format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\n\r\n").into_bytes();
+    v.extend(letters(BIG));
+    v
+});
+
+static BIG_CHUNKED: LazyLock<Vec<u8>> = LazyLock::new(|| {
+    let mut v = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for piece in letters(BIG).chunks(7_001) {
+        v.extend(format!("{:x}\r\n", piece.len()).into_bytes());
+        v.extend_from_slice(piece);
+        v.extend_from_slice(b"\r\n");
+    }
+    v.extend_from_slice(b"0\r\n\r\n");
+    v
+});
+
 /// What the endpoint writes for `path` (to a request with `method`), and
 /// whether it closes the connection after.
 fn script(method: &str, path: &str) -> (Vec<&'static [u8]>, bool) {
@@ -46,6 +71,8 @@ fn script(method: &str, path: &str) -> (Vec<&'static [u8]>, bool) {
             ],
             false,
         ),
+        (_, "/big") => (vec![BIG_LENGTH.as_slice()], false),
+        (_, "/bigchunked") => (vec![BIG_CHUNKED.as_slice()], false),
         (_, "/close") => (vec![b"HTTP/1.1 200 OK\r\n\r\nuntil ", b"the end"], true),
         (_, "/interim") => (
             vec![b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"],
@@ -214,6 +241,27 @@ async fn every_response_framing_reaches_an_http2_client_whole() {
     assert!(heads[0].contains(&format!("host: {}\r\n", p.addr)), "{heads:?}");
     assert!(heads[0].contains("x-forwarded-for: 127.0.0.1\r\n"), "{heads:?}");
     assert!(heads.iter().any(|h| h.starts_with("HEAD /len HTTP/1.1\r\n")), "{heads:?}");
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_many_times_the_read_buffer_arrive_whole_and_in_order() {
+    let e = Scripted::start(48).await;
+    let p = proxy1(&format!("endpoints: [{{address: \"{}\"}}]\n", e.addr)).await;
+    let h2 = h2_client();
+    let want = String::from_utf8(letters(BIG)).unwrap();
+    for path in ["/big", "/bigchunked", "/big", "/len"] {
+        let (r, _) = fetch(&h2, req("GET", &format!("http://{}{path}", p.addr))).await.unwrap();
+        assert_eq!(r.status.as_u16(), 200, "{path}");
+        if path == "/len" {
+            assert_eq!(r.body, "hello", "the buffer a large body used serves the next response");
+            continue;
+        }
+        assert_eq!(r.body.len(), BIG, "{path}");
+        assert!(r.body == want, "{path}: the body arrived out of order or damaged");
+        assert!(!r.headers.contains_key("transfer-encoding"), "{path}");
+    }
+    assert_eq!(e.accepted.load(Ordering::Relaxed), 1, "each body ended cleanly, so one connection served all");
     p.shutdown().await;
 }
 
