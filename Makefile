@@ -119,7 +119,7 @@ bench-proxy: build
 	@cat bench/RESULTS.md
 
 ## Instructions per proxied request under callgrind (HTTP/1.1, HTTP/2 clients,
-## gRPC), HAProxy's beside: repeatable to 0.1% on an idle machine, for judging a change before the load
+## gRPC), HAProxy's beside: repeatable to 0.2-1.5% on an idle machine, for judging a change before the load
 ## rounds of bench-proxy. `make bench-instructions BASE=path/to/other/fulcrum`
 ## compares against another build.
 bench-instructions: build

@@ -4,8 +4,9 @@
 CPU time per request on a shared 2-core machine moves by 10-30% from one
 round to the next (see bench/RESULTS.md), more than most single changes to
 the proxy gain or lose. The number of instructions the proxy executes per
-request does not: it repeats within 0.1% from run to run on an otherwise idle
-machine (within 0.5% with other work on the cores), so a change can be
+request hardly does: on an otherwise idle machine it repeats within 0.2% for
+HTTP/1.1 and within about 1.5% for HTTP/2 clients (how many requests one read
+of a connection brings varies, and with it the work shared per read), so a change can be
 judged on it alone, before the interleaved load rounds of `run.py` confirm
 it in time. It counts work, not time: cache misses and system calls are
 not in it.
