@@ -394,7 +394,7 @@ pub fn write_response(buf: &[u8], resp: &ResponseHead, extra: Option<(&[u8], &[u
     out.extend_from_slice(&buf[resp.reason.clone()]);
     out.extend_from_slice(b"\r\n");
     // Passed through as chunked (or until the endpoint closes), the body keeps its coding.
-    let coded = resp.framing == Framing::Chunked || resp.framing == Framing::Close;
+    let coded = matches!(resp.framing, Framing::Chunked | Framing::Close);
     for h in passed_on(buf, resp, coded) {
         header(out, &buf[h.name.clone()], &buf[h.value.clone()]);
     }

@@ -56,11 +56,6 @@ const READ_SIZE: usize = 16 * 1024;
 /// The output buffer's size when a connection that was idle answers again.
 const WRITE_START: usize = 4 * 1024;
 
-/// Fields the request path may add to a request on its way to an endpoint
-/// (`Host`, `TE`, `X-Forwarded-Client-Cert`, `X-Forwarded-For`,
-/// `X-Forwarded-Proto`; see `http::prepare_request`).
-const ADDED_FIELDS: usize = 5;
-
 /// The connection settings, with `limits`.
 pub(crate) fn config(limits: &Limits) -> h2conn::Config {
     h2conn::Config {
@@ -198,9 +193,8 @@ fn request_of(head: &Head, body: StreamBody) -> Option<Request<RequestBody>> {
         return None;
     }
     let uri = Uri::from_parts(parts).ok()?;
-    // Room for what the request path adds (`Host`, `TE`, the forwarding
-    // headers): a map that grows is rebuilt.
-    let mut headers = HeaderMap::with_capacity(head.fields().size_hint().0 + ADDED_FIELDS);
+    // Room for what the request path adds: a map that grows is rebuilt.
+    let mut headers = HeaderMap::with_capacity(head.fields().size_hint().0 + http::ADDED_FIELDS);
     for (name, value) in head.fields() {
         headers.append(HeaderName::from_bytes(name).ok()?, HeaderValue::from_maybe_shared(slice(value)).ok()?);
     }
@@ -229,6 +223,14 @@ impl Slots {
     fn remove(&mut self, stream: u32) -> Option<SharedSlot> {
         let i = self.0.iter().position(|(s, _)| *s == stream)?;
         Some(self.0.swap_remove(i).1)
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(u32, &SharedSlot) -> bool) {
+        self.0.retain(|(stream, slot)| keep(*stream, slot));
+    }
+
+    fn all(&self) -> impl Iterator<Item = &SharedSlot> {
+        self.0.iter().map(|(_, slot)| slot)
     }
 }
 
@@ -370,8 +372,7 @@ pub(crate) async fn serve<S>(
             // Bodies read give their bytes back to the client's windows; a
             // stream the codec has closed (its response ended, or it was
             // reset) gives back what its body still holds, and goes.
-            events.slots.0.retain(|(stream, slot)| {
-                let stream = *stream;
+            events.slots.retain(|stream, slot| {
                 if !conn.is_open(stream) {
                     retire(&mut conn, stream, slot);
                     return false;
@@ -515,7 +516,7 @@ pub(crate) async fn serve<S>(
     // more to see it, as a stream task of its own would be: a request still
     // reading its body answers `400` and is counted; one waiting for its
     // endpoint is dropped, and its endpoint released.
-    for (_, slot) in &events.slots.0 {
+    for slot in events.slots.all() {
         let mut slot = lock(slot);
         slot.gone = true;
         wake(&mut slot);

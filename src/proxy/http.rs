@@ -654,6 +654,11 @@ fn accepts_trailers(headers: &HeaderMap) -> bool {
         .any(|t| t.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers")))
 }
 
+/// How many fields [`prepare_request`] may add to a request (`TE`, `Host`,
+/// `X-Forwarded-Client-Cert`, `X-Forwarded-For`, `X-Forwarded-Proto`): room
+/// to leave in a header map made for one.
+pub(crate) const ADDED_FIELDS: usize = 5;
+
 /// Rewrites a client request for an endpoint: hop-by-hop headers removed
 /// (`TE: trailers` kept), `Host` kept (taken from the URI for HTTP/2
 /// clients), the forwarding headers set ([`forwarding`]), and
