@@ -1,168 +1,366 @@
-//! HTTP/2 towards endpoints with the `h2` crate directly, in the request's
-//! own task.
+//! HTTP/2 towards endpoints, with the proxy's own codec
+//! ([`Conn::client`]).
 //!
-//! hyper's HTTP/2 client hands every request over a channel to the
-//! connection's task, spawns a task for each response future and another to
-//! pipe each request body: three tasks and as many wake-ups per gRPC call.
-//! Here the request's task opens the stream itself, sends the body while it
-//! waits for the response head (a unary call's body is complete by then, so
-//! nothing is spawned), and reads the response body through [`H2Body`],
-//! releasing flow-control capacity as the client takes the data. Only a body
-//! still streaming when the response head arrives (client or bidirectional
-//! streaming) moves to a task of its own ([`Pump`]), as it must: the response
-//! may be read while the request is still being sent.
+//! A connection is shared by the requests on it (through [`Client`]
+//! handles) and driven by a task of its own ([`handshake`]'s future) that
+//! owns the socket: it writes what the requests queued and reads the
+//! endpoint's frames through the codec, which hands each response head, body
+//! piece, trailer block and reset to the stream's slot and wakes the
+//! request's task. A request opens its stream in its own task
+//! ([`Client::open`]): the head is encoded straight from its header map; its
+//! body is sent while it waits for the response head (a unary call's body is
+//! complete by then, so nothing is spawned); the response body is read from
+//! the slot, its bytes given back to the endpoint's windows as the client
+//! takes them ([`H2Body`]). Only a request body still streaming when the
+//! response head arrives (client or bidirectional streaming) moves to a task
+//! of its own ([`Pump`]): the response may be read while the request is
+//! still being sent. No task per stream, no channel between tasks, no
+//! header map built for anything but the response head.
 //!
-//! The connection itself runs in a task ([`drive`]) that publishes the
-//! endpoint's stream limit and sends a PING every interval, closing the
-//! connection when the previous one is still unanswered: an endpoint that
-//! hangs (or a network path that silently drops the connection) does not
-//! keep requests waiting on it.
+//! The settings are the ones the proxy had with the `h2` crate: 2 MiB stream
+//! and 5 MiB connection windows (bulk transfers on a fast network), 16 KiB
+//! frames, at most 1 MiB queued for the endpoint, no server push. The
+//! driver publishes the endpoint's stream limit when its SETTINGS arrive and
+//! whenever they change it ([`Watch`]), sends a PING every interval and
+//! closes the connection when the previous one is still unanswered (an
+//! endpoint that hangs, or a network path that silently dropped the
+//! connection, does not keep requests waiting on it), and closes it with a
+//! GOAWAY once no handle and no stream holds it. A stream whose request is
+//! dropped (its client went away, a timeout) is reset with `CANCEL`.
 
 use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, header};
+use http::{Response, StatusCode, Version, request};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::h2conn::{self, Conn, Handler, Head};
+use super::h2frame::Reason;
+use super::h2s::{Arrived, Outbox, fields_map};
 use super::http::UpstreamBody;
 
-/// The settings hyper's client used (and the proxy kept): windows large
-/// enough for bulk transfers on a fast network, a 1 MiB send buffer, no
-/// server push.
-pub(crate) fn builder() -> h2::client::Builder {
-    let mut b = h2::client::Builder::new();
-    b.initial_max_send_streams(super::upstream::DEFAULT_MAX_STREAMS)
-        .initial_window_size(2 * 1024 * 1024)
-        .initial_connection_window_size(5 * 1024 * 1024)
-        .max_frame_size(16 * 1024)
-        .max_header_list_size(16 * 1024)
-        .max_send_buffer_size(1024 * 1024)
-        .enable_push(false);
-    b
+/// The most queued for the endpoint before request bodies wait.
+const MAX_QUEUED: usize = 1024 * 1024;
+
+/// How much is read from the endpoint at a time.
+const READ_SIZE: usize = 16 * 1024;
+
+/// The connection's settings.
+fn config() -> h2conn::Config {
+    h2conn::Config {
+        stream_window: 2 * 1024 * 1024,
+        connection_window: 5 * 1024 * 1024,
+        max_frame_size: 16 * 1024,
+        max_header_list_size: 16 * 1024,
+        ..h2conn::Config::default()
+    }
 }
 
-/// Drives an endpoint connection until it closes (the endpoint closed it,
-/// it failed, a PONG was overdue, or no request holds it any more), calling
-/// `limit` with the endpoint's `SETTINGS_MAX_CONCURRENT_STREAMS` whenever it
-/// changes, and sending a PING every `ping`; a PING not answered within
-/// `ping` closes the connection.
-pub(crate) async fn drive<T>(conn: h2::client::Connection<T, Bytes>, ping: Duration, mut limit: impl FnMut(usize))
+/// Why a stream produced no response, or its response body did not end.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StreamError {
+    /// The connection takes no new stream (it is closing or closed): the
+    /// request was not sent.
+    #[error("the connection takes no new stream: {0}")]
+    Unavailable(&'static str),
+    /// The endpoint never processed the stream: it reset it with
+    /// `REFUSED_STREAM`, or it was above the endpoint's `GOAWAY` (RFC 9113
+    /// §8.7), so it is safe to send again.
+    #[error("the endpoint refused the stream")]
+    Refused,
+    /// The stream was reset (by the endpoint, or by the proxy for the
+    /// endpoint's protocol error), with this error code.
+    #[error("the stream was reset with error code {0}")]
+    Reset(u32),
+    /// The connection ended while the stream was open.
+    #[error("the connection to the endpoint ended: {0}")]
+    Closed(&'static str),
+}
+
+impl StreamError {
+    /// The endpoint never processed the request.
+    pub(crate) fn is_refused(&self) -> bool {
+        matches!(self, StreamError::Refused)
+    }
+
+    /// Nothing more goes out on the connection.
+    pub(crate) fn ends_connection(&self) -> bool {
+        matches!(self, StreamError::Unavailable(_) | StreamError::Closed(_))
+    }
+}
+
+/// What a connection tells the pool as it runs.
+pub(crate) trait Watch: Send + Sync + 'static {
+    /// The endpoint's `SETTINGS_MAX_CONCURRENT_STREAMS`: once its first
+    /// SETTINGS arrive, and whenever a later one changes it.
+    fn max_streams(&self, n: usize);
+    /// The connection takes no new stream (a GOAWAY either way, or it ended).
+    fn closing(&self);
+}
+
+/// A stream's side of what the connection's task reads.
+struct Slot {
+    id: u32,
+    /// The response head, until the request's task takes it.
+    head: Option<Response<()>>,
+    length: Option<u64>,
+    /// The response body.
+    arrived: Arrived,
+    error: Option<StreamError>,
+    /// The task reading the response.
+    reader: Option<Waker>,
+    /// The task sending the request body, waiting for the stream's window.
+    sender: Option<Waker>,
+    /// The handles on the stream ([`Stream`]): the response's and, while
+    /// it runs, the request body's.
+    refs: u8,
+}
+
+impl Slot {
+    fn wake(&mut self) {
+        if let Some(w) = self.reader.take() {
+            w.wake();
+        }
+        if let Some(w) = self.sender.take() {
+            w.wake();
+        }
+    }
+}
+
+struct Inner {
+    conn: Conn,
+    slots: Vec<Slot>,
+    /// The connection's task, to write what the streams queued.
+    driver: Option<Waker>,
+    /// Tasks waiting for room: a stream to open, or the queue to drain.
+    waiting: Vec<Waker>,
+    /// The connection has ended: why.
+    ended: Option<&'static str>,
+}
+
+impl Inner {
+    fn slot(&mut self, id: u32) -> Option<&mut Slot> {
+        self.slots.iter_mut().find(|s| s.id == id)
+    }
+
+    /// Wakes the connection's task when there is something to write.
+    fn kick(&mut self) {
+        if !self.conn.output().is_empty()
+            && let Some(w) = self.driver.take()
+        {
+            w.wake();
+        }
+    }
+
+    fn wake_waiting(&mut self) {
+        for w in self.waiting.drain(..) {
+            w.wake();
+        }
+    }
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    /// [`Client`] handles alive: with none and no stream, the connection closes.
+    handles: AtomicUsize,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A handle on a connection to an endpoint.
+pub(crate) struct Client {
+    shared: Arc<Shared>,
+}
+
+impl Clone for Client {
+    fn clone(&self) -> Self {
+        self.shared.handles.fetch_add(1, Ordering::Relaxed);
+        Client { shared: self.shared.clone() }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if self.shared.handles.fetch_sub(1, Ordering::AcqRel) == 1
+            && let Some(w) = self.shared.lock().driver.take()
+        {
+            w.wake();
+        }
+    }
+}
+
+/// Starts the client end of a connection on `io`: a handle, and the future
+/// that drives the connection until it ends (to be spawned). It sends a PING
+/// every `ping` and tells `watch` what it learns.
+pub(crate) fn handshake<T, W>(io: T, ping: Duration, watch: W) -> (Client, impl Future<Output = ()> + Send)
 where
-    T: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    W: Watch,
 {
-    let mut conn = std::pin::pin!(conn);
-    let mut pings = conn.ping_pong();
-    let mut timer = Box::pin(tokio::time::sleep(ping));
-    let mut awaiting = false;
-    // h2's own value until the endpoint's SETTINGS arrive.
-    let mut last = super::upstream::DEFAULT_MAX_STREAMS;
-    std::future::poll_fn(|cx| {
-        if conn.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(());
-        }
-        let now = conn.max_concurrent_send_streams();
-        if now != last {
-            last = now;
-            limit(now);
-        }
-        let Some(pp) = &mut pings else { return Poll::Pending };
-        loop {
-            if awaiting {
-                match pp.poll_pong(cx) {
-                    Poll::Ready(Ok(_)) => {
-                        awaiting = false;
-                        timer.as_mut().reset(tokio::time::Instant::now() + ping);
-                    }
-                    Poll::Ready(Err(_)) => return Poll::Ready(()),
-                    Poll::Pending => {}
-                }
+    let inner =
+        Inner { conn: Conn::client(config()), slots: Vec::new(), driver: None, waiting: Vec::new(), ended: None };
+    let shared = Arc::new(Shared { inner: Mutex::new(inner), handles: AtomicUsize::new(1) });
+    (Client { shared: shared.clone() }, drive(shared, io, ping, watch))
+}
+
+impl Client {
+    /// Opens a stream with the request head `parts` (`end_stream` when it
+    /// has no body), once the endpoint's stream limit has room.
+    pub(crate) fn open<'a>(
+        &'a self,
+        parts: &'a request::Parts,
+        end_stream: bool,
+    ) -> impl Future<Output = Result<Stream, StreamError>> + 'a {
+        std::future::poll_fn(move |cx| {
+            let mut inner = self.shared.lock();
+            if let Some(why) = inner.ended {
+                return Poll::Ready(Err(StreamError::Unavailable(why)));
             }
-            if timer.as_mut().poll(cx).is_pending() {
+            if inner.conn.is_closing() {
+                return Poll::Ready(Err(StreamError::Unavailable("a GOAWAY went either way")));
+            }
+            if !inner.conn.can_open() {
+                if inner.conn.streams() < inner.conn.peer_max_streams() as usize {
+                    return Poll::Ready(Err(StreamError::Unavailable("its stream ids are used up")));
+                }
+                inner.waiting.push(cx.waker().clone());
                 return Poll::Pending;
             }
-            if awaiting {
-                tracing::debug!("an endpoint left a PING unanswered; closing the connection");
-                return Poll::Ready(());
-            }
-            if pp.send_ping(h2::Ping::opaque()).is_err() {
-                return Poll::Ready(());
-            }
-            awaiting = true;
-            timer.as_mut().reset(tokio::time::Instant::now() + ping);
-        }
-    })
-    .await;
-}
-
-/// Opens a stream on `sender` (ready for one) with `head`; the future it
-/// returns waits for the response head while it sends `body`.
-///
-/// The stream opens here, before the future: the head is handed to `h2`
-/// at once, and the future does not carry room for it while it waits.
-pub(crate) fn exchange(
-    sender: &mut h2::client::SendRequest<Bytes>,
-    head: Request<()>,
-    body: UpstreamBody,
-) -> Result<impl Future<Output = Result<Response<H2Body>, h2::Error>> + use<>, h2::Error> {
-    let eos = body.is_end_stream();
-    let (response, stream) = sender.send_request(head, eos)?;
-    let pump = (!eos).then(|| Pump::new(body, stream));
-    Ok(respond(response, pump))
-}
-
-/// The response head of an opened stream, while `pump` sends the request body.
-async fn respond(
-    mut response: h2::client::ResponseFuture,
-    mut pump: Option<Pump>,
-) -> Result<Response<H2Body>, h2::Error> {
-    let resp = std::future::poll_fn(|cx| {
-        if let Some(p) = &mut pump
-            && Pin::new(&mut *p).poll(cx).is_ready()
-        {
-            pump = None;
-        }
-        Pin::new(&mut response).poll(cx)
-    })
-    .await?;
-    if let Some(p) = pump {
-        // The request body is still streaming: it goes on beside the response.
-        tokio::spawn(p);
+            let uri = &parts.uri;
+            let fields = parts.headers.iter().map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
+            let opened = inner.conn.send_request(
+                parts.method.as_str().as_bytes(),
+                uri.scheme_str().unwrap_or("http").as_bytes(),
+                uri.authority().map_or("", |a| a.as_str()).as_bytes(),
+                uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes(),
+                fields,
+                end_stream,
+            );
+            let Ok(id) = opened else {
+                return Poll::Ready(Err(StreamError::Unavailable("no stream can open")));
+            };
+            inner.slots.push(Slot {
+                id,
+                head: None,
+                length: None,
+                arrived: Arrived::default(),
+                error: None,
+                reader: None,
+                sender: None,
+                refs: 1,
+            });
+            inner.kick();
+            Poll::Ready(Ok(Stream { shared: self.shared.clone(), id }))
+        })
     }
-    let (parts, recv) = resp.into_parts();
-    let body = H2Body::new(recv, &parts.headers);
-    Ok(Response::from_parts(parts, body))
 }
 
-/// Whether an HTTP/2 failure proves the endpoint never processed the stream:
-/// it reset it with `REFUSED_STREAM`, or it was above the endpoint's `GOAWAY`
-/// (RFC 9113 §8.7). Streams below the `GOAWAY` id that end because the
-/// connection closes fail with an I/O error instead, and are not retried.
-pub(crate) fn refused(e: &h2::Error) -> bool {
-    e.is_remote() && (e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM))
+/// A response head, with its `Content-Length`.
+type ResponseHead = (Response<()>, Option<u64>);
+
+/// A handle on an open stream; the last one dropped before the stream
+/// ended resets it (`CANCEL`).
+pub(crate) struct Stream {
+    shared: Arc<Shared>,
+    id: u32,
 }
 
-/// A body on its way into an HTTP/2 stream (a request's towards an
-/// endpoint, a response's towards a client), with the stream's flow control
-/// as back-pressure (hyper's pipe; a request's runs in the caller's task
-/// until the response head arrives). A byte of window is claimed before
-/// each frame is taken from the body, and given back while the body has
-/// nothing to send: a claim held by an idle body pins connection window the
-/// other streams may need, and stalls them against a peer that opens its
-/// window only once all of it is used (hyper#4003). A body that fails
+impl Stream {
+    fn another(&self) -> Stream {
+        if let Some(s) = self.shared.lock().slot(self.id) {
+            s.refs += 1;
+        }
+        Stream { shared: self.shared.clone(), id: self.id }
+    }
+
+    /// Sends `body` while it waits for the response head.
+    pub(crate) async fn exchange(self, body: UpstreamBody) -> Result<Response<H2Body>, StreamError> {
+        let mut pump = (!body.is_end_stream()).then(|| Pump::new(self.another(), body));
+        let (head, length) = std::future::poll_fn(|cx| {
+            if let Some(p) = &mut pump
+                && Pin::new(&mut *p).poll(cx).is_ready()
+            {
+                pump = None;
+            }
+            self.poll_head(cx)
+        })
+        .await?;
+        if let Some(p) = pump {
+            // The request body is still streaming: it goes on beside the response.
+            tokio::spawn(p);
+        }
+        Ok(head.map(|()| H2Body { stream: self, length, ended: false }))
+    }
+
+    /// The response head and its `Content-Length`, once they came.
+    fn poll_head(&self, cx: &mut Context<'_>) -> Poll<Result<ResponseHead, StreamError>> {
+        let mut inner = self.shared.lock();
+        let Some(slot) = inner.slot(self.id) else {
+            return Poll::Ready(Err(StreamError::Closed("the stream is gone")));
+        };
+        if let Some(head) = slot.head.take() {
+            return Poll::Ready(Ok((head, slot.length)));
+        }
+        if let Some(e) = &slot.error {
+            return Poll::Ready(Err(e.clone()));
+        }
+        slot.reader = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        let mut inner = self.shared.lock();
+        let Some(i) = inner.slots.iter().position(|s| s.id == self.id) else { return };
+        inner.slots[i].refs -= 1;
+        if inner.slots[i].refs > 0 {
+            return;
+        }
+        let mut slot = inner.slots.swap_remove(i);
+        if inner.conn.is_open(self.id) {
+            inner.conn.reset(self.id, Reason::Cancel);
+        }
+        // What the endpoint sent and nobody read goes back to its window.
+        let held = slot.arrived.discard();
+        if held > 0 {
+            inner.conn.release(self.id, held);
+        }
+        inner.wake_waiting();
+        if inner.slots.is_empty() && self.shared.handles.load(Ordering::Acquire) == 0 {
+            // The last user is gone: the connection's task closes it.
+            if let Some(w) = inner.driver.take() {
+                w.wake();
+            }
+        }
+        inner.kick();
+    }
+}
+
+/// A request body on its way into its stream, at the pace of the
+/// endpoint's windows and of the connection's queue. A body that fails
 /// resets the stream (`CANCEL`).
 pub(crate) struct Pump {
+    stream: Stream,
     body: UpstreamBody,
-    stream: h2::SendStream<Bytes>,
-    done: bool,
+    /// Data taken from the body and not all sent: the bytes, how many went,
+    /// whether they end the body.
+    pending: Option<(Bytes, usize, bool)>,
 }
 
 impl Pump {
-    pub(crate) fn new(body: UpstreamBody, stream: h2::SendStream<Bytes>) -> Self {
-        Pump { body, stream, done: false }
+    fn new(stream: Stream, body: UpstreamBody) -> Self {
+        Pump { stream, body, pending: None }
     }
 }
 
@@ -171,116 +369,112 @@ impl Future for Pump {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = &mut *self;
-        while !this.done {
-            // Room for at least a byte before the next frame is taken from the
-            // client (h2 splits a chunk over the window as it opens).
-            this.stream.reserve_capacity(1);
-            if this.stream.capacity() == 0 {
-                loop {
-                    match ready!(this.stream.poll_capacity(cx)) {
-                        Some(Ok(0)) => {}
-                        Some(Ok(_)) => break,
-                        Some(Err(_)) | None => return Poll::Ready(()),
-                    }
+        let id = this.stream.id;
+        loop {
+            if let Some((data, sent, end)) = &mut this.pending {
+                let mut inner = this.stream.shared.lock();
+                if inner.slot(id).is_none_or(|s| s.error.is_some()) {
+                    return Poll::Ready(());
                 }
-            } else if this.stream.poll_reset(cx).is_ready() {
-                // The peer reset the stream (an endpoint may have answered already).
-                return Poll::Ready(());
-            }
-            let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) else {
-                this.stream.reserve_capacity(0);
-                return Poll::Pending;
-            };
-            let sent = match frame {
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => {
-                        this.done = this.body.is_end_stream();
-                        this.stream.send_data(data, this.done)
+                if inner.conn.output().len() >= MAX_QUEUED {
+                    inner.waiting.push(cx.waker().clone());
+                    return Poll::Pending;
+                }
+                let Ok(n) = inner.conn.send_data(id, &data[*sent..], *end) else { return Poll::Ready(()) };
+                *sent += n;
+                inner.kick();
+                if *sent < data.len() {
+                    // The codec says when the window opens.
+                    if let Some(s) = inner.slot(id) {
+                        s.sender = Some(cx.waker().clone());
                     }
+                    return Poll::Pending;
+                }
+                if *end {
+                    return Poll::Ready(());
+                }
+                drop(inner);
+                this.pending = None;
+            }
+            match Pin::new(&mut this.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => this.pending = Some((data, 0, this.body.is_end_stream())),
                     Err(frame) => {
-                        this.done = true;
-                        this.stream.reserve_capacity(0);
-                        match frame.into_trailers() {
-                            Ok(trailers) => this.stream.send_trailers(trailers),
-                            Err(_) => this.stream.send_data(Bytes::new(), true),
+                        if let Ok(trailers) = frame.into_trailers() {
+                            let mut inner = this.stream.shared.lock();
+                            let fields = trailers.iter().map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
+                            let _ = inner.conn.send_trailers(id, fields);
+                            inner.kick();
+                            return Poll::Ready(());
                         }
                     }
                 },
-                None => {
-                    this.done = true;
-                    this.stream.reserve_capacity(0);
-                    this.stream.send_data(Bytes::new(), true)
-                }
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "a body failed on its way into an HTTP/2 stream; the stream is reset");
-                    this.stream.send_reset(h2::Reason::CANCEL);
+                Poll::Ready(None) => this.pending = Some((Bytes::new(), 0, true)),
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::debug!(error = %e, "a request body failed on its way to an HTTP/2 endpoint; the stream is reset");
+                    let mut inner = this.stream.shared.lock();
+                    inner.conn.reset(id, Reason::Cancel);
+                    if let Some(s) = inner.slot(id) {
+                        s.error.get_or_insert(StreamError::Reset(Reason::Cancel.code()));
+                        s.wake();
+                    }
+                    inner.kick();
                     return Poll::Ready(());
                 }
-            };
-            if sent.is_err() {
-                return Poll::Ready(());
+                Poll::Pending => return Poll::Pending,
             }
         }
-        Poll::Ready(())
     }
 }
 
-/// A body received on an HTTP/2 stream (an endpoint's response, a client's
-/// request): its data, with the flow-control window given back as each
-/// chunk is taken, then its trailers.
+/// An endpoint's response body: its data, each chunk's bytes given back to
+/// the endpoint's windows as it is taken, then its trailers.
 pub(crate) struct H2Body {
-    recv: h2::RecvStream,
-    /// What is left of the sender's `Content-Length` (h2 holds the data to it).
+    stream: Stream,
+    /// What is left of the endpoint's `Content-Length` (the codec holds the data to it).
     length: Option<u64>,
-    data_done: bool,
     ended: bool,
-}
-
-impl H2Body {
-    /// The body of the message whose head carried `headers`.
-    pub(crate) fn new(recv: h2::RecvStream, headers: &http::HeaderMap) -> Self {
-        let length = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
-        H2Body { recv, length, data_done: false, ended: false }
-    }
 }
 
 impl Body for H2Body {
     type Data = Bytes;
-    type Error = h2::Error;
+    type Error = StreamError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, StreamError>>> {
         let this = &mut *self;
         if this.ended {
             return Poll::Ready(None);
         }
-        if !this.data_done {
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    // Only fails once the stream is gone, which the next poll reports.
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    if let Some(left) = &mut this.length {
-                        *left = left.saturating_sub(data.len() as u64);
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
+        let id = this.stream.id;
+        let mut inner = this.stream.shared.lock();
+        let Some(slot) = inner.slot(id) else {
+            this.ended = true;
+            return Poll::Ready(Some(Err(StreamError::Closed("the stream is gone"))));
+        };
+        if let Some(piece) = slot.arrived.next(&mut this.length) {
+            match piece.as_ref().map(Frame::data_ref) {
+                Some(Some(data)) => {
+                    inner.conn.release(id, data.len());
+                    inner.kick();
                 }
-                Some(Err(e)) => {
-                    this.ended = true;
-                    return Poll::Ready(Some(Err(e)));
-                }
-                None => this.data_done = true,
+                _ => this.ended = true,
             }
+            return Poll::Ready(piece.map(Ok));
         }
-        let trailers = ready!(this.recv.poll_trailers(cx));
-        this.ended = true;
-        match trailers {
-            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
-            Ok(None) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(e))),
+        if let Some(e) = &slot.error {
+            this.ended = true;
+            return Poll::Ready(Some(Err(e.clone())));
         }
+        slot.reader = Some(cx.waker().clone());
+        Poll::Pending
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended || self.recv.is_end_stream()
+        if self.ended {
+            return true;
+        }
+        let mut inner = self.stream.shared.lock();
+        inner.slot(self.stream.id).is_some_and(|s| s.arrived.is_end())
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -290,4 +484,190 @@ impl Body for H2Body {
             None => SizeHint::default(),
         }
     }
+}
+
+/// What the codec hands the streams during one read.
+struct Events<'a> {
+    slots: &'a mut Vec<Slot>,
+    /// Streams whose head or trailers the `http` crate refuses: reset
+    /// (`PROTOCOL_ERROR`) once the read is done.
+    malformed: Vec<u32>,
+}
+
+impl Events<'_> {
+    fn slot(&mut self, id: u32) -> Option<&mut Slot> {
+        self.slots.iter_mut().find(|s| s.id == id)
+    }
+}
+
+/// A response head as the `http` crate's, its values slices of one copy of
+/// the head; `None` when a field is not valid there.
+fn response_of(status: u16, head: &Head) -> Option<Response<()>> {
+    let shared = Bytes::copy_from_slice(head.bytes());
+    let mut resp = Response::new(());
+    *resp.status_mut() = StatusCode::from_u16(status).ok()?;
+    *resp.version_mut() = Version::HTTP_2;
+    *resp.headers_mut() = fields_map(head, &shared, 0)?;
+    Some(resp)
+}
+
+impl Events<'_> {
+    /// A head or trailer block for `stream`: `apply` it to the slot, or,
+    /// when the `http` crate refused it (`None`), fail the stream and have
+    /// it reset once the read is done.
+    fn deliver(&mut self, stream: u32, apply: Option<impl FnOnce(&mut Slot)>) {
+        let Some(slot) = self.slots.iter_mut().find(|s| s.id == stream) else { return };
+        match apply {
+            Some(apply) => apply(slot),
+            None => {
+                slot.error = Some(StreamError::Reset(Reason::ProtocolError.code()));
+                self.malformed.push(stream);
+            }
+        }
+        slot.wake();
+    }
+}
+
+impl Handler for Events<'_> {
+    fn response(&mut self, stream: u32, status: u16, head: &Head, end_stream: bool) {
+        let length = head.content_length();
+        let resp = response_of(status, head).map(|resp| {
+            move |slot: &mut Slot| {
+                slot.head = Some(resp);
+                slot.length = length;
+                slot.arrived.data(&[], end_stream);
+            }
+        });
+        self.deliver(stream, resp);
+    }
+
+    fn data(&mut self, stream: u32, data: &[u8], end_stream: bool) {
+        if let Some(slot) = self.slot(stream) {
+            slot.arrived.data(data, end_stream);
+            slot.wake();
+        }
+    }
+
+    fn trailers(&mut self, stream: u32, head: &Head) {
+        let map = fields_map(head, &Bytes::copy_from_slice(head.bytes()), 0);
+        self.deliver(stream, map.map(|map| move |slot: &mut Slot| slot.arrived.trailers(map)));
+    }
+
+    fn reset(&mut self, stream: u32, code: u32) {
+        if let Some(slot) = self.slot(stream) {
+            let e = if code == Reason::RefusedStream.code() { StreamError::Refused } else { StreamError::Reset(code) };
+            slot.error.get_or_insert(e);
+            slot.wake();
+        }
+    }
+
+    fn writable(&mut self, stream: u32) {
+        if let Some(w) = self.slot(stream).and_then(|s| s.sender.take()) {
+            w.wake();
+        }
+    }
+}
+
+/// Drives the connection until it ends: the endpoint closed it, it failed,
+/// a PONG was overdue, or no handle and no stream holds it any more.
+async fn drive<T: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, mut io: T, every: Duration, watch: impl Watch) {
+    let mut read: Vec<u8> = Vec::new();
+    let mut out = Outbox::default();
+    let mut max_streams = None;
+    let mut closing = false;
+    let mut failed = None;
+    let mut pings = 0u64;
+    let mut timer = pin!(tokio::time::sleep(every));
+    let why = std::future::poll_fn(|cx| {
+        loop {
+            let mut progress = false;
+            {
+                let mut inner = shared.lock();
+                if !inner.driver.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    inner.driver = Some(cx.waker().clone());
+                }
+                if shared.handles.load(Ordering::Acquire) == 0 && inner.slots.is_empty() {
+                    // Nobody can use it any more.
+                    inner.conn.shutdown();
+                }
+                if out.refill(inner.conn.output()) {
+                    // Request bodies waiting for the queue to drain go on.
+                    inner.wake_waiting();
+                }
+                if inner.conn.is_done() && out.done() {
+                    return Poll::Ready(failed.unwrap_or("it closed"));
+                }
+            }
+            match out.poll_send(&mut io, cx) {
+                Ok(sent) => progress |= sent.wrote,
+                Err(()) => return Poll::Ready("writing to the endpoint failed"),
+            }
+            // Read while nothing waits to be written (so the endpoint cannot
+            // make replies pile up).
+            if out.all_written() && failed.is_none() {
+                if read.capacity() - read.len() < READ_SIZE {
+                    read.reserve(READ_SIZE);
+                }
+                match tokio_util::io::poll_read_buf(Pin::new(&mut io), cx, &mut read) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready("the endpoint closed it"),
+                    Poll::Ready(Err(_)) => return Poll::Ready("reading from the endpoint failed"),
+                    Poll::Ready(Ok(_)) => {
+                        progress = true;
+                        let mut inner = shared.lock();
+                        let inner = &mut *inner;
+                        let mut events = Events { slots: &mut inner.slots, malformed: Vec::new() };
+                        match inner.conn.recv(&read, &mut events) {
+                            Ok(taken) => drop(read.drain(..taken)),
+                            Err(e) => {
+                                // Its GOAWAY is in the output: it goes, then the connection ends.
+                                failed = Some(e.why);
+                                read.clear();
+                            }
+                        }
+                        for id in events.malformed {
+                            inner.conn.reset(id, Reason::ProtocolError);
+                        }
+                        if inner.conn.settled() {
+                            let n = inner.conn.peer_max_streams() as usize;
+                            if max_streams.replace(n) != Some(n) {
+                                watch.max_streams(n);
+                            }
+                        }
+                        if inner.conn.is_closing() && !closing {
+                            closing = true;
+                            watch.closing();
+                        }
+                        // Streams may have ended, or the limit grown.
+                        inner.wake_waiting();
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            if progress {
+                continue;
+            }
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let mut inner = shared.lock();
+            if inner.conn.ping_pending() {
+                tracing::debug!("an endpoint left a PING unanswered; closing the connection");
+                return Poll::Ready("a PING went unanswered");
+            }
+            pings += 1;
+            inner.conn.ping(pings.to_be_bytes());
+            timer.as_mut().reset(tokio::time::Instant::now() + every);
+        }
+    })
+    .await;
+    tracing::debug!(why, "an HTTP/2 connection to an endpoint ended");
+    let mut inner = shared.lock();
+    inner.ended = Some(why);
+    for slot in &mut inner.slots {
+        slot.error.get_or_insert(StreamError::Closed(why));
+        slot.wake();
+    }
+    inner.wake_waiting();
+    drop(inner);
+    watch.closing();
 }

@@ -973,6 +973,22 @@ impl Conn {
         }
     }
 
+    /// The peer's first SETTINGS frame has been read.
+    pub fn settled(&self) -> bool {
+        self.got_settings
+    }
+
+    /// A client's: the server's `SETTINGS_MAX_CONCURRENT_STREAMS`.
+    pub fn peer_max_streams(&self) -> u32 {
+        self.peer_max_streams
+    }
+
+    /// No new stream will open: the connection ended, or a GOAWAY went
+    /// either way.
+    pub fn is_closing(&self) -> bool {
+        self.closed.is_some() || self.goaway_sent || self.goaway_received
+    }
+
     /// A client's: whether a request may be sent now (the server's stream
     /// limit, no GOAWAY either way, stream ids left).
     pub fn can_open(&self) -> bool {

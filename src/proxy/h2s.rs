@@ -56,6 +56,80 @@ const READ_SIZE: usize = 16 * 1024;
 /// The output buffer's size when a connection that was idle answers again.
 const WRITE_START: usize = 4 * 1024;
 
+/// What a connection's task writes: what one pass produced, written in as
+/// few writes as the socket takes, then flushed (TLS holds what it took
+/// until then).
+#[derive(Default)]
+pub(crate) struct Outbox {
+    buf: Vec<u8>,
+    written: usize,
+    unflushed: bool,
+}
+
+/// What [`Outbox::poll_send`] did.
+pub(crate) struct Sent {
+    /// Bytes went out.
+    pub(crate) wrote: bool,
+    /// A flush completed.
+    pub(crate) flushed: bool,
+}
+
+impl Outbox {
+    /// Everything taken has been written (perhaps not flushed).
+    pub(crate) fn all_written(&self) -> bool {
+        self.written == self.buf.len()
+    }
+
+    /// Everything taken has been written and flushed.
+    pub(crate) fn done(&self) -> bool {
+        self.all_written() && !self.unflushed
+    }
+
+    /// Bytes taken and not written yet.
+    pub(crate) fn queued(&self) -> usize {
+        self.buf.len() - self.written
+    }
+
+    /// Takes what `output` holds (leaving it an empty buffer to fill) once
+    /// everything before has been written; whether it took anything.
+    pub(crate) fn refill(&mut self, output: &mut Vec<u8>) -> bool {
+        if !self.all_written() || output.is_empty() {
+            return false;
+        }
+        self.buf.clear();
+        self.written = 0;
+        std::mem::swap(&mut self.buf, output);
+        true
+    }
+
+    /// Writes what it holds, then flushes; `Err` when the socket failed.
+    pub(crate) fn poll_send<W: AsyncWrite + Unpin>(&mut self, io: &mut W, cx: &mut Context<'_>) -> Result<Sent, ()> {
+        let mut sent = Sent { wrote: false, flushed: false };
+        while self.written < self.buf.len() {
+            match Pin::new(&mut *io).poll_write(cx, &self.buf[self.written..]) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Err(()),
+                Poll::Ready(Ok(n)) => {
+                    self.written += n;
+                    self.unflushed = true;
+                    sent.wrote = true;
+                }
+                Poll::Pending => break,
+            }
+        }
+        if self.unflushed && self.all_written() {
+            match Pin::new(&mut *io).poll_flush(cx) {
+                Poll::Ready(Ok(())) => {
+                    self.unflushed = false;
+                    sent.flushed = true;
+                }
+                Poll::Ready(Err(_)) => return Err(()),
+                Poll::Pending => {}
+            }
+        }
+        Ok(sent)
+    }
+}
+
 /// The connection settings, with `limits`.
 pub(crate) fn config(limits: &Limits) -> h2conn::Config {
     h2conn::Config {
@@ -71,13 +145,63 @@ pub(crate) fn config(limits: &Limits) -> h2conn::Config {
     }
 }
 
+/// A body's pieces as the codec hands them over, until its reader takes
+/// them (a client's request body here, an endpoint's response body in
+/// [`super::h2c`]).
+#[derive(Default)]
+pub(crate) struct Arrived {
+    chunks: VecDeque<Bytes>,
+    trailers: Option<HeaderMap>,
+    /// The sender's side ended.
+    end: bool,
+}
+
+impl Arrived {
+    /// A piece of data; `end` when it ends the sender's side.
+    pub(crate) fn data(&mut self, data: &[u8], end: bool) {
+        if !data.is_empty() {
+            self.chunks.push_back(Bytes::copy_from_slice(data));
+        }
+        self.end |= end;
+    }
+
+    /// The trailers, which end the sender's side.
+    pub(crate) fn trailers(&mut self, trailers: HeaderMap) {
+        self.trailers = Some(trailers);
+        self.end = true;
+    }
+
+    /// The next piece for the reader: data (its length counted off
+    /// `length`), then the trailers, then the end (`Some(None)`); `None`
+    /// while more is to come.
+    pub(crate) fn next(&mut self, length: &mut Option<u64>) -> Option<Option<Frame<Bytes>>> {
+        if let Some(data) = self.chunks.pop_front() {
+            if let Some(left) = length {
+                *left = left.saturating_sub(data.len() as u64);
+            }
+            return Some(Some(Frame::data(data)));
+        }
+        if let Some(trailers) = self.trailers.take() {
+            return Some(Some(Frame::trailers(trailers)));
+        }
+        self.end.then_some(None)
+    }
+
+    /// The sender's side ended, and the reader has taken everything.
+    pub(crate) fn is_end(&self) -> bool {
+        self.end && self.chunks.is_empty() && self.trailers.is_none()
+    }
+
+    /// Drops what nobody will read; how many data bytes that was.
+    pub(crate) fn discard(&mut self) -> usize {
+        self.chunks.drain(..).map(|c| c.len()).sum()
+    }
+}
+
 /// What a stream's request body and its future share with the connection.
 #[derive(Default)]
 struct Slot {
-    chunks: VecDeque<Bytes>,
-    trailers: Option<HeaderMap>,
-    /// The client's side ended.
-    end: bool,
+    arrived: Arrived,
     /// The stream broke off (reset, or the connection ended): the body fails.
     gone: bool,
     /// The client reset the stream: its request is abandoned at once.
@@ -126,20 +250,12 @@ impl Body for StreamBody {
             return Poll::Ready(None);
         }
         let mut slot = lock(&this.slot);
-        if let Some(data) = slot.chunks.pop_front() {
-            slot.consumed += data.len();
-            if let Some(left) = &mut this.length {
-                *left = left.saturating_sub(data.len() as u64);
+        if let Some(piece) = slot.arrived.next(&mut this.length) {
+            match piece.as_ref().map(Frame::data_ref) {
+                Some(Some(data)) => slot.consumed += data.len(),
+                _ => this.ended = true,
             }
-            return Poll::Ready(Some(Ok(Frame::data(data))));
-        }
-        if let Some(trailers) = slot.trailers.take() {
-            this.ended = true;
-            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
-        }
-        if slot.end {
-            this.ended = true;
-            return Poll::Ready(None);
+            return Poll::Ready(piece.map(Ok));
         }
         if slot.gone {
             this.ended = true;
@@ -153,8 +269,7 @@ impl Body for StreamBody {
         if self.ended {
             return true;
         }
-        let slot = lock(&self.slot);
-        slot.end && slot.chunks.is_empty() && slot.trailers.is_none()
+        lock(&self.slot).arrived.is_end()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -194,16 +309,25 @@ fn request_of(head: &Head, body: StreamBody) -> Option<Request<RequestBody>> {
     }
     let uri = Uri::from_parts(parts).ok()?;
     // Room for what the request path adds: a map that grows is rebuilt.
-    let mut headers = HeaderMap::with_capacity(head.fields().size_hint().0 + http::ADDED_FIELDS);
-    for (name, value) in head.fields() {
-        headers.append(HeaderName::from_bytes(name).ok()?, HeaderValue::from_maybe_shared(slice(value)).ok()?);
-    }
+    let headers = fields_map(head, &shared, http::ADDED_FIELDS)?;
     let mut req = Request::new(Either::Right(body));
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_2;
     *req.headers_mut() = headers;
     Some(req)
+}
+
+/// The regular fields of `head` as a header map with room for `room` more,
+/// their values slices of `shared` (a copy of [`Head::bytes`]); `None` when
+/// one is not a valid field.
+pub(crate) fn fields_map(head: &Head, shared: &Bytes, room: usize) -> Option<HeaderMap> {
+    let mut map = HeaderMap::with_capacity(head.fields().size_hint().0 + room);
+    for (name, value) in head.fields() {
+        let value = HeaderValue::from_maybe_shared(shared.slice(head.range_of(value))).ok()?;
+        map.append(HeaderName::from_bytes(name).ok()?, value);
+    }
+    Some(map)
 }
 
 /// The open streams' slots: at most the connection's stream limit, found
@@ -248,7 +372,7 @@ struct Events {
 impl Handler for Events {
     fn request(&mut self, stream: u32, head: &Head, end_stream: bool) {
         let slot = SharedSlot::default();
-        lock(&slot).end = end_stream;
+        lock(&slot).arrived.data(&[], end_stream);
         let body = StreamBody { slot: slot.clone(), length: head.content_length(), ended: false };
         self.slots.insert(stream, slot);
         self.opened.push((stream, request_of(head, body)));
@@ -257,10 +381,7 @@ impl Handler for Events {
     fn data(&mut self, stream: u32, data: &[u8], end_stream: bool) {
         if let Some(slot) = self.slots.get(stream) {
             let mut slot = lock(slot);
-            if !data.is_empty() {
-                slot.chunks.push_back(Bytes::copy_from_slice(data));
-            }
-            slot.end |= end_stream;
+            slot.arrived.data(data, end_stream);
             wake(&mut slot);
         }
     }
@@ -274,8 +395,7 @@ impl Handler for Events {
                 }
             }
             let mut slot = lock(slot);
-            slot.trailers = Some(map);
-            slot.end = true;
+            slot.arrived.trailers(map);
             wake(&mut slot);
         }
     }
@@ -331,9 +451,7 @@ pub(crate) async fn serve<S>(
     let mut conn = Conn::server(*config);
     let mut events = Events::default();
     let mut read = BytesMut::new();
-    let mut write = Vec::new();
-    let mut written = 0;
-    let mut unflushed = false;
+    let mut out = Outbox::default();
     let mut read_closed = false;
     let ping_every = (limits.idle / 2).min(Duration::from_secs(30));
     let mut next_ping = Instant::now() + ping_every;
@@ -394,50 +512,26 @@ pub(crate) async fn serve<S>(
                     retire(&mut conn, stream, &slot);
                 }
             }
-            if pump(&mut conn, &mut sending, write.len() - written, cx) {
+            if pump(&mut conn, &mut sending, out.queued(), cx) {
                 progress = true;
             }
             // Write what the pass produced, in one write when the socket takes it.
-            if written == write.len() {
-                write.clear();
-                written = 0;
-                std::mem::swap(&mut write, conn.output());
-            }
-            while written < write.len() {
-                match Pin::new(&mut io).poll_write(cx, &write[written..]) {
-                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
-                    Poll::Ready(Ok(n)) => {
-                        written += n;
-                        unflushed = true;
-                        progress = true;
-                    }
-                    Poll::Pending => break,
+            out.refill(conn.output());
+            let Ok(sent) = out.poll_send(&mut io, cx) else { return Poll::Ready(()) };
+            progress |= sent.wrote;
+            if sent.flushed && conn.streams() == 0 {
+                // An idle connection holds no write buffer.
+                out = Outbox::default();
+                if conn.output().is_empty() {
+                    *conn.output() = Vec::new();
                 }
             }
-            // TLS holds what it took until flushed.
-            if unflushed && written == write.len() {
-                match Pin::new(&mut io).poll_flush(cx) {
-                    Poll::Ready(Ok(())) => {
-                        unflushed = false;
-                        if conn.streams() == 0 {
-                            // An idle connection holds no write buffer.
-                            write = Vec::new();
-                            written = 0;
-                            if conn.output().is_empty() {
-                                *conn.output() = Vec::new();
-                            }
-                        }
-                    }
-                    Poll::Ready(Err(_)) => return Poll::Ready(()),
-                    Poll::Pending => {}
-                }
-            }
-            if conn.is_done() && written == write.len() && !unflushed {
+            if conn.is_done() && out.done() {
                 return Poll::Ready(());
             }
             // Read while nothing waits to be written (so the client cannot
             // make replies pile up) and the streams have room.
-            if written == write.len() && !read_closed {
+            if out.all_written() && !read_closed {
                 if read.capacity() - read.len() < READ_SIZE {
                     read.reserve(READ_SIZE);
                 }
@@ -476,7 +570,7 @@ pub(crate) async fn serve<S>(
                     Poll::Pending => {}
                 }
             }
-            if read_closed && written == write.len() && !unflushed {
+            if read_closed && out.done() {
                 return Poll::Ready(());
             }
             if progress {
@@ -538,7 +632,7 @@ fn retire(conn: &mut Conn, stream: u32, slot: &SharedSlot) {
     // A reader still at it sees the stream gone rather than wait.
     slot.gone = true;
     wake(&mut slot);
-    let held: usize = slot.chunks.drain(..).map(|c| c.len()).sum();
+    let held = slot.arrived.discard();
     let n = std::mem::take(&mut slot.consumed) + held;
     if n > 0 {
         conn.release(stream, n);

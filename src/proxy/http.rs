@@ -806,7 +806,7 @@ pub enum BodyError {
     EndpointIo(std::io::Error),
     /// The endpoint's HTTP/2 stream failed.
     #[error("endpoint body: {0}")]
-    EndpointStream(h2::Error),
+    EndpointStream(super::h2c::StreamError),
     /// Neither direction of the HTTP/2 stream moved for `timeouts.bodyIdle`.
     #[error("stream idle past timeouts.bodyIdle")]
     StreamIdle,

@@ -34,9 +34,9 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures::future::BoxFuture;
 use http::{Request, Response};
+use hyper::body::Body;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -218,7 +218,7 @@ impl Pooled for RawConn {
 
 /// One HTTP/2 connection to an endpoint.
 struct H2Conn {
-    sender: h2::client::SendRequest<Bytes>,
+    client: h2c::Client,
     state: Arc<H2State>,
 }
 
@@ -272,6 +272,18 @@ impl H2State {
     }
 }
 
+impl h2c::Watch for Arc<H2State> {
+    fn max_streams(&self, n: usize) {
+        self.settle(n);
+    }
+
+    fn closing(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        // Requests waiting for its SETTINGS go elsewhere.
+        self.settle(self.max_streams.load(Ordering::Relaxed));
+    }
+}
+
 /// Streams allowed on a connection whose endpoint sets no limit: h2's initial
 /// value, which stays in force until the endpoint sets one.
 pub(crate) const DEFAULT_MAX_STREAMS: usize = 100;
@@ -299,13 +311,13 @@ pub(crate) enum UpstreamError {
     /// The endpoint refused the stream (`REFUSED_STREAM`, or above its
     /// `GOAWAY`): it never processed the request.
     #[error("refused by the endpoint: {0}")]
-    Refused(h2::Error),
+    Refused(h2c::StreamError),
     /// The connection failed after the request may have been sent.
     #[error("exchange: {0}")]
     Exchange(hyper::Error),
     /// The HTTP/2 stream failed after the request may have been sent.
     #[error("exchange: {0}")]
-    Stream(h2::Error),
+    Stream(h2c::StreamError),
     /// A connection of the fast path's pool failed, or its endpoint
     /// answered nonsense, after the request may have been sent.
     #[error("exchange: {0}")]
@@ -627,33 +639,36 @@ impl Upstream {
             // stream: the request goes out on another. Bounded, in case
             // connections keep closing as they open.
             for _ in 0..4 {
-                let (sender, state) = self.h2_stream(settings).await?;
-                let Ok(mut sender) = sender.ready().await else {
-                    state.closed.store(true, Ordering::Relaxed);
-                    continue;
+                let (client, state) = self.h2_stream(settings).await?;
+                let first = state.opened.load(Ordering::Relaxed) == 0;
+                let stream = match client.open(&parts, body.is_end_stream()).await {
+                    Ok(stream) => stream,
+                    Err(e) if first => {
+                        // It closed before it took a stream: as good as not opened.
+                        state.closed.store(true, Ordering::Relaxed);
+                        self.warn_not_h2(&e);
+                        return Err(UpstreamError::Connect(std::io::Error::other(e)));
+                    }
+                    Err(_) => {
+                        state.closed.store(true, Ordering::Relaxed);
+                        continue;
+                    }
                 };
+                drop(client);
                 state.streams.fetch_add(1, Ordering::Relaxed);
-                let first = state.opened.fetch_add(1, Ordering::Relaxed) == 0;
+                state.opened.fetch_add(1, Ordering::Relaxed);
                 let lease = Lease { upstream: self.clone(), kind: Some(LeaseKind::Http2(state.clone())) };
-                let sent = match h2c::exchange(&mut sender, Request::from_parts(parts, ()), body) {
-                    Ok(response) => response.await,
-                    Err(e) => Err(e),
-                };
-                return match sent {
+                return match stream.exchange(body).await {
                     Ok(resp) => Ok((resp.map(EndpointBody::H2), lease)),
                     Err(e) => {
-                        if e.is_go_away() || e.is_io() {
+                        if e.ends_connection() {
                             // Nothing more goes out on this connection.
                             state.closed.store(true, Ordering::Relaxed);
                         }
-                        if first && !self.warned.swap(true, Ordering::Relaxed) {
-                            tracing::warn!(
-                                endpoint = %self.addr, error = %e,
-                                "the first HTTP/2 exchange with the endpoint failed: does it speak HTTP/2 cleartext \
-                                 (prior knowledge), as appProtocol says? It is treated as failing"
-                            );
+                        if first {
+                            self.warn_not_h2(&e);
                         }
-                        Err(if h2c::refused(&e) { UpstreamError::Refused(e) } else { UpstreamError::Stream(e) })
+                        Err(if e.is_refused() { UpstreamError::Refused(e) } else { UpstreamError::Stream(e) })
                     }
                 };
             }
@@ -661,11 +676,19 @@ impl Upstream {
         }
     }
 
+    /// Says once that the first HTTP/2 exchange with the endpoint failed.
+    fn warn_not_h2(&self, e: &h2c::StreamError) {
+        if !self.warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                endpoint = %self.addr, error = %e,
+                "the first HTTP/2 exchange with the endpoint failed: does it speak HTTP/2 cleartext \
+                 (prior knowledge), as appProtocol says? It is treated as failing"
+            );
+        }
+    }
+
     /// A connection with room for one more stream: an open one, or a new one.
-    async fn h2_stream(
-        &self,
-        settings: ConnSettings,
-    ) -> Result<(h2::client::SendRequest<Bytes>, Arc<H2State>), UpstreamError> {
+    async fn h2_stream(&self, settings: ConnSettings) -> Result<(h2c::Client, Arc<H2State>), UpstreamError> {
         if let Some(found) = Self::h2_with_room(&own(&self.h2)) {
             return Ok(found);
         }
@@ -676,10 +699,7 @@ impl Upstream {
 
     /// [`Self::h2_stream`] when no connection has room: opens one, or waits
     /// for room at `maxConnections`.
-    async fn h2_stream_opening(
-        &self,
-        settings: ConnSettings,
-    ) -> Result<(h2::client::SendRequest<Bytes>, Arc<H2State>), UpstreamError> {
+    async fn h2_stream_opening(&self, settings: ConnSettings) -> Result<(h2c::Client, Arc<H2State>), UpstreamError> {
         let mut queued = None;
         loop {
             let freed = self.capacity.freed.notified();
@@ -692,7 +712,7 @@ impl Upstream {
                     return Ok(found);
                 }
                 if let Some(slot) = self.capacity.try_open(settings.max_connections) {
-                    let (sender, state) = self.connect_h2(settings, slot).await?;
+                    let (client, state) = self.connect_h2(settings, slot).await?;
                     // The endpoint's limit arrives in its first frame, one round trip
                     // after the connection opens: wait for it, so a burst of requests on a
                     // new connection does not pile onto it past the limit.
@@ -700,9 +720,9 @@ impl Upstream {
                     let mut list = own(&self.h2);
                     list.retain(|c| !c.state.is_closed());
                     if list.len() < MAX_H2_CONNECTIONS {
-                        list.push(H2Conn { sender: sender.clone(), state: state.clone() });
+                        list.push(H2Conn { client: client.clone(), state: state.clone() });
                     }
-                    return Ok((sender, state));
+                    return Ok((client, state));
                 }
             }
             if queued.is_some() {
@@ -719,15 +739,15 @@ impl Upstream {
         }
     }
 
-    fn h2_with_room(list: &[H2Conn]) -> Option<(h2::client::SendRequest<Bytes>, Arc<H2State>)> {
-        list.iter().find(|c| c.has_room()).map(|c| (c.sender.clone(), c.state.clone()))
+    fn h2_with_room(list: &[H2Conn]) -> Option<(h2c::Client, Arc<H2State>)> {
+        list.iter().find(|c| c.has_room()).map(|c| (c.client.clone(), c.state.clone()))
     }
 
     async fn connect_h2(
         &self,
         settings: ConnSettings,
         slot: OpenConn,
-    ) -> Result<(h2::client::SendRequest<Bytes>, Arc<H2State>), UpstreamError> {
+    ) -> Result<(h2c::Client, Arc<H2State>), UpstreamError> {
         let stream = self.open(settings.connect_timeout).await?;
         let state = Arc::new(H2State {
             streams: AtomicUsize::new(0),
@@ -738,22 +758,14 @@ impl Upstream {
             settled_notify: tokio::sync::Notify::new(),
             closed: AtomicBool::new(false),
         });
-        let io = PrefaceTap { io: stream, state: state.clone(), head: Some(Vec::new()) };
         let ping = (settings.idle_timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
-        let (sender, conn) = h2c::builder()
-            .handshake::<_, Bytes>(io)
-            .await
-            .map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;
-        let watched = state.clone();
+        let (client, drive) = h2c::handshake(stream, ping, state.clone());
         tokio::spawn(async move {
-            // Drives the connection until the endpoint closes it or every
-            // sender is gone, publishing the endpoint's stream limit when a
-            // later SETTINGS frame changes it.
-            h2c::drive(conn, ping, |max| watched.max_streams.store(max, Ordering::Relaxed)).await;
-            watched.closed.store(true, Ordering::Relaxed);
+            // Until the endpoint closes it, or no request holds it any more.
+            drive.await;
             drop(slot);
         });
-        Ok((sender, state))
+        Ok((client, state))
     }
 
     /// Closes connections idle for longer than `idle_timeout` (or closed by the endpoint).
@@ -787,102 +799,6 @@ impl Upstream {
     /// HTTP/2 connections open now, over all workers.
     pub(crate) fn h2_connections(&self) -> usize {
         self.h2.iter().map(|l| l.lock().map(|v| v.iter().filter(|c| !c.state.is_closed()).count()).unwrap_or(0)).sum()
-    }
-}
-
-/// A connection's socket, reading the endpoint's first frame on its way to
-/// the HTTP/2 codec: the server preface, a SETTINGS frame (RFC 9113 §3.4),
-/// whose `SETTINGS_MAX_CONCURRENT_STREAMS` sizes the connection before the
-/// first stream is placed on it. Anything else there (an HTTP/1.1 answer)
-/// settles the connection too; the codec then fails it.
-struct PrefaceTap {
-    io: EndpointIo,
-    state: Arc<H2State>,
-    /// The bytes of the first frame read so far; `None` once it is parsed.
-    head: Option<Vec<u8>>,
-}
-
-/// Largest first frame inspected (the default maximum frame size).
-const MAX_PREFACE: usize = 16384 + 9;
-
-impl PrefaceTap {
-    fn inspect(&mut self, bytes: &[u8]) {
-        let Some(head) = &mut self.head else { return };
-        head.extend_from_slice(&bytes[..bytes.len().min(MAX_PREFACE.saturating_sub(head.len()))]);
-        if head.len() < 9 {
-            return;
-        }
-        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
-        let is_settings = head[3] == 0x4 && head[5..9] == [0, 0, 0, 0];
-        if is_settings && head.len() < 9 + len && head.len() < MAX_PREFACE {
-            return;
-        }
-        let mut max = DEFAULT_MAX_STREAMS;
-        if is_settings {
-            for s in head[9..head.len().min(9 + len)].chunks_exact(6) {
-                if u16::from_be_bytes([s[0], s[1]]) == 0x3 {
-                    max = u32::from_be_bytes([s[2], s[3], s[4], s[5]]) as usize;
-                }
-            }
-        }
-        self.head = None;
-        self.state.settle(max);
-    }
-}
-
-impl tokio::io::AsyncRead for PrefaceTap {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
-        if self.head.is_some() {
-            match &polled {
-                Poll::Ready(Ok(())) if buf.filled().len() > before => {
-                    let fresh = buf.filled()[before..].to_vec();
-                    self.inspect(&fresh);
-                }
-                // Closed or failed before a frame: nothing to wait for.
-                Poll::Ready(_) => {
-                    self.head = None;
-                    self.state.settle(DEFAULT_MAX_STREAMS);
-                }
-                Poll::Pending => {}
-            }
-        }
-        polled
-    }
-}
-
-impl tokio::io::AsyncWrite for PrefaceTap {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        data: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write(cx, data)
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

@@ -76,12 +76,8 @@ async fn read_until_closed(s: &mut TcpStream, within: Duration) -> Option<Vec<u8
 async fn a_stream_the_client_resets_is_abandoned_at_the_endpoint_and_the_connection_goes_on() {
     let (addr, mut closed) = holding_endpoint(2).await;
     let p = proxy1(&format!("timeouts: {{request: 30s}}\nendpoints:\n  - {{address: \"{addr}\"}}\n")).await;
-    let tcp = TcpStream::connect(p.addr).await.expect("connect");
-    let (client, conn) = h2::client::handshake(tcp).await.expect("handshake");
-    let conn = tokio::spawn(conn);
-    let mut client = client.ready().await.expect("ready");
+    let H2Call { client, conn, response: held, mut stream } = h2_get(p.addr, "/hold").await;
     let head = |path: &str| http::Request::get(format!("http://{}{path}", p.addr)).body(()).expect("request");
-    let (held, mut stream) = client.send_request(head("/hold"), true).expect("send");
     // Once the endpoint holds the request, the client gives up on it.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let reset = Instant::now();
@@ -114,12 +110,7 @@ async fn a_client_that_leaves_pings_unanswered_loses_its_connection_and_one_that
     let p = proxy1(&format!("{timeouts}\nendpoints:\n  - {{address: \"{addr}\"}}\n")).await;
 
     // The h2 crate's client answers PINGs: five intervals later its request still waits.
-    let tcp = TcpStream::connect(p.addr).await.expect("connect");
-    let (client, conn) = h2::client::handshake(tcp).await.expect("handshake");
-    let conn = tokio::spawn(conn);
-    let mut client = client.ready().await.expect("ready");
-    let head = http::Request::get(format!("http://{}/hold", p.addr)).body(()).expect("request");
-    let (held, mut stream) = client.send_request(head, true).expect("send");
+    let H2Call { client, conn, response: held, mut stream } = h2_get(p.addr, "/hold").await;
     let waited = tokio::time::timeout(Duration::from_millis(1000), held).await;
     assert!(waited.is_err(), "an answering client's stream ended: {waited:?}");
     assert!(!conn.is_finished(), "an answering client's connection closed");

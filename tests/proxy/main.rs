@@ -11,6 +11,7 @@ mod forwarding;
 mod grpc;
 mod grpc_peer;
 mod h2_bridge;
+mod h2_endpoints;
 mod health;
 mod http2;
 mod process;

@@ -356,6 +356,26 @@ impl Drop for RawBackend {
     }
 }
 
+/// A `GET` sent with the `h2` crate's client, on a connection of its own.
+pub struct H2Call {
+    pub client: h2::client::SendRequest<Bytes>,
+    /// The connection's task.
+    pub conn: JoinHandle<Result<(), h2::Error>>,
+    pub response: h2::client::ResponseFuture,
+    pub stream: h2::SendStream<Bytes>,
+}
+
+/// Sends `GET path` to `addr` over HTTP/2 (prior knowledge).
+pub async fn h2_get(addr: SocketAddr, path: &str) -> H2Call {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("handshake");
+    let conn = tokio::spawn(conn);
+    let mut client = client.ready().await.expect("ready");
+    let head = Request::get(format!("http://{addr}{path}")).body(()).expect("request");
+    let (response, stream) = client.send_request(head, true).expect("send");
+    H2Call { client, conn, response, stream }
+}
+
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
