@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::Limits;
 use super::conn::{self, InFlight, StreamClock};
+use super::fast;
 use super::h2conn::{self, Conn, Handler, Head};
 use super::h2frame::Reason;
 use super::http::{self, Peer, ProxyBody, RequestBody};
@@ -52,9 +53,6 @@ const MAX_QUEUED: usize = 400 * 1024;
 
 /// How much is read from the client at a time.
 const READ_SIZE: usize = 16 * 1024;
-
-/// The output buffer's size when a connection that was idle answers again.
-const WRITE_START: usize = 4 * 1024;
 
 /// What a connection's task writes: what one pass produced, written in as
 /// few writes as the socket takes, then flushed (TLS holds what it took
@@ -100,6 +98,12 @@ impl Outbox {
         self.written = 0;
         std::mem::swap(&mut self.buf, output);
         true
+    }
+
+    /// Its buffer, once everything has been written.
+    pub(crate) fn take_buffer(&mut self) -> Vec<u8> {
+        self.written = 0;
+        std::mem::take(&mut self.buf)
     }
 
     /// Writes what it holds, then flushes; `Err` when the socket failed.
@@ -150,6 +154,9 @@ pub(crate) fn config(limits: &Limits) -> h2conn::Config {
 /// [`super::h2c`]).
 #[derive(Default)]
 pub(crate) struct Arrived {
+    /// The oldest piece not taken (most bodies a proxy passes on come in
+    /// one; the queue is for the rest).
+    first: Option<Bytes>,
     chunks: VecDeque<Bytes>,
     trailers: Option<HeaderMap>,
     /// The sender's side ended.
@@ -160,7 +167,12 @@ impl Arrived {
     /// A piece of data; `end` when it ends the sender's side.
     pub(crate) fn data(&mut self, data: &[u8], end: bool) {
         if !data.is_empty() {
-            self.chunks.push_back(Bytes::copy_from_slice(data));
+            let data = Bytes::copy_from_slice(data);
+            if self.first.is_none() && self.chunks.is_empty() {
+                self.first = Some(data);
+            } else {
+                self.chunks.push_back(data);
+            }
         }
         self.end |= end;
     }
@@ -175,7 +187,7 @@ impl Arrived {
     /// `length`), then the trailers, then the end (`Some(None)`); `None`
     /// while more is to come.
     pub(crate) fn next(&mut self, length: &mut Option<u64>) -> Option<Option<Frame<Bytes>>> {
-        if let Some(data) = self.chunks.pop_front() {
+        if let Some(data) = self.first.take().or_else(|| self.chunks.pop_front()) {
             if let Some(left) = length {
                 *left = left.saturating_sub(data.len() as u64);
             }
@@ -189,12 +201,12 @@ impl Arrived {
 
     /// The sender's side ended, and the reader has taken everything.
     pub(crate) fn is_end(&self) -> bool {
-        self.end && self.chunks.is_empty() && self.trailers.is_none()
+        self.end && self.first.is_none() && self.chunks.is_empty() && self.trailers.is_none()
     }
 
     /// Drops what nobody will read; how many data bytes that was.
     pub(crate) fn discard(&mut self) -> usize {
-        self.chunks.drain(..).map(|c| c.len()).sum()
+        self.first.take().into_iter().chain(self.chunks.drain(..)).map(|c| c.len()).sum()
     }
 }
 
@@ -474,8 +486,9 @@ pub(crate) async fn serve<S>(
                     let (parts, body) = resp.into_parts();
                     let end = body.is_end_stream();
                     if conn.output().capacity() == 0 {
-                        // Room for a pass's worth of answers at once, rather than growing by doubling.
-                        conn.output().reserve(WRITE_START);
+                        // Room for a pass's worth of answers at once, from the
+                        // worker's pool rather than the allocator.
+                        *conn.output() = fast::take_buffer();
                     }
                     let fields = parts.headers.iter().map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
                     if conn.send_response(stream, parts.status.as_u16(), fields, end).is_ok() && !end {
@@ -520,10 +533,10 @@ pub(crate) async fn serve<S>(
             let Ok(sent) = out.poll_send(&mut io, cx) else { return Poll::Ready(()) };
             progress |= sent.wrote;
             if sent.flushed && conn.streams() == 0 {
-                // An idle connection holds no write buffer.
-                out = Outbox::default();
+                // An idle connection holds no write buffer: they go back to the worker's pool.
+                fast::give_buffer(out.take_buffer());
                 if conn.output().is_empty() {
-                    *conn.output() = Vec::new();
+                    fast::give_buffer(std::mem::take(conn.output()));
                 }
             }
             if conn.is_done() && out.done() {

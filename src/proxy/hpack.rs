@@ -126,62 +126,120 @@ const STATIC: [(&[u8], &[u8]); 61] = [
 ];
 
 /// The static entries named `name`: the first index and how many.
+///
+/// By length first: a match on byte strings alone compares them one by
+/// one, and most names a proxy sends match no arm.
 fn static_name(name: &[u8]) -> Option<(usize, usize)> {
-    Some(match name {
-        b":authority" => (1, 1),
-        b":method" => (2, 2),
-        b":path" => (4, 2),
-        b":scheme" => (6, 2),
-        b":status" => (8, 7),
-        b"accept-charset" => (15, 1),
-        b"accept-encoding" => (16, 1),
-        b"accept-language" => (17, 1),
-        b"accept-ranges" => (18, 1),
-        b"accept" => (19, 1),
-        b"access-control-allow-origin" => (20, 1),
-        b"age" => (21, 1),
-        b"allow" => (22, 1),
-        b"authorization" => (23, 1),
-        b"cache-control" => (24, 1),
-        b"content-disposition" => (25, 1),
-        b"content-encoding" => (26, 1),
-        b"content-language" => (27, 1),
-        b"content-length" => (28, 1),
-        b"content-location" => (29, 1),
-        b"content-range" => (30, 1),
-        b"content-type" => (31, 1),
-        b"cookie" => (32, 1),
-        b"date" => (33, 1),
-        b"etag" => (34, 1),
-        b"expect" => (35, 1),
-        b"expires" => (36, 1),
-        b"from" => (37, 1),
-        b"host" => (38, 1),
-        b"if-match" => (39, 1),
-        b"if-modified-since" => (40, 1),
-        b"if-none-match" => (41, 1),
-        b"if-range" => (42, 1),
-        b"if-unmodified-since" => (43, 1),
-        b"last-modified" => (44, 1),
-        b"link" => (45, 1),
-        b"location" => (46, 1),
-        b"max-forwards" => (47, 1),
-        b"proxy-authenticate" => (48, 1),
-        b"proxy-authorization" => (49, 1),
-        b"range" => (50, 1),
-        b"referer" => (51, 1),
-        b"refresh" => (52, 1),
-        b"retry-after" => (53, 1),
-        b"server" => (54, 1),
-        b"set-cookie" => (55, 1),
-        b"strict-transport-security" => (56, 1),
-        b"transfer-encoding" => (57, 1),
-        b"user-agent" => (58, 1),
-        b"vary" => (59, 1),
-        b"via" => (60, 1),
-        b"www-authenticate" => (61, 1),
+    let found = match name.len() {
+        3 => match name {
+            b"age" => (21, 1),
+            b"via" => (60, 1),
+            _ => return None,
+        },
+        4 => match name {
+            b"date" => (33, 1),
+            b"etag" => (34, 1),
+            b"from" => (37, 1),
+            b"host" => (38, 1),
+            b"link" => (45, 1),
+            b"vary" => (59, 1),
+            _ => return None,
+        },
+        5 => match name {
+            b":path" => (4, 2),
+            b"allow" => (22, 1),
+            b"range" => (50, 1),
+            _ => return None,
+        },
+        6 => match name {
+            b"accept" => (19, 1),
+            b"cookie" => (32, 1),
+            b"expect" => (35, 1),
+            b"server" => (54, 1),
+            _ => return None,
+        },
+        7 => match name {
+            b":method" => (2, 2),
+            b":scheme" => (6, 2),
+            b":status" => (8, 7),
+            b"expires" => (36, 1),
+            b"referer" => (51, 1),
+            b"refresh" => (52, 1),
+            _ => return None,
+        },
+        8 => match name {
+            b"if-match" => (39, 1),
+            b"if-range" => (42, 1),
+            b"location" => (46, 1),
+            _ => return None,
+        },
+        10 => match name {
+            b":authority" => (1, 1),
+            b"set-cookie" => (55, 1),
+            b"user-agent" => (58, 1),
+            _ => return None,
+        },
+        11 => match name {
+            b"retry-after" => (53, 1),
+            _ => return None,
+        },
+        12 => match name {
+            b"content-type" => (31, 1),
+            b"max-forwards" => (47, 1),
+            _ => return None,
+        },
+        13 => match name {
+            b"accept-ranges" => (18, 1),
+            b"authorization" => (23, 1),
+            b"cache-control" => (24, 1),
+            b"content-range" => (30, 1),
+            b"if-none-match" => (41, 1),
+            b"last-modified" => (44, 1),
+            _ => return None,
+        },
+        14 => match name {
+            b"accept-charset" => (15, 1),
+            b"content-length" => (28, 1),
+            _ => return None,
+        },
+        15 => match name {
+            b"accept-encoding" => (16, 1),
+            b"accept-language" => (17, 1),
+            _ => return None,
+        },
+        16 => match name {
+            b"content-encoding" => (26, 1),
+            b"content-language" => (27, 1),
+            b"content-location" => (29, 1),
+            b"www-authenticate" => (61, 1),
+            _ => return None,
+        },
+        17 => match name {
+            b"if-modified-since" => (40, 1),
+            b"transfer-encoding" => (57, 1),
+            _ => return None,
+        },
+        18 => match name {
+            b"proxy-authenticate" => (48, 1),
+            _ => return None,
+        },
+        19 => match name {
+            b"content-disposition" => (25, 1),
+            b"if-unmodified-since" => (43, 1),
+            b"proxy-authorization" => (49, 1),
+            _ => return None,
+        },
+        25 => match name {
+            b"strict-transport-security" => (56, 1),
+            _ => return None,
+        },
+        27 => match name {
+            b"access-control-allow-origin" => (20, 1),
+            _ => return None,
+        },
         _ => return None,
-    })
+    };
+    Some(found)
 }
 
 // ---- Huffman code (RFC 7541 Appendix B) ----
@@ -724,7 +782,8 @@ impl Encoder {
 
     /// Writes one field; a name with capitals is sent lowercased.
     pub fn field(&mut self, name: &[u8], value: &[u8], out: &mut Vec<u8>) {
-        if name.iter().any(u8::is_ascii_uppercase) {
+        // Every byte looked at (no early exit), so the check vectorizes.
+        if name.iter().fold(false, |upper, b| upper | b.is_ascii_uppercase()) {
             let mut lower = std::mem::take(&mut self.lower);
             lower.clear();
             lower.extend(name.iter().map(u8::to_ascii_lowercase));
@@ -779,6 +838,18 @@ impl Encoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_static_name_is_found_with_its_first_index_and_count() {
+        for (i, (name, _)) in STATIC.iter().enumerate() {
+            let first = STATIC.iter().position(|(n, _)| n == name).unwrap() + 1;
+            let count = STATIC.iter().filter(|(n, _)| n == name).count();
+            assert_eq!(static_name(name), Some((first, count)), "index {}", i + 1);
+        }
+        for name in [&b"x-forwarded-for"[..], b"te", b"grpc-status", b"hosts", b"", b"Host"] {
+            assert_eq!(static_name(name), None);
+        }
+    }
 
     fn decode_all(d: &mut Decoder, block: &[u8]) -> Result<Vec<(String, String)>, HpackError> {
         let mut out = Vec::new();
@@ -965,6 +1036,34 @@ mod tests {
         assert_eq!(decode_all(&mut d, &block).unwrap(), fields(&[("server", "nginx")]));
         assert_eq!(e.table_size(), 6 + 5 + 32);
         assert_eq!(d.table_size(), e.table_size());
+    }
+
+    #[test]
+    fn the_encoder_finds_every_entry_of_a_full_table_and_what_repeats_through_churn() {
+        fn encode(e: &mut Encoder, d: &mut Decoder, list: &[(&str, &str)]) -> usize {
+            let mut block = Vec::new();
+            e.begin(&mut block);
+            for (n, v) in list {
+                e.field(n.as_bytes(), v.as_bytes(), &mut block);
+            }
+            assert_eq!(decode_all(d, &block).unwrap(), fields(list));
+            assert_eq!(e.table_size(), d.table_size());
+            block.len()
+        }
+        let mut e = Encoder::default();
+        let mut d = Decoder::default();
+        // 100 entries of 37-38 bytes: the 4 KiB table holds them all.
+        let names: Vec<String> = (0..100).map(|i| format!("x-f{i}")).collect();
+        let list: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+        encode(&mut e, &mut d, &list);
+        // Each is found: indices 62-126 take a byte, 127-161 two.
+        assert_eq!(encode(&mut e, &mut d, &list), 65 + 35 * 2);
+        // Thousands of insertions later, what repeats is still found.
+        for i in 0..5_000 {
+            let value = i.to_string();
+            encode(&mut e, &mut d, &[("x-churn", &value), ("x-fixed", "same")]);
+        }
+        assert_eq!(encode(&mut e, &mut d, &[("x-fixed", "same")]), 1);
     }
 
     #[test]

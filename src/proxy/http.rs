@@ -319,7 +319,6 @@ async fn forward(
         }
         None => (None, Sendable::Once(Some(ClientBody { inner: body, clock: stream.clone() }))),
     };
-    let mut parts = Some(parts);
     let mut attempts = Attempts::new(shared, rt, idempotent);
     let settings = attempts.settings();
     let deadline = tokio::time::Instant::now() + call_timeout.unwrap_or(timeouts.request.0);
@@ -337,12 +336,9 @@ async fn forward(
                 .map(|r| r.map(|resp| (resp.map(EndpointBody::Raw), Lease::raw(upstream.clone()))))
         } else {
             let Some(attempt_body) = body.next() else { return Err(Failure::Upstream) };
-            let Some(mut head) = (if attempt < retries { parts.clone() } else { parts.take() }) else {
-                return Err(Failure::Upstream);
-            };
-            head.uri = upstream_uri(&head.uri, authority.as_ref().unwrap_or(&upstream.authority), http2);
+            parts.uri = upstream_uri(&parts.uri, authority.as_ref().unwrap_or(&upstream.authority), http2);
             // Boxed by `send`, sized to the protocol it speaks.
-            let exchange = upstream.send(Request::from_parts(head, attempt_body), settings);
+            let exchange = upstream.send(&mut parts, attempt == retries, attempt_body, settings);
             tokio::time::timeout_at(per_attempt, exchange).await
         };
         let clock = rt.set.clock();

@@ -435,7 +435,10 @@ impl Upstream {
         self.capacity.pending.load(Ordering::Relaxed)
     }
 
-    /// Sends `req` to the endpoint, over HTTP/1.1 or HTTP/2 as configured.
+    /// Sends the request `head` with `body` to the endpoint, over HTTP/1.1
+    /// or HTTP/2 as configured. HTTP/2 encodes the head where it lies;
+    /// hyper's HTTP/1.1 client takes the request whole, so it gets a copy
+    /// unless this is the `last` attempt (the head is then taken).
     ///
     /// Boxed, each protocol's future on its own: a request's future would
     /// otherwise hold room for the larger of the two (hyper's HTTP/1.1 client
@@ -443,14 +446,17 @@ impl Upstream {
     /// moved whole on its way into its task.
     pub(crate) fn send<'a>(
         self: &'a Arc<Self>,
-        req: Request<UpstreamBody>,
+        head: &'a mut http::request::Parts,
+        last: bool,
+        body: UpstreamBody,
         settings: ConnSettings,
     ) -> BoxFuture<'a, Result<(Response<EndpointBody>, Lease), UpstreamError>> {
         if self.http2 {
-            Box::pin(self.send_h2(req, settings))
+            Box::pin(self.send_h2(head, body, settings))
         } else {
+            let head = if last { std::mem::replace(head, Request::new(()).into_parts().0) } else { head.clone() };
             Box::pin(async move {
-                let (resp, lease) = self.send_h1(req, settings).await?;
+                let (resp, lease) = self.send_h1(Request::from_parts(head, body), settings).await?;
                 Ok((resp.map(EndpointBody::Hyper), lease))
             })
         }
@@ -622,58 +628,52 @@ impl Upstream {
         self.capacity.wake();
     }
 
-    /// Sends `req` as a stream on this worker's first HTTP/2 connection with
-    /// room, opening one when all are full.
-    ///
-    /// A plain function around an `async` block: an `async fn` keeps its
-    /// arguments for its whole life beside what it binds from them, and the
-    /// request taken apart would be held twice.
-    fn send_h2(
+    /// Sends the request `parts` with `body` as a stream on this worker's
+    /// first HTTP/2 connection with room, opening one when all are full.
+    async fn send_h2(
         self: &Arc<Self>,
-        req: Request<UpstreamBody>,
+        parts: &http::request::Parts,
+        body: UpstreamBody,
         settings: ConnSettings,
-    ) -> impl Future<Output = Result<(Response<EndpointBody>, Lease), UpstreamError>> + Send {
-        let (parts, body) = req.into_parts();
-        async move {
-            // A connection that closes between checkout and dispatch takes no
-            // stream: the request goes out on another. Bounded, in case
-            // connections keep closing as they open.
-            for _ in 0..4 {
-                let (client, state) = self.h2_stream(settings).await?;
-                let first = state.opened.load(Ordering::Relaxed) == 0;
-                let stream = match client.open(&parts, body.is_end_stream()).await {
-                    Ok(stream) => stream,
-                    Err(e) if first => {
-                        // It closed before it took a stream: as good as not opened.
+    ) -> Result<(Response<EndpointBody>, Lease), UpstreamError> {
+        // A connection that closes between checkout and dispatch takes no
+        // stream: the request goes out on another. Bounded, in case
+        // connections keep closing as they open.
+        for _ in 0..4 {
+            let (client, state) = self.h2_stream(settings).await?;
+            let first = state.opened.load(Ordering::Relaxed) == 0;
+            let stream = match client.open(parts, body.is_end_stream()).await {
+                Ok(stream) => stream,
+                Err(e) if first => {
+                    // It closed before it took a stream: as good as not opened.
+                    state.closed.store(true, Ordering::Relaxed);
+                    self.warn_not_h2(&e);
+                    return Err(UpstreamError::Connect(std::io::Error::other(e)));
+                }
+                Err(_) => {
+                    state.closed.store(true, Ordering::Relaxed);
+                    continue;
+                }
+            };
+            drop(client);
+            state.streams.fetch_add(1, Ordering::Relaxed);
+            state.opened.fetch_add(1, Ordering::Relaxed);
+            let lease = Lease { upstream: self.clone(), kind: Some(LeaseKind::Http2(state.clone())) };
+            return match stream.exchange(body).await {
+                Ok(resp) => Ok((resp.map(EndpointBody::H2), lease)),
+                Err(e) => {
+                    if e.ends_connection() {
+                        // Nothing more goes out on this connection.
                         state.closed.store(true, Ordering::Relaxed);
+                    }
+                    if first {
                         self.warn_not_h2(&e);
-                        return Err(UpstreamError::Connect(std::io::Error::other(e)));
                     }
-                    Err(_) => {
-                        state.closed.store(true, Ordering::Relaxed);
-                        continue;
-                    }
-                };
-                drop(client);
-                state.streams.fetch_add(1, Ordering::Relaxed);
-                state.opened.fetch_add(1, Ordering::Relaxed);
-                let lease = Lease { upstream: self.clone(), kind: Some(LeaseKind::Http2(state.clone())) };
-                return match stream.exchange(body).await {
-                    Ok(resp) => Ok((resp.map(EndpointBody::H2), lease)),
-                    Err(e) => {
-                        if e.ends_connection() {
-                            // Nothing more goes out on this connection.
-                            state.closed.store(true, Ordering::Relaxed);
-                        }
-                        if first {
-                            self.warn_not_h2(&e);
-                        }
-                        Err(if e.is_refused() { UpstreamError::Refused(e) } else { UpstreamError::Stream(e) })
-                    }
-                };
-            }
-            Err(UpstreamError::Connect(std::io::Error::other("HTTP/2 connections kept closing before use")))
+                    Err(if e.is_refused() { UpstreamError::Refused(e) } else { UpstreamError::Stream(e) })
+                }
+            };
         }
+        Err(UpstreamError::Connect(std::io::Error::other("HTTP/2 connections kept closing before use")))
     }
 
     /// Says once that the first HTTP/2 exchange with the endpoint failed.
