@@ -170,7 +170,7 @@ fn response(
     // One copy of the head, whose slices the values keep (rather than one
     // allocation each); the buffer stays with the body.
     let raw = Bytes::copy_from_slice(&buf[..head.len]);
-    let mut headers = HeaderMap::with_capacity(head.headers.len());
+    let mut headers = super::http::header_map(head.headers.len());
     // Without the hop-by-hop fields, which HTTP/2 does not carry
     // (`Transfer-Encoding` included: the body is decoded here).
     for h in h1::passed_on(&raw, head, false) {

@@ -334,7 +334,7 @@ fn request_of(head: &Head, body: StreamBody) -> Option<Request<RequestBody>> {
 /// their values slices of `shared` (a copy of [`Head::bytes`]); `None` when
 /// one is not a valid field.
 pub(crate) fn fields_map(head: &Head, shared: &Bytes, room: usize) -> Option<HeaderMap> {
-    let mut map = HeaderMap::with_capacity(head.fields().size_hint().0 + room);
+    let mut map = http::header_map(head.fields().size_hint().0 + room);
     for (name, value) in head.fields() {
         let value = HeaderValue::from_maybe_shared(shared.slice(head.range_of(value))).ok()?;
         map.append(HeaderName::from_bytes(name).ok()?, value);
@@ -491,7 +491,9 @@ pub(crate) async fn serve<S>(
                         *conn.output() = fast::take_buffer();
                     }
                     let fields = parts.headers.iter().map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
-                    if conn.send_response(stream, parts.status.as_u16(), fields, end).is_ok() && !end {
+                    let sent = conn.send_response(stream, parts.status.as_u16(), fields, end);
+                    http::recycle(parts.headers);
+                    if sent.is_ok() && !end {
                         sending.push(Sending { stream, body, pending: None, blocked: false, _in_flight: in_flight });
                     }
                     progress = true;
@@ -684,6 +686,7 @@ fn pump(conn: &mut Conn, sending: &mut Vec<Sending>, queued: usize, cx: &mut Con
                             if let Ok(trailers) = frame.into_trailers() {
                                 let fields = trailers.iter().map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
                                 let _ = conn.send_trailers(s.stream, fields);
+                                http::recycle(trailers);
                                 return false;
                             }
                         }

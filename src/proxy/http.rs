@@ -379,6 +379,8 @@ async fn forward(
                 {
                     resp.headers_mut().append(header::SET_COOKIE, v);
                 }
+                // The request's head has gone out for good.
+                recycle(std::mem::take(&mut parts.headers));
                 let (rparts, rbody) = resp.into_parts();
                 let mut tracked = TrackedBody::new(rbody, pick, outcome, lease, grpc_response);
                 if call_timeout.is_some() {
@@ -648,6 +650,43 @@ fn accepts_trailers(headers: &HeaderMap) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers")))
+}
+
+/// Header maps kept per worker for the next message.
+const POOLED_MAPS: usize = 64;
+
+/// A map is pooled while its room is at most this many fields (a message
+/// with more fields is rare, and its map large).
+const POOLED_MAP_ROOM: usize = 48;
+
+thread_local! {
+    static MAPS: std::cell::RefCell<Vec<HeaderMap>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// An empty header map with room for `fields`, from this worker's pool (a
+/// map is two allocations, one of them above glibc's per-thread cache for a
+/// dozen fields), or a new one.
+pub(crate) fn header_map(fields: usize) -> HeaderMap {
+    match MAPS.with_borrow_mut(Vec::pop) {
+        Some(mut map) => {
+            map.reserve(fields);
+            map
+        }
+        None => HeaderMap::with_capacity(fields),
+    }
+}
+
+/// Gives a map whose fields have been sent back to this worker's pool.
+pub(crate) fn recycle(mut map: HeaderMap) {
+    if map.capacity() == 0 || map.capacity() > POOLED_MAP_ROOM {
+        return;
+    }
+    map.clear();
+    MAPS.with_borrow_mut(|pool| {
+        if pool.len() < POOLED_MAPS {
+            pool.push(map);
+        }
+    });
 }
 
 /// How many fields [`prepare_request`] may add to a request (`TE`, `Host`,
@@ -1012,6 +1051,20 @@ mod tests {
         assert_eq!(parts.headers["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
         assert_eq!(parts.headers["x-forwarded-proto"], "http");
         assert_eq!(parts.version, Version::HTTP_11);
+    }
+
+    #[test]
+    fn recycled_header_maps_come_back_empty_with_their_room_and_large_ones_are_not_kept() {
+        let mut m = header_map(12);
+        m.insert(header::HOST, HeaderValue::from_static("a"));
+        let room = m.capacity();
+        assert!(room >= 12);
+        recycle(m);
+        let again = header_map(4);
+        assert!(again.is_empty());
+        assert_eq!(again.capacity(), room);
+        recycle(HeaderMap::with_capacity(200));
+        assert!(header_map(1).capacity() < 200);
     }
 
     #[test]
