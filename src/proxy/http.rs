@@ -652,8 +652,14 @@ fn accepts_trailers(headers: &HeaderMap) -> bool {
         .any(|t| t.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers")))
 }
 
-/// Header maps kept per worker for the next message.
-const POOLED_MAPS: usize = 64;
+/// Header maps kept per worker for the next messages (as many as the fast
+/// path keeps buffers: a burst of streams takes dozens at once).
+const POOLED_MAPS: usize = 256;
+
+/// The least room a map is made with: a request's dozen fields with what
+/// the proxy adds, so that a pooled map made for a small response does not
+/// have to grow (and be made anew) for the next request.
+const MAP_ROOM: usize = 12;
 
 /// A map is pooled while its room is at most this many fields (a message
 /// with more fields is rare, and its map large).
@@ -672,7 +678,7 @@ pub(crate) fn header_map(fields: usize) -> HeaderMap {
             map.reserve(fields);
             map
         }
-        None => HeaderMap::with_capacity(fields),
+        None => HeaderMap::with_capacity(fields.max(MAP_ROOM)),
     }
 }
 
