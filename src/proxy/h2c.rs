@@ -144,9 +144,14 @@ struct Inner {
     ended: Option<&'static str>,
 }
 
+/// The slot of stream `id`, if it is still held.
+fn find(slots: &mut [Slot], id: u32) -> Option<&mut Slot> {
+    slots.iter_mut().find(|s| s.id == id)
+}
+
 impl Inner {
     fn slot(&mut self, id: u32) -> Option<&mut Slot> {
-        self.slots.iter_mut().find(|s| s.id == id)
+        find(&mut self.slots, id)
     }
 
     /// Wakes the connection's task when there is something to write.
@@ -494,12 +499,6 @@ struct Events<'a> {
     malformed: Vec<u32>,
 }
 
-impl Events<'_> {
-    fn slot(&mut self, id: u32) -> Option<&mut Slot> {
-        self.slots.iter_mut().find(|s| s.id == id)
-    }
-}
-
 /// A response head as the `http` crate's, its values slices of one copy of
 /// the head; `None` when a field is not valid there.
 fn response_of(status: u16, head: &Head) -> Option<Response<()>> {
@@ -516,7 +515,7 @@ impl Events<'_> {
     /// when the `http` crate refused it (`None`), fail the stream and have
     /// it reset once the read is done.
     fn deliver(&mut self, stream: u32, apply: Option<impl FnOnce(&mut Slot)>) {
-        let Some(slot) = self.slots.iter_mut().find(|s| s.id == stream) else { return };
+        let Some(slot) = find(self.slots, stream) else { return };
         match apply {
             Some(apply) => apply(slot),
             None => {
@@ -542,7 +541,7 @@ impl Handler for Events<'_> {
     }
 
     fn data(&mut self, stream: u32, data: &[u8], end_stream: bool) {
-        if let Some(slot) = self.slot(stream) {
+        if let Some(slot) = find(self.slots, stream) {
             slot.arrived.data(data, end_stream);
             slot.wake();
         }
@@ -554,7 +553,7 @@ impl Handler for Events<'_> {
     }
 
     fn reset(&mut self, stream: u32, code: u32) {
-        if let Some(slot) = self.slot(stream) {
+        if let Some(slot) = find(self.slots, stream) {
             let e = if code == Reason::RefusedStream.code() { StreamError::Refused } else { StreamError::Reset(code) };
             slot.error.get_or_insert(e);
             slot.wake();
@@ -562,7 +561,7 @@ impl Handler for Events<'_> {
     }
 
     fn writable(&mut self, stream: u32) {
-        if let Some(w) = self.slot(stream).and_then(|s| s.sender.take()) {
+        if let Some(w) = find(self.slots, stream).and_then(|s| s.sender.take()) {
             w.wake();
         }
     }
