@@ -12,20 +12,22 @@
 //! body, in one write on a socket of [`Upstream::raw_connection`]
 //! (the fast path's pool, under the same `maxConnections`), the response
 //! head is parsed in place ([`h1::parse_response`]) into the response the
-//! HTTP/2 server encodes, and the body is read by its framing in the same
-//! task as the stream ([`RawBody`]): Content-Length, chunked (decoded, its
-//! trailers passed on as HTTP/2 trailers) or until the endpoint closes.
+//! HTTP/2 server encodes straight from the endpoint's bytes (no header map:
+//! [`RawBody::head_fields`]), and the body is read by its framing in the
+//! same task as the stream ([`RawBody`]): Content-Length, chunked (decoded,
+//! its trailers passed on as HTTP/2 trailers) or until the endpoint closes.
 //!
 //! The caller ([`super::http`]) keeps everything else as it is for hyper's
 //! client: the pick, retries, circuit breaking, timeouts, the outcome at the
 //! end of the body, `bodyIdle` per stream.
 
+use std::cell::RefCell;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use super::fast::{self, Broken};
-use super::h1::{self, BadChunk, Chunked, Framing, ResponseHead};
+use super::h1::{self, BadChunk, Chunked, Framing, ResponseHead, Span};
 use super::upstream::{ConnSettings, RawConn, Upstream, UpstreamError};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -34,6 +36,26 @@ use hyper::body::{Body, Frame, SizeHint};
 
 /// Size of the reads from the endpoint.
 const READ: usize = 16 * 1024;
+
+/// Field lists kept per worker for response heads.
+const POOLED_FIELD_LISTS: usize = 256;
+
+thread_local! {
+    static FIELD_LISTS: RefCell<Vec<Vec<Span>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Gives a response head's field list back to this worker's pool.
+fn give_fields(mut fields: Vec<Span>) {
+    if fields.capacity() == 0 {
+        return;
+    }
+    fields.clear();
+    FIELD_LISTS.with_borrow_mut(|pool| {
+        if pool.len() < POOLED_FIELD_LISTS {
+            pool.push(fields);
+        }
+    });
+}
 
 /// Largest request body read whole to take this path; a larger one, or one
 /// of unknown length, streams through hyper's client.
@@ -141,12 +163,14 @@ pub(crate) async fn exchange(
     idempotent: bool,
 ) -> Result<Response<RawBody>, UpstreamError> {
     let mut buf = fast::take_buffer();
-    let mut head = ResponseHead::default();
+    let headers = FIELD_LISTS.with_borrow_mut(Vec::pop).unwrap_or_default();
+    let mut head = ResponseHead { headers, ..ResponseHead::default() };
     let sent = fast::send_raw(upstream, settings, idempotent, (wire, &[]), &mut buf, is_head, &mut head).await;
     match sent {
-        Ok(conn) => response(upstream, conn, buf, &head),
+        Ok(conn) => response(upstream, conn, buf, head),
         Err(broken) => {
             fast::give_buffer(buf);
+            give_fields(head.headers);
             Err(match broken {
                 Broken::Upstream(e) => e,
                 Broken::Exchange => UpstreamError::Io(std::io::Error::other(
@@ -157,26 +181,30 @@ pub(crate) async fn exchange(
     }
 }
 
-/// The response for the HTTP/2 server: the head's headers in a map (less
-/// the hop-by-hop ones), the body still on the socket.
+/// The response for the HTTP/2 server: its header map empty, the head's
+/// fields (less the hop-by-hop ones) left where they were read, with the
+/// body still on the socket.
+///
+/// `httparse` accepts exactly the names and values the `http` crate does
+/// (tokens; visible ASCII, space, tab and obs-text, without obsolete line
+/// folding), so they pass on unchecked.
 fn response(
     upstream: &Arc<Upstream>,
     conn: RawConn,
     buf: Vec<u8>,
-    head: &ResponseHead,
+    mut head: ResponseHead,
 ) -> Result<Response<RawBody>, UpstreamError> {
-    let invalid = || UpstreamError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, "invalid response header"));
-    let status = StatusCode::from_u16(head.status).map_err(|_| invalid())?;
-    // One copy of the head, whose slices the values keep (rather than one
-    // allocation each); the buffer stays with the body.
-    let raw = Bytes::copy_from_slice(&buf[..head.len]);
-    let mut headers = super::http::header_map(head.headers.len());
+    let Ok(status) = StatusCode::from_u16(head.status) else {
+        give_fields(head.headers);
+        fast::give_buffer(buf);
+        return Err(UpstreamError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, "invalid response status")));
+    };
     // Without the hop-by-hop fields, which HTTP/2 does not carry
     // (`Transfer-Encoding` included: the body is decoded here).
-    for h in h1::passed_on(&raw, head, false) {
-        let name = HeaderName::from_bytes(&raw[h.name.clone()]).map_err(|_| invalid())?;
-        let value = HeaderValue::from_maybe_shared(raw.slice(h.value.clone())).map_err(|_| invalid())?;
-        headers.append(name, value);
+    let mut fields = std::mem::take(&mut head.headers);
+    {
+        let passes_on = h1::passes_on(&buf, &fields, false);
+        fields.retain(|f| passes_on(f));
     }
     let state = match head.framing {
         Framing::Empty => State::Done,
@@ -185,14 +213,20 @@ fn response(
         Framing::Chunked => State::Chunked(Chunked::default(), Vec::new()),
         Framing::Close => State::Close,
     };
-    let mut body =
-        RawBody { conn: Some(conn), upstream: upstream.clone(), buf, at: head.len, state, reusable: head.reusable };
+    let mut body = RawBody {
+        conn: Some(conn),
+        upstream: upstream.clone(),
+        buf,
+        at: head.len,
+        state,
+        reusable: head.reusable,
+        fields,
+    };
     if matches!(body.state, State::Done) {
         body.finish();
     }
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
-    *resp.headers_mut() = headers;
     Ok(resp)
 }
 
@@ -211,6 +245,11 @@ enum State {
 /// An endpoint's response body read from its socket. At its clean end the
 /// connection goes back to the endpoint's pool if it can carry another
 /// request; dropped before, it is closed with the body.
+///
+/// It also holds its response's head fields, which are not in the
+/// response's header map: whoever passes the response on reads them with
+/// [`RawBody::head_fields`] before the body (the HTTP/2 server, the only
+/// one that serves a response of this path).
 pub(crate) struct RawBody {
     conn: Option<RawConn>,
     upstream: Arc<Upstream>,
@@ -220,15 +259,32 @@ pub(crate) struct RawBody {
     at: usize,
     state: State,
     reusable: bool,
+    /// The head's fields passed on, in `buf` until the body is first read.
+    fields: Vec<Span>,
 }
 
 impl Drop for RawBody {
     fn drop(&mut self) {
         fast::give_buffer(std::mem::take(&mut self.buf));
+        give_fields(std::mem::take(&mut self.fields));
     }
 }
 
 impl RawBody {
+    /// The response head's fields as the endpoint sent them (names in its
+    /// case), less the hop-by-hop ones; none once the body has been read.
+    pub(crate) fn head_fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.fields.iter().map(|f| (&self.buf[f.name.clone()], &self.buf[f.value.clone()]))
+    }
+
+    /// The first value of the head's field `name` (lower case).
+    pub(crate) fn field(&self, name: &[u8]) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|f| self.buf[f.name.clone()].eq_ignore_ascii_case(name))
+            .map(|f| &self.buf[f.value.clone()])
+    }
+
     fn finish(&mut self) {
         self.state = State::Done;
         if let Some(conn) = self.conn.take()
@@ -242,6 +298,8 @@ impl RawBody {
     /// Reads more of the body; `Ok(0)` at the end of the stream.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
         let Some(conn) = self.conn.as_mut() else { return Poll::Ready(Ok(0)) };
+        // The head's bytes are about to go.
+        self.fields.clear();
         if self.at == self.buf.len() {
             self.buf.clear();
             self.at = 0;

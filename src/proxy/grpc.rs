@@ -50,17 +50,22 @@ static GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-time
 
 /// Whether a request or response is gRPC (`application/grpc`, `application/grpc+proto`, …).
 pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
-    headers.get(CONTENT_TYPE).is_some_and(|v| {
-        let v = v.as_bytes();
-        v.len() >= 16
-            && v[..16].eq_ignore_ascii_case(b"application/grpc")
-            && matches!(v.get(16), None | Some(b'+' | b';'))
-    })
+    headers.get(CONTENT_TYPE).is_some_and(|v| is_grpc_type(v.as_bytes()))
+}
+
+/// Whether a `Content-Type` value names gRPC (`application/grpc`, `+proto`, ...).
+pub(crate) fn is_grpc_type(v: &[u8]) -> bool {
+    v.len() >= 16 && v[..16].eq_ignore_ascii_case(b"application/grpc") && matches!(v.get(16), None | Some(b'+' | b';'))
 }
 
 /// The `grpc-status` in `headers` (a trailer block, or a trailers-only response).
 pub(crate) fn status(headers: &HeaderMap) -> Option<u16> {
-    headers.get(&GRPC_STATUS)?.to_str().ok()?.parse().ok()
+    headers.get(&GRPC_STATUS).and_then(|v| status_value(v.as_bytes()))
+}
+
+/// A `grpc-status` value's code.
+pub(crate) fn status_value(v: &[u8]) -> Option<u16> {
+    std::str::from_utf8(v).ok()?.parse().ok()
 }
 
 /// Whether a status says the endpoint failed, rather than the application

@@ -416,6 +416,13 @@ pub fn passed_on<'a>(
     resp: &'a ResponseHead,
     transfer_encoding: bool,
 ) -> impl Iterator<Item = &'a Span> + 'a {
+    let keep = passes_on(buf, &resp.headers, transfer_encoding);
+    resp.headers.iter().filter(move |h| keep(h))
+}
+
+/// [`passed_on`]'s test of one field of `headers` (read from `buf`): kept
+/// apart from the fields, so a list can be filtered in place.
+pub fn passes_on<'a>(buf: &'a [u8], headers: &[Span], transfer_encoding: bool) -> impl Fn(&Span) -> bool + 'a {
     // The `Connection` values that name a field (most name none: `keep-alive`, `close`).
     let mut listed = [0..0, 0..0, 0..0, 0..0];
     let mut n = 0;
@@ -424,17 +431,17 @@ pub fn passed_on<'a>(
             .map(<[u8]>::trim_ascii)
             .any(|t| !t.is_empty() && !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive"))
     };
-    for h in resp.headers.iter().filter(|h| h.kind == Kind::Connection) {
+    for h in headers.iter().filter(|h| h.kind == Kind::Connection) {
         if n < listed.len() && names_a_field(&buf[h.value.clone()]) {
             listed[n] = h.value.clone();
             n += 1;
         }
     }
-    resp.headers.iter().filter(move |h| match h.kind {
+    move |h: &Span| match h.kind {
         Kind::Connection | Kind::HopByHop => false,
         Kind::TransferEncoding => transfer_encoding,
         _ => n == 0 || !named_by_connection(buf, &buf[h.name.clone()], &listed[..n]),
-    })
+    }
 }
 
 fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {

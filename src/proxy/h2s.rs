@@ -490,7 +490,8 @@ pub(crate) async fn serve<S>(
                         // worker's pool rather than the allocator.
                         *conn.output() = fast::take_buffer();
                     }
-                    let fields = parts.headers.iter().map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
+                    let raw = http::raw_head(&body).into_iter().flat_map(|b| b.head_fields());
+                    let fields = raw.chain(parts.headers.iter().map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())));
                     let sent = conn.send_response(stream, parts.status.as_u16(), fields, end);
                     http::recycle(parts.headers);
                     if sent.is_ok() && !end {

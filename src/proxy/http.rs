@@ -358,9 +358,14 @@ async fn forward(
                     }
                     shared.metrics.upgrade("refused");
                 }
-                let grpc_response = grpc::is_grpc(resp.headers());
+                // A bridged response's fields are not in its map.
+                let field = |name: &HeaderName| match resp.body() {
+                    EndpointBody::Raw(raw) => raw.field(name.as_str().as_bytes()),
+                    _ => resp.headers().get(name).map(HeaderValue::as_bytes),
+                };
+                let grpc_response = field(&header::CONTENT_TYPE).is_some_and(grpc::is_grpc_type);
                 let mut outcome = if status.is_server_error() { Outcome::Failure } else { Outcome::Success };
-                if grpc_response && let Some(code) = grpc::status(resp.headers()) {
+                if grpc_response && let Some(code) = field(&grpc::GRPC_STATUS).and_then(grpc::status_value) {
                     // A trailers-only answer: the call's outcome is in the headers.
                     stats.count_grpc(code);
                     upstream.track.grpc_status(code);
@@ -773,6 +778,15 @@ pub struct TrackedBody {
     idle: Option<StreamIdle>,
     /// The proxy ended the body itself (trailers sent).
     ended: bool,
+}
+
+/// The fields of a bridged response's head, which its header map does not
+/// hold ([`bridge::RawBody::head_fields`]); to be read before the body.
+pub(crate) fn raw_head(body: &ProxyBody) -> Option<&bridge::RawBody> {
+    match body {
+        Either::Left(TrackedBody { inner: EndpointBody::Raw(raw), .. }) => Some(raw),
+        _ => None,
+    }
 }
 
 /// An endpoint's response body: from hyper's client, or read from a socket

@@ -58,7 +58,7 @@ fn script(method: &str, path: &str) -> (Vec<&'static [u8]>, bool) {
     match (method, path) {
         ("HEAD", _) => (vec![b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"], false),
         (_, "/len") => (
-            vec![b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: x-hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nX-Kept: yes\r\n\r\nhello"],
+            vec![b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nSet-Cookie: a=1\r\nConnection: x-hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nX-Kept: yes\r\nset-cookie: b=2\r\n\r\nhello"],
             false,
         ),
         (_, "/chunked") => (
@@ -204,7 +204,11 @@ async fn every_response_framing_reaches_an_http2_client_whole() {
 
     let (r, _) = fetch(&h2, req("GET", &url("/len"))).await.unwrap();
     assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "hello"));
+    // Names in the endpoint's case go out in lower case (HTTP/2 refuses
+    // others), a repeated field keeps every value in order.
     assert_eq!(r.headers["x-kept"], "yes");
+    let cookies: Vec<_> = r.headers.get_all("set-cookie").iter().collect();
+    assert_eq!(cookies, ["a=1", "b=2"]);
     for hop in ["connection", "x-hop", "keep-alive"] {
         assert!(!r.headers.contains_key(hop), "{hop} reached the client: {:?}", r.headers);
     }
