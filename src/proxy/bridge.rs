@@ -8,14 +8,19 @@
 //! top of the HTTP/2 server's. A request whose stream ended with its headers
 //! (`GET`, `HEAD`, `DELETE`, ...), or whose body has a `Content-Length` of at
 //! most [`MAX_BODY`] bytes (read whole first, as the HTTP/1.1 fast path
-//! does), needs none of it: its head is written from the header map, with the
-//! body, in one write on a socket of [`Upstream::raw_connection`]
-//! (the fast path's pool, under the same `maxConnections`), the response
-//! head is parsed in place ([`h1::parse_response`]) into the response the
-//! HTTP/2 server encodes straight from the endpoint's bytes (no header map:
-//! [`RawBody::head_fields`]), and the body is read by its framing in the
-//! same task as the stream ([`RawBody`]): Content-Length, chunked (decoded,
-//! its trailers passed on as HTTP/2 trailers) or until the endpoint closes.
+//! does), needs none of it, nor header maps: the HTTP/2 server writes its
+//! decoded head as the HTTP/1.1 head a client would have sent
+//! ([`h1_head`], [`RawRequest`]), which the fast path's rewriting turns
+//! into the endpoint's ([`fast::prepare`]); it goes, with the body, in one
+//! write on a socket of [`Upstream::raw_connection`] (the fast path's pool,
+//! under the same `maxConnections`); the response head is parsed in place
+//! ([`h1::parse_response`]) and the HTTP/2 server encodes it straight from
+//! the endpoint's bytes ([`RawBody::head_fields`]); the body is read by its
+//! framing in the same task as the stream ([`RawBody`]): Content-Length,
+//! chunked (decoded, its trailers passed on as HTTP/2 trailers) or until
+//! the endpoint closes. A request [`h1_head`] does not take (odd bytes, a
+//! gRPC call) is built into a header map as every other request is, and
+//! still comes this way when it can ([`request_head`]).
 //!
 //! The caller ([`super::http`]) keeps everything else as it is for hyper's
 //! client: the pick, retries, circuit breaking, timeouts, the outcome at the
@@ -27,7 +32,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use super::fast::{self, Broken};
-use super::h1::{self, BadChunk, Chunked, Framing, ResponseHead, Span};
+use super::h1::{self, BadChunk, Chunked, Framing, Kind, ResponseHead, Span};
 use super::upstream::{ConnSettings, RawConn, Upstream, UpstreamError};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -82,6 +87,155 @@ pub(crate) fn body_length(parts: &http::request::Parts, end_stream: bool) -> Opt
         (false, Some(n)) if (1..=MAX_BODY).contains(&n) => Some(n),
         _ => None,
     }
+}
+
+/// An HTTP/2 client's request on this path without a header map: its head
+/// written as the HTTP/1.1 head a client would have sent, which the fast
+/// path's rewriting ([`fast::prepare`]) turns into the endpoint's.
+pub(crate) struct RawRequest {
+    /// The head's bytes (a buffer of the worker's pool).
+    pub(crate) buf: Vec<u8>,
+    pub(crate) head: h1::RequestHead,
+    pub(crate) body: super::http::RequestBody,
+}
+
+impl RawRequest {
+    /// The request of `head` on this path ([`h1_head`]), or its body back.
+    pub(crate) fn of(
+        head: &super::h2conn::Head,
+        end_stream: bool,
+        body: super::http::RequestBody,
+    ) -> Result<RawRequest, super::http::RequestBody> {
+        let mut buf = fast::take_buffer();
+        let headers = FIELD_LISTS.with_borrow_mut(Vec::pop).unwrap_or_default();
+        let mut h1 = h1::RequestHead { headers, ..h1::RequestHead::default() };
+        if h1_head(head, end_stream, &mut buf, &mut h1) {
+            return Ok(RawRequest { buf, head: h1, body });
+        }
+        fast::give_buffer(buf);
+        give_fields(h1.headers);
+        Err(body)
+    }
+
+    /// Gives the head's buffers back to the worker's pools.
+    pub(crate) fn recycle(buf: Vec<u8>, head: h1::RequestHead) {
+        fast::give_buffer(buf);
+        give_fields(head.headers);
+    }
+}
+
+/// Writes `head`, an HTTP/2 request whose stream ended with it
+/// (`end_stream`) or not, as an HTTP/1.1 head into `out` and `req`, when it
+/// can take this path: a method other than `CONNECT`, an `http` or `https`
+/// scheme, a target and an authority of plain bytes, field values the
+/// `http` crate accepts, at most one `Content-Length`, not a gRPC call, and
+/// a body as [`body_length`] takes it. `false` otherwise: the request goes the way of
+/// every other (its header map built, and refused there if it must be), so
+/// nothing odd reaches an endpoint by this path.
+///
+/// The `Host` is the `:authority` unless the client sent one; the
+/// `Cookie` fields are joined into one (RFC 9113 §8.2.3); a `POST`, `PUT`
+/// or `PATCH` without a body says `Content-Length: 0`, as hyper's client does.
+pub(crate) fn h1_head(
+    head: &super::h2conn::Head,
+    end_stream: bool,
+    out: &mut Vec<u8>,
+    req: &mut h1::RequestHead,
+) -> bool {
+    let method = head.method();
+    let Ok(parsed) = Method::from_bytes(method) else { return false };
+    let Some(path) = head.path() else { return false };
+    let plain_target =
+        path.first() == Some(&b'/') && path.iter().fold(true, |ok, &b| ok & (b > b' ' && b < 0x7f && b != b'#'));
+    let plain_authority = head.authority().is_none_or(|a| {
+        !a.is_empty() && a.iter().fold(true, |ok, &b| ok & (b.is_ascii_alphanumeric() || b"-._:[]".contains(&b)))
+    });
+    if parsed == Method::CONNECT
+        || !matches!(head.scheme(), Some(b"http" | b"https"))
+        || !plain_target
+        || !plain_authority
+    {
+        return false;
+    }
+    let body = match (end_stream, head.content_length()) {
+        (true, None | Some(0)) => 0,
+        (false, Some(n)) if (1..=MAX_BODY as u64).contains(&n) => n,
+        _ => return false,
+    };
+    out.clear();
+    req.headers.clear();
+    out.extend_from_slice(method);
+    req.method = 0..method.len();
+    out.push(b' ');
+    let start = out.len();
+    out.extend_from_slice(path);
+    req.target = start..out.len();
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let (mut host, mut lengths, mut cookies) = (false, 0, 0);
+    let field = |out: &mut Vec<u8>, req: &mut h1::RequestHead, name: &[u8], value: &[u8]| {
+        let start = out.len();
+        out.extend_from_slice(name);
+        let name = start..out.len();
+        out.extend_from_slice(b": ");
+        let start = out.len();
+        out.extend_from_slice(value);
+        let value = start..out.len();
+        out.extend_from_slice(b"\r\n");
+        let kind = h1::kind_of(&out[name.clone()]);
+        req.headers.push(h1::Span { name, value, kind });
+        kind
+    };
+    for (name, value) in head.fields() {
+        // What `HeaderValue` refuses (the codec lets other control bytes by).
+        if value.iter().fold(false, |bad, &b| bad | ((b < b' ' && b != b'\t') || b == 0x7f)) {
+            return false;
+        }
+        if name == b"cookie" {
+            cookies += 1;
+            continue;
+        }
+        match field(out, req, name, value) {
+            // HTTP/2 carries only `TE: trailers`, which goes on (the fast
+            // path drops `TE` as the hop-by-hop field it is in HTTP/1.1;
+            // here the proxy itself passes trailers on to the client).
+            Kind::HopByHop if name == b"te" => req.headers.last_mut().into_iter().for_each(|f| f.kind = Kind::Other),
+            Kind::Host => host = true,
+            Kind::ContentLength => lengths += 1,
+            Kind::TransferEncoding => return false,
+            // A gRPC call is not for an HTTP/1.1 endpoint: the hyper path answers it.
+            Kind::ContentType if super::grpc::is_grpc_type(value) => return false,
+            _ => {}
+        }
+    }
+    if lengths > 1 {
+        return false;
+    }
+    if cookies > 0 {
+        let start = out.len();
+        out.extend_from_slice(b"cookie: ");
+        let value = out.len();
+        for (i, (_, v)) in head.fields().filter(|(n, _)| *n == b"cookie").enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b"; ");
+            }
+            out.extend_from_slice(v);
+        }
+        req.headers.push(h1::Span { name: start..start + 6, value: value..out.len(), kind: Kind::Cookie });
+        out.extend_from_slice(b"\r\n");
+    }
+    if !host && let Some(authority) = head.authority() {
+        field(out, req, b"host", authority);
+    }
+    if lengths == 0 && matches!(method, b"POST" | b"PUT" | b"PATCH") {
+        field(out, req, b"content-length", b"0");
+    }
+    out.extend_from_slice(b"\r\n");
+    req.len = out.len();
+    req.body = body;
+    req.close = false;
+    req.head = method == b"HEAD";
+    req.idempotent = super::http::is_idempotent(&parsed);
+    true
 }
 
 /// Why a request body could not be read whole.

@@ -243,6 +243,57 @@ async fn read_more<R: AsyncRead + Unpin>(io: &mut R, buf: &mut Vec<u8>, limit: u
     io.read_buf(&mut limited).await
 }
 
+/// Writes the head of `req` (read from `buf`) for the endpoint into
+/// `sent`: hop-by-hop fields removed, the forwarding fields set (from a
+/// trusted proxy's chain, or the peer); returns the request's hashing key
+/// and the affinity token it presented. The fast path's and the HTTP/2
+/// bridge's ([`super::bridge::RawRequest`]).
+pub(crate) fn prepare(
+    rt: &Runtime,
+    peer: &Peer,
+    buf: &[u8],
+    req: &RequestHead,
+    sent: &mut Vec<u8>,
+) -> (Option<u64>, Option<AffinityToken>) {
+    let headers = &req.headers;
+    let cookies = || h1::values(buf, headers, Kind::Cookie);
+    let presented = rt
+        .affinity
+        .as_ref()
+        .and_then(|a| cookie_in(cookies(), &a.cookie))
+        .and_then(|v| v.parse::<AffinityToken>().ok());
+    let hash_source = rt.hash.as_ref().map(|key| {
+        hash_input(key, peer, |name| h1::value_of(buf, headers, name.as_str()), |name| cookie_in(cookies(), name))
+    });
+    let peer_ip = peer.addr.ip();
+    let trusted = !rt.trusted.is_empty() && rt.trusted.iter().any(|c| c.contains(peer_ip));
+    let mut chain = Vec::new();
+    let client_ip: IpAddr = if trusted {
+        for v in headers.iter().filter(|h| h.kind == Kind::ForwardedFor) {
+            if !chain.is_empty() {
+                chain.extend_from_slice(b", ");
+            }
+            chain.extend_from_slice(&buf[v.value.clone()]);
+        }
+        let client = forwarding::client_of(&chain, peer_ip, &rt.trusted);
+        if !chain.is_empty() {
+            chain.extend_from_slice(b", ");
+        }
+        chain.extend_from_slice(peer.ip_header.as_bytes());
+        client
+    } else {
+        peer_ip
+    };
+    let fwd = h1::Forwarded {
+        forwarded_for: if trusted { &chain } else { peer.ip_header.as_bytes() },
+        proto: if peer.https { b"https" } else { b"http" },
+        keep_client_proto: trusted,
+        client_cert: peer.cert.as_ref().map(|c| c.xfcc.as_bytes()),
+    };
+    h1::write_request(buf, req, &fwd, sent);
+    (hash_source.and_then(|h| h.resolve(client_ip)), presented)
+}
+
 /// Sends a request (`head` and `body`, both raw bytes) on a connection of
 /// `upstream`'s fast-path pool and reads the response head into `resp`,
 /// its bytes and any that followed into `buf` (to a `HEAD` request when
@@ -441,52 +492,9 @@ impl Conn<'_> {
         matches!(within(Instant::now() + self.limits.body_idle, io.write_all(head.as_bytes())).await, Some(Ok(())))
     }
 
-    /// Prepares the head for the endpoint; returns the client's address and
-    /// the request's hashing key and presented affinity token.
+    /// Prepares the head for the endpoint ([`prepare`]).
     fn prepare(&mut self, rt: &Runtime) -> (Option<u64>, Option<AffinityToken>) {
-        let buf = &self.client;
-        let headers = &self.req.headers;
-        let cookies = || h1::values(buf, headers, Kind::Cookie);
-        let presented = rt
-            .affinity
-            .as_ref()
-            .and_then(|a| cookie_in(cookies(), &a.cookie))
-            .and_then(|v| v.parse::<AffinityToken>().ok());
-        let hash_source = rt.hash.as_ref().map(|key| {
-            hash_input(
-                key,
-                self.peer,
-                |name| h1::value_of(buf, headers, name.as_str()),
-                |name| cookie_in(cookies(), name),
-            )
-        });
-        let peer_ip = self.peer.addr.ip();
-        let trusted = !rt.trusted.is_empty() && rt.trusted.iter().any(|c| c.contains(peer_ip));
-        let mut chain = Vec::new();
-        let client_ip: IpAddr = if trusted {
-            for v in headers.iter().filter(|h| h.kind == Kind::ForwardedFor) {
-                if !chain.is_empty() {
-                    chain.extend_from_slice(b", ");
-                }
-                chain.extend_from_slice(&buf[v.value.clone()]);
-            }
-            let client = forwarding::client_of(&chain, peer_ip, &rt.trusted);
-            if !chain.is_empty() {
-                chain.extend_from_slice(b", ");
-            }
-            chain.extend_from_slice(self.peer.ip_header.as_bytes());
-            client
-        } else {
-            peer_ip
-        };
-        let fwd = h1::Forwarded {
-            forwarded_for: if trusted { &chain } else { self.peer.ip_header.as_bytes() },
-            proto: if self.peer.https { b"https" } else { b"http" },
-            keep_client_proto: trusted,
-            client_cert: self.peer.cert.as_ref().map(|c| c.xfcc.as_bytes()),
-        };
-        h1::write_request(buf, &self.req, &fwd, &mut self.sent);
-        (hash_source.and_then(|h| h.resolve(client_ip)), presented)
+        prepare(rt, self.peer, &self.client, &self.req, &mut self.sent)
     }
 
     /// The hyper path's `forward`, on sockets: picks, sends, retries, and

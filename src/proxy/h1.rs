@@ -57,7 +57,7 @@ pub enum Kind {
     ContentType,
 }
 
-fn kind_of(name: &[u8]) -> Kind {
+pub fn kind_of(name: &[u8]) -> Kind {
     let is = |s: &[u8]| name.eq_ignore_ascii_case(s);
     match name.len() {
         4 if is(b"host") => Kind::Host,

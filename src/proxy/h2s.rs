@@ -41,11 +41,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::Limits;
 use super::conn::{self, InFlight, StreamClock};
-use super::fast;
 use super::h2conn::{self, Conn, Handler, Head};
 use super::h2frame::Reason;
 use super::http::{self, Peer, ProxyBody, RequestBody};
 use super::state::Shared;
+use super::{bridge, fast};
 
 /// The most the connection queues for the client before it stops taking
 /// more from the streams' bodies (the `h2` crate's send buffer here).
@@ -296,7 +296,7 @@ impl Body for StreamBody {
 /// The request of a head, for the hyper path; `None` when it cannot be one
 /// (a malformed authority, scheme or path: the stream is reset, as the `h2`
 /// crate did).
-fn request_of(head: &Head, body: StreamBody) -> Option<Request<RequestBody>> {
+fn request_of(head: &Head, body: RequestBody) -> Option<Request<RequestBody>> {
     let method = Method::from_bytes(head.method()).ok()?;
     let connect = method == Method::CONNECT;
     // One copy of the head, whose slices the authority, the path and the
@@ -322,7 +322,7 @@ fn request_of(head: &Head, body: StreamBody) -> Option<Request<RequestBody>> {
     let uri = Uri::from_parts(parts).ok()?;
     // Room for what the request path adds: a map that grows is rebuilt.
     let headers = fields_map(head, &shared, http::ADDED_FIELDS)?;
-    let mut req = Request::new(Either::Right(body));
+    let mut req = Request::new(body);
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_2;
@@ -374,8 +374,11 @@ impl Slots {
 #[derive(Default)]
 struct Events {
     slots: Slots,
+    /// The endpoints speak HTTP/1.1: a plain request goes to them without
+    /// a header map ([`bridge::h1_head`]).
+    bridge: bool,
     /// New requests: their stream and request (`None`: malformed).
-    opened: Vec<(u32, Option<Request<RequestBody>>)>,
+    opened: Vec<(u32, Option<Opened>)>,
     writable: Vec<u32>,
     /// Streams the client reset, with their slots (to give back what they hold).
     gone: Vec<(u32, Option<SharedSlot>)>,
@@ -387,7 +390,13 @@ impl Handler for Events {
         lock(&slot).arrived.data(&[], end_stream);
         let body = StreamBody { slot: slot.clone(), length: head.content_length(), ended: false };
         self.slots.insert(stream, slot);
-        self.opened.push((stream, request_of(head, body)));
+        let body = Either::Right(body);
+        let opened = if self.bridge { bridge::RawRequest::of(head, end_stream, body) } else { Err(body) };
+        let opened = match opened {
+            Ok(raw) => Some(Opened::Raw(raw)),
+            Err(body) => request_of(head, body).map(Opened::Map),
+        };
+        self.opened.push((stream, opened));
     }
 
     fn data(&mut self, stream: u32, data: &[u8], end_stream: bool) {
@@ -426,6 +435,12 @@ impl Handler for Events {
     fn writable(&mut self, stream: u32) {
         self.writable.push(stream);
     }
+}
+
+/// A stream's request, as the hyper path takes it or without a header map.
+enum Opened {
+    Map(Request<RequestBody>),
+    Raw(bridge::RawRequest),
 }
 
 /// A stream's request served: its response, unless the client reset it first.
@@ -554,6 +569,7 @@ pub(crate) async fn serve<S>(
                 match tokio_util::io::poll_read_buf(Pin::new(&mut io), cx, &mut read) {
                     Poll::Ready(Ok(0)) => read_closed = true,
                     Poll::Ready(Ok(_)) => {
+                        events.bridge = !shared.current.load().config.app_protocol.is_http2();
                         match conn.recv(&read, &mut events) {
                             Ok(taken) => {
                                 read.advance(taken);
@@ -717,15 +733,22 @@ async fn serve_stream(
     shared: Arc<Shared>,
     client: Peer,
     stream: u32,
-    req: Request<RequestBody>,
+    req: Opened,
     slot: SharedSlot,
     in_flight: InFlight,
 ) -> Served {
     // Boxed: the set of a connection's streams holds each stream's future
     // inline, and moves it there whole.
-    let mut served = Box::pin(http::serve(shared, client, req, Some(StreamClock::new())));
+    let mut served = match req {
+        Opened::Map(req) => Either::Left(Box::pin(http::serve(shared, client, req, Some(StreamClock::new())))),
+        Opened::Raw(req) => Either::Right(Box::pin(http::serve_raw(shared, client, req, StreamClock::new()))),
+    };
     let response = std::future::poll_fn(|cx| {
-        if let Poll::Ready(Ok(resp)) = served.as_mut().poll(cx) {
+        let polled = match &mut served {
+            Either::Left(f) => f.as_mut().poll(cx),
+            Either::Right(f) => f.as_mut().poll(cx),
+        };
+        if let Poll::Ready(Ok(resp)) = polled {
             return Poll::Ready(Some(resp));
         }
         let mut slot = lock(&slot);

@@ -290,35 +290,139 @@ async fn forward(
     } else {
         None
     };
+    let ask = Ask { hash, presented, idempotent: is_idempotent(&parts.method), call_timeout, start };
 
     let retries = rt.config.retries.attempts.min(MAX_RETRY_ATTEMPTS) as usize;
-    let idempotent = is_idempotent(&parts.method);
     // An HTTP/2 client's request without a body, or with a small one of
     // known length (read whole first), to an HTTP/1.1 endpoint: over the fast
     // path's sockets, its head and body written once for every attempt.
     let bridged = (!http2 && stream.is_some() && upgrade.is_none() && !grpc_call)
         .then(|| bridge::body_length(&parts, body.is_end_stream()))
         .flatten();
-    let (raw_head, mut body) = match bridged {
+    let mut out = match bridged {
         Some(len) => {
             let mut wire = bridge::request_head(&parts);
+            // The head is all the endpoint needs of the request.
+            recycle(std::mem::take(&mut parts.headers));
             if len > 0 {
-                let read = bridge::read_body(body, len, &mut wire, timeouts.body_idle.0, stream.as_ref()).await;
-                if let Err(e) = read {
-                    if e == bridge::BodyRead::Timeout {
-                        shared.metrics.timed_out("bodyIdle");
-                    }
-                    return Err(Failure::ClientBody);
-                }
+                read_body_onto(shared, rt, body, len, &mut wire, stream.as_ref()).await?;
             }
-            (Some((wire, parts.method == Method::HEAD)), Sendable::Empty)
+            Outgoing::Raw(wire, parts.method == Method::HEAD)
         }
-        None if body.is_end_stream() => (None, Sendable::Empty),
-        None if retries > 0 => {
-            (None, Sendable::Held(Replayable::new(ClientBody { inner: body, clock: stream.clone() })))
+        None => {
+            let body = if body.is_end_stream() {
+                Sendable::Empty
+            } else if retries > 0 {
+                Sendable::Held(Replayable::new(ClientBody { inner: body, clock: stream.clone() }))
+            } else {
+                Sendable::Once(Some(ClientBody { inner: body, clock: stream.clone() }))
+            };
+            Outgoing::Sent { parts, body, authority, upgrade, client_upgrade }
         }
-        None => (None, Sendable::Once(Some(ClientBody { inner: body, clock: stream.clone() }))),
     };
+    attempts(shared, rt, &mut out, ask, stream).await
+}
+
+/// Serves an HTTP/2 client's request taken without a header map
+/// ([`bridge::RawRequest`]): its head rewritten as the fast path does, its
+/// body (of known length) read whole, then sent as [`forward`] sends a
+/// bridged request.
+pub(crate) async fn serve_raw(
+    shared: Arc<Shared>,
+    peer: Peer,
+    req: bridge::RawRequest,
+    stream: StreamClock,
+) -> Result<Response<ProxyBody>, Infallible> {
+    // The configuration of now: endpoints that came to speak HTTP/2 since
+    // the request was read fail it as any other endpoint failure would.
+    let rt = shared.current.load_full();
+    let clock = rt.set.clock().clone();
+    let start = clock.now();
+    let bridge::RawRequest { buf, head, body } = req;
+    let mut wire = super::fast::take_buffer();
+    let (hash, presented) = super::fast::prepare(&rt, &peer, &buf, &head, &mut wire);
+    let ask = Ask { hash, presented, idempotent: head.idempotent, call_timeout: None, start };
+    let (len, is_head) = (head.body as usize, head.head);
+    bridge::RawRequest::recycle(buf, head);
+    let read = if len > 0 { read_body_onto(&shared, &rt, body, len, &mut wire, Some(&stream)).await } else { Ok(()) };
+    let mut out = Outgoing::Raw(wire, is_head);
+    let forwarded = match read {
+        Ok(()) => attempts(&shared, &rt, &mut out, ask, Some(stream)).await,
+        Err(failure) => Err(failure),
+    };
+    if let Outgoing::Raw(wire, _) = out {
+        super::fast::give_buffer(wire);
+    }
+    let resp = forwarded.unwrap_or_else(|failure| local_response(&shared, failure, false));
+    shared.metrics.request_duration.observe_nanos(balance::duration_nanos(clock.now().since(start)));
+    Ok(resp)
+}
+
+/// Reads a request body of `len` bytes onto `wire`, each frame within
+/// `timeouts.bodyIdle` ([`bridge::read_body`]).
+async fn read_body_onto(
+    shared: &Shared,
+    rt: &Runtime,
+    body: RequestBody,
+    len: usize,
+    wire: &mut Vec<u8>,
+    stream: Option<&StreamClock>,
+) -> Result<(), Failure> {
+    match bridge::read_body(body, len, wire, rt.config.timeouts.body_idle.0, stream).await {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            if e == bridge::BodyRead::Timeout {
+                shared.metrics.timed_out("bodyIdle");
+            }
+            Err(Failure::ClientBody)
+        }
+    }
+}
+
+/// What a request sends to an endpoint on each attempt.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "made once per request in its future's state; a box would be an allocation"
+)]
+enum Outgoing {
+    /// Over the fast path's sockets ([`bridge`]): the HTTP/1.1 head and
+    /// body, and whether the method is `HEAD`.
+    Raw(Vec<u8>, bool),
+    /// Through the endpoint's client ([`Upstream::send`]).
+    Sent {
+        parts: http::request::Parts,
+        body: Sendable,
+        /// Towards HTTP/2, the client's host.
+        authority: Option<http::uri::Authority>,
+        /// The protocol an upgrade asks for, and the client's side of it.
+        upgrade: Option<HeaderValue>,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    },
+}
+
+/// What a request's attempts need to know of it.
+struct Ask {
+    hash: Option<u64>,
+    presented: Option<AffinityToken>,
+    idempotent: bool,
+    /// A gRPC call's own deadline, when shorter than `timeouts.request`.
+    call_timeout: Option<std::time::Duration>,
+    start: balance::Nanos,
+}
+
+/// Sends `out` to endpoints until one answers (retries, circuit breaking,
+/// timeouts as configured); the response, its body tracked to its end.
+async fn attempts(
+    shared: &Arc<Shared>,
+    rt: &Runtime,
+    out: &mut Outgoing,
+    ask: Ask,
+    stream: Option<StreamClock>,
+) -> Result<Response<ProxyBody>, Failure> {
+    let http2 = rt.config.app_protocol.is_http2();
+    let timeouts = &rt.config.timeouts;
+    let Ask { hash, presented, idempotent, call_timeout, start } = ask;
+    let retries = rt.config.retries.attempts.min(MAX_RETRY_ATTEMPTS) as usize;
     let mut attempts = Attempts::new(shared, rt, idempotent);
     let settings = attempts.settings();
     let deadline = tokio::time::Instant::now() + call_timeout.unwrap_or(timeouts.request.0);
@@ -329,17 +433,20 @@ async fn forward(
         let stats = &upstream.stats;
         let per_attempt =
             if call_timeout.is_some() { deadline } else { tokio::time::Instant::now() + timeouts.request.0 };
-        let sent = if let Some((wire, is_head)) = &raw_head {
-            let exchange = bridge::exchange(upstream, wire, *is_head, settings, idempotent);
-            tokio::time::timeout_at(per_attempt, exchange)
-                .await
-                .map(|r| r.map(|resp| (resp.map(EndpointBody::Raw), Lease::raw(upstream.clone()))))
-        } else {
-            let Some(attempt_body) = body.next() else { return Err(Failure::Upstream) };
-            parts.uri = upstream_uri(&parts.uri, authority.as_ref().unwrap_or(&upstream.authority), http2);
-            // Boxed by `send`, sized to the protocol it speaks.
-            let exchange = upstream.send(&mut parts, attempt == retries, attempt_body, settings);
-            tokio::time::timeout_at(per_attempt, exchange).await
+        let sent = match out {
+            Outgoing::Raw(wire, is_head) => {
+                let exchange = bridge::exchange(upstream, wire, *is_head, settings, idempotent);
+                tokio::time::timeout_at(per_attempt, exchange)
+                    .await
+                    .map(|r| r.map(|resp| (resp.map(EndpointBody::Raw), Lease::raw(upstream.clone()))))
+            }
+            Outgoing::Sent { parts, body, authority, .. } => {
+                let Some(attempt_body) = body.next() else { return Err(Failure::Upstream) };
+                parts.uri = upstream_uri(&parts.uri, authority.as_ref().unwrap_or(&upstream.authority), http2);
+                // Boxed by `send`, sized to the protocol it speaks.
+                let exchange = upstream.send(parts, attempt == retries, attempt_body, settings);
+                tokio::time::timeout_at(per_attempt, exchange).await
+            }
         };
         let clock = rt.set.clock();
         now = clock.now();
@@ -351,8 +458,10 @@ async fn forward(
                 stats.count(class);
                 let second = tracks::now_s();
                 upstream.track.answered(second, class, balance::duration_nanos(now.since(start)));
-                if let (Some(client), Some(requested)) = (client_upgrade, &upgrade) {
-                    if status == StatusCode::SWITCHING_PROTOCOLS {
+                if let Outgoing::Sent { client_upgrade, upgrade: Some(requested), .. } = out {
+                    if let Some(client) = client_upgrade.take()
+                        && status == StatusCode::SWITCHING_PROTOCOLS
+                    {
                         upstream.track.completed(second, false);
                         return Ok(upgrade::tunnel(shared, rt, client, resp, requested, pick, lease));
                     }
@@ -373,9 +482,14 @@ async fn forward(
                         outcome = Outcome::Failure;
                     }
                 }
-                // A bridged response's head left them out already.
-                if raw_head.is_none() {
-                    strip_hop_by_hop(resp.headers_mut());
+                match out {
+                    // The request's head has gone out for good.
+                    Outgoing::Sent { parts, .. } => {
+                        strip_hop_by_hop(resp.headers_mut());
+                        recycle(std::mem::take(&mut parts.headers));
+                    }
+                    // A bridged response's head left them out already.
+                    Outgoing::Raw(..) => {}
                 }
                 if let Some(a) = &rt.affinity
                     && presented != Some(pick.affinity_token())
@@ -384,8 +498,6 @@ async fn forward(
                 {
                     resp.headers_mut().append(header::SET_COOKIE, v);
                 }
-                // The request's head has gone out for good.
-                recycle(std::mem::take(&mut parts.headers));
                 let (rparts, rbody) = resp.into_parts();
                 let mut tracked = TrackedBody::new(rbody, pick, outcome, lease, grpc_response);
                 if call_timeout.is_some() {
@@ -400,7 +512,7 @@ async fn forward(
             }
             Ok(Err(UpstreamError::Overflow)) => attempts.overflowed(pick, attempt)?,
             Ok(Err(e)) => {
-                if upgrade.is_some() {
+                if matches!(out, Outgoing::Sent { upgrade: Some(_), .. }) {
                     shared.metrics.upgrade("failed");
                 }
                 let connect_failed = matches!(e, UpstreamError::Connect(_));
@@ -534,7 +646,7 @@ impl<'a> Attempts<'a> {
 }
 
 /// Methods that may be sent twice without changing the outcome (RFC 9110 §9.2.2).
-fn is_idempotent(m: &Method) -> bool {
+pub(crate) fn is_idempotent(m: &Method) -> bool {
     matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
 }
 

@@ -430,3 +430,100 @@ async fn a_client_that_leaves_in_the_middle_of_a_body_is_counted_and_its_request
 fn tokio_stream_from<T: Send + 'static>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures::Stream<Item = T> {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
+
+/// An HTTP/2 request on its way to an HTTP/1.1 endpoint (the `h2` crate as
+/// the client) arrives as an HTTP/1.1 client would have sent it: the
+/// `:authority` as its `Host`, its `Cookie` fields joined into one (RFC 9113
+/// §8.2.3), `TE: trailers` kept, the forwarding fields the proxy's own (a
+/// client's forged ones gone), `Content-Length: 0` on a `POST` without a
+/// body. What an HTTP/1.1 head must not carry never reaches the endpoint: a
+/// control byte in a value (the stream is refused) or a fragment in the path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_requests_reach_an_http1_endpoint_as_an_http1_client_would_send_them() {
+    let e = Scripted::start(49).await;
+    let p = proxy1(&format!("endpoints: [{{address: \"{}\"}}]\n", e.addr)).await;
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let mut call = async |req: Request<()>| {
+        let (response, _) = client.send_request(req, true).unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(5), response).await.unwrap().unwrap();
+        let mut body = resp.into_body();
+        let mut got = Vec::new();
+        while let Some(chunk) = tokio::time::timeout(Duration::from_secs(5), body.data()).await.unwrap() {
+            let chunk = chunk.unwrap();
+            let _ = body.flow_control().release_capacity(chunk.len());
+            got.extend_from_slice(&chunk);
+        }
+        String::from_utf8(got).unwrap()
+    };
+    let get = Request::get("http://shop.example:8080/len")
+        .header("cookie", "a=1")
+        .header("x-app", "kept")
+        .header("cookie", "b=2")
+        .header("te", "trailers")
+        .header("x-forwarded-for", "9.9.9.9")
+        .header("x-forwarded-client-cert", "forged")
+        .body(())
+        .unwrap();
+    assert_eq!(call(get).await, "hello");
+    let post = Request::post(format!("http://{}/len", p.addr)).body(()).unwrap();
+    assert_eq!(call(post).await, "hello");
+    let heads = e.requests();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    let get = &heads[0];
+    assert!(get.starts_with("GET /len HTTP/1.1\r\n"), "{get}");
+    for line in [
+        "\r\nhost: shop.example:8080\r\n",
+        "\r\ncookie: a=1; b=2\r\n",
+        "\r\nx-app: kept\r\n",
+        "\r\nte: trailers\r\n",
+        "\r\nx-forwarded-for: 127.0.0.1\r\n",
+        "\r\nx-forwarded-proto: http\r\n",
+    ] {
+        assert!(get.contains(line), "{line:?} missing from {get}");
+    }
+    assert_eq!(get.matches("cookie:").count(), 1, "{get}");
+    assert!(!get.contains("9.9.9.9") && !get.contains("forged"), "{get}");
+    let post = &heads[1];
+    assert!(post.starts_with("POST /len HTTP/1.1\r\n") && post.contains("\r\ncontent-length: 0\r\n"), "{post}");
+    drop(client);
+    conn.abort();
+
+    // Frame by frame: GET /len on http://a with `x-bad: a<0x01>b`, then
+    // GET /len#x on stream 3.
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let mut hello = H2_PREFACE.to_vec();
+    hello.extend(h2_frame(4, 0, 0, &[]));
+    let mut block = vec![0x82, 0x86, 0x04, 4];
+    block.extend_from_slice(b"/len");
+    block.extend_from_slice(&[0x01, 0x01, b'a', 0x00, 5]);
+    block.extend_from_slice(b"x-bad");
+    block.extend_from_slice(&[3, b'a', 0x01, b'b']);
+    hello.extend(h2_frame(1, 0x5, 1, &block));
+    let mut block = vec![0x82, 0x86, 0x04, 6];
+    block.extend_from_slice(b"/len#x");
+    block.extend_from_slice(&[0x01, 0x01, b'a']);
+    hello.extend(h2_frame(1, 0x5, 3, &block));
+    s.write_all(&hello).await.unwrap();
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 4096];
+    // Until both streams are answered (a reset, or a head and "hello").
+    for _ in 0..50 {
+        match tokio::time::timeout(Duration::from_millis(100), s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&chunk[..n]),
+            Ok(_) => break,
+            Err(_) if h2_frames(&seen).iter().filter(|f| f.0 == 3 || f.0 == 0).count() >= 2 => break,
+            Err(_) => {}
+        }
+    }
+    assert!(
+        h2_frames(&seen).iter().any(|f| f.0 == 3),
+        "the bad value's stream was not refused: {:?}",
+        h2_frames(&seen)
+    );
+    let heads = e.requests();
+    assert!(heads[2..].iter().all(|h| !h.contains("x-bad") && !h.contains('#')), "{heads:?}");
+    p.shutdown().await;
+}
