@@ -356,10 +356,7 @@ fn response(
     // Without the hop-by-hop fields, which HTTP/2 does not carry
     // (`Transfer-Encoding` included: the body is decoded here).
     let mut fields = std::mem::take(&mut head.headers);
-    {
-        let passes_on = h1::passes_on(&buf, &fields, false);
-        fields.retain(|f| passes_on(f));
-    }
+    h1::keep_passed_on(&buf, &mut fields);
     let state = match head.framing {
         Framing::Empty => State::Done,
         Framing::Length(0) => State::Done,
@@ -433,10 +430,12 @@ impl RawBody {
 
     /// The first value of the head's field `name` (lower case).
     pub(crate) fn field(&self, name: &[u8]) -> Option<&[u8]> {
-        self.fields
-            .iter()
-            .find(|f| self.buf[f.name.clone()].eq_ignore_ascii_case(name))
-            .map(|f| &self.buf[f.value.clone()])
+        // The parser knows `Content-Type` (asked of every response) by its kind.
+        let found = match name {
+            b"content-type" => self.fields.iter().find(|f| f.kind == Kind::ContentType),
+            _ => self.fields.iter().find(|f| self.buf[f.name.clone()].eq_ignore_ascii_case(name)),
+        };
+        found.map(|f| &self.buf[f.value.clone()])
     }
 
     fn finish(&mut self) {

@@ -416,14 +416,20 @@ pub fn passed_on<'a>(
     resp: &'a ResponseHead,
     transfer_encoding: bool,
 ) -> impl Iterator<Item = &'a Span> + 'a {
-    let keep = passes_on(buf, &resp.headers, transfer_encoding);
-    resp.headers.iter().filter(move |h| keep(h))
+    let (listed, n) = connection_listed(buf, &resp.headers);
+    resp.headers.iter().filter(move |h| passes(buf, h, &listed[..n], transfer_encoding))
 }
 
-/// [`passed_on`]'s test of one field of `headers` (read from `buf`): kept
-/// apart from the fields, so a list can be filtered in place.
-pub fn passes_on<'a>(buf: &'a [u8], headers: &[Span], transfer_encoding: bool) -> impl Fn(&Span) -> bool + 'a {
-    // The `Connection` values that name a field (most name none: `keep-alive`, `close`).
+/// Leaves in `fields` (of a response head in `buf`) those [`passed_on`]
+/// keeps, `Transfer-Encoding` not among them.
+pub fn keep_passed_on(buf: &[u8], fields: &mut Vec<Span>) {
+    let (listed, n) = connection_listed(buf, fields);
+    fields.retain(|h| passes(buf, h, &listed[..n], false));
+}
+
+/// The `Connection` values that name a field (most name none: `keep-alive`,
+/// `close`), at most four, and how many.
+fn connection_listed(buf: &[u8], headers: &[Span]) -> ([Range<usize>; 4], usize) {
     let mut listed = [0..0, 0..0, 0..0, 0..0];
     let mut n = 0;
     let names_a_field = |v: &[u8]| {
@@ -437,10 +443,16 @@ pub fn passes_on<'a>(buf: &'a [u8], headers: &[Span], transfer_encoding: bool) -
             n += 1;
         }
     }
-    move |h: &Span| match h.kind {
+    (listed, n)
+}
+
+/// Whether a field goes on to the client ([`passed_on`]).
+#[inline]
+fn passes(buf: &[u8], h: &Span, listed: &[Range<usize>], transfer_encoding: bool) -> bool {
+    match h.kind {
         Kind::Connection | Kind::HopByHop => false,
         Kind::TransferEncoding => transfer_encoding,
-        _ => n == 0 || !named_by_connection(buf, &buf[h.name.clone()], &listed[..n]),
+        _ => listed.is_empty() || !named_by_connection(buf, &buf[h.name.clone()], listed),
     }
 }
 

@@ -321,7 +321,14 @@ fn request_of(head: &Head, body: RequestBody) -> Option<Request<RequestBody>> {
     }
     let uri = Uri::from_parts(parts).ok()?;
     // Room for what the request path adds: a map that grows is rebuilt.
-    let headers = fields_map(head, &shared, http::ADDED_FIELDS)?;
+    let mut headers = fields_map(head, &shared, http::ADDED_FIELDS)?;
+    // The `:authority` is the `Host` (RFC 9113 §8.3.1) for whatever reads
+    // one: hashing, the HTTP/1.1 head, the HTTP/2 endpoint's `:authority`.
+    if let Some(a) = head.authority()
+        && !headers.contains_key(::http::header::HOST)
+    {
+        headers.insert(::http::header::HOST, HeaderValue::from_maybe_shared(slice(a)).ok()?);
+    }
     let mut req = Request::new(body);
     *req.method_mut() = method;
     *req.uri_mut() = uri;

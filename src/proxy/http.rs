@@ -286,7 +286,11 @@ async fn forward(
     }
     // Towards HTTP/2 the client's host travels as `:authority`.
     let authority = if http2 {
-        parts.headers.remove(header::HOST).and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+        parts.headers.remove(header::HOST).and_then(|h| match parts.uri.authority() {
+            // An HTTP/2 client's, already parsed.
+            Some(a) if a.as_str().as_bytes() == h.as_bytes() => Some(a.clone()),
+            _ => http::uri::Authority::try_from(h.as_bytes()).ok(),
+        })
     } else {
         None
     };

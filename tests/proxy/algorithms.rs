@@ -82,6 +82,47 @@ async fn consistent_hash_keeps_each_key_on_one_endpoint() {
     }
 }
 
+/// Hashing on `Host`: an HTTP/2 client's `:authority` is its host (RFC 9113
+/// §8.3.1), so a host lands on the endpoint it lands on over HTTP/1.1,
+/// whether the request goes without a header map (a `GET`) or with one (a
+/// body of unknown length).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hashing_on_host_reads_an_http2_clients_authority() {
+    let bs = backends(4).await;
+    let p = proxy(&format!(
+        "loadBalancing: {{algorithm: ConsistentHash, hashOn: {{header: host}}}}\n{}",
+        endpoints_yaml(&bs)
+    ))
+    .await;
+    let c = client();
+    let (mut h2, conn) = h2_connect(p.addr).await;
+    let mut owners = HashMap::new();
+    for n in 0..24 {
+        let host = format!("u{n}.example");
+        let http1 = get_with(&c, &p, "/", &[("host", &host)]).await.backend().to_owned();
+        for streamed in [false, true] {
+            let req = http::Request::builder()
+                .method(if streamed { "POST" } else { "GET" })
+                .uri(format!("http://{host}/"))
+                .body(())
+                .unwrap();
+            let (response, mut body) = h2.send_request(req, !streamed).unwrap();
+            if streamed {
+                body.send_data(bytes::Bytes::from_static(b"x"), true).unwrap();
+            }
+            let resp = tokio::time::timeout(std::time::Duration::from_secs(5), response).await.unwrap().unwrap();
+            let backend = resp.headers().get("x-backend").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+            assert_eq!(backend, http1, "{host} (streamed body: {streamed}) went elsewhere over HTTP/2");
+        }
+        owners.insert(n, http1);
+    }
+    let distinct: std::collections::HashSet<_> = owners.values().collect();
+    assert!(distinct.len() >= 3, "24 hosts should land on most of 4 endpoints: {owners:?}");
+    drop(h2);
+    conn.abort();
+    p.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_ip_hashing_pins_a_client_address() {
     let bs = backends(3).await;

@@ -442,10 +442,7 @@ fn tokio_stream_from<T: Send + 'static>(mut rx: tokio::sync::mpsc::Receiver<T>) 
 async fn http2_requests_reach_an_http1_endpoint_as_an_http1_client_would_send_them() {
     let e = Scripted::start(49).await;
     let p = proxy1(&format!("endpoints: [{{address: \"{}\"}}]\n", e.addr)).await;
-    let tcp = TcpStream::connect(p.addr).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-    let conn = tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
+    let (mut client, conn) = h2_connect(p.addr).await;
     let mut call = async |req: Request<()>| {
         let (response, _) = client.send_request(req, true).unwrap();
         let resp = tokio::time::timeout(Duration::from_secs(5), response).await.unwrap().unwrap();

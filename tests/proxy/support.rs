@@ -365,12 +365,20 @@ pub struct H2Call {
     pub stream: h2::SendStream<Bytes>,
 }
 
-/// Sends `GET path` to `addr` over HTTP/2 (prior knowledge).
-pub async fn h2_get(addr: SocketAddr, path: &str) -> H2Call {
+/// An HTTP/2 connection of the `h2` crate's client to `addr`, ready for a
+/// request, and the task driving it.
+pub async fn h2_connect(
+    addr: SocketAddr,
+) -> (h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<Result<(), h2::Error>>) {
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let (client, conn) = h2::client::handshake(tcp).await.expect("handshake");
     let conn = tokio::spawn(conn);
-    let mut client = client.ready().await.expect("ready");
+    (client.ready().await.expect("ready"), conn)
+}
+
+/// Sends `GET path` to `addr` over HTTP/2 (prior knowledge).
+pub async fn h2_get(addr: SocketAddr, path: &str) -> H2Call {
+    let (mut client, conn) = h2_connect(addr).await;
     let head = Request::get(format!("http://{addr}{path}")).body(()).expect("request");
     let (response, stream) = client.send_request(head, true).expect("send");
     H2Call { client, conn, response, stream }
