@@ -198,7 +198,11 @@ pub(crate) fn h1_head(
             // HTTP/2 carries only `TE: trailers`, which goes on (the fast
             // path drops `TE` as the hop-by-hop field it is in HTTP/1.1;
             // here the proxy itself passes trailers on to the client).
-            Kind::HopByHop if name == b"te" => req.headers.last_mut().into_iter().for_each(|f| f.kind = Kind::Other),
+            Kind::HopByHop if name == b"te" => {
+                if let Some(te) = req.headers.last_mut() {
+                    te.kind = Kind::Other;
+                }
+            }
             Kind::Host => host = true,
             Kind::ContentLength => lengths += 1,
             Kind::TransferEncoding => return false,

@@ -42,7 +42,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::h2conn::{self, Conn, Handler, Head};
 use super::h2frame::Reason;
-use super::h2s::{Arrived, Outbox, fields_map};
+use super::h2s::{Arrived, HeadCopies, Outbox, fields_map};
 use super::http::UpstreamBody;
 
 /// The most queued for the endpoint before request bodies wait.
@@ -494,6 +494,7 @@ impl Body for H2Body {
 /// What the codec hands the streams during one read.
 struct Events<'a> {
     slots: &'a mut Vec<Slot>,
+    copies: &'a mut HeadCopies,
     /// Streams whose head or trailers the `http` crate refuses: reset
     /// (`PROTOCOL_ERROR`) once the read is done.
     malformed: Vec<u32>,
@@ -501,8 +502,8 @@ struct Events<'a> {
 
 /// A response head as the `http` crate's, its values slices of one copy of
 /// the head; `None` when a field is not valid there.
-fn response_of(status: u16, head: &Head) -> Option<Response<()>> {
-    let shared = Bytes::copy_from_slice(head.bytes());
+fn response_of(status: u16, head: &Head, copies: &mut HeadCopies) -> Option<Response<()>> {
+    let shared = copies.copy(head.bytes());
     let mut resp = Response::new(());
     *resp.status_mut() = StatusCode::from_u16(status).ok()?;
     *resp.version_mut() = Version::HTTP_2;
@@ -530,7 +531,7 @@ impl Events<'_> {
 impl Handler for Events<'_> {
     fn response(&mut self, stream: u32, status: u16, head: &Head, end_stream: bool) {
         let length = head.content_length();
-        let resp = response_of(status, head).map(|resp| {
+        let resp = response_of(status, head, self.copies).map(|resp| {
             move |slot: &mut Slot| {
                 slot.head = Some(resp);
                 slot.length = length;
@@ -548,7 +549,7 @@ impl Handler for Events<'_> {
     }
 
     fn trailers(&mut self, stream: u32, head: &Head) {
-        let map = fields_map(head, &Bytes::copy_from_slice(head.bytes()), 0);
+        let map = fields_map(head, &self.copies.copy(head.bytes()), 0);
         self.deliver(stream, map.map(|map| move |slot: &mut Slot| slot.arrived.trailers(map)));
     }
 
@@ -572,6 +573,7 @@ impl Handler for Events<'_> {
 async fn drive<T: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, mut io: T, every: Duration, watch: impl Watch) {
     let mut read: Vec<u8> = Vec::new();
     let mut out = Outbox::default();
+    let mut copies = HeadCopies::default();
     let mut max_streams = None;
     let mut closing = false;
     let mut failed = None;
@@ -614,7 +616,7 @@ async fn drive<T: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, mut io: T
                         progress = true;
                         let mut inner = shared.lock();
                         let inner = &mut *inner;
-                        let mut events = Events { slots: &mut inner.slots, malformed: Vec::new() };
+                        let mut events = Events { slots: &mut inner.slots, copies: &mut copies, malformed: Vec::new() };
                         match inner.conn.recv(&read, &mut events) {
                             Ok(taken) => drop(read.drain(..taken)),
                             Err(e) => {
@@ -635,6 +637,10 @@ async fn drive<T: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, mut io: T
                         if inner.conn.is_closing() && !closing {
                             closing = true;
                             watch.closing();
+                        }
+                        if inner.slots.is_empty() {
+                            // An idle connection holds no copies' buffer.
+                            copies.release();
                         }
                         // Streams may have ended, or the limit grown.
                         inner.wake_waiting();

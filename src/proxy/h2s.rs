@@ -3,12 +3,15 @@
 //! client's frames, runs every stream and writes what they answer.
 //!
 //! Each read goes through [`Conn::recv`]; a request head becomes a
-//! request for the hyper path ([`http::serve`]) whose future joins the
-//! connection's set of streams (a [`FuturesUnordered`], polled before the
-//! socket, so what they queue goes out with the pass that read the frames
-//! that made them ready); its body is fed from the frames as they come
-//! ([`StreamBody`]), and given back to the client's windows as it is read.
-//! A response's head is encoded straight from its header map, its body sent
+//! request for the hyper path ([`http::serve`]), or, when the endpoints
+//! speak HTTP/1.1 and the request is plain, the HTTP/1.1 head a client
+//! would have sent ([`bridge::RawRequest`], [`http::serve_raw`]); its
+//! future joins the connection's set of streams (a [`FuturesUnordered`],
+//! polled before the socket, so what they queue goes out with the pass that
+//! read the frames that made them ready); its body is fed from the frames
+//! as they come ([`StreamBody`]), and given back to the client's windows as
+//! it is read. A response's head is encoded straight from its header map
+//! (and an HTTP/1.1 endpoint's fields from its bytes), its body sent
 //! at the pace of the client's windows, everything one pass produced in one
 //! write. No task per stream, no `h2` crate, no channel between tasks.
 //!
@@ -296,12 +299,12 @@ impl Body for StreamBody {
 /// The request of a head, for the hyper path; `None` when it cannot be one
 /// (a malformed authority, scheme or path: the stream is reset, as the `h2`
 /// crate did).
-fn request_of(head: &Head, body: RequestBody) -> Option<Request<RequestBody>> {
+fn request_of(head: &Head, body: RequestBody, copies: &mut HeadCopies) -> Option<Request<RequestBody>> {
     let method = Method::from_bytes(head.method()).ok()?;
     let connect = method == Method::CONNECT;
     // One copy of the head, whose slices the authority, the path and the
     // values keep (rather than one allocation each).
-    let shared = Bytes::copy_from_slice(head.bytes());
+    let shared = copies.copy(head.bytes());
     let slice = |part: &[u8]| shared.slice(head.range_of(part));
     let mut parts = uri::Parts::default();
     if let Some(a) = head.authority() {
@@ -335,6 +338,32 @@ fn request_of(head: &Head, body: RequestBody) -> Option<Request<RequestBody>> {
     *req.version_mut() = Version::HTTP_2;
     *req.headers_mut() = headers;
     Some(req)
+}
+
+/// Copies of a connection's heads, cut from one buffer: a copy of its own
+/// would be an allocation, and the first slice of it another (to share
+/// it); here both happen once a buffer's worth of heads. A head's map
+/// keeps at most one buffer of [`HeadCopies::ROOM`] alive while it lives.
+#[derive(Default)]
+pub(crate) struct HeadCopies(BytesMut);
+
+impl HeadCopies {
+    /// Size of each buffer (a gRPC call's head takes 150–300 bytes).
+    const ROOM: usize = 2048;
+
+    /// A copy of `bytes`.
+    pub(crate) fn copy(&mut self, bytes: &[u8]) -> Bytes {
+        if self.0.capacity() < bytes.len() {
+            self.0 = BytesMut::with_capacity(Self::ROOM.max(bytes.len()));
+        }
+        self.0.extend_from_slice(bytes);
+        self.0.split().freeze()
+    }
+
+    /// Lets the buffer go (an idle connection holds none).
+    pub(crate) fn release(&mut self) {
+        self.0 = BytesMut::new();
+    }
 }
 
 /// The regular fields of `head` as a header map with room for `room` more,
@@ -386,6 +415,7 @@ struct Events {
     bridge: bool,
     /// New requests: their stream and request (`None`: malformed).
     opened: Vec<(u32, Option<Opened>)>,
+    copies: HeadCopies,
     writable: Vec<u32>,
     /// Streams the client reset, with their slots (to give back what they hold).
     gone: Vec<(u32, Option<SharedSlot>)>,
@@ -401,7 +431,7 @@ impl Handler for Events {
         let opened = if self.bridge { bridge::RawRequest::of(head, end_stream, body) } else { Err(body) };
         let opened = match opened {
             Ok(raw) => Some(Opened::Raw(raw)),
-            Err(body) => request_of(head, body).map(Opened::Map),
+            Err(body) => request_of(head, body, &mut self.copies).map(Opened::Map),
         };
         self.opened.push((stream, opened));
     }
@@ -560,6 +590,7 @@ pub(crate) async fn serve<S>(
             if sent.flushed && conn.streams() == 0 {
                 // An idle connection holds no write buffer: they go back to the worker's pool.
                 fast::give_buffer(out.take_buffer());
+                events.copies.release();
                 if conn.output().is_empty() {
                     fast::give_buffer(std::mem::take(conn.output()));
                 }
@@ -767,4 +798,29 @@ async fn serve_stream(
     })
     .await;
     Served { stream, response, in_flight }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_copies_are_cut_one_after_the_other_from_one_buffer() {
+        let mut copies = HeadCopies::default();
+        let heads: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 100 + usize::from(i)]).collect();
+        let copied: Vec<Bytes> = heads.iter().map(|h| copies.copy(h)).collect();
+        for (h, c) in heads.iter().zip(&copied) {
+            assert_eq!(&h[..], &c[..]);
+        }
+        // Each copy follows the one before in the same buffer until it is full.
+        let adjacent = copied.windows(2).filter(|w| w[0].as_ptr() as usize + w[0].len() == w[1].as_ptr() as usize);
+        let buffers = copied.len() - adjacent.count();
+        let total: usize = heads.iter().map(Vec::len).sum();
+        assert!(buffers <= total / HeadCopies::ROOM + 2, "{buffers} buffers for {total} bytes");
+        // A head larger than a buffer is copied whole; a released one starts afresh.
+        let big = vec![7u8; 3 * HeadCopies::ROOM];
+        assert_eq!(&copies.copy(&big)[..], &big[..]);
+        copies.release();
+        assert_eq!(&copies.copy(b"after")[..], b"after");
+    }
 }
