@@ -42,14 +42,19 @@ use hyper::body::{Body, Frame, SizeHint};
 /// Size of the reads from the endpoint.
 const READ: usize = 16 * 1024;
 
-/// Field lists kept per worker for response heads.
+/// Field lists kept per worker for heads.
 const POOLED_FIELD_LISTS: usize = 256;
 
 thread_local! {
     static FIELD_LISTS: RefCell<Vec<Vec<Span>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Gives a response head's field list back to this worker's pool.
+/// A field list from this worker's pool (or a new one).
+fn take_fields() -> Vec<Span> {
+    FIELD_LISTS.with_borrow_mut(Vec::pop).unwrap_or_default()
+}
+
+/// Gives a head's field list back to this worker's pool.
 fn give_fields(mut fields: Vec<Span>) {
     if fields.capacity() == 0 {
         return;
@@ -107,7 +112,7 @@ impl RawRequest {
         body: super::http::RequestBody,
     ) -> Result<RawRequest, super::http::RequestBody> {
         let mut buf = fast::take_buffer();
-        let headers = FIELD_LISTS.with_borrow_mut(Vec::pop).unwrap_or_default();
+        let headers = take_fields();
         let mut h1 = h1::RequestHead { headers, ..h1::RequestHead::default() };
         if h1_head(head, end_stream, &mut buf, &mut h1) {
             return Ok(RawRequest { buf, head: h1, body });
@@ -321,7 +326,7 @@ pub(crate) async fn exchange(
     idempotent: bool,
 ) -> Result<Response<RawBody>, UpstreamError> {
     let mut buf = fast::take_buffer();
-    let headers = FIELD_LISTS.with_borrow_mut(Vec::pop).unwrap_or_default();
+    let headers = take_fields();
     let mut head = ResponseHead { headers, ..ResponseHead::default() };
     let sent = fast::send_raw(upstream, settings, idempotent, (wire, &[]), &mut buf, is_head, &mut head).await;
     match sent {

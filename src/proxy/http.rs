@@ -426,8 +426,8 @@ async fn attempts(
     let http2 = rt.config.app_protocol.is_http2();
     let timeouts = &rt.config.timeouts;
     let Ask { hash, presented, idempotent, call_timeout, start } = ask;
-    let retries = rt.config.retries.attempts.min(MAX_RETRY_ATTEMPTS) as usize;
     let mut attempts = Attempts::new(shared, rt, idempotent);
+    let retries = attempts.retries;
     let settings = attempts.settings();
     let deadline = tokio::time::Instant::now() + call_timeout.unwrap_or(timeouts.request.0);
 
