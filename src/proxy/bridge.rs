@@ -105,16 +105,18 @@ pub(crate) struct RawRequest {
 }
 
 impl RawRequest {
-    /// The request of `head` on this path ([`h1_head`]), or its body back.
+    /// The request of `head` on this path ([`h1_head`]) towards endpoints
+    /// that speak `to`, or its body back.
     pub(crate) fn of(
         head: &super::h2conn::Head,
         end_stream: bool,
         body: super::http::RequestBody,
+        to: Towards,
     ) -> Result<RawRequest, super::http::RequestBody> {
         let mut buf = fast::take_buffer();
         let headers = take_fields();
         let mut h1 = h1::RequestHead { headers, ..h1::RequestHead::default() };
-        if h1_head(head, end_stream, &mut buf, &mut h1) {
+        if h1_head(head, end_stream, &mut buf, &mut h1, to) {
             return Ok(RawRequest { buf, head: h1, body });
         }
         fast::give_buffer(buf);
@@ -129,23 +131,37 @@ impl RawRequest {
     }
 }
 
+/// The endpoints an HTTP/2 client's request without a header map goes to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum Towards {
+    /// HTTP/1.1 endpoints, over the fast path's sockets.
+    #[default]
+    Http1,
+    /// HTTP/2 endpoints, through the proxy's HTTP/2 client
+    /// ([`super::relay`]): the head is encoded from the fields written here.
+    Http2,
+}
+
 /// Writes `head`, an HTTP/2 request whose stream ended with it
 /// (`end_stream`) or not, as an HTTP/1.1 head into `out` and `req`, when it
 /// can take this path: a method other than `CONNECT`, an `http` or `https`
 /// scheme, a target and an authority of plain bytes, field values the
-/// `http` crate accepts, at most one `Content-Length`, not a gRPC call, and
-/// a body as [`body_length`] takes it. `false` otherwise: the request goes the way of
-/// every other (its header map built, and refused there if it must be), so
-/// nothing odd reaches an endpoint by this path.
+/// `http` crate accepts, at most one `Content-Length`; towards HTTP/1.1 not a
+/// gRPC call and a body as [`body_length`] takes it, towards HTTP/2 an
+/// `:authority` and no `Host` field. `false` otherwise: the request goes the
+/// way of every other (its header map built, and refused there if it must
+/// be), so nothing odd reaches an endpoint by this path.
 ///
 /// The `Host` is the `:authority` unless the client sent one; the
-/// `Cookie` fields are joined into one (RFC 9113 §8.2.3); a `POST`, `PUT`
-/// or `PATCH` without a body says `Content-Length: 0`, as hyper's client does.
+/// `Cookie` fields are joined into one (RFC 9113 §8.2.3); towards HTTP/1.1
+/// a `POST`, `PUT` or `PATCH` without a body says `Content-Length: 0`, as
+/// hyper's client does.
 pub(crate) fn h1_head(
     head: &super::h2conn::Head,
     end_stream: bool,
     out: &mut Vec<u8>,
     req: &mut h1::RequestHead,
+    to: Towards,
 ) -> bool {
     let method = head.method();
     let Ok(parsed) = Method::from_bytes(method) else { return false };
@@ -162,9 +178,12 @@ pub(crate) fn h1_head(
     {
         return false;
     }
-    let body = match (end_stream, head.content_length()) {
-        (true, None | Some(0)) => 0,
-        (false, Some(n)) if (1..=MAX_BODY as u64).contains(&n) => n,
+    let body = match (to, end_stream, head.content_length()) {
+        // Streamed as it comes, whatever its length.
+        (Towards::Http2, ..) if head.authority().is_some() => 0,
+        (Towards::Http2, ..) => return false,
+        (Towards::Http1, true, None | Some(0)) => 0,
+        (Towards::Http1, false, Some(n)) if (1..=MAX_BODY as u64).contains(&n) => n,
         _ => return false,
     };
     out.clear();
@@ -208,11 +227,14 @@ pub(crate) fn h1_head(
                     te.kind = Kind::Other;
                 }
             }
+            // Towards HTTP/2 the `:authority` is the host: one the client
+            // also sent as a field is for the map path to weigh.
+            Kind::Host if to == Towards::Http2 => return false,
             Kind::Host => host = true,
             Kind::ContentLength => lengths += 1,
             Kind::TransferEncoding => return false,
             // A gRPC call is not for an HTTP/1.1 endpoint: the hyper path answers it.
-            Kind::ContentType if super::grpc::is_grpc_type(value) => return false,
+            Kind::ContentType if to == Towards::Http1 && super::grpc::is_grpc_type(value) => return false,
             _ => {}
         }
     }
@@ -235,7 +257,7 @@ pub(crate) fn h1_head(
     if !host && let Some(authority) = head.authority() {
         field(out, req, b"host", authority);
     }
-    if lengths == 0 && matches!(method, b"POST" | b"PUT" | b"PATCH") {
+    if to == Towards::Http1 && lengths == 0 && matches!(method, b"POST" | b"PUT" | b"PATCH") {
         field(out, req, b"content-length", b"0");
     }
     out.extend_from_slice(b"\r\n");

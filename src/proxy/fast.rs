@@ -39,7 +39,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::conn::Limits;
-use super::h1::{self, Chunked, Framing, Kind, RequestHead, ResponseHead};
+use super::h1::{self, Chunked, Framing, Kind, RequestHead, ResponseHead, Span};
 use super::http::{Attempts, Failure, Peer, cookie_in, hash_input};
 use super::metrics::class_of;
 use super::state::{Runtime, Shared};
@@ -255,7 +255,39 @@ pub(crate) fn prepare(
     req: &RequestHead,
     sent: &mut Vec<u8>,
 ) -> (Option<u64>, Option<AffinityToken>) {
-    let headers = &req.headers;
+    let look = look(rt, peer, buf, &req.headers);
+    h1::write_request(buf, req, &look.forwarded(peer), sent);
+    (look.hash, look.presented)
+}
+
+/// What the proxy reads of a request's head (its fields `headers`, in
+/// `buf`) before it goes on: its keys for balancing and the forwarding
+/// fields it is to carry.
+pub(crate) struct Look {
+    /// The consistent-hashing key.
+    pub(crate) hash: Option<u64>,
+    /// The affinity token the request presented.
+    pub(crate) presented: Option<AffinityToken>,
+    /// A trusted peer's `X-Forwarded-For` chain with the peer added.
+    chain: Vec<u8>,
+    /// The peer is a trusted proxy.
+    trusted: bool,
+}
+
+impl Look {
+    /// The forwarding fields for the request of `peer`.
+    pub(crate) fn forwarded<'a>(&'a self, peer: &'a Peer) -> h1::Forwarded<'a> {
+        h1::Forwarded {
+            forwarded_for: if self.trusted { &self.chain } else { peer.ip_header.as_bytes() },
+            proto: if peer.https { b"https" } else { b"http" },
+            keep_client_proto: self.trusted,
+            client_cert: peer.cert.as_ref().map(|c| c.xfcc.as_bytes()),
+        }
+    }
+}
+
+/// Reads a request head's fields `headers` (in `buf`) for [`Look`].
+pub(crate) fn look(rt: &Runtime, peer: &Peer, buf: &[u8], headers: &[Span]) -> Look {
     let cookies = || h1::values(buf, headers, Kind::Cookie);
     let presented = rt
         .affinity
@@ -284,14 +316,7 @@ pub(crate) fn prepare(
     } else {
         peer_ip
     };
-    let fwd = h1::Forwarded {
-        forwarded_for: if trusted { &chain } else { peer.ip_header.as_bytes() },
-        proto: if peer.https { b"https" } else { b"http" },
-        keep_client_proto: trusted,
-        client_cert: peer.cert.as_ref().map(|c| c.xfcc.as_bytes()),
-    };
-    h1::write_request(buf, req, &fwd, sent);
-    (hash_source.and_then(|h| h.resolve(client_ip)), presented)
+    Look { hash: hash_source.and_then(|h| h.resolve(client_ip)), presented, chain, trusted }
 }
 
 /// Sends a request (`head` and `body`, both raw bytes) on a connection of

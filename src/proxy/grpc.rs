@@ -78,7 +78,11 @@ pub(crate) fn is_endpoint_failure(code: u16) -> bool {
 /// The call's deadline from `grpc-timeout` (`<digits><unit>`, at most 8 digits;
 /// units H, M, S, m, u, n). A malformed value is ignored, as gRPC servers do.
 pub(crate) fn timeout(headers: &HeaderMap) -> Option<Duration> {
-    let v = headers.get(&GRPC_TIMEOUT)?.as_bytes();
+    timeout_value(headers.get(&GRPC_TIMEOUT)?.as_bytes())
+}
+
+/// A `grpc-timeout` value's duration.
+pub(crate) fn timeout_value(v: &[u8]) -> Option<Duration> {
     let (&unit, digits) = v.split_last()?;
     if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
         return None;

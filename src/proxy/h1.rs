@@ -341,7 +341,7 @@ fn named_by_connection(buf: &[u8], name: &[u8], listed: &[Range<usize>]) -> bool
 }
 
 /// What the proxy adds to a request on its way to an endpoint.
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct Forwarded<'a> {
     /// The `X-Forwarded-For` value to send.
     pub forwarded_for: &'a [u8],
@@ -362,24 +362,34 @@ pub fn write_request(buf: &[u8], req: &RequestHead, fwd: &Forwarded<'_>, out: &m
     out.push(b' ');
     out.extend_from_slice(&buf[req.target.clone()]);
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for h in &req.headers {
-        let keep = match h.kind {
-            Kind::Connection | Kind::HopByHop | Kind::ClientCert | Kind::ForwardedFor => false,
-            Kind::ForwardedProto => fwd.keep_client_proto,
-            _ => true,
-        };
-        if keep {
-            header(out, &buf[h.name.clone()], &buf[h.value.clone()]);
-        }
+    for h in req.headers.iter().filter(|h| fwd.passes(h.kind)) {
+        header(out, &buf[h.name.clone()], &buf[h.value.clone()]);
     }
-    header(out, b"x-forwarded-for", fwd.forwarded_for);
-    if !fwd.keep_client_proto || !req.headers.iter().any(|h| h.kind == Kind::ForwardedProto) {
-        header(out, b"x-forwarded-proto", fwd.proto);
-    }
-    if let Some(cert) = fwd.client_cert {
-        header(out, b"x-forwarded-client-cert", cert);
+    for (name, value) in fwd.fields(&req.headers) {
+        header(out, name, value);
     }
     out.extend_from_slice(b"\r\n");
+}
+
+impl<'a> Forwarded<'a> {
+    /// Whether a client's field of this kind goes on to the endpoint: not
+    /// the hop-by-hop ones nor the forwarding fields the proxy sets itself.
+    pub fn passes(&self, kind: Kind) -> bool {
+        match kind {
+            Kind::Connection | Kind::HopByHop | Kind::ClientCert | Kind::ForwardedFor => false,
+            Kind::ForwardedProto => self.keep_client_proto,
+            _ => true,
+        }
+    }
+
+    /// The forwarding fields the proxy adds after the client's
+    /// (`headers`) that [`Forwarded::passes`] lets through.
+    pub fn fields(&self, headers: &[Span]) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + use<'a> {
+        let proto = (!self.keep_client_proto || !headers.iter().any(|h| h.kind == Kind::ForwardedProto))
+            .then_some((&b"x-forwarded-proto"[..], self.proto));
+        let cert = self.client_cert.map(|cert| (&b"x-forwarded-client-cert"[..], cert));
+        std::iter::once((&b"x-forwarded-for"[..], self.forwarded_for)).chain(proto).chain(cert)
+    }
 }
 
 /// Writes the response head for the client into `out`: the endpoint's status

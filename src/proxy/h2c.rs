@@ -14,8 +14,11 @@
 //! takes them ([`H2Body`]). Only a request body still streaming when the
 //! response head arrives (client or bidirectional streaming) moves to a task
 //! of its own ([`Pump`]): the response may be read while the request is
-//! still being sent. No task per stream, no channel between tasks, no
-//! header map built for anything but the response head.
+//! still being sent. No task per stream, no channel between tasks. The
+//! response head is kept as the endpoint's fields, slices of one copy of
+//! the head ([`RawFields`]): an HTTP/2 client's stream encodes them as they
+//! are, and a header map is built only for hyper's HTTP/1.1 server
+//! ([`H2Body::fields_into`]).
 //!
 //! The settings are the ones the proxy had with the `h2` crate: 2 MiB stream
 //! and 5 MiB connection windows (bulk transfers on a fast network), 16 KiB
@@ -28,6 +31,7 @@
 //! GOAWAY once no handle and no stream holds it. A stream whose request is
 //! dropped (its client went away, a timeout) is reset with `CANCEL`.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -36,14 +40,17 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode, Version, request};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::h2conn::{self, Conn, Handler, Head};
+use super::h1::{self, Kind};
+use super::h2conn::{self, Conn, Handler};
 use super::h2frame::Reason;
 use super::h2s::{Arrived, HeadCopies, Outbox, fields_map};
 use super::http::UpstreamBody;
+use super::relay::Relay;
 
 /// The most queued for the endpoint before request bodies wait.
 const MAX_QUEUED: usize = 1024 * 1024;
@@ -107,8 +114,9 @@ pub(crate) trait Watch: Send + Sync + 'static {
 /// A stream's side of what the connection's task reads.
 struct Slot {
     id: u32,
-    /// The response head, until the request's task takes it.
+    /// The response head (its fields in `fields`), until the request's task takes it.
     head: Option<Response<()>>,
+    fields: RawFields,
     length: Option<u64>,
     /// The response body.
     arrived: Arrived,
@@ -218,12 +226,19 @@ where
     (Client { shared: shared.clone() }, drive(shared, io, ping, watch))
 }
 
+/// A request head to send: a header map's, or one without a map.
+#[derive(Clone, Copy)]
+pub(crate) enum Head<'a> {
+    Map(&'a request::Parts),
+    Relay(&'a Relay),
+}
+
 impl Client {
-    /// Opens a stream with the request head `parts` (`end_stream` when it
+    /// Opens a stream with the request head `head` (`end_stream` when it
     /// has no body), once the endpoint's stream limit has room.
     pub(crate) fn open<'a>(
         &'a self,
-        parts: &'a request::Parts,
+        head: Head<'a>,
         end_stream: bool,
     ) -> impl Future<Output = Result<Stream, StreamError>> + 'a {
         std::future::poll_fn(move |cx| {
@@ -241,22 +256,31 @@ impl Client {
                 inner.waiting.push(cx.waker().clone());
                 return Poll::Pending;
             }
-            let uri = &parts.uri;
-            let fields = parts.headers.iter().map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
-            let opened = inner.conn.send_request(
-                parts.method.as_str().as_bytes(),
-                uri.scheme_str().unwrap_or("http").as_bytes(),
-                uri.authority().map_or("", |a| a.as_str()).as_bytes(),
-                uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes(),
-                fields,
-                end_stream,
-            );
+            let opened = match head {
+                Head::Map(parts) => {
+                    let uri = &parts.uri;
+                    let fields = parts.headers.iter().map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
+                    inner.conn.send_request(
+                        parts.method.as_str().as_bytes(),
+                        uri.scheme_str().unwrap_or("http").as_bytes(),
+                        uri.authority().map_or("", |a| a.as_str()).as_bytes(),
+                        uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes(),
+                        fields,
+                        end_stream,
+                    )
+                }
+                // As `upstream_uri` sends a request: scheme `http`.
+                Head::Relay(r) => {
+                    inner.conn.send_request(r.method(), b"http", r.authority(), r.path(), r.fields(), end_stream)
+                }
+            };
             let Ok(id) = opened else {
                 return Poll::Ready(Err(StreamError::Unavailable("no stream can open")));
             };
             inner.slots.push(Slot {
                 id,
                 head: None,
+                fields: RawFields::default(),
                 length: None,
                 arrived: Arrived::default(),
                 error: None,
@@ -270,8 +294,8 @@ impl Client {
     }
 }
 
-/// A response head, with its `Content-Length`.
-type ResponseHead = (Response<()>, Option<u64>);
+/// A response head (its map empty), its fields and its `Content-Length`.
+type ResponseHead = (Response<()>, RawFields, Option<u64>);
 
 /// A handle on an open stream; the last one dropped before the stream
 /// ended resets it (`CANCEL`).
@@ -291,7 +315,7 @@ impl Stream {
     /// Sends `body` while it waits for the response head.
     pub(crate) async fn exchange(self, body: UpstreamBody) -> Result<Response<H2Body>, StreamError> {
         let mut pump = (!body.is_end_stream()).then(|| Pump::new(self.another(), body));
-        let (head, length) = std::future::poll_fn(|cx| {
+        let (head, fields, length) = std::future::poll_fn(|cx| {
             if let Some(p) = &mut pump
                 && Pin::new(&mut *p).poll(cx).is_ready()
             {
@@ -304,7 +328,7 @@ impl Stream {
             // The request body is still streaming: it goes on beside the response.
             tokio::spawn(p);
         }
-        Ok(head.map(|()| H2Body { stream: self, length, ended: false }))
+        Ok(head.map(|()| H2Body { stream: self, fields, length, ended: false }))
     }
 
     /// The response head and its `Content-Length`, once they came.
@@ -314,7 +338,7 @@ impl Stream {
             return Poll::Ready(Err(StreamError::Closed("the stream is gone")));
         };
         if let Some(head) = slot.head.take() {
-            return Poll::Ready(Ok((head, slot.length)));
+            return Poll::Ready(Ok((head, std::mem::take(&mut slot.fields), slot.length)));
         }
         if let Some(e) = &slot.error {
             return Poll::Ready(Err(e.clone()));
@@ -436,9 +460,98 @@ impl Future for Pump {
 /// the endpoint's windows as it is taken, then its trailers.
 pub(crate) struct H2Body {
     stream: Stream,
+    /// The response head's fields.
+    fields: RawFields,
     /// What is left of the endpoint's `Content-Length` (the codec holds the data to it).
     length: Option<u64>,
     ended: bool,
+}
+
+impl H2Body {
+    /// The response head's fields as the endpoint sent them, less the
+    /// hop-by-hop ones; none once [`H2Body::fields_into`] took them.
+    pub(crate) fn head_fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.fields.iter()
+    }
+
+    /// The first value of the head's field `name` (lower case).
+    pub(crate) fn field(&self, name: &[u8]) -> Option<&[u8]> {
+        self.fields.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
+
+    /// Moves the head's fields into `map`, for a client served from a
+    /// header map.
+    pub(crate) fn fields_into(&mut self, map: &mut HeaderMap) {
+        let fields = std::mem::take(&mut self.fields);
+        map.reserve(fields.spans.len());
+        for &[name, end, value, value_end] in &fields.spans {
+            let name = HeaderName::from_bytes(&fields.bytes[name as usize..end as usize]);
+            let value = HeaderValue::from_maybe_shared(fields.bytes.slice(value as usize..value_end as usize));
+            // Both were checked as the head arrived ([`RawFields::of`]).
+            if let (Ok(name), Ok(value)) = (name, value) {
+                map.append(name, value);
+            }
+        }
+    }
+}
+
+/// Field lists of [`RawFields`] kept for reuse, per worker.
+const POOLED_SPAN_LISTS: usize = 256;
+
+thread_local! {
+    static SPAN_LISTS: RefCell<Vec<Vec<[u32; 4]>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A response head's regular fields without a header map: where each
+/// name and value lies in one copy of the head.
+#[derive(Default)]
+pub(crate) struct RawFields {
+    bytes: Bytes,
+    /// Name start and end, value start and end.
+    spans: Vec<[u32; 4]>,
+}
+
+impl RawFields {
+    /// The fields of `head` (copied into `copies`), less the hop-by-hop
+    /// ones (the codec has refused the connection-specific ones already);
+    /// `None` when a value holds a byte the `http` crate refuses (a control
+    /// byte other than tab, or DEL), as the header map did.
+    fn of(head: &h2conn::Head, copies: &mut HeadCopies) -> Option<Self> {
+        let mut spans = SPAN_LISTS.with_borrow_mut(Vec::pop).unwrap_or_default();
+        for (name, value) in head.fields() {
+            // Every byte looked at (no early exit), so the check vectorizes.
+            if value.iter().fold(false, |bad, &b| bad | ((b < 0x20 && b != b'\t') || b == 0x7f)) {
+                drop(RawFields { bytes: Bytes::new(), spans });
+                return None;
+            }
+            if h1::kind_of(name) == Kind::HopByHop {
+                continue;
+            }
+            let (n, v) = (head.range_of(name), head.range_of(value));
+            spans.push([n.start as u32, n.end as u32, v.start as u32, v.end as u32]);
+        }
+        Some(RawFields { bytes: copies.copy(head.bytes()), spans })
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let b = &self.bytes[..];
+        self.spans.iter().map(move |&[n, ne, v, ve]| (&b[n as usize..ne as usize], &b[v as usize..ve as usize]))
+    }
+}
+
+impl Drop for RawFields {
+    fn drop(&mut self) {
+        let mut spans = std::mem::take(&mut self.spans);
+        if spans.capacity() == 0 {
+            return;
+        }
+        spans.clear();
+        SPAN_LISTS.with_borrow_mut(|pool| {
+            if pool.len() < POOLED_SPAN_LISTS {
+                pool.push(spans);
+            }
+        });
+    }
 }
 
 impl Body for H2Body {
@@ -500,17 +613,6 @@ struct Events<'a> {
     malformed: Vec<u32>,
 }
 
-/// A response head as the `http` crate's, its values slices of one copy of
-/// the head; `None` when a field is not valid there.
-fn response_of(status: u16, head: &Head, copies: &mut HeadCopies) -> Option<Response<()>> {
-    let shared = copies.copy(head.bytes());
-    let mut resp = Response::new(());
-    *resp.status_mut() = StatusCode::from_u16(status).ok()?;
-    *resp.version_mut() = Version::HTTP_2;
-    *resp.headers_mut() = fields_map(head, &shared, 0)?;
-    Some(resp)
-}
-
 impl Events<'_> {
     /// A head or trailer block for `stream`: `apply` it to the slot, or,
     /// when the `http` crate refused it (`None`), fail the stream and have
@@ -529,11 +631,16 @@ impl Events<'_> {
 }
 
 impl Handler for Events<'_> {
-    fn response(&mut self, stream: u32, status: u16, head: &Head, end_stream: bool) {
+    fn response(&mut self, stream: u32, status: u16, head: &h2conn::Head, end_stream: bool) {
         let length = head.content_length();
-        let resp = response_of(status, head, self.copies).map(|resp| {
+        let fields = StatusCode::from_u16(status).ok().zip(RawFields::of(head, self.copies));
+        let resp = fields.map(|(status, fields)| {
             move |slot: &mut Slot| {
+                let mut resp = Response::new(());
+                *resp.status_mut() = status;
+                *resp.version_mut() = Version::HTTP_2;
                 slot.head = Some(resp);
+                slot.fields = fields;
                 slot.length = length;
                 slot.arrived.data(&[], end_stream);
             }
@@ -548,7 +655,7 @@ impl Handler for Events<'_> {
         }
     }
 
-    fn trailers(&mut self, stream: u32, head: &Head) {
+    fn trailers(&mut self, stream: u32, head: &h2conn::Head) {
         let map = fields_map(head, &self.copies.copy(head.bytes()), 0);
         self.deliver(stream, map.map(|map| move |slot: &mut Slot| slot.arrived.trailers(map)));
     }

@@ -42,13 +42,14 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
+use super::bridge::{self, Towards};
 use super::config::Limits;
 use super::conn::{self, InFlight, StreamClock};
+use super::fast;
 use super::h2conn::{self, Conn, Handler, Head};
 use super::h2frame::Reason;
-use super::http::{self, Peer, ProxyBody, RequestBody};
+use super::http::{self, Peer, ProxyBody, RawHead, RequestBody};
 use super::state::Shared;
-use super::{bridge, fast};
 
 /// The most the connection queues for the client before it stops taking
 /// more from the streams' bodies (the `h2` crate's send buffer here).
@@ -410,9 +411,9 @@ impl Slots {
 #[derive(Default)]
 struct Events {
     slots: Slots,
-    /// The endpoints speak HTTP/1.1: a plain request goes to them without
-    /// a header map ([`bridge::h1_head`]).
-    bridge: bool,
+    /// The endpoints the requests go to: a plain request goes to them
+    /// without a header map ([`bridge::h1_head`]).
+    towards: Towards,
     /// New requests: their stream and request (`None`: malformed).
     opened: Vec<(u32, Option<Opened>)>,
     copies: HeadCopies,
@@ -428,9 +429,9 @@ impl Handler for Events {
         let body = StreamBody { slot: slot.clone(), length: head.content_length(), ended: false };
         self.slots.insert(stream, slot);
         let body = Either::Right(body);
-        let opened = if self.bridge { bridge::RawRequest::of(head, end_stream, body) } else { Err(body) };
-        let opened = match opened {
-            Ok(raw) => Some(Opened::Raw(raw)),
+        let opened = match bridge::RawRequest::of(head, end_stream, body, self.towards) {
+            Ok(raw) if self.towards == Towards::Http1 => Some(Opened::Raw(raw)),
+            Ok(raw) => Some(Opened::Relay(raw)),
             Err(body) => request_of(head, body, &mut self.copies).map(Opened::Map),
         };
         self.opened.push((stream, opened));
@@ -474,10 +475,12 @@ impl Handler for Events {
     }
 }
 
-/// A stream's request, as the hyper path takes it or without a header map.
+/// A stream's request, as the hyper path takes it or without a header map
+/// (towards HTTP/1.1 or HTTP/2 endpoints).
 enum Opened {
     Map(Request<RequestBody>),
     Raw(bridge::RawRequest),
+    Relay(bridge::RawRequest),
 }
 
 /// A stream's request served: its response, unless the client reset it first.
@@ -485,6 +488,13 @@ struct Served {
     stream: u32,
     response: Option<Response<ProxyBody>>,
     in_flight: InFlight,
+}
+
+/// A stream's request being served, by the way it was [`Opened`].
+enum Serving<M, R, H> {
+    Map(M),
+    Raw(R),
+    Relay(H),
 }
 
 /// A response whose body is being sent.
@@ -542,9 +552,13 @@ pub(crate) async fn serve<S>(
                         // worker's pool rather than the allocator.
                         *conn.output() = fast::take_buffer();
                     }
-                    let raw = http::raw_head(&body).into_iter().flat_map(|b| b.head_fields());
-                    let fields = raw.chain(parts.headers.iter().map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())));
-                    let sent = conn.send_response(stream, parts.status.as_u16(), fields, end);
+                    let map = parts.headers.iter().map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
+                    let status = parts.status.as_u16();
+                    let sent = match http::raw_head(&body) {
+                        RawHead::Bridged(raw) => conn.send_response(stream, status, raw.head_fields().chain(map), end),
+                        RawHead::Http2(h2) => conn.send_response(stream, status, h2.head_fields().chain(map), end),
+                        RawHead::None => conn.send_response(stream, status, map, end),
+                    };
                     http::recycle(parts.headers);
                     if sent.is_ok() && !end {
                         sending.push(Sending { stream, body, pending: None, blocked: false, _in_flight: in_flight });
@@ -607,7 +621,11 @@ pub(crate) async fn serve<S>(
                 match tokio_util::io::poll_read_buf(Pin::new(&mut io), cx, &mut read) {
                     Poll::Ready(Ok(0)) => read_closed = true,
                     Poll::Ready(Ok(_)) => {
-                        events.bridge = !shared.current.load().config.app_protocol.is_http2();
+                        events.towards = if shared.current.load().config.app_protocol.is_http2() {
+                            Towards::Http2
+                        } else {
+                            Towards::Http1
+                        };
                         match conn.recv(&read, &mut events) {
                             Ok(taken) => {
                                 read.advance(taken);
@@ -778,13 +796,15 @@ async fn serve_stream(
     // Boxed: the set of a connection's streams holds each stream's future
     // inline, and moves it there whole.
     let mut served = match req {
-        Opened::Map(req) => Either::Left(Box::pin(http::serve(shared, client, req, Some(StreamClock::new())))),
-        Opened::Raw(req) => Either::Right(Box::pin(http::serve_raw(shared, client, req, StreamClock::new()))),
+        Opened::Map(req) => Serving::Map(Box::pin(http::serve(shared, client, req, Some(StreamClock::new())))),
+        Opened::Raw(req) => Serving::Raw(Box::pin(http::serve_raw(shared, client, req, StreamClock::new()))),
+        Opened::Relay(req) => Serving::Relay(Box::pin(http::serve_relay(shared, client, req, StreamClock::new()))),
     };
     let response = std::future::poll_fn(|cx| {
         let polled = match &mut served {
-            Either::Left(f) => f.as_mut().poll(cx),
-            Either::Right(f) => f.as_mut().poll(cx),
+            Serving::Map(f) => f.as_mut().poll(cx),
+            Serving::Raw(f) => f.as_mut().poll(cx),
+            Serving::Relay(f) => f.as_mut().poll(cx),
         };
         if let Poll::Ready(Ok(resp)) = polled {
             return Poll::Ready(Some(resp));

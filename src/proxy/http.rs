@@ -29,11 +29,12 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use super::config::{HashKey, MAX_RETRY_ATTEMPTS};
 use super::conn::StreamClock;
 use super::metrics::{NO_RESPONSE, class_of};
+use super::relay::Relay;
 use super::replay::{ReplayError, Replayable};
 use super::state::{Runtime, Shared};
 use super::tls::ClientCert;
 use super::upstream::{ConnSettings, Lease, Upstream, UpstreamError};
-use super::{bridge, forwarding, grpc, tracks, upgrade};
+use super::{bridge, forwarding, grpc, h1, tracks, upgrade};
 use crate::balance::{self, AffinityToken, Outcome, Pick, hash_key};
 
 /// A client's request body as the server that read its head hands it over:
@@ -245,6 +246,18 @@ enum Sendable {
 }
 
 impl Sendable {
+    /// A request's body, held for a retry when one may come.
+    fn of(body: RequestBody, rt: &Runtime, stream: Option<&StreamClock>) -> Self {
+        let retries = rt.config.retries.attempts.min(MAX_RETRY_ATTEMPTS);
+        if body.is_end_stream() {
+            Sendable::Empty
+        } else if retries > 0 {
+            Sendable::Held(Replayable::new(ClientBody { inner: body, clock: stream.cloned() }))
+        } else {
+            Sendable::Once(Some(ClientBody { inner: body, clock: stream.cloned() }))
+        }
+    }
+
     fn next(&mut self) -> Option<UpstreamBody> {
         match self {
             Sendable::Once(b) => b.take().map(UpstreamBody::Client),
@@ -296,7 +309,6 @@ async fn forward(
     };
     let ask = Ask { hash, presented, idempotent: is_idempotent(&parts.method), call_timeout, start };
 
-    let retries = rt.config.retries.attempts.min(MAX_RETRY_ATTEMPTS) as usize;
     // An HTTP/2 client's request without a body, or with a small one of
     // known length (read whole first), to an HTTP/1.1 endpoint: over the fast
     // path's sockets, its head and body written once for every attempt.
@@ -314,13 +326,7 @@ async fn forward(
             Outgoing::Raw(wire, parts.method == Method::HEAD)
         }
         None => {
-            let body = if body.is_end_stream() {
-                Sendable::Empty
-            } else if retries > 0 {
-                Sendable::Held(Replayable::new(ClientBody { inner: body, clock: stream.clone() }))
-            } else {
-                Sendable::Once(Some(ClientBody { inner: body, clock: stream.clone() }))
-            };
+            let body = Sendable::of(body, rt, stream.as_ref());
             Outgoing::Sent { parts, body, authority, upgrade, client_upgrade }
         }
     };
@@ -362,6 +368,41 @@ pub(crate) async fn serve_raw(
     Ok(resp)
 }
 
+/// Serves an HTTP/2 client's request to HTTP/2 endpoints taken without a
+/// header map ([`Relay`]): read for balancing and forwarding as the fast
+/// path reads a head, its body streamed as [`forward`] streams one.
+pub(crate) async fn serve_relay(
+    shared: Arc<Shared>,
+    peer: Peer,
+    req: bridge::RawRequest,
+    stream: StreamClock,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let rt = shared.current.load_full();
+    let clock = rt.set.clock().clone();
+    let start = clock.now();
+    let bridge::RawRequest { buf, head, body } = req;
+    let field = |name| h1::value_of(&buf, &head.headers, name);
+    let grpc_call = field("content-type").is_some_and(grpc::is_grpc_type);
+    let timeouts = &rt.config.timeouts;
+    // A gRPC call's own deadline bounds the whole call when it is the shorter.
+    let call_timeout = if grpc_call {
+        field("grpc-timeout").and_then(grpc::timeout_value).filter(|t| *t < timeouts.request.0)
+    } else {
+        None
+    };
+    let look = super::fast::look(&rt, &peer, &buf, &head.headers);
+    let ask = Ask { hash: look.hash, presented: look.presented, idempotent: head.idempotent, call_timeout, start };
+    let body = Sendable::of(body, &rt, Some(&stream));
+    let mut out = Outgoing::Relay { head: Relay::new(buf, head, look, peer), body };
+    let resp = match attempts(&shared, &rt, &mut out, ask, Some(stream)).await {
+        Ok(resp) => resp,
+        Err(failure) => local_response(&shared, failure, grpc_call),
+    };
+    drop(out);
+    shared.metrics.request_duration.observe_nanos(balance::duration_nanos(clock.now().since(start)));
+    Ok(resp)
+}
+
 /// Reads a request body of `len` bytes onto `wire`, each frame within
 /// `timeouts.bodyIdle` ([`bridge::read_body`]).
 async fn read_body_onto(
@@ -392,6 +433,8 @@ enum Outgoing {
     /// Over the fast path's sockets ([`bridge`]): the HTTP/1.1 head and
     /// body, and whether the method is `HEAD`.
     Raw(Vec<u8>, bool),
+    /// To HTTP/2 endpoints without a header map ([`Upstream::send_relay`]).
+    Relay { head: Relay, body: Sendable },
     /// Through the endpoint's client ([`Upstream::send`]).
     Sent {
         parts: http::request::Parts,
@@ -444,6 +487,11 @@ async fn attempts(
                     .await
                     .map(|r| r.map(|resp| (resp.map(EndpointBody::Raw), Lease::raw(upstream.clone()))))
             }
+            Outgoing::Relay { head, body } => {
+                let Some(attempt_body) = body.next() else { return Err(Failure::Upstream) };
+                let exchange = upstream.send_relay(head, attempt_body, settings);
+                tokio::time::timeout_at(per_attempt, exchange).await
+            }
             Outgoing::Sent { parts, body, authority, .. } => {
                 let Some(attempt_body) = body.next() else { return Err(Failure::Upstream) };
                 parts.uri = upstream_uri(&parts.uri, authority.as_ref().unwrap_or(&upstream.authority), http2);
@@ -456,6 +504,14 @@ async fn attempts(
         now = clock.now();
         match sent {
             Ok(Ok((mut resp, lease))) => {
+                if stream.is_none()
+                    && let EndpointBody::H2(body) = resp.body_mut()
+                {
+                    // hyper's server writes the head from the header map alone.
+                    let mut map = HeaderMap::new();
+                    body.fields_into(&mut map);
+                    *resp.headers_mut() = map;
+                }
                 pick.observe_latency_at(now);
                 let status = resp.status();
                 let class = class_of(status.as_u16());
@@ -474,7 +530,10 @@ async fn attempts(
                 // A bridged response's fields are not in its map.
                 let field = |name: &HeaderName| match resp.body() {
                     EndpointBody::Raw(raw) => raw.field(name.as_str().as_bytes()),
-                    _ => resp.headers().get(name).map(HeaderValue::as_bytes),
+                    EndpointBody::H2(h2) => h2
+                        .field(name.as_str().as_bytes())
+                        .or_else(|| resp.headers().get(name).map(HeaderValue::as_bytes)),
+                    EndpointBody::Hyper(_) => resp.headers().get(name).map(HeaderValue::as_bytes),
                 };
                 let grpc_response = field(&header::CONTENT_TYPE).is_some_and(grpc::is_grpc_type);
                 let mut outcome = if status.is_server_error() { Outcome::Failure } else { Outcome::Success };
@@ -492,8 +551,9 @@ async fn attempts(
                         strip_hop_by_hop(resp.headers_mut());
                         recycle(std::mem::take(&mut parts.headers));
                     }
-                    // A bridged response's head left them out already.
-                    Outgoing::Raw(..) => {}
+                    // A bridged response's head left them out already, an
+                    // HTTP/2 endpoint's raw fields too.
+                    Outgoing::Raw(..) | Outgoing::Relay { .. } => {}
                 }
                 if let Some(a) = &rt.affinity
                     && presented != Some(pick.affinity_token())
@@ -896,12 +956,23 @@ pub struct TrackedBody {
     ended: bool,
 }
 
-/// The fields of a bridged response's head, which its header map does not
-/// hold ([`bridge::RawBody::head_fields`]); to be read before the body.
-pub(crate) fn raw_head(body: &ProxyBody) -> Option<&bridge::RawBody> {
+/// Where a response's head fields are when its header map does not hold
+/// them; to be read before the body.
+pub(crate) enum RawHead<'a> {
+    /// All in the map.
+    None,
+    /// A bridged response's ([`bridge::RawBody::head_fields`]).
+    Bridged(&'a bridge::RawBody),
+    /// An HTTP/2 endpoint's ([`super::h2c::H2Body::head_fields`]).
+    Http2(&'a super::h2c::H2Body),
+}
+
+/// Where the head fields of the response whose body is `body` are.
+pub(crate) fn raw_head(body: &ProxyBody) -> RawHead<'_> {
     match body {
-        Either::Left(TrackedBody { inner: EndpointBody::Raw(raw), .. }) => Some(raw),
-        _ => None,
+        Either::Left(TrackedBody { inner: EndpointBody::Raw(raw), .. }) => RawHead::Bridged(raw),
+        Either::Left(TrackedBody { inner: EndpointBody::H2(h2), .. }) => RawHead::Http2(h2),
+        _ => RawHead::None,
     }
 }
 

@@ -27,6 +27,7 @@ mod health;
 pub mod hpack;
 mod http;
 pub mod metrics;
+mod relay;
 mod replay;
 mod retry;
 pub mod server;

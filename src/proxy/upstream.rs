@@ -47,6 +47,7 @@ use super::tls::{EndpointConnector, TlsState};
 use super::h2c;
 use super::http::{EndpointBody, UpstreamBody};
 use super::metrics::EndpointStats;
+use super::relay::Relay;
 use super::tracks::TrackStats;
 
 /// Idle keep-alive connections kept per endpoint and worker.
@@ -452,7 +453,7 @@ impl Upstream {
         settings: ConnSettings,
     ) -> BoxFuture<'a, Result<(Response<EndpointBody>, Lease), UpstreamError>> {
         if self.http2 {
-            Box::pin(self.send_h2(head, body, settings))
+            Box::pin(self.send_h2(h2c::Head::Map(head), body, settings))
         } else {
             let head = if last { std::mem::replace(head, Request::new(()).into_parts().0) } else { head.clone() };
             Box::pin(async move {
@@ -460,6 +461,23 @@ impl Upstream {
                 Ok((resp.map(EndpointBody::Hyper), lease))
             })
         }
+    }
+
+    /// Sends an HTTP/2 client's request taken without a header map
+    /// ([`Relay`]) on a stream to this HTTP/2 endpoint. Boxed as
+    /// [`Upstream::send`]'s futures are.
+    pub(crate) fn send_relay<'a>(
+        self: &'a Arc<Self>,
+        head: &'a Relay,
+        body: UpstreamBody,
+        settings: ConnSettings,
+    ) -> BoxFuture<'a, Result<(Response<EndpointBody>, Lease), UpstreamError>> {
+        if !self.http2 {
+            // The endpoints came to speak HTTP/1.1 since the request was read.
+            let e = std::io::Error::other("the endpoint no longer speaks HTTP/2");
+            return Box::pin(std::future::ready(Err(UpstreamError::Connect(e))));
+        }
+        Box::pin(self.send_h2(h2c::Head::Relay(head), body, settings))
     }
 
     /// Sends `req` on a pooled connection, or a new one. A pooled connection
@@ -632,7 +650,7 @@ impl Upstream {
     /// first HTTP/2 connection with room, opening one when all are full.
     async fn send_h2(
         self: &Arc<Self>,
-        parts: &http::request::Parts,
+        head: h2c::Head<'_>,
         body: UpstreamBody,
         settings: ConnSettings,
     ) -> Result<(Response<EndpointBody>, Lease), UpstreamError> {
@@ -642,7 +660,7 @@ impl Upstream {
         for _ in 0..4 {
             let (client, state) = self.h2_stream(settings).await?;
             let first = state.opened.load(Ordering::Relaxed) == 0;
-            let stream = match client.open(parts, body.is_end_stream()).await {
+            let stream = match client.open(head, body.is_end_stream()).await {
                 Ok(stream) => stream,
                 Err(e) if first => {
                     // It closed before it took a stream: as good as not opened.

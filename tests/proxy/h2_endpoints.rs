@@ -43,7 +43,9 @@ fn pattern(i: usize) -> u8 {
 /// The `h2` crate's server on 127.0.0.`host`, with `window` bytes of
 /// stream window: it answers `/hold` never (reporting its reset),
 /// `/count` with the length and a checksum of the request body followed by
-/// `x-size` bytes of [`pattern`], anything else with `ok`.
+/// `x-size` bytes of [`pattern`], `/fields` with the fields of [`FIELDS`],
+/// `/head` with the request's head as it arrived ([`head_of`]) and its
+/// body's length, anything else with `ok`.
 async fn h2_endpoint(host: u8, window: u32) -> Endpoint {
     let listener = TcpListener::bind(format!("127.0.0.{host}:0")).await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -72,6 +74,34 @@ async fn h2_endpoint(host: u8, window: u32) -> Endpoint {
     Endpoint { addr, seen, connections }
 }
 
+/// The response fields `/fields` answers with: a repeated `set-cookie`
+/// (order matters), and hop-by-hop fields HTTP/2 lets an endpoint send.
+const FIELDS: [(&str, &str); 6] = [
+    ("content-type", "text/plain"),
+    ("set-cookie", "a=1"),
+    ("x-tag", "Mixed Case, and a comma"),
+    ("set-cookie", "b=2"),
+    ("te", "trailers"),
+    ("proxy-authenticate", "Basic realm=\"x\""),
+];
+
+/// A request head as an endpoint received it: the pseudo-headers, then
+/// each field on a line of its own, in order.
+fn head_of(req: &http::Request<h2::RecvStream>) -> String {
+    let uri = req.uri();
+    let mut out = format!(
+        ":method: {}\n:scheme: {}\n:authority: {}\n:path: {}\n",
+        req.method(),
+        uri.scheme_str().unwrap_or(""),
+        uri.authority().map_or("", |a| a.as_str()),
+        uri.path_and_query().map_or("", |p| p.as_str())
+    );
+    for (name, value) in req.headers() {
+        out += &format!("{name}: {}\n", String::from_utf8_lossy(value.as_bytes()));
+    }
+    out
+}
+
 async fn answer(
     req: http::Request<h2::RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
@@ -86,6 +116,7 @@ async fn answer(
         return;
     }
     let size: usize = req.headers().get("x-size").and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0);
+    let seen_head = head_of(&req);
     let mut body = req.into_body();
     let (mut len, mut wrong) = (0usize, 0usize);
     while let Some(Ok(chunk)) = body.data().await {
@@ -93,11 +124,19 @@ async fn answer(
         len += chunk.len();
         let _ = body.flow_control().release_capacity(chunk.len());
     }
-    let head = http::Response::builder().status(200).body(()).expect("response");
+    let mut head = http::Response::builder().status(200);
+    if path == "/fields" {
+        for (name, value) in FIELDS {
+            head = head.header(name, value);
+        }
+    }
+    let head = head.body(()).expect("response");
     let Ok(mut send) = respond.send_response(head, false) else { return };
     let mut out = format!("{len} {wrong}\n").into_bytes();
     if path == "/count" {
         out.extend((0..size).map(pattern));
+    } else if path == "/head" {
+        out = format!("{seen_head}body: {len}\n").into_bytes();
     } else {
         out = b"ok".to_vec();
     }
@@ -193,6 +232,8 @@ async fn an_idle_endpoint_connection_is_closed_and_the_next_request_opens_anothe
 /// the `http` crate refuses (a control byte) and whose second is fine: the
 /// first request gets `502` and its stream is reset (`PROTOCOL_ERROR`:
 /// its body is not wanted), the second its answer on the same connection.
+/// An HTTP/1.1 client's request and an HTTP/2 client's (whose response
+/// head is passed on without a header map) both meet it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_head_the_proxy_cannot_pass_on_is_a_502_and_the_connection_goes_on() {
     let listener = TcpListener::bind("127.0.0.2:0").await.expect("bind");
@@ -223,12 +264,12 @@ async fn a_response_head_the_proxy_cannot_pass_on_is_a_502_and_the_connection_go
                 match (kind, stream) {
                     // `:status: 200` (indexed), then `x-bad: a\x01b` (literal);
                     // a body would follow.
-                    (1, 1) => {
+                    (1, 1 | 3) => {
                         let block = [&[0x88u8, 0x00, 5][..], b"x-bad", &[3], b"a\x01b"].concat();
-                        s.write_all(&h2_frame(1, 0x4, 1, &block)).await.expect("write");
+                        s.write_all(&h2_frame(1, 0x4, stream, &block)).await.expect("write");
                     }
-                    (1, 3) => {
-                        let answer = [h2_frame(1, 0x4, 3, &[0x88]), h2_frame(0, 0x1, 3, b"ok")].concat();
+                    (1, 5) => {
+                        let answer = [h2_frame(1, 0x4, 5, &[0x88]), h2_frame(0, 0x1, 5, b"ok")].concat();
                         s.write_all(&answer).await.expect("write");
                     }
                     _ => {}
@@ -241,9 +282,118 @@ async fn a_response_head_the_proxy_cannot_pass_on_is_a_502_and_the_connection_go
         proxy1(&format!("appProtocol: H2C\nretries: {{attempts: 0}}\nendpoints:\n  - {{address: \"{addr}\"}}\n")).await;
     let c = client();
     assert_eq!(get(&c, &p, "/").await.status, 502);
+    assert_eq!(get(&h2_client(), &p, "/").await.status, 502);
     let r = get(&c, &p, "/").await;
     assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "ok"));
     p.shutdown().await;
     let resets = tokio::time::timeout(Duration::from_secs(15), endpoint).await.expect("endpoint").expect("ran");
-    assert!(resets.contains(&(1, 1)), "stream 1 reset with PROTOCOL_ERROR: {resets:?}");
+    for stream in [1, 3] {
+        assert!(resets.contains(&(stream, 1)), "stream {stream} reset with PROTOCOL_ERROR: {resets:?}");
+    }
+}
+
+/// An endpoint's response fields reach HTTP/1.1 and HTTP/2 clients as it
+/// sent them: values byte for byte, a repeated field in its order, the
+/// hop-by-hop ones (`te`, `proxy-authenticate`) left out, and the
+/// affinity cookie the proxy adds after the endpoint's own. An HTTP/2
+/// client's response head is encoded from the endpoint's fields without a
+/// header map; hyper's HTTP/1.1 server is given one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoints_response_fields_reach_both_kinds_of_client_as_it_sent_them() {
+    let endpoint = h2_endpoint(2, 65_535).await;
+    let p = proxy1(&format!(
+        "appProtocol: H2C\nloadBalancing: {{sessionAffinity: {{cookie: lb}}}}\nendpoints:\n  - {{address: \"{}\"}}\n",
+        endpoint.addr
+    ))
+    .await;
+    for (kind, c) in [("HTTP/1.1", client()), ("HTTP/2", h2_client())] {
+        let r = get(&c, &p, "/fields").await;
+        assert_eq!(r.status, 200, "{kind}");
+        let all = |name: &str| -> Vec<String> {
+            r.headers.get_all(name).iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect()
+        };
+        assert_eq!(all("content-type"), ["text/plain"], "{kind}");
+        assert_eq!(all("x-tag"), ["Mixed Case, and a comma"], "{kind}");
+        let cookies = all("set-cookie");
+        assert_eq!(cookies.len(), 3, "{kind}: {cookies:?}");
+        assert_eq!(cookies[..2], ["a=1", "b=2"], "{kind}");
+        assert!(cookies[2].starts_with("lb="), "{kind}: the proxy's cookie comes last: {cookies:?}");
+        for hop in ["te", "proxy-authenticate"] {
+            assert!(r.headers.get(hop).is_none(), "{kind}: {hop} is hop-by-hop: {:?}", r.headers);
+        }
+    }
+    p.shutdown().await;
+}
+
+/// An HTTP/2 client's request reaches an HTTP/2 endpoint as the proxy
+/// rewrites any request: its method, `:authority` and `:path` as sent, the
+/// scheme `http`, its fields in order, `te: trailers` kept (gRPC needs
+/// it), its `cookie` fields joined into one after the others (RFC 9113
+/// §8.2.3), hop-by-hop
+/// fields gone, the forwarding fields the proxy's own (the client's forged
+/// `x-forwarded-for`, `-proto` and `-client-cert` replaced), and its body
+/// streamed. Such a request is encoded without a header map; one with a
+/// `host` field of its own goes the map way and arrives alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_clients_request_reaches_an_http2_endpoint_rewritten_as_any_request() {
+    let endpoint = h2_endpoint(2, 65_535).await;
+    let p = proxy1(&format!("appProtocol: H2C\nendpoints:\n  - {{address: \"{}\"}}\n", endpoint.addr)).await;
+    let (mut client, conn) = h2_connect(p.addr).await;
+    let mut call = async |req: Request<()>| {
+        let (response, mut send) = client.send_request(req, false).expect("send");
+        send.send_data(Bytes::from_static(b"hello"), true).expect("body");
+        let resp = tokio::time::timeout(Duration::from_secs(5), response).await.expect("in time").expect("response");
+        let mut body = resp.into_body();
+        let mut got = Vec::new();
+        while let Some(chunk) = tokio::time::timeout(Duration::from_secs(5), body.data()).await.expect("in time") {
+            let chunk = chunk.expect("data");
+            let _ = body.flow_control().release_capacity(chunk.len());
+            got.extend_from_slice(&chunk);
+        }
+        String::from_utf8(got).expect("text")
+    };
+    let request = |host: Option<&str>| {
+        let mut b = Request::post("https://shop.example:8080/head?q=1")
+            .header("content-type", "application/grpc")
+            .header("cookie", "a=1")
+            .header("x-app", "Kept As Is")
+            .header("cookie", "b=2")
+            .header("te", "trailers")
+            .header("x-forwarded-for", "9.9.9.9")
+            .header("x-forwarded-proto", "https")
+            .header("x-forwarded-client-cert", "forged")
+            .header("proxy-authorization", "Basic eDp5")
+            .header("x-last", "1");
+        if let Some(host) = host {
+            b = b.header("host", host);
+        }
+        b.body(()).expect("request")
+    };
+    let relayed = call(request(None)).await;
+    let expected = [
+        ":method: POST",
+        ":scheme: http",
+        ":authority: shop.example:8080",
+        ":path: /head?q=1",
+        "content-type: application/grpc",
+        "x-app: Kept As Is",
+        "te: trailers",
+        "x-last: 1",
+        "cookie: a=1; b=2",
+        "x-forwarded-for: 127.0.0.1",
+        "x-forwarded-proto: http",
+        "body: 5",
+    ];
+    assert_eq!(relayed.lines().collect::<Vec<_>>(), expected, "{relayed}");
+    // The map path sends the cookies as the client did, one field each, and
+    // the forwarding fields where the map has them; the same fields else.
+    let mapped = call(request(Some("shop.example:8080"))).await;
+    let mut mapped: Vec<&str> = mapped.lines().filter(|l| !l.starts_with("cookie: ")).collect();
+    let mut relayed: Vec<&str> = relayed.lines().filter(|l| !l.starts_with("cookie: ")).collect();
+    mapped.sort_unstable();
+    relayed.sort_unstable();
+    assert_eq!(mapped, relayed);
+    drop(client);
+    conn.abort();
+    p.shutdown().await;
 }
