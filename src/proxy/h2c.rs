@@ -15,9 +15,10 @@
 //! response head arrives (client or bidirectional streaming) moves to a task
 //! of its own ([`Pump`]): the response may be read while the request is
 //! still being sent. No task per stream, no channel between tasks. The
-//! response head is kept as the endpoint's fields, slices of one copy of
-//! the head ([`RawFields`]): an HTTP/2 client's stream encodes them as they
-//! are, and a header map is built only for hyper's HTTP/1.1 server
+//! response head and trailers are kept as the endpoint's fields, slices of
+//! one copy of each block ([`RawFields`]): an HTTP/2 client's stream
+//! encodes them as they are (the body's trailers frame comes with an empty
+//! map), and header maps are built only for hyper's HTTP/1.1 server
 //! ([`H2Body::fields_into`]).
 //!
 //! The settings are the ones the proxy had with the `h2` crate: 2 MiB stream
@@ -48,7 +49,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::h1::{self, Kind};
 use super::h2conn::{self, Conn, Handler};
 use super::h2frame::Reason;
-use super::h2s::{Arrived, HeadCopies, Outbox, fields_map};
+use super::h2s::{Arrived, HeadCopies, Outbox};
 use super::http::UpstreamBody;
 use super::relay::Relay;
 
@@ -117,6 +118,8 @@ struct Slot {
     /// The response head (its fields in `fields`), until the request's task takes it.
     head: Option<Response<()>>,
     fields: RawFields,
+    /// The trailers' fields, until the body's reader reaches them.
+    trailers: RawFields,
     length: Option<u64>,
     /// The response body.
     arrived: Arrived,
@@ -281,6 +284,7 @@ impl Client {
                 id,
                 head: None,
                 fields: RawFields::default(),
+                trailers: RawFields::default(),
                 length: None,
                 arrived: Arrived::default(),
                 error: None,
@@ -328,7 +332,8 @@ impl Stream {
             // The request body is still streaming: it goes on beside the response.
             tokio::spawn(p);
         }
-        Ok(head.map(|()| H2Body { stream: self, fields, length, ended: false }))
+        let trailers = RawFields::default();
+        Ok(head.map(|()| H2Body { stream: self, fields, trailers, maps: false, length, ended: false }))
     }
 
     /// The response head and its `Content-Length`, once they came.
@@ -462,6 +467,11 @@ pub(crate) struct H2Body {
     stream: Stream,
     /// The response head's fields.
     fields: RawFields,
+    /// The trailers' fields, once the body reached them.
+    trailers: RawFields,
+    /// The reader takes header maps only (hyper's server): the head's
+    /// fields were moved into its map, the trailers come as a map of theirs.
+    maps: bool,
     /// What is left of the endpoint's `Content-Length` (the codec holds the data to it).
     length: Option<u64>,
     ended: bool,
@@ -479,10 +489,30 @@ impl H2Body {
         self.fields.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
     }
 
-    /// Moves the head's fields into `map`, for a client served from a
-    /// header map.
+    /// The trailers' fields as the endpoint sent them, less those a
+    /// trailer section may not carry, once the body's trailers frame (its
+    /// map empty) was read.
+    pub(crate) fn trailer_fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.trailers.iter()
+    }
+
+    /// The first value of the trailers' field `name` (lower case).
+    pub(crate) fn trailer(&self, name: &[u8]) -> Option<&[u8]> {
+        self.trailers.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
+
+    /// Moves the head's fields into `map`, for a client served from
+    /// header maps (the trailers will come as one too).
     pub(crate) fn fields_into(&mut self, map: &mut HeaderMap) {
-        let fields = std::mem::take(&mut self.fields);
+        self.maps = true;
+        std::mem::take(&mut self.fields).into_map(map);
+    }
+}
+
+impl RawFields {
+    /// Appends the fields to `map`.
+    fn into_map(self, map: &mut HeaderMap) {
+        let fields = self;
         map.reserve(fields.spans.len());
         for &[name, end, value, value_end] in &fields.spans {
             let name = HeaderName::from_bytes(&fields.bytes[name as usize..end as usize]);
@@ -513,10 +543,12 @@ pub(crate) struct RawFields {
 
 impl RawFields {
     /// The fields of `head` (copied into `copies`), less the hop-by-hop
-    /// ones (the codec has refused the connection-specific ones already);
-    /// `None` when a value holds a byte the `http` crate refuses (a control
-    /// byte other than tab, or DEL), as the header map did.
-    fn of(head: &h2conn::Head, copies: &mut HeadCopies) -> Option<Self> {
+    /// ones (the codec has refused the connection-specific ones already),
+    /// and in a trailer block less those a trailer section may not carry
+    /// ([`super::http::sanitize_trailers`]); `None` when a value holds a
+    /// byte the `http` crate refuses (a control byte other than tab, or
+    /// DEL), as the header map did.
+    fn of(head: &h2conn::Head, copies: &mut HeadCopies, trailers: bool) -> Option<Self> {
         let mut spans = SPAN_LISTS.with_borrow_mut(Vec::pop).unwrap_or_default();
         for (name, value) in head.fields() {
             // Every byte looked at (no early exit), so the check vectorizes.
@@ -524,7 +556,12 @@ impl RawFields {
                 drop(RawFields { bytes: Bytes::new(), spans });
                 return None;
             }
-            if h1::kind_of(name) == Kind::HopByHop {
+            let dropped = match h1::kind_of(name) {
+                Kind::HopByHop => true,
+                Kind::Host | Kind::ContentLength | Kind::ContentType => trailers,
+                _ => trailers && name == b"content-encoding",
+            };
+            if dropped {
                 continue;
             }
             let (n, v) = (head.range_of(name), head.range_of(value));
@@ -569,13 +606,23 @@ impl Body for H2Body {
             this.ended = true;
             return Poll::Ready(Some(Err(StreamError::Closed("the stream is gone"))));
         };
-        if let Some(piece) = slot.arrived.next(&mut this.length) {
-            match piece.as_ref().map(Frame::data_ref) {
-                Some(Some(data)) => {
-                    inner.conn.release(id, data.len());
+        if let Some(mut piece) = slot.arrived.next(&mut this.length) {
+            match piece.as_mut().map(|f| (f.is_data(), f)) {
+                Some((true, frame)) => {
+                    let n = frame.data_ref().map_or(0, Bytes::len);
+                    inner.conn.release(id, n);
                     inner.kick();
                 }
-                _ => this.ended = true,
+                Some((false, frame)) => {
+                    this.ended = true;
+                    this.trailers = std::mem::take(&mut slot.trailers);
+                    if this.maps
+                        && let Some(map) = frame.trailers_mut()
+                    {
+                        std::mem::take(&mut this.trailers).into_map(map);
+                    }
+                }
+                None => this.ended = true,
             }
             return Poll::Ready(piece.map(Ok));
         }
@@ -633,7 +680,7 @@ impl Events<'_> {
 impl Handler for Events<'_> {
     fn response(&mut self, stream: u32, status: u16, head: &h2conn::Head, end_stream: bool) {
         let length = head.content_length();
-        let fields = StatusCode::from_u16(status).ok().zip(RawFields::of(head, self.copies));
+        let fields = StatusCode::from_u16(status).ok().zip(RawFields::of(head, self.copies, false));
         let resp = fields.map(|(status, fields)| {
             move |slot: &mut Slot| {
                 let mut resp = Response::new(());
@@ -656,8 +703,17 @@ impl Handler for Events<'_> {
     }
 
     fn trailers(&mut self, stream: u32, head: &h2conn::Head) {
-        let map = fields_map(head, &self.copies.copy(head.bytes()), 0);
-        self.deliver(stream, map.map(|map| move |slot: &mut Slot| slot.arrived.trailers(map)));
+        // The map stays empty: the body's reader takes the fields.
+        let fields = RawFields::of(head, self.copies, true);
+        self.deliver(
+            stream,
+            fields.map(|fields| {
+                move |slot: &mut Slot| {
+                    slot.trailers = fields;
+                    slot.arrived.trailers(HeaderMap::new());
+                }
+            }),
+        );
     }
 
     fn reset(&mut self, stream: u32, code: u32) {

@@ -757,8 +757,11 @@ fn pump(conn: &mut Conn, sending: &mut Vec<Sending>, queued: usize, cx: &mut Con
                         Ok(data) => s.pending = Some((data, 0)),
                         Err(frame) => {
                             if let Ok(trailers) = frame.into_trailers() {
-                                let fields = trailers.iter().map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
-                                let _ = conn.send_trailers(s.stream, fields);
+                                let map = trailers.iter().map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
+                                let _ = match http::raw_head(&s.body) {
+                                    RawHead::Http2(h2) => conn.send_trailers(s.stream, h2.trailer_fields().chain(map)),
+                                    _ => conn.send_trailers(s.stream, map),
+                                };
                                 http::recycle(trailers);
                                 return false;
                             }

@@ -1172,7 +1172,14 @@ impl Body for TrackedBody {
                 if self.grpc
                     && let Some(trailers) = frame.trailers_ref()
                 {
-                    self.grpc_outcome(grpc::status(trailers).unwrap_or(grpc::code::UNKNOWN));
+                    // An HTTP/2 endpoint's trailers are its fields, not the map's.
+                    let status = grpc::status(trailers).or_else(|| match &self.inner {
+                        EndpointBody::H2(h2) => {
+                            h2.trailer(grpc::GRPC_STATUS.as_str().as_bytes()).and_then(grpc::status_value)
+                        }
+                        _ => None,
+                    });
+                    self.grpc_outcome(status.unwrap_or(grpc::code::UNKNOWN));
                 }
                 if self.inner.is_end_stream() {
                     self.finish(false);

@@ -140,8 +140,27 @@ async fn answer(
     } else {
         out = b"ok".to_vec();
     }
+    if path == "/fields" {
+        let _ = send.send_data(out.into(), false);
+        let mut trailers = http::HeaderMap::new();
+        for (name, value) in TRAILERS {
+            trailers.append(name, http::HeaderValue::from_static(value));
+        }
+        let _ = send.send_trailers(trailers);
+        return;
+    }
     let _ = send.send_data(out.into(), true);
 }
+
+/// The trailers `/fields` ends with: two that go on, and fields a trailer
+/// section may not carry.
+const TRAILERS: [(&str, &str); 5] = [
+    ("grpc-status", "0"),
+    ("content-type", "text/plain"),
+    ("x-trailer", "One, Two"),
+    ("host", "elsewhere"),
+    ("x-trailer", "three"),
+];
 
 /// Several requests at once, each with a 1 MB body and a 6 MB answer, on
 /// one connection to an endpoint whose stream window is 16 KiB: the
@@ -295,9 +314,11 @@ async fn a_response_head_the_proxy_cannot_pass_on_is_a_502_and_the_connection_go
 /// An endpoint's response fields reach HTTP/1.1 and HTTP/2 clients as it
 /// sent them: values byte for byte, a repeated field in its order, the
 /// hop-by-hop ones (`te`, `proxy-authenticate`) left out, and the
-/// affinity cookie the proxy adds after the endpoint's own. An HTTP/2
+/// affinity cookie the proxy adds after the endpoint's own; an HTTP/2
+/// client gets its trailers likewise, less the fields a trailer section
+/// may not carry. An HTTP/2
 /// client's response head is encoded from the endpoint's fields without a
-/// header map; hyper's HTTP/1.1 server is given one.
+/// header map, its trailers too; hyper's HTTP/1.1 server is given maps.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoints_response_fields_reach_both_kinds_of_client_as_it_sent_them() {
     let endpoint = h2_endpoint(2, 65_535).await;
@@ -307,8 +328,23 @@ async fn an_endpoints_response_fields_reach_both_kinds_of_client_as_it_sent_them
     ))
     .await;
     for (kind, c) in [("HTTP/1.1", client()), ("HTTP/2", h2_client())] {
-        let r = get(&c, &p, "/fields").await;
-        assert_eq!(r.status, 200, "{kind}");
+        let req = Request::get(format!("http://{}/fields", p.addr)).header("te", "trailers").body(Full::default());
+        let resp = tokio::time::timeout(Duration::from_secs(10), c.request(req.expect("request")))
+            .await
+            .expect("in time")
+            .expect("response");
+        let (head, body) = resp.into_parts();
+        let body = tokio::time::timeout(Duration::from_secs(10), body.collect()).await.expect("in time").expect("body");
+        let trailers = body.trailers().cloned().unwrap_or_default();
+        let r = Reply { status: head.status, headers: head.headers, body: String::new() };
+        let values = |map: &http::HeaderMap, name: &str| -> Vec<String> {
+            map.get_all(name).iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect()
+        };
+        if kind == "HTTP/2" {
+            assert_eq!(values(&trailers, "grpc-status"), ["0"], "{kind}: {trailers:?}");
+            assert_eq!(values(&trailers, "x-trailer"), ["One, Two", "three"], "{kind}: {trailers:?}");
+            assert_eq!(trailers.len(), 3, "{kind}: content-type and host are not for trailers: {trailers:?}");
+        }
         let all = |name: &str| -> Vec<String> {
             r.headers.get_all(name).iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect()
         };
