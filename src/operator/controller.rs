@@ -993,6 +993,18 @@ async fn refuse(
     Ok(())
 }
 
+/// Gives each condition whose status is the stored one's the stored time
+/// of its last transition: a reconcile that worked from a stale cache
+/// computed its conditions against an older status, and would otherwise
+/// date a condition that did not change anew (and write it).
+fn keep_transition_times(conditions: &mut [Condition], stored: &[Condition]) {
+    for c in conditions {
+        if let Some(s) = stored.iter().find(|s| s.type_ == c.type_ && s.status == c.status) {
+            c.last_transition_time = s.last_transition_time.clone();
+        }
+    }
+}
+
 fn available(s: &LoadBalancedAppStatus) -> bool {
     s.conditions.iter().any(|c| c.type_ == "Available" && c.status == "True")
 }
@@ -1025,6 +1037,7 @@ async fn write_status(
         if status.last_healing.is_none() {
             status.last_healing = stored.last_healing.clone();
         }
+        keep_transition_times(&mut status.conditions, &stored.conditions);
         if current.status.as_ref() == Some(&status) {
             return Ok(());
         }
@@ -1044,4 +1057,28 @@ async fn write_status(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(seconds: i64, type_: &str, ok: bool) -> Condition {
+        let mut c = condition(&[], type_, ok, "Reason", String::new(), Some(1));
+        c.last_transition_time = Time(k8s_openapi::jiff::Timestamp::from_second(seconds).expect("time"));
+        c
+    }
+
+    #[test]
+    fn an_unchanged_condition_keeps_its_stored_transition_time_and_a_changed_one_its_own() {
+        // Computed from a stale status: Available "became" True at 200,
+        // Degraded "became" False at 200, Progressing became False at 200.
+        let mut ours = vec![at(200, "Available", true), at(200, "Degraded", false), at(200, "Progressing", false)];
+        // Stored: Available True since 100, Degraded False since 50,
+        // Progressing still True since 100.
+        let stored = vec![at(100, "Available", true), at(50, "Degraded", false), at(100, "Progressing", true)];
+        keep_transition_times(&mut ours, &stored);
+        let seconds: Vec<i64> = ours.iter().map(|c| c.last_transition_time.0.as_second()).collect();
+        assert_eq!(seconds, [100, 50, 200]);
+    }
 }

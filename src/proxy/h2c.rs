@@ -509,22 +509,6 @@ impl H2Body {
     }
 }
 
-impl RawFields {
-    /// Appends the fields to `map`.
-    fn into_map(self, map: &mut HeaderMap) {
-        let fields = self;
-        map.reserve(fields.spans.len());
-        for &[name, end, value, value_end] in &fields.spans {
-            let name = HeaderName::from_bytes(&fields.bytes[name as usize..end as usize]);
-            let value = HeaderValue::from_maybe_shared(fields.bytes.slice(value as usize..value_end as usize));
-            // Both were checked as the head arrived ([`RawFields::of`]).
-            if let (Ok(name), Ok(value)) = (name, value) {
-                map.append(name, value);
-            }
-        }
-    }
-}
-
 /// Field lists of [`RawFields`] kept for reuse, per worker.
 const POOLED_SPAN_LISTS: usize = 256;
 
@@ -532,8 +516,9 @@ thread_local! {
     static SPAN_LISTS: RefCell<Vec<Vec<[u32; 4]>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// A response head's regular fields without a header map: where each
-/// name and value lies in one copy of the head.
+/// A response head's or trailer block's regular fields without a header
+/// map: where each name and value lies in one copy of the block (a head
+/// is at most the codec's limit in size, far below 4 GiB).
 #[derive(Default)]
 pub(crate) struct RawFields {
     bytes: Bytes,
@@ -573,6 +558,19 @@ impl RawFields {
     fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         let b = &self.bytes[..];
         self.spans.iter().map(move |&[n, ne, v, ve]| (&b[n as usize..ne as usize], &b[v as usize..ve as usize]))
+    }
+
+    /// Appends the fields to `map`.
+    fn into_map(self, map: &mut HeaderMap) {
+        map.reserve(self.spans.len());
+        for &[name, end, value, value_end] in &self.spans {
+            let name = HeaderName::from_bytes(&self.bytes[name as usize..end as usize]);
+            let value = HeaderValue::from_maybe_shared(self.bytes.slice(value as usize..value_end as usize));
+            // Both were checked as the head arrived ([`RawFields::of`]).
+            if let (Ok(name), Ok(value)) = (name, value) {
+                map.append(name, value);
+            }
+        }
     }
 }
 

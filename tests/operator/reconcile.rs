@@ -164,10 +164,21 @@ async fn applying_an_app_creates_every_owned_object_and_the_status_converges_the
             && s.observed_generation == Some(1)
     })
     .await;
-    // Converged: the status is not written again.
-    let rv = apps.get("web").await.unwrap().metadata.resource_version;
+    // Converged (every count at its final value, not only the ones
+    // `Available` needs): the status is not written again.
+    until("every count converged", || async {
+        let s = apps.get("web").await.unwrap().status.unwrap_or_default();
+        (s.replicas, s.endpoints.ready, s.endpoints.total, s.proxy.ready, s.proxy.total) == (2, 2, 2, 2, 2)
+    })
+    .await;
+    let before = apps.get("web").await.unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(apps.get("web").await.unwrap().metadata.resource_version, rv, "no status write without a change");
+    let after = apps.get("web").await.unwrap();
+    assert_eq!(
+        after.metadata.resource_version, before.metadata.resource_version,
+        "no status write without a change: {:?} was written over {:?}",
+        after.status, before.status
+    );
     // A spec change reaches the owned objects.
     apps.patch(
         "web",
