@@ -50,12 +50,12 @@ thread_local! {
 }
 
 /// A field list from this worker's pool (or a new one).
-fn take_fields() -> Vec<Span> {
+pub(crate) fn take_fields() -> Vec<Span> {
     FIELD_LISTS.with_borrow_mut(Vec::pop).unwrap_or_default()
 }
 
 /// Gives a head's field list back to this worker's pool.
-fn give_fields(mut fields: Vec<Span>) {
+pub(crate) fn give_fields(mut fields: Vec<Span>) {
     if fields.capacity() == 0 {
         return;
     }

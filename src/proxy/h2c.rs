@@ -32,7 +32,6 @@
 //! GOAWAY once no handle and no stream holds it. A stream whose request is
 //! dropped (its client went away, a timeout) is reset with `CANCEL`.
 
-use std::cell::RefCell;
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -46,7 +45,8 @@ use http::{Response, StatusCode, Version, request};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::h1::{self, Kind};
+use super::bridge;
+use super::h1::{self, Kind, Span};
 use super::h2conn::{self, Conn, Handler};
 use super::h2frame::Reason;
 use super::h2s::{Arrived, HeadCopies, Outbox};
@@ -509,21 +509,13 @@ impl H2Body {
     }
 }
 
-/// Field lists of [`RawFields`] kept for reuse, per worker.
-const POOLED_SPAN_LISTS: usize = 256;
-
-thread_local! {
-    static SPAN_LISTS: RefCell<Vec<Vec<[u32; 4]>>> = const { RefCell::new(Vec::new()) };
-}
-
 /// A response head's or trailer block's regular fields without a header
-/// map: where each name and value lies in one copy of the block (a head
-/// is at most the codec's limit in size, far below 4 GiB).
+/// map: where each name and value lies in one copy of the block (the
+/// list from the worker's pool of field lists, [`bridge::take_fields`]).
 #[derive(Default)]
 pub(crate) struct RawFields {
     bytes: Bytes,
-    /// Name start and end, value start and end.
-    spans: Vec<[u32; 4]>,
+    spans: Vec<Span>,
 }
 
 impl RawFields {
@@ -534,14 +526,15 @@ impl RawFields {
     /// byte the `http` crate refuses (a control byte other than tab, or
     /// DEL), as the header map did.
     fn of(head: &h2conn::Head, copies: &mut HeadCopies, trailers: bool) -> Option<Self> {
-        let mut spans = SPAN_LISTS.with_borrow_mut(Vec::pop).unwrap_or_default();
+        let mut spans = bridge::take_fields();
         for (name, value) in head.fields() {
             // Every byte looked at (no early exit), so the check vectorizes.
             if value.iter().fold(false, |bad, &b| bad | ((b < 0x20 && b != b'\t') || b == 0x7f)) {
                 drop(RawFields { bytes: Bytes::new(), spans });
                 return None;
             }
-            let dropped = match h1::kind_of(name) {
+            let kind = h1::kind_of(name);
+            let dropped = match kind {
                 Kind::HopByHop => true,
                 Kind::Host | Kind::ContentLength | Kind::ContentType => trailers,
                 _ => trailers && name == b"content-encoding",
@@ -549,23 +542,22 @@ impl RawFields {
             if dropped {
                 continue;
             }
-            let (n, v) = (head.range_of(name), head.range_of(value));
-            spans.push([n.start as u32, n.end as u32, v.start as u32, v.end as u32]);
+            spans.push(Span { name: head.range_of(name), value: head.range_of(value), kind });
         }
         Some(RawFields { bytes: copies.copy(head.bytes()), spans })
     }
 
     fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         let b = &self.bytes[..];
-        self.spans.iter().map(move |&[n, ne, v, ve]| (&b[n as usize..ne as usize], &b[v as usize..ve as usize]))
+        self.spans.iter().map(move |f| (&b[f.name.clone()], &b[f.value.clone()]))
     }
 
     /// Appends the fields to `map`.
     fn into_map(self, map: &mut HeaderMap) {
         map.reserve(self.spans.len());
-        for &[name, end, value, value_end] in &self.spans {
-            let name = HeaderName::from_bytes(&self.bytes[name as usize..end as usize]);
-            let value = HeaderValue::from_maybe_shared(self.bytes.slice(value as usize..value_end as usize));
+        for f in &self.spans {
+            let name = HeaderName::from_bytes(&self.bytes[f.name.clone()]);
+            let value = HeaderValue::from_maybe_shared(self.bytes.slice(f.value.clone()));
             // Both were checked as the head arrived ([`RawFields::of`]).
             if let (Ok(name), Ok(value)) = (name, value) {
                 map.append(name, value);
@@ -576,16 +568,7 @@ impl RawFields {
 
 impl Drop for RawFields {
     fn drop(&mut self) {
-        let mut spans = std::mem::take(&mut self.spans);
-        if spans.capacity() == 0 {
-            return;
-        }
-        spans.clear();
-        SPAN_LISTS.with_borrow_mut(|pool| {
-            if pool.len() < POOLED_SPAN_LISTS {
-                pool.push(spans);
-            }
-        });
+        bridge::give_fields(std::mem::take(&mut self.spans));
     }
 }
 
