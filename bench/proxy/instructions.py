@@ -34,13 +34,23 @@ import run as R  # noqa: E402
 
 SCENARIOS = {
     "http1": "HTTP/1.1 keep-alive, 16 connections",
+    "close": "HTTP/1.1, a new connection per request, 16 at a time",
     "http2": "HTTP/2 clients, 16 × 10 streams, HTTP/1.1 endpoints",
     "grpc": "gRPC unary calls, 16 × 10 streams, HTTP/2 endpoints",
 }
 
 
 def load(scenario: str, url: str, body: Path | None, n: int) -> int:
-    """Sends `n` requests with h2load; returns how many succeeded."""
+    """Sends `n` requests with h2load; returns how many succeeded.
+
+    For `close`, wrk sends requests for `n / 500` seconds instead (h2load
+    keeps its connections), each on a connection of its own."""
+    if scenario == "close":
+        argv = ["wrk", "-t1", "-c16", f"-d{max(1, n // 500)}s", "-H", "Connection: close", url]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=900).stdout
+        done = re.search(r"(\d+) requests in", out)
+        bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        return int(done.group(1)) - (int(bad.group(1)) if bad else 0) if done else 0
     if scenario == "http1":
         argv = ["h2load", "--h1", "-c", "16", "-m", "1", "-n", str(n), url]
     else:

@@ -34,7 +34,6 @@ use std::time::Duration;
 use bytes::BufMut;
 use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +41,7 @@ use super::conn::Limits;
 use super::h1::{self, Chunked, Framing, Kind, RequestHead, ResponseHead, Span};
 use super::http::{Attempts, Failure, Peer, cookie_in, hash_input};
 use super::metrics::class_of;
+use super::socket::ClientSocket;
 use super::state::{Runtime, Shared};
 use super::upstream::{ConnSettings, RawConn, Upstream, UpstreamError};
 use super::{forwarding, tracks};
@@ -139,22 +139,22 @@ pub(crate) trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {
     const WAITS_WITHOUT_BUFFER: bool;
 
     /// Completes when the socket may have bytes to read.
-    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send;
+    fn readable(&mut self) -> impl Future<Output = std::io::Result<()>> + Send;
 }
 
-impl ClientStream for TcpStream {
+impl ClientStream for ClientSocket {
     const WAITS_WITHOUT_BUFFER: bool = true;
 
-    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send {
-        TcpStream::readable(self)
+    fn readable(&mut self) -> impl Future<Output = std::io::Result<()>> + Send {
+        ClientSocket::readable(self)
     }
 }
 
-impl ClientStream for tokio_rustls::server::TlsStream<TcpStream> {
+impl ClientStream for tokio_rustls::server::TlsStream<ClientSocket> {
     /// The TLS session may hold decrypted bytes the socket no longer signals.
     const WAITS_WITHOUT_BUFFER: bool = false;
 
-    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send {
+    fn readable(&mut self) -> impl Future<Output = std::io::Result<()>> + Send {
         std::future::ready(Ok(()))
     }
 }

@@ -6,7 +6,8 @@
 //! request paths, and `fast` with [`h1`] the HTTP/1.1 fast path in front of
 //! `http`; `h2s` serves HTTP/2 client connections with the proxy's own codec
 //! ([`hpack`], [`h2frame`], [`h2conn`]) and `h2c` speaks HTTP/2 to endpoints
-//! with the `h2` crate; `bridge` takes HTTP/2 clients'
+//! with the `h2` crate; `socket` reads and writes client sockets directly until they must
+//! wait; `bridge` takes HTTP/2 clients'
 //! bodiless requests to HTTP/1.1 endpoints over the fast path's sockets;
 //! `health` runs active probes and the passive sweep; `admin` serves the
 //! admin API; [`server`] binds, serves and drains.
@@ -31,6 +32,7 @@ mod relay;
 mod replay;
 mod retry;
 pub mod server;
+mod socket;
 mod state;
 mod tcp;
 pub mod tls;

@@ -20,6 +20,7 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
@@ -27,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::config::{Protocol, ProxyConfig};
+use super::socket::ClientSocket;
 use super::state::{ApplyError, Shared};
 use super::{admin, conn, fast, h2s, health, http, tcp, tls};
 use crate::discovery::{Snapshot, SourceMetrics};
@@ -192,7 +194,9 @@ fn worker(
         }
     };
     runtime.block_on(async move {
-        let listener = match TcpListener::from_std(listener) {
+        // SAFETY: the listener owns its descriptor, which stays open and the
+        // same until the AsyncFd that owns the listener is dropped.
+        let listener = match unsafe { AsyncFd::register_with_interest(listener, tokio::io::Interest::READABLE) } {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(error = %e, index, "cannot register a worker's listener");
@@ -376,18 +380,20 @@ impl Seats {
     /// Serves an accepted connection here, or hands it to a less busy
     /// worker. A connection that cannot be handed over (the other worker
     /// has stopped) is served here.
-    fn place(&self, stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Option<(TcpStream, Admitted)> {
+    fn place(
+        &self,
+        stream: std::net::TcpStream,
+        peer: SocketAddr,
+        shared: &Arc<Shared>,
+    ) -> Option<(std::net::TcpStream, Admitted)> {
         let to = self.spread.choose(self.worker);
         if to == self.worker {
             return Some((stream, Admitted::new(shared, self.spread.seat(to))));
         }
-        // A socket that cannot leave this event loop is closed.
-        let stream = stream.into_std().ok()?;
         let handed = Handed { stream, peer, admitted: Admitted::new(shared, self.spread.seat(to)) };
         let mpsc::error::SendError(back) = self.spread.inboxes[to].send(handed).err()?;
         drop(back.admitted);
-        let stream = TcpStream::from_std(back.stream).ok()?;
-        Some((stream, Admitted::new(shared, self.spread.seat(self.worker))))
+        Some((back.stream, Admitted::new(shared, self.spread.seat(self.worker))))
     }
 }
 
@@ -397,10 +403,10 @@ impl Seats {
 /// over are served as they come, cap or not: they were admitted already.
 async fn accept_loop(
     shared: &Arc<Shared>,
-    listener: TcpListener,
+    listener: AsyncFd<std::net::TcpListener>,
     mut seats: Seats,
     shutdown: impl Future<Output = ()>,
-    mut on_conn: impl FnMut(TcpStream, SocketAddr, Admitted),
+    mut on_conn: impl FnMut(std::net::TcpStream, SocketAddr, Admitted),
 ) {
     tokio::pin!(shutdown);
     let max = shared.runtime().config.limits.max_connections as usize;
@@ -420,11 +426,9 @@ async fn accept_loop(
             () = &mut shutdown => return,
             Some(handed) = seats.inbox.recv() => {
                 let Handed { stream, peer, admitted } = handed;
-                if let Ok(stream) = TcpStream::from_std(stream) {
-                    on_conn(stream, peer, admitted);
-                }
+                on_conn(stream, peer, admitted);
             }
-            accepted = listener.accept(), if open => match accepted {
+            accepted = accept(&listener), if open => match accepted {
                 Ok((stream, peer)) => {
                     shared.metrics.connections.inc();
                     if let Some((stream, admitted)) = seats.place(stream, peer, shared) {
@@ -443,6 +447,33 @@ async fn accept_loop(
     }
 }
 
+/// The next connection on `listener`, as a non-blocking socket not yet
+/// registered with the event loop (see [`ClientSocket`]). Cancel-safe: a
+/// connection is taken from the kernel only when it is returned.
+async fn accept(listener: &AsyncFd<std::net::TcpListener>) -> std::io::Result<(std::net::TcpStream, SocketAddr)> {
+    loop {
+        let mut ready = listener.readable().await?;
+        if let Ok(accepted) = ready.try_io(|l| accept_nonblocking(l.get_ref())) {
+            return accepted;
+        }
+    }
+}
+
+/// `accept4(2)` with `SOCK_NONBLOCK`: one system call for the socket and its mode.
+#[cfg(target_os = "linux")]
+fn accept_nonblocking(listener: &std::net::TcpListener) -> std::io::Result<(std::net::TcpStream, SocketAddr)> {
+    let (socket, addr) = socket2::SockRef::from(listener).accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)?;
+    let peer = addr.as_socket().ok_or_else(|| std::io::Error::other("a TCP peer without an IP address"))?;
+    Ok((socket.into(), peer))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn accept_nonblocking(listener: &std::net::TcpListener) -> std::io::Result<(std::net::TcpStream, SocketAddr)> {
+    let (stream, peer) = listener.accept()?;
+    stream.set_nonblocking(true)?;
+    Ok((stream, peer))
+}
+
 /// How client connections in HTTP mode are served once their protocol is
 /// known: HTTP/1.1 connections the fast path hands on go to hyper's server,
 /// HTTP/2 connections to [`h2s`].
@@ -453,7 +484,7 @@ struct Builders {
 
 async fn accept_http(
     shared: &Arc<Shared>,
-    listener: TcpListener,
+    listener: AsyncFd<std::net::TcpListener>,
     seats: Seats,
     conns: &Connections,
     shutdown: impl Future<Output = ()>,
@@ -480,8 +511,14 @@ async fn accept_http(
         let hard_stop = conns.hard_stop.clone();
         conns.tracker.spawn(async move {
             let _admitted = admitted;
+            // Boxed: the connection's state (the fast path's, hyper's or
+            // HTTP/2's, whichever serves it) is some kilobytes, which the task
+            // would otherwise copy each time it is moved on its way to the
+            // scheduler and again when it completes.
+            let stream = ClientSocket::new(stream);
+            let serving = Box::pin(serve_http_connection(&shared, &builder, stream, peer, limits, &graceful));
             tokio::select! {
-                () = serve_http_connection(&shared, &builder, stream, peer, limits, &graceful) => {}
+                () = serving => {}
                 () = hard_stop.cancelled() => {}
             }
         });
@@ -495,7 +532,7 @@ async fn accept_http(
 async fn serve_http_connection(
     shared: &Arc<Shared>,
     builder: &Builders,
-    stream: TcpStream,
+    stream: ClientSocket,
     peer: SocketAddr,
     limits: conn::Limits,
     graceful: &CancellationToken,
@@ -513,7 +550,7 @@ async fn serve_http_connection(
 async fn serve_https(
     shared: &Arc<Shared>,
     builder: &Builders,
-    stream: TcpStream,
+    stream: ClientSocket,
     peer: SocketAddr,
     limits: conn::Limits,
     graceful: &CancellationToken,
@@ -626,7 +663,7 @@ async fn serve_http_io<S>(
 
 async fn accept_tcp(
     shared: &Arc<Shared>,
-    listener: TcpListener,
+    listener: AsyncFd<std::net::TcpListener>,
     seats: Seats,
     conns: &Connections,
     shutdown: impl Future<Output = ()>,
@@ -637,6 +674,8 @@ async fn accept_tcp(
         let hard_stop = conns.hard_stop.clone();
         conns.tracker.spawn(async move {
             let _admitted = admitted;
+            // TCP mode waits for either side at once: the socket registers now.
+            let Ok(stream) = TcpStream::from_std(stream) else { return };
             tokio::select! {
                 () = tcp::serve(shared.clone(), stream, peer) => {}
                 () = hard_stop.cancelled() => {}
