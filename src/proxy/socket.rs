@@ -48,15 +48,34 @@ impl ClientSocket {
 
     /// The registered socket, registering it now if it was not.
     fn polled(&mut self) -> io::Result<&mut TcpStream> {
-        if let State::Direct(_) = self.0 {
-            let State::Direct(stream) = std::mem::replace(&mut self.0, State::Gone) else {
-                return Err(io::ErrorKind::NotConnected.into());
+        if matches!(self.0, State::Direct(_)) {
+            self.0 = match std::mem::replace(&mut self.0, State::Gone) {
+                State::Direct(stream) => State::Polled(TcpStream::from_std(stream)?),
+                other => other,
             };
-            self.0 = State::Polled(TcpStream::from_std(stream)?);
         }
         match &mut self.0 {
             State::Polled(stream) => Ok(stream),
             _ => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    /// A write: tried directly while the socket is unregistered, through
+    /// the registered socket once that would wait.
+    fn poll_write_with(
+        &mut self,
+        cx: &mut Context<'_>,
+        direct_write: impl FnOnce(&std::net::TcpStream) -> io::Result<usize>,
+        polled_write: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>) -> Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        if let State::Direct(stream) = &self.0
+            && let Some(done) = direct(direct_write(stream))
+        {
+            return Poll::Ready(done);
+        }
+        match self.polled() {
+            Ok(stream) => polled_write(Pin::new(stream), cx),
+            Err(e) => Poll::Ready(Err(e)),
         }
     }
 
@@ -106,32 +125,16 @@ impl AsyncRead for ClientSocket {
 }
 
 impl AsyncWrite for ClientSocket {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        if let State::Direct(stream) = &self.0
-            && let Some(done) = direct((&*stream).write(data))
-        {
-            return Poll::Ready(done);
-        }
-        match self.polled() {
-            Ok(stream) => Pin::new(stream).poll_write(cx, data),
-            Err(e) => Poll::Ready(Err(e)),
-        }
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        self.get_mut().poll_write_with(cx, |s| (&*s).write(data), |s, cx| s.poll_write(cx, data))
     }
 
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if let State::Direct(stream) = &self.0
-            && let Some(done) = direct((&*stream).write_vectored(bufs))
-        {
-            return Poll::Ready(done);
-        }
-        match self.polled() {
-            Ok(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
-            Err(e) => Poll::Ready(Err(e)),
-        }
+        self.get_mut().poll_write_with(cx, |s| (&*s).write_vectored(bufs), |s, cx| s.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
