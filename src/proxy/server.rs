@@ -527,38 +527,58 @@ async fn accept_http(
 }
 
 /// One HTTP client connection: the TLS handshake when the listener
-/// terminates TLS, then [`serve_http_io`]. The handshake and the protocol
-/// detection share the `timeouts.header` budget.
+/// terminates TLS, then [`serve_http_io`]. The wait for the first bytes, the
+/// handshake and the protocol detection share the `timeouts.header` budget.
 async fn serve_http_connection(
     shared: &Arc<Shared>,
     builder: &Builders,
-    stream: ClientSocket,
+    mut stream: ClientSocket,
     peer: SocketAddr,
     limits: conn::Limits,
     graceful: &CancellationToken,
 ) {
-    let Some(config) = shared.tls.server() else {
-        return serve_http_io(shared, builder, stream, http::Peer::new(peer), limits.header, limits, graceful).await;
+    // A connection that has sent nothing yet holds no buffer and no TLS
+    // session, and a drain does not wait for it (a client's preconnect, a
+    // pooled connection it never used).
+    let started = std::time::Instant::now();
+    let tls = shared.tls.server();
+    let arrived = tokio::select! {
+        waited = tokio::time::timeout(limits.header, stream.readable()) => matches!(waited, Ok(Ok(()))),
+        () = graceful.cancelled() => return,
+    };
+    if !arrived {
+        if tls.is_some() {
+            // A TLS client that never began its handshake.
+            shared.metrics.tls_handshake("timeout");
+        }
+        shared.metrics.timed_out("header");
+        return;
+    }
+    let within = limits.header.saturating_sub(started.elapsed());
+    let Some(config) = tls else {
+        return serve_http_io(shared, builder, stream, http::Peer::new(peer), within, limits, graceful).await;
     };
     // Boxed: a cleartext connection's task does not carry room for a TLS
     // session's state.
-    Box::pin(serve_https(shared, builder, stream, peer, limits, graceful, config)).await;
+    Box::pin(serve_https(shared, builder, stream, peer, within, limits, graceful, config)).await;
 }
 
 /// A client connection whose TLS the proxy terminates: the handshake, then
-/// [`serve_http_io`] over the TLS stream.
+/// [`serve_http_io`] over the TLS stream, both within `within`.
+#[allow(clippy::too_many_arguments)]
 async fn serve_https(
     shared: &Arc<Shared>,
     builder: &Builders,
     stream: ClientSocket,
     peer: SocketAddr,
+    within: Duration,
     limits: conn::Limits,
     graceful: &CancellationToken,
     config: Arc<rustls::ServerConfig>,
 ) {
     let started = std::time::Instant::now();
     let handshake = tokio_rustls::TlsAcceptor::from(config).accept(stream);
-    let stream = match tokio::time::timeout(limits.header, handshake).await {
+    let stream = match tokio::time::timeout(within, handshake).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             let reason = tls::failure_reason(&e);
@@ -587,12 +607,13 @@ async fn serve_https(
     };
     shared.metrics.tls_connection(version, alpn);
     let cert = session.peer_certificates().and_then(|c| c.first()).and_then(|c| tls::ClientCert::from_der(c));
-    let left = limits.header.saturating_sub(started.elapsed());
+    let left = within.saturating_sub(started.elapsed());
     serve_http_io(shared, builder, stream, http::Peer::tls(peer, cert), left, limits, graceful).await;
 }
 
-/// One HTTP client connection (cleartext or after TLS), from protocol
-/// detection (within `detect_within`) to its close, under the watchdog of
+/// One HTTP client connection (cleartext or after TLS) that has sent its
+/// first bytes, from protocol detection (within `detect_within`) to its
+/// close, under the watchdog of
 /// [`conn`]: HTTP/1.1 through the fast path (hyper's server for what it hands
 /// on), HTTP/2 through [`h2s`].
 async fn serve_http_io<S>(
@@ -607,13 +628,6 @@ async fn serve_http_io<S>(
     S: fast::ClientStream + 'static,
 {
     let peer = client.addr;
-    // A connection that has sent nothing yet holds no buffer.
-    let started = std::time::Instant::now();
-    if S::WAITS_WITHOUT_BUFFER && !matches!(tokio::time::timeout(detect_within, stream.readable()).await, Ok(Ok(()))) {
-        shared.metrics.timed_out("header");
-        return;
-    }
-    let detect_within = detect_within.saturating_sub(started.elapsed());
     let Some((mut first, http1)) = conn::detect(&mut stream, detect_within, fast::take_buffer).await else {
         shared.metrics.timed_out("header");
         return;

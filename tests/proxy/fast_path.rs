@@ -61,3 +61,26 @@ async fn both_paths_share_max_connections_and_take_idle_slots_from_each_other() 
     }
     p.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_closes_connections_that_sent_nothing_and_those_idle_between_requests() {
+    let b = Backend::start("b1", 2).await;
+    // A long header budget: a drain that waited for it would be plain.
+    let p = proxy(&format!("timeouts: {{header: 60s}}\nendpoints: [{{address: \"{}\"}}]\n", b.addr)).await;
+    // A client's preconnect, or a pooled connection it never used: nothing sent.
+    let mut silent = TcpStream::connect(p.addr).await.unwrap();
+    // A kept-alive connection between requests.
+    let mut idle = TcpStream::connect(p.addr).await.unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut buf = [0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf)).await.unwrap().unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::time::timeout(Duration::from_secs(5), p.shutdown())
+        .await
+        .expect("the drain does not wait for idle connections");
+    for (what, s) in [("silent", &mut silent), ("idle", &mut idle)] {
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect(what);
+        assert!(matches!(read, Ok(0) | Err(_)), "{what}: the proxy closed it: {read:?}");
+    }
+}
