@@ -670,7 +670,7 @@ impl Handler for Events<'_> {
                 slot.head = Some(resp);
                 slot.fields = fields;
                 slot.length = length;
-                slot.arrived.data(&[], end_stream);
+                slot.arrived.ends(end_stream);
             }
         });
         self.deliver(stream, resp);
@@ -678,7 +678,7 @@ impl Handler for Events<'_> {
 
     fn data(&mut self, stream: u32, data: &[u8], end_stream: bool) {
         if let Some(slot) = find(self.slots, stream) {
-            slot.arrived.data(data, end_stream);
+            slot.arrived.data(data, end_stream, self.copies);
             slot.wake();
         }
     }

@@ -1610,8 +1610,14 @@ mod tests {
         for (_, block) in written(&mut conn) {
             c.fields(&block);
         }
-        let entry = "y".repeat(900);
-        let mut block = c.block(&with(&get("/"), &[("x-entry", &entry)]));
+        let mut block = c.block(&with(&get("/"), &[]));
+        // `x-entry: y…` (900 bytes) inserted in the table (a literal with
+        // incremental indexing, which the proxy's encoder never sends), then
+        // named again and again (index 62).
+        block.extend_from_slice(&[0x40, 7]);
+        block.extend_from_slice(b"x-entry");
+        block.extend_from_slice(&[0x7f, 0x85, 0x06]);
+        block.extend(std::iter::repeat_n(b'y', 900));
         block.extend(std::iter::repeat_n(0xbe, 2000));
         h2frame::write_headers(&mut c.buf, 9, &block, true, 16_384);
         let (ev, r, frames) = run(&mut conn, &mut c);

@@ -168,16 +168,22 @@ pub(crate) struct Arrived {
 }
 
 impl Arrived {
-    /// A piece of data; `end` when it ends the sender's side.
-    pub(crate) fn data(&mut self, data: &[u8], end: bool) {
+    /// A piece of data (copied, a small one into `copies`); `end` when it
+    /// ends the sender's side.
+    pub(crate) fn data(&mut self, data: &[u8], end: bool, copies: &mut HeadCopies) {
         if !data.is_empty() {
-            let data = Bytes::copy_from_slice(data);
+            let data = copies.copy_piece(data);
             if self.first.is_none() && self.chunks.is_empty() {
                 self.first = Some(data);
             } else {
                 self.chunks.push_back(data);
             }
         }
+        self.end |= end;
+    }
+
+    /// The sender's side ended when `end` says so (a head with END_STREAM).
+    pub(crate) fn ends(&mut self, end: bool) {
         self.end |= end;
     }
 
@@ -341,16 +347,27 @@ fn request_of(head: &Head, body: RequestBody, copies: &mut HeadCopies) -> Option
     Some(req)
 }
 
-/// Copies of a connection's heads, cut from one buffer: a copy of its own
-/// would be an allocation, and the first slice of it another (to share
-/// it); here both happen once a buffer's worth of heads. A head's map
-/// keeps at most one buffer of [`HeadCopies::ROOM`] alive while it lives.
+/// Copies of a connection's heads and small body pieces, cut from one
+/// buffer: a copy of its own would be an allocation, and the first slice
+/// of it another (to share it, as a held request body does for a retry);
+/// here both happen once a buffer's worth. A head's map or a piece keeps at
+/// most one buffer of [`HeadCopies::ROOM`] alive while it lives.
 #[derive(Default)]
 pub(crate) struct HeadCopies(BytesMut);
 
 impl HeadCopies {
     /// Size of each buffer (a gRPC call's head takes 150–300 bytes).
     const ROOM: usize = 2048;
+
+    /// Body pieces up to this size are copied here too (a unary gRPC
+    /// call's message, a small upload); larger ones get a buffer of their
+    /// own, not to keep a shared one alive for longer than its heads.
+    const SMALL_PIECE: usize = 512;
+
+    /// A copy of a body's piece: here when it is small, else on its own.
+    pub(crate) fn copy_piece(&mut self, bytes: &[u8]) -> Bytes {
+        if bytes.len() <= Self::SMALL_PIECE { self.copy(bytes) } else { Bytes::copy_from_slice(bytes) }
+    }
 
     /// A copy of `bytes`.
     pub(crate) fn copy(&mut self, bytes: &[u8]) -> Bytes {
@@ -425,7 +442,7 @@ struct Events {
 impl Handler for Events {
     fn request(&mut self, stream: u32, head: &Head, end_stream: bool) {
         let slot = SharedSlot::default();
-        lock(&slot).arrived.data(&[], end_stream);
+        lock(&slot).arrived.ends(end_stream);
         let body = StreamBody { slot: slot.clone(), length: head.content_length(), ended: false };
         self.slots.insert(stream, slot);
         let body = Either::Right(body);
@@ -440,7 +457,7 @@ impl Handler for Events {
     fn data(&mut self, stream: u32, data: &[u8], end_stream: bool) {
         if let Some(slot) = self.slots.get(stream) {
             let mut slot = lock(slot);
-            slot.arrived.data(data, end_stream);
+            slot.arrived.data(data, end_stream, &mut self.copies);
             wake(&mut slot);
         }
     }
@@ -845,5 +862,26 @@ mod tests {
         assert_eq!(&copies.copy(&big)[..], &big[..]);
         copies.release();
         assert_eq!(&copies.copy(b"after")[..], b"after");
+    }
+
+    #[test]
+    fn small_body_pieces_share_the_heads_buffer_and_large_ones_do_not() {
+        let mut copies = HeadCopies::default();
+        let head = copies.copy(b"a head");
+        let mut arrived = Arrived::default();
+        arrived.data(b"a unary call's message", false, &mut copies);
+        let large = vec![9u8; HeadCopies::SMALL_PIECE + 1];
+        arrived.data(&large, true, &mut copies);
+        let mut length = None;
+        let Some(Some(first)) = arrived.next(&mut length) else { panic!("a piece") };
+        let first = first.into_data().unwrap();
+        assert_eq!(&first[..], b"a unary call's message");
+        assert_eq!(head.as_ptr() as usize + head.len(), first.as_ptr() as usize, "cut after the head");
+        let Some(Some(second)) = arrived.next(&mut length) else { panic!("a piece") };
+        let second = second.into_data().unwrap();
+        assert_eq!(second, large);
+        let next = copies.copy(b"x");
+        assert_ne!(second.as_ptr() as usize + second.len(), next.as_ptr() as usize, "a buffer of its own");
+        assert!(matches!(arrived.next(&mut length), Some(None)), "then the end");
     }
 }

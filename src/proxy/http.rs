@@ -499,14 +499,18 @@ async fn attempts(
     let mut attempts = Attempts::new(shared, rt, idempotent);
     let retries = attempts.retries;
     let settings = attempts.settings();
-    let deadline = tokio::time::Instant::now() + call_timeout.unwrap_or(timeouts.request.0);
+    let began = tokio::time::Instant::now();
+    let deadline = began + call_timeout.unwrap_or(timeouts.request.0);
 
     let mut now = start;
     for attempt in 0..=retries {
         let Some((mut pick, upstream)) = attempts.pick(attempt, hash, presented, now)? else { continue };
         let stats = &upstream.stats;
-        let per_attempt =
-            if call_timeout.is_some() { deadline } else { tokio::time::Instant::now() + timeouts.request.0 };
+        let per_attempt = match (call_timeout, attempt) {
+            (Some(_), _) => deadline,
+            (None, 0) => began + timeouts.request.0,
+            (None, _) => tokio::time::Instant::now() + timeouts.request.0,
+        };
         let sent = match out {
             Outgoing::Raw(wire, is_head) => {
                 let exchange = bridge::exchange(upstream, wire, *is_head, settings, idempotent);

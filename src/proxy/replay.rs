@@ -17,6 +17,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::HeaderMap;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use smallvec::SmallVec;
 
 /// Most request-body bytes held for a replay.
 pub(crate) const REPLAY_LIMIT: usize = 64 * 1024;
@@ -34,7 +35,8 @@ pub(crate) struct Replayable<B = Incoming> {
 struct Held<B> {
     source: B,
     hint: SizeHint,
-    chunks: Vec<Bytes>,
+    /// What went by; most bodies held (a call's message, a form) come in one.
+    chunks: SmallVec<[Bytes; 1]>,
     bytes: usize,
     trailers: Option<HeaderMap>,
     ended: bool,
@@ -60,7 +62,7 @@ impl<B: Body> Replayable<B> {
         let held = Held {
             source,
             hint,
-            chunks: Vec::new(),
+            chunks: SmallVec::new(),
             bytes: 0,
             trailers: None,
             ended: false,
@@ -132,7 +134,7 @@ where
                             this.next += 1;
                         } else {
                             held.overflowed = true;
-                            held.chunks = Vec::new();
+                            held.chunks = SmallVec::new();
                         }
                     }
                 } else if let Some(t) = frame.trailers_ref() {

@@ -8,8 +8,6 @@
 //! before the next pick.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
@@ -18,7 +16,7 @@ use super::metrics::Metrics;
 use super::retry::RetryBudget;
 use super::tls::TlsState;
 use super::tracks::TrackStats;
-use super::upstream::{self, Upstream};
+use super::upstream::{self, Upstreams};
 use crate::balance::{
     Balancer, BalancerConfig, EndpointSet, EwmaConfig, HealthFlag, Nanos, Outcome, Pick, Request, SetError, SystemClock,
 };
@@ -47,7 +45,7 @@ pub struct Runtime {
     /// The endpoints.
     pub set: Arc<EndpointSet>,
     /// Per-endpoint counters and connection pools, by address.
-    pub(crate) upstreams: HashMap<SocketAddr, Arc<Upstream>>,
+    pub(crate) upstreams: Upstreams,
     /// The evidence of each track of the set, by name (carried across reloads).
     pub(crate) tracks: Vec<Arc<TrackStats>>,
 }
