@@ -4,6 +4,28 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+/// mimalloc: per-thread free lists and no lock on the way (5–7% fewer
+/// instructions per proxied request than glibc's malloc here; musl's, the
+/// image's, is slower still).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `mi_option_purge_delay` in mimalloc.h (whose option numbers never change:
+/// retired ones stay as `deprecated`); the bindings leave it out.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Memory freed after a burst goes back to the system 10 ms after its pages
+/// empty (100 ms for whole arenas) rather than mimalloc 3's default second
+/// (ten for arenas): idle connections then cost what they hold, 7–9 KiB,
+/// instead of the burst's 30. `MIMALLOC_PURGE_DELAY` still decides when set.
+fn tune_allocator() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets one of the allocator's integer options; mimalloc
+        // reads options atomically and allows changing them at any time.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10) };
+    }
+}
+
 use clap::{Parser, Subcommand};
 use fulcrum::balance::Algorithm;
 use fulcrum::demo::DemoOptions;
@@ -122,6 +144,7 @@ enum Command {
 const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     match cli.command {
         Command::Proxy { config: Some(config), check, shutdown_delay, .. } => {

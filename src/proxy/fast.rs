@@ -28,8 +28,6 @@ use std::cell::RefCell;
 use std::io::IoSlice;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use bytes::BufMut;
 use futures::FutureExt;
@@ -91,46 +89,9 @@ pub(crate) fn give_buffer(mut buf: Vec<u8>) {
     pool.with_borrow_mut(|pool| {
         if pool.len() < POOLED_BUFFERS {
             pool.push(buf);
-        } else {
-            FREED.fetch_add(buf.capacity(), Ordering::Relaxed);
         }
     });
 }
-
-/// Bytes of buffers freed since the heap was last trimmed: the pools were
-/// full, after a burst of requests.
-static FREED: AtomicUsize = AtomicUsize::new(0);
-
-/// Freed bytes that make a trim worth it.
-const TRIM_AFTER: usize = 4 << 20;
-
-/// Gives the heap freed after a burst back to the system, once a second at
-/// most. glibc's allocator keeps what was freed in the middle of its heap
-/// mapped for ever: thousands of requests in flight at once would leave
-/// their buffers' memory resident after they end (HAProxy trims its heap
-/// for the same reason). musl's allocator, the container image's, returns
-/// freed memory by itself.
-pub(crate) async fn trim_after_bursts() {
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        if FREED.load(Ordering::Relaxed) >= TRIM_AFTER {
-            FREED.store(0, Ordering::Relaxed);
-            trim();
-        }
-    }
-}
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn trim() {
-    // SAFETY: malloc_trim only walks and releases the allocator's free
-    // memory; it takes no pointer and is safe to call from any thread.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn trim() {}
 
 /// A client socket the fast path serves.
 pub(crate) trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {

@@ -114,7 +114,6 @@ impl Proxy {
         background.spawn(health::run(shared.clone()));
         background.spawn(apply_updates(shared.clone(), updates));
         background.spawn(tls::watch(shared.clone()));
-        background.spawn(fast::trim_after_bursts());
         if let Some(admin) = admin {
             background.spawn(serve_admin(shared.clone(), admin));
         }
