@@ -165,14 +165,21 @@ pub(crate) struct Arrived {
     trailers: Option<HeaderMap>,
     /// The sender's side ended.
     end: bool,
+    /// A piece has arrived.
+    started: bool,
 }
 
 impl Arrived {
-    /// A piece of data (copied, a small one into `copies`); `end` when it
-    /// ends the sender's side.
+    /// A piece of data, copied; `end` when it ends the sender's side. The
+    /// body's first piece and its last, when small (a unary call's message
+    /// is both), are cut from `copies`; the pieces between get buffers of
+    /// their own, so that a long body of tiny pieces, held for a retry or
+    /// queued for a slow reader, does not keep one of the connection's
+    /// buffers alive per piece.
     pub(crate) fn data(&mut self, data: &[u8], end: bool, copies: &mut HeadCopies) {
         if !data.is_empty() {
-            let data = copies.copy_piece(data);
+            let data = if !self.started || end { copies.copy_piece(data) } else { Bytes::copy_from_slice(data) };
+            self.started = true;
             if self.first.is_none() && self.chunks.is_empty() {
                 self.first = Some(data);
             } else {
@@ -883,5 +890,21 @@ mod tests {
         let next = copies.copy(b"x");
         assert_ne!(second.as_ptr() as usize + second.len(), next.as_ptr() as usize, "a buffer of its own");
         assert!(matches!(arrived.next(&mut length), Some(None)), "then the end");
+        // A body of many small pieces: its first and last share the buffer,
+        // the ones between do not (each would keep a buffer alive).
+        let mut copies = HeadCopies::default();
+        let mut arrived = Arrived::default();
+        for i in 0..10u8 {
+            arrived.data(&[i], i == 9, &mut copies);
+        }
+        let after = copies.copy(b"y");
+        let pieces: Vec<Bytes> =
+            std::iter::from_fn(|| arrived.next(&mut length).flatten()).map(|f| f.into_data().unwrap()).collect();
+        assert_eq!(pieces.len(), 10);
+        // The first piece, then the last, then `after`, one after the other.
+        let end = after.as_ptr() as usize;
+        let shared: Vec<bool> = pieces.iter().map(|b| (end - 2..end).contains(&(b.as_ptr() as usize))).collect();
+        let want: Vec<bool> = (0..10).map(|i| i == 0 || i == 9).collect();
+        assert_eq!(shared, want);
     }
 }
