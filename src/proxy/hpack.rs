@@ -708,22 +708,8 @@ impl Encoder {
 
     /// Writes `:status`.
     pub fn status(&mut self, code: u16, out: &mut Vec<u8>) {
-        let index = match code {
-            200 => 8,
-            204 => 9,
-            206 => 10,
-            304 => 11,
-            400 => 12,
-            404 => 13,
-            500 => 14,
-            _ => {
-                let digits = [b'0' + (code / 100 % 10) as u8, b'0' + (code / 10 % 10) as u8, b'0' + (code % 10) as u8];
-                // The static table's name, the digits literal.
-                out.extend_from_slice(&[0x08, 3, digits[0], digits[1], digits[2]]);
-                return;
-            }
-        };
-        out.push(0x80 | index);
+        let digits = [b'0' + (code / 100 % 10) as u8, b'0' + (code / 10 % 10) as u8, b'0' + (code % 10) as u8];
+        Self::field_lower(b":status", &digits, out);
     }
 
     /// Writes one field; a name with capitals is sent lowercased.
