@@ -398,6 +398,7 @@ pub struct Conn {
     block: Option<Block>,
     block_buf: Vec<u8>,
     encoded: Vec<u8>,
+    /// Open streams, by id (ascending: each new stream's id is higher).
     streams: Vec<Stream>,
     /// The highest stream id opened (by the client: the peer, or the proxy).
     last_stream: u32,
@@ -415,6 +416,8 @@ pub struct Conn {
     goaway_received: bool,
     ping: Option<[u8; 8]>,
     closed: Option<ConnError>,
+    /// A server's streams that left since [`Conn::left`] last took them.
+    left: Vec<u32>,
     out: Vec<u8>,
 }
 
@@ -482,6 +485,7 @@ impl Conn {
             goaway_received: false,
             ping: None,
             closed: None,
+            left: Vec::new(),
             out,
         }
     }
@@ -499,6 +503,15 @@ impl Conn {
     /// Whether `stream` is open (neither ended both ways nor reset).
     pub fn is_open(&self, stream: u32) -> bool {
         self.find(stream).is_some()
+    }
+
+    /// A server's: the streams that have left since the last call (ended
+    /// both ways, or reset by either side), in `into` (emptied first), so
+    /// that the server learns of them without asking after each of its
+    /// streams. The server takes them after every read and send.
+    pub fn left(&mut self, into: &mut Vec<u32>) {
+        into.clear();
+        std::mem::swap(&mut self.left, into);
     }
 
     /// The connection has ended (its GOAWAY is in the output), or is
@@ -634,7 +647,7 @@ impl Conn {
             Frame::RstStream { stream, code } => {
                 self.check_known(stream)?;
                 if let Some(i) = self.find(stream) {
-                    self.streams.swap_remove(i);
+                    self.remove(i);
                     self.remember_reset(stream);
                     h.reset(stream, code);
                     if self.role == Role::Server {
@@ -654,16 +667,12 @@ impl Conn {
             Frame::GoAway { last_stream, .. } => {
                 self.goaway_received = true;
                 if self.role == Role::Client {
-                    // Streams past the server's last were not processed.
-                    let mut i = 0;
-                    while i < self.streams.len() {
-                        if self.streams[i].id > last_stream {
-                            let id = self.streams.swap_remove(i).id;
-                            self.remember_reset(id);
-                            h.reset(id, Reason::RefusedStream.code());
-                        } else {
-                            i += 1;
-                        }
+                    // Streams past the server's last were not processed
+                    // (the newest: at the back).
+                    while let Some(id) = self.streams.last().map(|s| s.id).filter(|id| *id > last_stream) {
+                        self.streams.pop();
+                        self.remember_reset(id);
+                        h.reset(id, Reason::RefusedStream.code());
                     }
                 }
             }
@@ -685,8 +694,23 @@ impl Conn {
         Ok(())
     }
 
+    /// The open streams are in the order they opened, which is their ids'
+    /// (each new one's is higher), so a stream is found by halving.
     fn find(&self, stream: u32) -> Option<usize> {
-        self.streams.iter().position(|s| s.id == stream)
+        self.streams.binary_search_by_key(&stream, |s| s.id).ok()
+    }
+
+    /// Takes the `i`th stream out of the open ones, keeping their order; a
+    /// server's is listed for [`Conn::left`].
+    fn remove(&mut self, i: usize) -> Option<Stream> {
+        if i >= self.streams.len() {
+            return None;
+        }
+        let s = self.streams.remove(i);
+        if self.role == Role::Server {
+            self.left.push(s.id);
+        }
+        Some(s)
     }
 
     fn remember_reset(&mut self, stream: u32) {
@@ -750,7 +774,7 @@ impl Conn {
         }
         h2frame::write_rst_stream(&mut self.out, stream, reason);
         if let Some(i) = self.find(stream) {
-            self.streams.swap_remove(i);
+            self.remove(i);
             h.reset(stream, reason.code());
         }
         self.remember_reset(stream);
@@ -947,6 +971,7 @@ impl Conn {
         if self.head.malformed.is_some() {
             return self.local_reset(stream, Reason::ProtocolError, h);
         }
+        debug_assert!(self.streams.last().is_none_or(|s| s.id < stream), "streams open in their ids' order");
         self.streams.push(Stream {
             id: stream,
             recv_done: end_stream,
@@ -981,7 +1006,7 @@ impl Conn {
             && self.streams[i].recv_done
             && self.streams[i].send_done
         {
-            self.streams.swap_remove(i);
+            self.remove(i);
         }
     }
 
@@ -1042,6 +1067,7 @@ impl Conn {
             }
         }
         h2frame::write_headers(&mut self.out, stream, &self.encoded, end_stream, self.peer_max_frame);
+        debug_assert!(self.streams.last().is_none_or(|s| s.id < stream), "streams open in their ids' order");
         self.streams.push(Stream {
             id: stream,
             recv_done: false,
@@ -1159,14 +1185,15 @@ impl Conn {
         match self.role {
             Role::Server => {
                 self.pending_resets = self.pending_resets.saturating_sub(1);
-                let s = self.streams.swap_remove(i);
-                if !s.recv_done {
+                if let Some(s) = self.remove(i)
+                    && !s.recv_done
+                {
                     h2frame::write_rst_stream(&mut self.out, s.id, Reason::NoError);
                     self.remember_reset(s.id);
                 }
             }
             Role::Client if self.streams[i].recv_done => {
-                self.streams.swap_remove(i);
+                self.remove(i);
             }
             Role::Client => {}
         }
@@ -1176,7 +1203,7 @@ impl Conn {
     /// endpoint failed mid-response, `CANCEL`, ...).
     pub fn reset(&mut self, stream: u32, reason: Reason) {
         if let Some(i) = self.find(stream) {
-            self.streams.swap_remove(i);
+            self.remove(i);
             h2frame::write_rst_stream(&mut self.out, stream, reason);
             self.remember_reset(stream);
         }
@@ -1955,7 +1982,9 @@ mod tests {
                 &[(":status", "200")],
             ];
             let mut damage: Option<(u16, u8)> = None;
+            let mut left = Vec::new();
             for op in ops {
+                let open_before: Vec<u32> = conn.streams.iter().map(|s| s.id).collect();
                 let before = c.buf.len();
                 let id = |s: u8| u32::from(s) * 2 + 1;
                 match op {
@@ -2021,6 +2050,17 @@ mod tests {
                     }
                 }
                 written(&mut conn);
+                // The open streams stay in their ids' order (found by
+                // halving), and every stream that leaves is listed once.
+                prop_assert!(conn.streams.windows(2).all(|w| w[0].id < w[1].id));
+                conn.left(&mut left);
+                for id in &open_before {
+                    prop_assert_eq!(conn.is_open(*id), !left.contains(id), "stream {}", id);
+                }
+                for id in &left {
+                    prop_assert!(!conn.is_open(*id));
+                    prop_assert_eq!(left.iter().filter(|l| *l == id).count(), 1);
+                }
             }
         }
     }

@@ -30,13 +30,15 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use ::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri, Version, uri};
 use bytes::{Buf, Bytes, BytesMut};
 use futures::stream::{FuturesUnordered, StreamExt};
+use futures::task::AtomicWaker;
 use http_body_util::Either;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -235,13 +237,33 @@ struct Slot {
     gone: bool,
     /// The client reset the stream: its request is abandoned at once.
     reset: bool,
-    /// Body bytes read and not yet given back to the client's windows.
-    consumed: usize,
     body: Option<Waker>,
     stream: Option<Waker>,
 }
 
 type SharedSlot = Arc<Mutex<Slot>>;
+
+/// Body bytes the streams' readers have taken and the connection has not
+/// yet given back to the client's windows, by stream, in the order read:
+/// the connection learns what was read without asking each stream.
+#[derive(Default)]
+struct Consumed(Mutex<Vec<(u32, usize)>>);
+
+impl Consumed {
+    fn add(&self, stream: u32, n: usize) {
+        let mut list = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match list.last_mut() {
+            Some((last, sum)) if *last == stream => *sum += n,
+            _ => list.push((stream, n)),
+        }
+    }
+
+    /// What was read since the last call, in `into` (emptied first).
+    fn take(&self, into: &mut Vec<(u32, usize)>) {
+        into.clear();
+        std::mem::swap(&mut *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner), into);
+    }
+}
 
 fn lock(slot: &SharedSlot) -> std::sync::MutexGuard<'_, Slot> {
     slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -259,6 +281,8 @@ fn wake(slot: &mut Slot) {
 /// The body of a client's request on an HTTP/2 stream.
 pub(crate) struct StreamBody {
     slot: SharedSlot,
+    stream: u32,
+    consumed: Arc<Consumed>,
     /// What is left of the client's `Content-Length` (the codec holds the data to it).
     length: Option<u64>,
     ended: bool,
@@ -280,8 +304,9 @@ impl Body for StreamBody {
         }
         let mut slot = lock(&this.slot);
         if let Some(piece) = slot.arrived.next(&mut this.length) {
+            drop(slot);
             match piece.as_ref().map(Frame::data_ref) {
-                Some(Some(data)) => slot.consumed += data.len(),
+                Some(Some(data)) => this.consumed.add(this.stream, data.len()),
                 _ => this.ended = true,
             }
             return Poll::Ready(piece.map(Ok));
@@ -422,10 +447,6 @@ impl Slots {
         Some(self.0.swap_remove(i).1)
     }
 
-    fn retain(&mut self, mut keep: impl FnMut(u32, &SharedSlot) -> bool) {
-        self.0.retain(|(stream, slot)| keep(*stream, slot));
-    }
-
     fn all(&self) -> impl Iterator<Item = &SharedSlot> {
         self.0.iter().map(|(_, slot)| slot)
     }
@@ -444,13 +465,25 @@ struct Events {
     writable: Vec<u32>,
     /// Streams the client reset, with their slots (to give back what they hold).
     gone: Vec<(u32, Option<SharedSlot>)>,
+    /// What the streams' bodies have read, shared with them.
+    consumed: Arc<Consumed>,
+    /// The last pass's reads ([`Consumed::take`]) and the streams that
+    /// left ([`Conn::left`]), kept for their capacity.
+    released: Vec<(u32, usize)>,
+    left: Vec<u32>,
 }
 
 impl Handler for Events {
     fn request(&mut self, stream: u32, head: &Head, end_stream: bool) {
         let slot = SharedSlot::default();
         lock(&slot).arrived.ends(end_stream);
-        let body = StreamBody { slot: slot.clone(), length: head.content_length(), ended: false };
+        let body = StreamBody {
+            slot: slot.clone(),
+            stream,
+            consumed: self.consumed.clone(),
+            length: head.content_length(),
+            ended: false,
+        };
         self.slots.insert(stream, slot);
         let body = Either::Right(body);
         let opened = match bridge::RawRequest::of(head, end_stream, body, self.towards) {
@@ -529,7 +562,29 @@ struct Sending {
     pending: Option<(Bytes, usize)>,
     /// Waiting for the client's window.
     blocked: bool,
+    /// The body's own waker, from the first time it had nothing to give
+    /// (most bodies a proxy passes on are whole when their head is sent).
+    waker: Option<(Arc<BodyWaker>, Waker)>,
     _in_flight: InFlight,
+}
+
+/// Wakes the connection for one response body and marks it ready, so that
+/// a pass polls only the bodies that have something for it, not each body
+/// still waiting for its endpoint (a connection may carry a hundred).
+struct BodyWaker {
+    ready: AtomicBool,
+    connection: Arc<AtomicWaker>,
+}
+
+impl Wake for BodyWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.ready.store(true, Ordering::Release);
+        self.connection.wake();
+    }
 }
 
 /// Serves one HTTP/2 client connection (its preface is in `io`'s replayed
@@ -561,7 +616,10 @@ pub(crate) async fn serve<S>(
     let mut sending: Vec<Sending> = Vec::new();
     let mut timer = pin!(tokio::time::sleep(Duration::ZERO));
     let mut drain = pin!(graceful.cancelled());
+    // Wakes this task for the response bodies ([`BodyWaker`]).
+    let connection = Arc::new(AtomicWaker::new());
     std::future::poll_fn(|cx| {
+        connection.register(cx.waker());
         loop {
             let mut progress = false;
             // The streams first: what they answer goes out with this pass.
@@ -585,7 +643,14 @@ pub(crate) async fn serve<S>(
                     };
                     http::recycle(parts.headers);
                     if sent.is_ok() && !end {
-                        sending.push(Sending { stream, body, pending: None, blocked: false, _in_flight: in_flight });
+                        sending.push(Sending {
+                            stream,
+                            body,
+                            pending: None,
+                            blocked: false,
+                            waker: None,
+                            _in_flight: in_flight,
+                        });
                     }
                     progress = true;
                 }
@@ -596,17 +661,16 @@ pub(crate) async fn serve<S>(
             // Bodies read give their bytes back to the client's windows; a
             // stream the codec has closed (its response ended, or it was
             // reset) gives back what its body still holds, and goes.
-            events.slots.retain(|stream, slot| {
-                if !conn.is_open(stream) {
-                    retire(&mut conn, stream, slot);
-                    return false;
+            events.consumed.take(&mut events.released);
+            for &(stream, n) in &events.released {
+                conn.release(stream, n);
+            }
+            conn.left(&mut events.left);
+            for &stream in &events.left {
+                if let Some(slot) = events.slots.remove(stream) {
+                    retire(&mut conn, stream, &slot);
                 }
-                let consumed = std::mem::take(&mut lock(slot).consumed);
-                if consumed > 0 {
-                    conn.release(stream, consumed);
-                }
-                true
-            });
+            }
             for stream in events.writable.drain(..) {
                 if let Some(s) = sending.iter_mut().find(|s| s.stream == stream) {
                     s.blocked = false;
@@ -618,7 +682,7 @@ pub(crate) async fn serve<S>(
                     retire(&mut conn, stream, &slot);
                 }
             }
-            if pump(&mut conn, &mut sending, out.queued(), cx) {
+            if pump(&mut conn, &mut sending, out.queued(), &connection, cx) {
                 progress = true;
             }
             // Write what the pass produced, in one write when the socket takes it.
@@ -745,15 +809,21 @@ fn retire(conn: &mut Conn, stream: u32, slot: &SharedSlot) {
     slot.gone = true;
     wake(&mut slot);
     let held = slot.arrived.discard();
-    let n = std::mem::take(&mut slot.consumed) + held;
-    if n > 0 {
-        conn.release(stream, n);
+    if held > 0 {
+        conn.release(stream, held);
     }
 }
 
 /// Moves what the responses' bodies have into the connection, as far as
 /// the client's windows and the queue's bound allow; whether anything moved.
-fn pump(conn: &mut Conn, sending: &mut Vec<Sending>, queued: usize, cx: &mut Context<'_>) -> bool {
+/// A body is polled when it is new or its waker says it has something.
+fn pump(
+    conn: &mut Conn,
+    sending: &mut Vec<Sending>,
+    queued: usize,
+    connection: &Arc<AtomicWaker>,
+    cx: &mut Context<'_>,
+) -> bool {
     let mut progress = false;
     sending.retain_mut(|s| {
         loop {
@@ -774,7 +844,16 @@ fn pump(conn: &mut Conn, sending: &mut Vec<Sending>, queued: usize, cx: &mut Con
                     Err(_) => return false,
                 }
             }
-            match Pin::new(&mut s.body).poll_frame(cx) {
+            let polled = match &s.waker {
+                Some((own, _)) if !own.ready.swap(false, Ordering::AcqRel) => return true,
+                Some((_, waker)) => Pin::new(&mut s.body).poll_frame(&mut Context::from_waker(waker)),
+                None => Pin::new(&mut s.body).poll_frame(cx),
+            };
+            if let (Poll::Ready(_), Some((own, _))) = (&polled, &s.waker) {
+                // Nothing wakes a body that gave something: it is asked again.
+                own.ready.store(true, Ordering::Relaxed);
+            }
+            match polled {
                 Poll::Ready(Some(Ok(frame))) => {
                     progress = true;
                     match frame.into_data() {
@@ -802,7 +881,15 @@ fn pump(conn: &mut Conn, sending: &mut Vec<Sending>, queued: usize, cx: &mut Con
                     conn.reset(s.stream, Reason::InternalError);
                     return false;
                 }
-                Poll::Pending => return true,
+                Poll::Pending => {
+                    if s.waker.is_none() {
+                        // It waits on the connection's waker: polled once
+                        // more, on the next pass, with its own.
+                        let own = Arc::new(BodyWaker { ready: AtomicBool::new(true), connection: connection.clone() });
+                        s.waker = Some((own.clone(), Waker::from(own)));
+                    }
+                    return true;
+                }
             }
         }
     });

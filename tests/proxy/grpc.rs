@@ -80,6 +80,37 @@ async fn streams_flow_both_ways_and_large_messages_pass() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_calls_on_one_connection_finish_in_any_order() {
+    let bs = grpc_backends(2, 46, None).await;
+    let p = proxy1(&grpc_endpoints(&bs)).await;
+    let ch = channel(p.addr).await;
+    // 64 server-streaming calls at once on one connection, each answering
+    // three times at its own pace: responses wait for their endpoints and
+    // resume in an order other than the one they opened in.
+    let calls = (0..64usize).map(|i| {
+        let mut c = EchoClient::new(ch.clone());
+        async move {
+            let m = Msg { count: 3, delay_ms: (i % 8) as u32 * 3, ..msg(i + 1) };
+            let mut s = c.stream(Request::new(m)).await.expect("call through the proxy");
+            let mut got = Vec::new();
+            while let Some(m) = s.message().await.expect("a whole stream") {
+                assert_eq!(m.payload.len(), i + 1, "call {i} got another call's answer");
+                got.push(m.count);
+            }
+            got
+        }
+    });
+    let all = tokio::time::timeout(Duration::from_secs(20), futures::future::join_all(calls))
+        .await
+        .expect("every call finishes");
+    assert!(all.iter().all(|got| got == &[0, 1, 2]), "{all:?}");
+    // The connection goes on.
+    let mut c = EchoClient::new(ch);
+    assert_eq!(c.unary(Request::new(msg(5))).await.expect("a call after them").payload.len(), 5);
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn application_statuses_pass_and_only_endpoint_failures_count_against_it() {
     let bs = grpc_backends(2, 26, None).await;
     let p = proxy1(&format!(
