@@ -37,6 +37,7 @@ SCENARIOS = {
     "close": "HTTP/1.1, a new connection per request, 16 at a time",
     "http2": "HTTP/2 clients, 16 × 10 streams, HTTP/1.1 endpoints",
     "grpc": "gRPC unary calls, 16 × 10 streams, HTTP/2 endpoints",
+    "grpc1": "gRPC unary calls, 1 × 64 streams, HTTP/2 endpoints",
 }
 
 
@@ -54,7 +55,9 @@ def load(scenario: str, url: str, body: Path | None, n: int) -> int:
     if scenario == "http1":
         argv = ["h2load", "--h1", "-c", "16", "-m", "1", "-n", str(n), url]
     else:
-        argv = ["h2load", "-c", "16", "-m", "10", "-n", str(n)]
+        # One connection of 64 streams, as in `run.py`'s gRPC section.
+        argv = ["h2load", "-c", "1", "-m", "64"] if scenario == "grpc1" else ["h2load", "-c", "16", "-m", "10"]
+        argv += ["-n", str(n)]
         if body is not None:
             argv += ["-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers"]
         argv.append(url)
@@ -71,7 +74,7 @@ def measure(scenario: str, target: str, peer: str, n: int, top: int) -> tuple[fl
     out = work / "callgrind.out"
     haproxy = target == "haproxy"
     try:
-        if scenario == "grpc":
+        if scenario.startswith("grpc"):
             for i, addr in enumerate(R.GRPC_BACKENDS):
                 procs.start(f"grpc{i}", [peer, "grpc-server", addr, f"g{i + 1}"])
             for addr in R.GRPC_BACKENDS:
