@@ -508,7 +508,8 @@ impl Conn {
     /// A server's: the streams that have left since the last call (ended
     /// both ways, or reset by either side), in `into` (emptied first), so
     /// that the server learns of them without asking after each of its
-    /// streams. The server takes them after every read and send.
+    /// streams. The server takes them after every read and send: they are
+    /// kept until it does.
     pub fn left(&mut self, into: &mut Vec<u32>) {
         into.clear();
         std::mem::swap(&mut self.left, into);
