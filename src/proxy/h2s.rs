@@ -251,7 +251,7 @@ struct Consumed(Mutex<Vec<(u32, usize)>>);
 
 impl Consumed {
     fn add(&self, stream: u32, n: usize) {
-        let mut list = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut list = lock(&self.0);
         match list.last_mut() {
             Some((last, sum)) if *last == stream => *sum += n,
             _ => list.push((stream, n)),
@@ -261,12 +261,12 @@ impl Consumed {
     /// What was read since the last call, in `into` (emptied first).
     fn take(&self, into: &mut Vec<(u32, usize)>) {
         into.clear();
-        std::mem::swap(&mut *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner), into);
+        std::mem::swap(&mut *lock(&self.0), into);
     }
 }
 
-fn lock(slot: &SharedSlot) -> std::sync::MutexGuard<'_, Slot> {
-    slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn wake(slot: &mut Slot) {
