@@ -298,8 +298,9 @@ impl Client {
     }
 }
 
-/// A response head (its map empty), its fields and its `Content-Length`.
-type ResponseHead = (Response<()>, RawFields, Option<u64>);
+/// A response head (its map empty), its fields, its `Content-Length`, and
+/// whether pieces of its body came with it.
+type ResponseHead = (Response<()>, RawFields, Option<u64>, bool);
 
 /// A handle on an open stream; the last one dropped before the stream
 /// ended resets it (`CANCEL`).
@@ -319,7 +320,7 @@ impl Stream {
     /// Sends `body` while it waits for the response head.
     pub(crate) async fn exchange(self, body: UpstreamBody) -> Result<Response<H2Body>, StreamError> {
         let mut pump = (!body.is_end_stream()).then(|| Pump::new(self.another(), body));
-        let (head, fields, length) = std::future::poll_fn(|cx| {
+        let (head, fields, length, held) = std::future::poll_fn(|cx| {
             if let Some(p) = &mut pump
                 && Pin::new(&mut *p).poll(cx).is_ready()
             {
@@ -333,7 +334,7 @@ impl Stream {
             tokio::spawn(p);
         }
         let trailers = RawFields::default();
-        Ok(head.map(|()| H2Body { stream: self, fields, trailers, maps: false, length, ended: false }))
+        Ok(head.map(|()| H2Body { stream: self, fields, trailers, maps: false, length, ended: false, held }))
     }
 
     /// The response head and its `Content-Length`, once they came.
@@ -343,7 +344,8 @@ impl Stream {
             return Poll::Ready(Err(StreamError::Closed("the stream is gone")));
         };
         if let Some(head) = slot.head.take() {
-            return Poll::Ready(Ok((head, std::mem::take(&mut slot.fields), slot.length)));
+            let held = slot.arrived.holds_pieces();
+            return Poll::Ready(Ok((head, std::mem::take(&mut slot.fields), slot.length, held)));
         }
         if let Some(e) = &slot.error {
             return Poll::Ready(Err(e.clone()));
@@ -475,6 +477,10 @@ pub(crate) struct H2Body {
     /// What is left of the endpoint's `Content-Length` (the codec holds the data to it).
     length: Option<u64>,
     ended: bool,
+    /// The slot held pieces not yet taken when this body last looked, so it
+    /// has not ended: only this body takes them, so that stays true until
+    /// it takes the last ([`Body::is_end_stream`] needs no lock then).
+    held: bool,
 }
 
 impl H2Body {
@@ -588,6 +594,7 @@ impl Body for H2Body {
             return Poll::Ready(Some(Err(StreamError::Closed("the stream is gone"))));
         };
         if let Some(mut piece) = slot.arrived.next(&mut this.length) {
+            this.held = slot.arrived.holds_pieces();
             match piece.as_mut().map(|f| (f.is_data(), f)) {
                 Some((true, frame)) => {
                     let n = frame.data_ref().map_or(0, Bytes::len);
@@ -618,6 +625,9 @@ impl Body for H2Body {
     fn is_end_stream(&self) -> bool {
         if self.ended {
             return true;
+        }
+        if self.held {
+            return false;
         }
         let mut inner = self.stream.shared.lock();
         inner.slot(self.stream.id).is_some_and(|s| s.arrived.is_end())

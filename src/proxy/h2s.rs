@@ -218,6 +218,11 @@ impl Arrived {
         self.end.then_some(None)
     }
 
+    /// Pieces wait for the reader (data or trailers).
+    pub(crate) fn holds_pieces(&self) -> bool {
+        self.first.is_some() || !self.chunks.is_empty() || self.trailers.is_some()
+    }
+
     /// The sender's side ended, and the reader has taken everything.
     pub(crate) fn is_end(&self) -> bool {
         self.end && self.first.is_none() && self.chunks.is_empty() && self.trailers.is_none()
@@ -286,6 +291,10 @@ pub(crate) struct StreamBody {
     /// What is left of the client's `Content-Length` (the codec holds the data to it).
     length: Option<u64>,
     ended: bool,
+    /// The slot held pieces not yet taken when this body last took one, so
+    /// it has not ended: only this body takes them ([`Body::is_end_stream`]
+    /// needs no lock then).
+    held: bool,
 }
 
 /// The stream broke off before its request body ended.
@@ -304,6 +313,7 @@ impl Body for StreamBody {
         }
         let mut slot = lock(&this.slot);
         if let Some(piece) = slot.arrived.next(&mut this.length) {
+            this.held = slot.arrived.holds_pieces();
             drop(slot);
             match piece.as_ref().map(Frame::data_ref) {
                 Some(Some(data)) => this.consumed.add(this.stream, data.len()),
@@ -322,6 +332,9 @@ impl Body for StreamBody {
     fn is_end_stream(&self) -> bool {
         if self.ended {
             return true;
+        }
+        if self.held {
+            return false;
         }
         lock(&self.slot).arrived.is_end()
     }
@@ -483,6 +496,7 @@ impl Handler for Events {
             consumed: self.consumed.clone(),
             length: head.content_length(),
             ended: false,
+            held: false,
         };
         self.slots.insert(stream, slot);
         let body = Either::Right(body);
