@@ -292,8 +292,9 @@ pub(crate) struct StreamBody {
     length: Option<u64>,
     ended: bool,
     /// The slot held pieces not yet taken when this body last took one, so
-    /// it has not ended: only this body takes them ([`Body::is_end_stream`]
-    /// needs no lock then).
+    /// it has not ended: only this body takes them, or the connection drops
+    /// them when the stream breaks off, which ends the body in an error,
+    /// not cleanly ([`Body::is_end_stream`] needs no lock either way).
     held: bool,
 }
 
