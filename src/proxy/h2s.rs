@@ -914,39 +914,43 @@ fn pump(
 /// One stream's request served by the hyper path; a client that resets the
 /// stream stops it wherever it is (the request to the endpoint is dropped
 /// with it).
-async fn serve_stream(
+///
+/// The request's own future is boxed here, before the stream's future is
+/// made: the set of a connection's streams holds each stream's future
+/// inline and moves it there whole, so it only carries the box.
+fn serve_stream(
     shared: Arc<Shared>,
     client: Peer,
     stream: u32,
     req: Opened,
     slot: SharedSlot,
     in_flight: InFlight,
-) -> Served {
-    // Boxed: the set of a connection's streams holds each stream's future
-    // inline, and moves it there whole.
+) -> impl Future<Output = Served> {
     let mut served = match req {
         Opened::Map(req) => Serving::Map(Box::pin(http::serve(shared, client, req, Some(StreamClock::new())))),
         Opened::Raw(req) => Serving::Raw(Box::pin(http::serve_raw(shared, client, req, StreamClock::new()))),
         Opened::Relay(req) => Serving::Relay(Box::pin(http::serve_relay(shared, client, req, StreamClock::new()))),
     };
-    let response = std::future::poll_fn(|cx| {
-        let polled = match &mut served {
-            Serving::Map(f) => f.as_mut().poll(cx),
-            Serving::Raw(f) => f.as_mut().poll(cx),
-            Serving::Relay(f) => f.as_mut().poll(cx),
-        };
-        if let Poll::Ready(Ok(resp)) = polled {
-            return Poll::Ready(Some(resp));
-        }
-        let mut slot = lock(&slot);
-        if slot.reset {
-            return Poll::Ready(None);
-        }
-        slot.stream = Some(cx.waker().clone());
-        Poll::Pending
-    })
-    .await;
-    Served { stream, response, in_flight }
+    async move {
+        let response = std::future::poll_fn(|cx| {
+            let polled = match &mut served {
+                Serving::Map(f) => f.as_mut().poll(cx),
+                Serving::Raw(f) => f.as_mut().poll(cx),
+                Serving::Relay(f) => f.as_mut().poll(cx),
+            };
+            if let Poll::Ready(Ok(resp)) = polled {
+                return Poll::Ready(Some(resp));
+            }
+            let mut slot = lock(&slot);
+            if slot.reset {
+                return Poll::Ready(None);
+            }
+            slot.stream = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await;
+        Served { stream, response, in_flight }
+    }
 }
 
 #[cfg(test)]
