@@ -10,7 +10,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use fulcrum::proxy::hpack::{Decoder, Encoder};
+use fulcrum::proxy::hpack::{Block, Decoder, Encoder};
 
 /// What a browser sends for a page's API call.
 const REQUEST: [(&[u8], &[u8]); 9] = [
@@ -36,7 +36,7 @@ const RESPONSE: [(&[u8], &[u8]); 5] = [
 
 fn encode_request(enc: &mut Encoder) -> Vec<u8> {
     let mut block = Vec::new();
-    enc.begin(&mut block);
+    enc.begin(Block::Request, &mut block);
     for (n, v) in REQUEST {
         enc.field(n, v, &mut block);
     }
@@ -75,7 +75,7 @@ fn hpack(c: &mut Criterion) {
         let mut out = Vec::with_capacity(256);
         b.iter(|| {
             out.clear();
-            enc.begin(&mut out);
+            enc.begin(Block::Response, &mut out);
             enc.status(200, &mut out);
             for (n, v) in RESPONSE {
                 enc.field(black_box(n), black_box(v), &mut out);

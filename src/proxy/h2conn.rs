@@ -1063,7 +1063,7 @@ impl Conn {
         let stream = self.last_stream + if self.last_stream == 0 { 1 } else { 2 };
         self.last_stream = stream;
         self.encoded.clear();
-        self.encoder.begin(&mut self.encoded);
+        self.encoder.begin(hpack::Block::Request, &mut self.encoded);
         for (name, value) in
             [(&b":method"[..], method), (b":scheme", scheme), (b":authority", authority), (b":path", path)]
         {
@@ -1108,7 +1108,7 @@ impl Conn {
         }
         self.streams[i].head_sent = true;
         self.encoded.clear();
-        self.encoder.begin(&mut self.encoded);
+        self.encoder.begin(hpack::Block::Response, &mut self.encoded);
         self.encoder.status(status, &mut self.encoded);
         for (name, value) in fields {
             if is_connection_specific(name) {
@@ -1134,7 +1134,7 @@ impl Conn {
             return Err(SendError::NoHead(stream));
         }
         self.encoded.clear();
-        self.encoder.begin(&mut self.encoded);
+        self.encoder.begin(hpack::Block::Trailers, &mut self.encoded);
         for (name, value) in fields {
             if !is_connection_specific(name) {
                 self.encoder.field(name, value, &mut self.encoded);
@@ -1337,7 +1337,7 @@ mod tests {
         }
         fn block(&mut self, fields: &[(&str, &str)]) -> Vec<u8> {
             let mut block = Vec::new();
-            self.enc.begin(&mut block);
+            self.enc.begin(hpack::Block::Request, &mut block);
             for (n, v) in fields {
                 if n.bytes().any(|b| b.is_ascii_uppercase()) {
                     // What the encoder would lowercase: a literal written by hand.
@@ -1584,7 +1584,7 @@ mod tests {
         // A value with a NUL byte is refused too.
         let mut block = Vec::new();
         let mut enc = std::mem::take(&mut c.enc);
-        enc.begin(&mut block);
+        enc.begin(hpack::Block::Request, &mut block);
         for (n, v) in [(&b":method"[..], &b"GET"[..]), (b":scheme", b"http"), (b":path", b"/"), (b"x", b"a\0b")] {
             enc.field(n, v, &mut block);
         }

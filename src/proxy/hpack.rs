@@ -15,14 +15,19 @@
 //! fields) are the caller's: a block must be decoded whole to keep the
 //! table in step with the peer's even when its request is refused.
 //!
-//! The encoder, as HAProxy's, keeps no dynamic table and no Huffman coding:
-//! a field the static table holds whole goes as its index, any other as a
-//! literal (its name by index when the static table has it), `set-cookie`,
+//! The encoder uses no Huffman coding and does not search the dynamic
+//! table: a field the static table holds whole goes as its index; any
+//! other is compared with the field at the same place in the last block of
+//! its kind (request, response head, trailers), and one that was there the
+//! time before too is inserted and from then on sent as its index, which
+//! costs a comparison instead of a copy. Anything else goes as a literal
+//! (its name by index when the static table has it), `set-cookie`,
 //! `authorization`, `proxy-authorization` and short cookies never indexed
-//! (RFC 7541 §7.1.3). Between a proxy and its neighbours bytes are cheap
-//! and instructions are not: looking a field up in a dynamic table and
-//! Huffman-coding what it misses cost the proxy about 300 instructions per
-//! field, a plain literal a copy.
+//! (RFC 7541 §7.1.3). The encoder keeps the sizes of what it inserted, to
+//! evict as the peer's decoder does, and the fields of the last block of
+//! each kind. Between a proxy and its neighbours bytes are cheap and
+//! instructions are not: a search of the table and Huffman coding of what
+//! it misses cost about 300 instructions per field.
 //!
 //! The Huffman code is the one of RFC 7541 Appendix B; the decoder walks it
 //! four bits at a time through a table of 256 states × 16 steps built at
@@ -667,6 +672,100 @@ impl Decoder {
 
 // ---- Encoder ----
 
+/// The kinds of header block a connection writes: each kind remembers its
+/// own last block ([`Encoder::begin`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Block {
+    Request = 0,
+    Response = 1,
+    Trailers = 2,
+}
+
+/// Fields past this position in a block are not remembered.
+const MEMO_FIELDS: usize = 32;
+
+/// A field longer than this (name and value) is not remembered, nor
+/// indexed: one would take a large share of the table.
+const MEMO_BYTES: usize = 224;
+
+/// What the encoder knows of a remembered field.
+#[derive(Clone, Copy, Debug, Default)]
+enum Known {
+    /// Nothing yet: it went as a literal.
+    #[default]
+    Nothing,
+    /// The static table holds it whole, at this index.
+    Static(u8),
+    /// It was inserted in the peer's table: this entry, by number of insertion.
+    Entry(u64),
+}
+
+/// One field of the last block of its kind at its position, as the caller
+/// gave it (its name maybe with capitals).
+#[derive(Debug, Default)]
+struct Remembered {
+    /// Its name and value, one after the other.
+    bytes: Vec<u8>,
+    name: usize,
+    known: Known,
+}
+
+impl Remembered {
+    #[inline]
+    fn is(&self, name: &[u8], value: &[u8]) -> bool {
+        self.name == name.len() && self.bytes.len() == name.len() + value.len() && {
+            let (n, v) = self.bytes.split_at(self.name);
+            n == name && v == value
+        }
+    }
+
+    fn set(&mut self, name: &[u8], value: &[u8]) {
+        self.bytes.clear();
+        self.bytes.extend_from_slice(name);
+        self.bytes.extend_from_slice(value);
+        self.name = name.len();
+        self.known = Known::Nothing;
+    }
+}
+
+/// The peer decoder's dynamic table as this encoder fills it: only the
+/// entries' sizes, which is all eviction needs (RFC 7541 §4.4).
+#[derive(Debug, Default)]
+struct Sizes {
+    /// Newest first.
+    entries: VecDeque<u32>,
+    size: usize,
+    /// Entries inserted so far: the newest is number `inserted - 1`.
+    inserted: u64,
+}
+
+impl Sizes {
+    fn evict_to(&mut self, max: usize) {
+        while self.size > max {
+            match self.entries.pop_back() {
+                Some(e) => self.size -= e as usize,
+                None => break,
+            }
+        }
+    }
+
+    /// Inserts an entry of `size` (at most `max`); its number.
+    fn insert(&mut self, size: usize, max: usize) -> u64 {
+        self.evict_to(max - size);
+        self.entries.push_front(size as u32);
+        self.size += size;
+        self.inserted += 1;
+        self.inserted - 1
+    }
+
+    /// The HPACK index of entry number `entry`, while it is in the table.
+    #[inline]
+    fn index(&self, entry: u64) -> Option<usize> {
+        let age = self.inserted - 1 - entry;
+        (age < self.entries.len() as u64).then(|| 62 + age as usize)
+    }
+}
+
 /// Encodes the header blocks of one direction of one connection.
 #[derive(Debug)]
 pub struct Encoder {
@@ -678,19 +777,33 @@ pub struct Encoder {
     update: Option<usize>,
     /// A name with capitals, lowercased (HTTP/2 names are lowercase).
     lower: Vec<u8>,
+    table: Sizes,
+    /// The last block of each kind, field by field.
+    memos: [Vec<Remembered>; 3],
+    /// The block being written: its kind and its next field's position.
+    kind: usize,
+    position: usize,
 }
 
 impl Default for Encoder {
     fn default() -> Self {
-        Self { announced: DEFAULT_TABLE_SIZE, update: None, lower: Vec::new() }
+        Self {
+            announced: DEFAULT_TABLE_SIZE,
+            update: None,
+            lower: Vec::new(),
+            table: Sizes::default(),
+            memos: Default::default(),
+            kind: 0,
+            position: 0,
+        }
     }
 }
 
 impl Encoder {
-    /// Takes the peer's `SETTINGS_HEADER_TABLE_SIZE`. The encoder inserts
-    /// nothing, so a larger table changes nothing; a smaller one than the
-    /// peer's decoder was last told of is announced at the start of the
-    /// next block, as its decoder may require.
+    /// Takes the peer's `SETTINGS_HEADER_TABLE_SIZE`. A larger table than
+    /// the peer's decoder was last told of changes nothing (the encoder may
+    /// use less); a smaller one is announced at the start of the next
+    /// block, as its decoder may require.
     pub fn set_peer_table_size(&mut self, size: usize) {
         let smallest = self.update.map_or(size, |s| s.min(size));
         if smallest < self.announced {
@@ -698,54 +811,108 @@ impl Encoder {
         }
     }
 
-    /// Starts a header block: writes a pending table size update.
-    pub fn begin(&mut self, out: &mut Vec<u8>) {
+    /// Starts a header block of `kind`: writes a pending table size update.
+    pub fn begin(&mut self, kind: Block, out: &mut Vec<u8>) {
         if let Some(size) = self.update.take() {
             write_int(out, 0x20, 5, size);
             self.announced = size;
+            self.table.evict_to(size);
         }
+        self.kind = kind as usize;
+        self.position = 0;
     }
 
     /// Writes `:status`.
     pub fn status(&mut self, code: u16, out: &mut Vec<u8>) {
         let digits = [b'0' + (code / 100 % 10) as u8, b'0' + (code / 10 % 10) as u8, b'0' + (code % 10) as u8];
-        Self::field_lower(b":status", &digits, out);
+        self.field(b":status", &digits, out);
     }
 
     /// Writes one field; a name with capitals is sent lowercased.
+    ///
+    /// The field is first compared with the one at the same place in the
+    /// last block of the same kind: when it is the same and the encoder
+    /// knows its index (in the static table, or in the peer's while it
+    /// holds the entry), the index is all it writes. A field the static
+    /// table holds whole goes as its index. `set-cookie`, `authorization`,
+    /// `proxy-authorization` and short cookies go as literals never indexed
+    /// (RFC 7541 §7.1.3), so that an intermediary further on does not index
+    /// them either. Any other field goes as a plain literal the first time
+    /// it is in its place and, the second time in a row, as a literal the
+    /// peer inserts in its table. A field that changes from one block to
+    /// the next (a date, a request's id) is never inserted, so it cannot
+    /// push the steady ones out; fields in the same order message after
+    /// message, as one client, one endpoint or one gRPC service sends them,
+    /// cost a comparison and a byte each.
     pub fn field(&mut self, name: &[u8], value: &[u8], out: &mut Vec<u8>) {
+        let position = self.position;
+        self.position += 1;
+        let remembered = position < MEMO_FIELDS && name.len() + value.len() <= MEMO_BYTES;
+        let mut again = false;
+        if remembered {
+            let memo = &mut self.memos[self.kind];
+            if memo.len() <= position {
+                memo.resize_with(position + 1, Remembered::default);
+            }
+            let r = &mut memo[position];
+            if r.is(name, value) {
+                match r.known {
+                    Known::Static(i) => return write_int(out, 0x80, 7, usize::from(i)),
+                    Known::Entry(e) => match self.table.index(e) {
+                        Some(index) => return write_int(out, 0x80, 7, index),
+                        None => again = true,
+                    },
+                    Known::Nothing => again = true,
+                }
+            } else {
+                r.set(name, value);
+            }
+        }
+        let at = remembered.then_some(position);
         // Every byte looked at (no early exit), so the check vectorizes.
         if name.iter().fold(false, |upper, b| upper | b.is_ascii_uppercase()) {
             let mut lower = std::mem::take(&mut self.lower);
             lower.clear();
             lower.extend(name.iter().map(u8::to_ascii_lowercase));
-            Self::field_lower(&lower, value, out);
+            self.literal(&lower, value, at, again, out);
             self.lower = lower;
         } else {
-            Self::field_lower(name, value, out);
+            self.literal(name, value, at, again, out);
         }
     }
 
-    /// A field the static table holds whole is sent as its index; any other
-    /// as a literal not indexed (its name by its static index when it has
-    /// one), `set-cookie`, `authorization`, `proxy-authorization` and short
-    /// cookies as never indexed (RFC 7541 §7.1.3), so that an intermediary
-    /// further on does not index them either.
-    fn field_lower(name: &[u8], value: &[u8], out: &mut Vec<u8>) {
+    /// Writes `name` (lowercase) and `value`, remembered at position `at`
+    /// (when it may be), there `again` (the same as in the last block).
+    fn literal(&mut self, name: &[u8], value: &[u8], at: Option<usize>, again: bool, out: &mut Vec<u8>) {
         let by_name = static_name(name);
         if let Some((first, count)) = by_name
             && let Some(i) = (first..first + count).find(|&i| STATIC[i - 1].1 == value)
         {
-            write_int(out, 0x80, 7, i);
-            return;
+            if let Some(at) = at {
+                // Static indexes are at most 61.
+                self.memos[self.kind][at].known = Known::Static(i as u8);
+            }
+            return write_int(out, 0x80, 7, i);
         }
-        let first = match name {
+        let mut first = match name {
             b"set-cookie" | b"authorization" | b"proxy-authorization" => 0x10,
             b"cookie" if value.len() < 20 => 0x10,
             _ => 0x00,
         };
+        let size = name.len() + value.len() + ENTRY_OVERHEAD;
+        if let Some(at) = at
+            && again
+            && first == 0x00
+            && size <= self.announced
+        {
+            self.memos[self.kind][at].known = Known::Entry(self.table.insert(size, self.announced));
+            first = 0x40;
+        }
+        // A literal: with incremental indexing (a six-bit name index),
+        // without or never indexed (four bits).
+        let prefix = if first == 0x40 { 6 } else { 4 };
         match by_name {
-            Some((i, _)) => write_int(out, first, 4, i),
+            Some((i, _)) => write_int(out, first, prefix, i),
             None => {
                 out.push(first);
                 write_string(out, name);
@@ -949,78 +1116,167 @@ mod tests {
     }
 
     #[test]
-    fn the_encoder_sends_static_indexes_and_plain_literals_and_says_when_the_table_shrinks() {
+    fn the_encoder_indexes_what_repeats_in_place_and_says_when_the_table_shrinks() {
         let mut e = Encoder::default();
         let mut d = Decoder::default();
         let response = [("Content-Type", "application/json"), ("server", "nginx"), ("x-id", "7")];
+        let want = [
+            (":status", "200"),
+            (":status", "503"),
+            ("content-type", "application/json"),
+            ("server", "nginx"),
+            ("x-id", "7"),
+        ];
         let mut blocks = Vec::new();
-        for round in 0..2 {
+        for round in 0..4 {
             let mut block = Vec::new();
-            e.begin(&mut block);
+            e.begin(Block::Response, &mut block);
             e.status(200, &mut block);
             e.status(503, &mut block);
             for (n, v) in response {
                 e.field(n.as_bytes(), v.as_bytes(), &mut block);
             }
-            let got = decode_all(&mut d, &block).unwrap();
-            let want = [
-                (":status", "200"),
-                (":status", "503"),
-                ("content-type", "application/json"),
-                ("server", "nginx"),
-                ("x-id", "7"),
-            ];
-            assert_eq!(got, fields(&want), "round {round}");
-            assert_eq!(d.table_size(), 0, "nothing is inserted");
+            assert_eq!(decode_all(&mut d, &block).unwrap(), fields(&want), "round {round}");
             blocks.push(block);
         }
-        // The same bytes each time: :status 200 as static index 8, 503 as
-        // its static name and three digits, content-type (31) and server
-        // (54) by static name with four-bit prefixes, x-id with its name;
-        // every string as it is.
-        let mut want = vec![0x88, 0x08, 3, b'5', b'0', b'3', 0x0f, 31 - 15, 16];
-        want.extend_from_slice(b"application/json");
-        want.extend_from_slice(&[0x0f, 54 - 15, 5]);
-        want.extend_from_slice(b"nginx");
-        want.extend_from_slice(&[0x00, 4]);
-        want.extend_from_slice(b"x-id");
-        want.extend_from_slice(&[1, b'7']);
-        assert_eq!(blocks, [want.clone(), want]);
+        // First plain literals: :status 200 as static index 8, 503 as its
+        // static name and three digits, content-type (31) and server (54)
+        // by static name with four-bit prefixes, x-id with its name; every
+        // string as it is.
+        let mut first = vec![0x88, 0x08, 3, b'5', b'0', b'3', 0x0f, 31 - 15, 16];
+        first.extend_from_slice(b"application/json");
+        first.extend_from_slice(&[0x0f, 54 - 15, 5]);
+        first.extend_from_slice(b"nginx");
+        first.extend_from_slice(&[0x00, 4]);
+        first.extend_from_slice(b"x-id");
+        first.extend_from_slice(&[1, b'7']);
+        // The same fields in the same places again: literals the peer
+        // inserts (six-bit name indexes).
+        let mut second = vec![0x88, 0x48, 3, b'5', b'0', b'3', 0x40 | 31, 16];
+        second.extend_from_slice(b"application/json");
+        second.extend_from_slice(&[0x40 | 54, 5]);
+        second.extend_from_slice(b"nginx");
+        second.extend_from_slice(&[0x40, 4]);
+        second.extend_from_slice(b"x-id");
+        second.extend_from_slice(&[1, b'7']);
+        // From then on a byte each: the newest entry is 62.
+        let steady = vec![0x88, 0x80 | 65, 0x80 | 64, 0x80 | 63, 0x80 | 62];
+        assert_eq!(blocks, [first, second, steady.clone(), steady]);
+        assert_eq!(d.table_size(), (7 + 3 + 32) + (12 + 16 + 32) + (6 + 5 + 32) + (4 + 1 + 32));
         // Every status code there is goes through, in or out of the table.
         for code in [100, 200, 204, 206, 304, 400, 404, 500, 599, 999] {
             let mut block = Vec::new();
+            e.begin(Block::Response, &mut block);
             e.status(code, &mut block);
             assert_eq!(decode_all(&mut d, &block).unwrap(), fields(&[(":status", &code.to_string())]));
         }
         // The peer shrinks its table to 100, then to 0, then allows 4096
-        // again: the smallest opens the next block (and only it), and a
-        // larger table is not announced.
+        // again: the smallest opens the next block (and only it), the
+        // table empties, and nothing is inserted or indexed from then on.
         e.set_peer_table_size(100);
         e.set_peer_table_size(0);
         e.set_peer_table_size(4096);
-        let mut block = Vec::new();
-        e.begin(&mut block);
-        assert_eq!(block, [0x20]);
-        e.field(b"server", b"nginx", &mut block);
-        assert_eq!(decode_all(&mut d, &block).unwrap(), fields(&[("server", "nginx")]));
+        for round in 0..3 {
+            let mut block = Vec::new();
+            e.begin(Block::Response, &mut block);
+            e.field(b"server", b"nginx", &mut block);
+            let mut want = if round == 0 { vec![0x20] } else { vec![] };
+            want.extend_from_slice(&[0x0f, 54 - 15, 5, b'n', b'g', b'i', b'n', b'x']);
+            assert_eq!(block, want, "round {round}");
+            assert_eq!(decode_all(&mut d, &block).unwrap(), fields(&[("server", "nginx")]));
+            assert_eq!(d.table_size(), 0);
+        }
         e.set_peer_table_size(64);
         let mut block = Vec::new();
-        e.begin(&mut block);
+        e.begin(Block::Response, &mut block);
         assert!(block.is_empty(), "0 was announced; 64 is more");
+    }
+
+    #[test]
+    fn fields_that_change_are_never_inserted_and_each_kind_remembers_its_own() {
+        let mut e = Encoder::default();
+        let mut d = Decoder::default();
+        for i in 0..50 {
+            // A request's id changes each time; its neighbours do not.
+            let id = format!("req-{i}");
+            let mut block = Vec::new();
+            e.begin(Block::Request, &mut block);
+            e.field(b"x-request-id", id.as_bytes(), &mut block);
+            e.field(b"content-type", b"application/grpc", &mut block);
+            assert_eq!(
+                decode_all(&mut d, &block).unwrap(),
+                fields(&[("x-request-id", &id), ("content-type", "application/grpc")])
+            );
+            // Trailers between the requests do not disturb their memory.
+            let mut trailers = Vec::new();
+            e.begin(Block::Trailers, &mut trailers);
+            e.field(b"grpc-status", b"0", &mut trailers);
+            assert_eq!(decode_all(&mut d, &trailers).unwrap(), fields(&[("grpc-status", "0")]));
+            if i >= 2 {
+                // The id as a literal by name (2 + 12 bytes) and value, content-type as an index.
+                assert_eq!(block.len(), 2 + 12 + 1 + id.len() + 1, "round {i}: {block:?}");
+                assert_eq!(trailers.len(), 1, "round {i}");
+            }
+        }
+        // Only the two steady fields were inserted, once each.
+        assert_eq!(d.table_size(), (12 + 16 + 32) + (11 + 1 + 32));
+    }
+
+    #[test]
+    fn evicted_entries_are_inserted_again_as_the_peer_evicts_them() {
+        // A table of 200 bytes holds four of these fields (46 bytes each),
+        // not the six of a block: each block evicts what the next needs.
+        let mut e = Encoder::default();
+        e.set_peer_table_size(200);
+        let mut d = Decoder::with_table_size(200);
+        let names: Vec<String> = (0..6).map(|i| format!("x-field-{i}")).collect();
+        for round in 0..20 {
+            let mut block = Vec::new();
+            e.begin(Block::Response, &mut block);
+            for n in &names {
+                e.field(n.as_bytes(), b"value", &mut block);
+            }
+            let want: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "value")).collect();
+            assert_eq!(decode_all(&mut d, &block).unwrap(), fields(&want), "round {round}");
+            assert!(d.table_size() <= 200);
+            assert_eq!(d.table_size(), e.table.size, "round {round}: both sides evicted alike");
+        }
+    }
+
+    #[test]
+    fn long_fields_and_fields_past_the_remembered_ones_go_as_literals() {
+        let mut e = Encoder::default();
+        let mut d = Decoder::default();
+        let long = "v".repeat(MEMO_BYTES);
+        for _ in 0..3 {
+            let mut block = Vec::new();
+            e.begin(Block::Response, &mut block);
+            for i in 0..MEMO_FIELDS + 4 {
+                let value = if i == 0 { long.as_str() } else { "x" };
+                e.field(format!("x-{i}").as_bytes(), value.as_bytes(), &mut block);
+            }
+            decode_all(&mut d, &block).unwrap();
+        }
+        // Positions 1 to MEMO_FIELDS - 1 are indexed; the long field and
+        // those past them are not.
+        let entry = |i: usize| format!("x-{i}").len() + 1 + 32;
+        assert_eq!(d.table_size(), (1..MEMO_FIELDS).map(entry).sum::<usize>());
     }
 
     #[test]
     fn sensitive_fields_are_never_indexed() {
         let mut e = Encoder::default();
         let mut d = Decoder::default();
-        let mut block = Vec::new();
-        e.begin(&mut block);
-        e.field(b"set-cookie", b"id=1", &mut block);
-        e.field(b"authorization", b"Bearer x", &mut block);
-        let mut never = Vec::new();
-        d.decode(&block, |f| never.push(f.never_indexed)).unwrap();
-        assert_eq!(never, [true, true]);
-        assert_eq!(d.table_size(), 0);
+        for _ in 0..3 {
+            let mut block = Vec::new();
+            e.begin(Block::Response, &mut block);
+            e.field(b"set-cookie", b"id=1", &mut block);
+            e.field(b"authorization", b"Bearer x", &mut block);
+            let mut never = Vec::new();
+            d.decode(&block, |f| never.push(f.never_indexed)).unwrap();
+            assert_eq!(never, [true, true]);
+            assert_eq!(d.table_size(), 0, "not even when they repeat");
+        }
     }
 
     #[test]
