@@ -209,11 +209,11 @@ pub(crate) fn h1_head(
         req.headers.push(h1::Span { name, value, kind });
         kind
     };
+    // What `HeaderValue` refuses (the codec lets other control bytes by).
+    if head.has_controls() {
+        return false;
+    }
     for (name, value) in head.fields() {
-        // What `HeaderValue` refuses (the codec lets other control bytes by).
-        if value.iter().fold(false, |bad, &b| bad | ((b < b' ' && b != b'\t') || b == 0x7f)) {
-            return false;
-        }
         if name == b"cookie" {
             cookies += 1;
             continue;

@@ -153,6 +153,9 @@ pub struct Head {
     /// fields can name kilobytes each): the head is too large.
     limit: usize,
     malformed: Option<&'static str>,
+    /// A value holds a control byte other than tab, or DEL, which HTTP/2
+    /// allows but the `http` crate's values and HTTP/1.1 heads do not.
+    controls: bool,
 }
 
 impl Head {
@@ -168,6 +171,7 @@ impl Head {
         self.content_length = None;
         self.size = 0;
         self.malformed = None;
+        self.controls = false;
     }
 
     fn too_large(&self) -> bool {
@@ -291,12 +295,24 @@ impl Head {
     }
 
     fn check_value(&mut self, v: &[u8]) {
-        if v.iter().fold(false, |bad, &b| bad | matches!(b, 0 | b'\r' | b'\n'))
+        // Every byte looked at (no early exit), so the check vectorizes.
+        // NUL, CR and LF are among the control bytes: one pass over a
+        // value without any, a second only over one with some.
+        let controls = v.iter().fold(false, |c, &b| c | ((b < b' ' && b != b'\t') || b == 0x7f));
+        self.controls |= controls;
+        if (controls && v.iter().any(|&b| matches!(b, 0 | b'\r' | b'\n')))
             || v.first().is_some_and(|&b| b == b' ' || b == b'\t')
             || v.last().is_some_and(|&b| b == b' ' || b == b'\t')
         {
             self.bad("invalid byte or surrounding whitespace in a field value");
         }
+    }
+
+    /// Whether a value (a pseudo-header's or a field's) holds a control
+    /// byte other than tab, or DEL: valid in HTTP/2, refused by the `http`
+    /// crate's values and by HTTP/1.1.
+    pub fn has_controls(&self) -> bool {
+        self.controls
     }
 
     /// A response has `:status` alone (RFC 9113 §8.3.2).
@@ -1592,6 +1608,33 @@ mod tests {
         h2frame::write_headers(&mut c.buf, stream + 2, &block, true, 16_384);
         let (_, _, frames) = run(&mut conn, &mut c);
         assert_eq!(code(&frames, kind::RST_STREAM), Some(Reason::ProtocolError.code()));
+    }
+
+    #[test]
+    fn values_are_checked_in_one_pass_that_also_notes_control_bytes() {
+        let cases: [(&[u8], bool, bool); 10] = [
+            (b"plain", false, false),
+            (b"a\tb", false, false),
+            (b"", false, false),
+            (b"a\x01b", false, true),
+            (b"a\x7fb", false, true),
+            (b"a\rb", true, true),
+            (b"a\nb", true, true),
+            (b"a\0b", true, true),
+            (b" a", true, false),
+            (b"a\t", true, false),
+        ];
+        for (value, malformed, controls) in cases {
+            for pseudo in [false, true] {
+                let mut head = Head { limit: 1 << 16, ..Head::default() };
+                let name: &[u8] = if pseudo { b":path" } else { b"x-value" };
+                head.take(Field { name, value, never_indexed: false }, false);
+                assert_eq!(head.malformed.is_some(), malformed, "{value:?}");
+                assert_eq!(head.has_controls(), controls, "{value:?}");
+                head.clear();
+                assert!(!head.has_controls() && head.malformed.is_none());
+            }
+        }
     }
 
     #[test]
