@@ -19,6 +19,17 @@ the proxy's threads (its code, the libraries', libc's) are divided by the
 requests that succeeded.
 
     python3 bench/proxy/instructions.py haproxy target/release/fulcrum [other/fulcrum ...]
+
+With `--simulate`, callgrind also simulates the caches and the branch
+predictors (`--cache-sim=yes --branch-sim=yes`) and records each
+instruction's count, and a second table gives, per request, what CPU time
+depends on beyond the instruction count: first-level cache misses (data
+and instructions), last-level misses, mispredicted conditional and
+indirect branches, and atomic read-modify-write instructions (those with a
+`lock` prefix, and `xchg` with memory, found with `objdump` in the proxy's
+binary and libraries). The simulation is valgrind's model of one CPU, not
+the hardware's counters, and sees nothing of the other processes sharing
+the cores; it ranks causes, it does not measure time.
 """
 import argparse
 import os
@@ -66,8 +77,69 @@ def load(scenario: str, url: str, body: Path | None, n: int) -> int:
     return int(m.group(1)) if m else 0
 
 
-def measure(scenario: str, target: str, peer: str, n: int, top: int) -> tuple[float, list[str]]:
-    """Instructions per request of `target` (a fulcrum binary, or `haproxy`)."""
+# What `--simulate` reports per request: (heading, callgrind's events summed).
+SIMULATED = [
+    ("D1 misses", ("D1mr", "D1mw")),
+    ("I1 misses", ("I1mr",)),
+    ("LL misses", ("ILmr", "DLmr", "DLmw")),
+    ("conditional mispredicts", ("Bcm",)),
+    ("indirect branches", ("Bi",)),
+    ("indirect mispredicts", ("Bim",)),
+]
+
+
+def locked_instructions(dump: Path) -> int:
+    """Executed atomic read-modify-write instructions in a callgrind dump
+    made with `--dump-instr=yes`: its per-instruction counts matched against
+    the addresses `objdump` finds with a `lock` prefix (or `xchg` on memory)
+    in each object."""
+    locked: dict[str, set[int]] = {}
+
+    def of(obj: str) -> set[int]:
+        if obj not in locked:
+            dis = subprocess.run(["objdump", "-d", "--no-show-raw-insn", obj], capture_output=True, text=True).stdout
+            found = set()
+            for line in dis.splitlines():
+                m = re.match(r"^\s+([0-9a-f]+):\s+(lock |xchg\S*\s+\S*\()", line)
+                if m:
+                    found.add(int(m.group(1), 16))
+            locked[obj] = found
+        return locked[obj]
+
+    names: dict[str, str] = {}
+    obj, addr, ir, positions, skip, total = None, 0, 0, 1, False, 0
+    for line in dump.read_text(errors="replace").splitlines():
+        if line.startswith("positions:"):
+            positions = len(line.split()) - 1
+        elif line.startswith("events:"):
+            ir = line.split()[1:].index("Ir")
+        elif line.startswith(("ob=", "cob=")):
+            m = re.match(r"c?ob=\((\d+)\)(?: (.*))?", line)
+            if m and m.group(2):
+                names[m.group(1)] = m.group(2)
+            if m and line.startswith("ob="):
+                obj = names.get(m.group(1))
+        elif line.startswith("calls="):
+            skip = True  # the next cost line is the call's, inclusive
+        elif line and line[0] in "+-*0123456789":
+            tokens = line.split()
+            a = tokens[0]
+            if a.startswith("0x"):
+                addr = int(a, 16)
+            elif a[0] in "+-":
+                addr += int(a)
+            if skip:
+                skip = False
+                continue
+            values = tokens[positions:]
+            if obj and obj.startswith("/") and ir < len(values) and addr in of(obj):
+                total += int(values[ir])
+    return total
+
+
+def measure(scenario: str, target: str, peer: str, n: int, top: int, simulate: bool = False):
+    """Instructions per request of `target` (a fulcrum binary, or `haproxy`),
+    the top functions, and with `simulate` the simulated events per request."""
     procs = R.Procs()
     work = Path(tempfile.mkdtemp(prefix="fulcrum-instr-"))
     work.chmod(0o755)
@@ -92,7 +164,8 @@ def measure(scenario: str, target: str, peer: str, n: int, top: int) -> tuple[fl
                 conf, port = R.fulcrum_conf(work), R.PORTS["fulcrum"]
             url, body = f"http://127.0.0.1:{port}/", None
         command = ["haproxy", "-db", "-f", str(conf)] if haproxy else [target, "proxy", "--config", str(conf)]
-        argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *command]
+        sim = ["--cache-sim=yes", "--branch-sim=yes", "--dump-instr=yes"] if simulate else []
+        argv = ["valgrind", "--tool=callgrind", *sim, f"--callgrind-out-file={out}", *command]
         procs.start("proxy", argv, env=dict(os.environ, RUST_LOG="warn"))
         R.wait_port(f"127.0.0.1:{port}", timeout=120)  # valgrind starts slowly
         load(scenario, url, body, 2000)
@@ -104,7 +177,15 @@ def measure(scenario: str, target: str, peer: str, n: int, top: int) -> tuple[fl
         if ok == 0 or not dumps:
             raise RuntimeError(f"{scenario}: {ok} requests succeeded, {len(dumps)} callgrind dumps")
         dump = max(dumps, key=lambda p: p.stat().st_mtime)
-        total = int(re.search(r"^(?:summary|totals): (\d+)", dump.read_text(errors="replace"), re.M).group(1))
+        text = dump.read_text(errors="replace")
+        total = int(re.search(r"^(?:summary|totals): (\d+)", text, re.M).group(1))
+        events = {}
+        if simulate:
+            kinds = re.search(r"^events: (.*)$", text, re.M).group(1).split()
+            values = [int(v) for v in re.search(r"^summary: (.*)$", text, re.M).group(1).split()]
+            got = dict(zip(kinds, values))
+            events = {head: sum(got.get(k, 0) for k in ks) / ok for head, ks in SIMULATED}
+            events["atomic instructions"] = locked_instructions(dump) / ok
         lines = []
         if top:
             argv = ["callgrind_annotate", "--inclusive=no", "--threshold=100", str(dump)]
@@ -117,7 +198,7 @@ def measure(scenario: str, target: str, peer: str, n: int, top: int) -> tuple[fl
                     lines.append(f"{own / ok:8.0f}  {m.group(2)[:110]}")
                 if len(lines) == top:
                     break
-        return total / ok, lines
+        return total / ok, lines, events
     finally:
         procs.stop_all()
         shutil.rmtree(work, ignore_errors=True)
@@ -130,6 +211,7 @@ def main() -> int:
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of " + ", ".join(SCENARIOS))
     ap.add_argument("--requests", type=int, default=5000, help="requests counted per scenario")
     ap.add_argument("--top", type=int, default=0, help="also list the N functions with the most instructions of their own")
+    ap.add_argument("--simulate", action="store_true", help="also simulate caches and branch predictors, and count atomic instructions")
     args = ap.parse_args()
     scenarios = [s for s in args.scenarios.split(",") if s]
     unknown = [s for s in scenarios if s not in SCENARIOS]
@@ -140,15 +222,26 @@ def main() -> int:
     print("| scenario | " + " | ".join(names) + (" | ratio to the first |" if len(names) > 1 else " |"))
     print("|---|" + "---:|" * len(names) + ("---:|" if len(names) > 1 else ""))
     tops = []
+    simulated = []
     for s in scenarios:
         counts = []
         for b in args.targets:
-            per_request, lines = measure(s, b, args.peer, args.requests, args.top)
+            per_request, lines, events = measure(s, b, args.peer, args.requests, args.top, args.simulate)
             counts.append(per_request)
             if lines:
                 tops.append((s, b, lines))
+            if events:
+                simulated.append((s, b, per_request, events))
         ratio = " | " + " / ".join(f"{c / counts[0]:.3f}" for c in counts[1:]) if len(counts) > 1 else ""
         print(f"| {SCENARIOS[s]} | " + " | ".join(f"{c:,.0f}" for c in counts) + ratio + " |", flush=True)
+    if simulated:
+        heads = [h for h, _ in SIMULATED] + ["atomic instructions"]
+        print("\nSimulated per request (callgrind's cache and branch models; atomic instructions by address)\n")
+        print("| scenario | target | instructions | " + " | ".join(heads) + " |")
+        print("|---|---|---:|" + "---:|" * len(heads))
+        for s, b, per_request, events in simulated:
+            cells = " | ".join(f"{events[h]:,.1f}" for h in heads)
+            print(f"| {s} | `{b}` | {per_request:,.0f} | {cells} |")
     for s, b, lines in tops:
         print(f"\n{s}, {b}: instructions per request of each function's own code\n")
         print("\n".join(lines))
