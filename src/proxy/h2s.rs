@@ -6,9 +6,10 @@
 //! request for the hyper path ([`http::serve`]), or, when the endpoints
 //! speak HTTP/1.1 and the request is plain, the HTTP/1.1 head a client
 //! would have sent ([`bridge::RawRequest`], [`http::serve_raw`]); its
-//! future joins the connection's set of streams (a [`FuturesUnordered`],
-//! polled before the socket, so what they queue goes out with the pass that
-//! read the frames that made them ready); its body is fed from the frames
+//! future joins the connection's set of streams (each polled when it is new
+//! and when its own waker fired, before the socket, so what they queue goes
+//! out with the pass that read the frames that made them ready; a stream the
+//! client resets leaves the set at once); its body is fed from the frames
 //! as they come ([`StreamBody`]), and given back to the client's windows as
 //! it is read. A response's head is encoded straight from its header map
 //! (and an HTTP/1.1 endpoint's fields from its bytes), its body sent
@@ -37,7 +38,6 @@ use std::time::{Duration, Instant};
 
 use ::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri, Version, uri};
 use bytes::{Buf, Bytes, BytesMut};
-use futures::stream::{FuturesUnordered, StreamExt};
 use futures::task::AtomicWaker;
 use http_body_util::Either;
 use hyper::body::{Body, Frame, SizeHint};
@@ -59,6 +59,10 @@ const MAX_QUEUED: usize = 400 * 1024;
 
 /// How much is read from the client at a time.
 const READ_SIZE: usize = 16 * 1024;
+
+/// Room for this many streams' entries stays with a connection that has none
+/// left; a larger burst's is given back.
+const IDLE_STREAMS: usize = 16;
 
 /// What a connection's task writes: what one pass produced, written in as
 /// few writes as the socket takes, then flushed (TLS holds what it took
@@ -240,10 +244,7 @@ struct Slot {
     arrived: Arrived,
     /// The stream broke off (reset, or the connection ended): the body fails.
     gone: bool,
-    /// The client reset the stream: its request is abandoned at once.
-    reset: bool,
     body: Option<Waker>,
-    stream: Option<Waker>,
 }
 
 type SharedSlot = Arc<Mutex<Slot>>;
@@ -276,9 +277,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn wake(slot: &mut Slot) {
     if let Some(w) = slot.body.take() {
-        w.wake();
-    }
-    if let Some(w) = slot.stream.take() {
         w.wake();
     }
 }
@@ -536,7 +534,6 @@ impl Handler for Events {
         if let Some(slot) = &slot {
             let mut slot = lock(slot);
             slot.gone = true;
-            slot.reset = true;
             wake(&mut slot);
         }
         self.gone.push((stream, slot));
@@ -555,18 +552,85 @@ enum Opened {
     Relay(bridge::RawRequest),
 }
 
-/// A stream's request served: its response, unless the client reset it first.
-struct Served {
-    stream: u32,
-    response: Option<Response<ProxyBody>>,
-    in_flight: InFlight,
+/// A stream's request's future: its response (the proxy's own when the
+/// endpoints did not answer).
+trait Answer: Future<Output = Result<Response<ProxyBody>, std::convert::Infallible>> {}
+
+impl<F: Future<Output = Result<Response<ProxyBody>, std::convert::Infallible>>> Answer for F {}
+
+/// A stream's request being served, by the way it was [`Opened`]: its
+/// future, boxed (the set of a connection's streams moves its entries).
+enum Serving<M, R, H> {
+    Map(Pin<Box<M>>),
+    Raw(Pin<Box<R>>),
+    Relay(Pin<Box<H>>),
 }
 
-/// A stream's request being served, by the way it was [`Opened`].
-enum Serving<M, R, H> {
-    Map(M),
-    Raw(R),
-    Relay(H),
+impl<M, R, H> Serving<M, R, H>
+where
+    M: Answer,
+    R: Answer,
+    H: Answer,
+{
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Response<ProxyBody>> {
+        let polled = match self {
+            Serving::Map(f) => f.as_mut().poll(cx),
+            Serving::Raw(f) => f.as_mut().poll(cx),
+            Serving::Relay(f) => f.as_mut().poll(cx),
+        };
+        polled.map(|Ok(resp)| resp)
+    }
+}
+
+/// A stream being served, in its connection's set: polled when it is new
+/// and whenever its own waker fired, never for another stream's sake.
+/// A stream the client resets leaves the set at once, its future dropped
+/// (and with it the request to the endpoint).
+struct Entry<M, R, H> {
+    stream: u32,
+    serving: Serving<M, R, H>,
+    ready: Arc<ReadyWaker>,
+    waker: Waker,
+    _in_flight: InFlight,
+}
+
+impl<M, R, H> Entry<M, R, H> {
+    fn new(stream: u32, serving: Serving<M, R, H>, connection: &Arc<AtomicWaker>, in_flight: InFlight) -> Self {
+        let ready = Arc::new(ReadyWaker { ready: AtomicBool::new(true), connection: connection.clone() });
+        Entry { stream, serving, waker: Waker::from(ready.clone()), ready, _in_flight: in_flight }
+    }
+}
+
+/// Polls the streams whose wakers fired, in `set`; each answered stream
+/// leaves the set and is handed to `answered` with its response.
+fn poll_ready<M, R, H>(
+    set: &mut Vec<Entry<M, R, H>>,
+    mut answered: impl FnMut(u32, Response<ProxyBody>, InFlight),
+) -> bool
+where
+    M: Answer,
+    R: Answer,
+    H: Answer,
+{
+    let mut progress = false;
+    let mut i = 0;
+    while i < set.len() {
+        let entry = &mut set[i];
+        // A plain load first: most entries are waiting.
+        if !entry.ready.ready.load(Ordering::Relaxed) || !entry.ready.ready.swap(false, Ordering::AcqRel) {
+            i += 1;
+            continue;
+        }
+        match entry.serving.poll(&mut Context::from_waker(&entry.waker)) {
+            Poll::Ready(resp) => {
+                progress = true;
+                let Entry { stream, _in_flight, .. } = set.swap_remove(i);
+                answered(stream, resp, _in_flight);
+            }
+            Poll::Pending => i += 1,
+        }
+    }
+    progress
 }
 
 /// A response whose body is being sent.
@@ -579,19 +643,20 @@ struct Sending {
     blocked: bool,
     /// The body's own waker, from the first time it had nothing to give
     /// (most bodies a proxy passes on are whole when their head is sent).
-    waker: Option<(Arc<BodyWaker>, Waker)>,
+    waker: Option<(Arc<ReadyWaker>, Waker)>,
     _in_flight: InFlight,
 }
 
-/// Wakes the connection for one response body and marks it ready, so that
-/// a pass polls only the bodies that have something for it, not each body
-/// still waiting for its endpoint (a connection may carry a hundred).
-struct BodyWaker {
+/// Wakes the connection for one stream's future or one response body and
+/// marks it ready, so that a pass polls only what has something for it,
+/// not each stream still waiting for its endpoint (a connection may carry
+/// a hundred).
+struct ReadyWaker {
     ready: AtomicBool,
     connection: Arc<AtomicWaker>,
 }
 
-impl Wake for BodyWaker {
+impl Wake for ReadyWaker {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
     }
@@ -625,9 +690,8 @@ pub(crate) async fn serve<S>(
     let mut next_ping = Instant::now() + ping_every;
     let mut pings = 0u64;
     let mut watchdog = conn::Watchdog::default();
-    // Made with the first stream and dropped with the last (its stub has a
-    // stream's size, which an idle connection does not need).
-    let mut streams: Option<FuturesUnordered<_>> = None;
+    // The streams being served (their futures, each polled when its own waker fired).
+    let mut streams = Vec::new();
     let mut sending: Vec<Sending> = Vec::new();
     let mut timer = pin!(tokio::time::sleep(Duration::ZERO));
     let mut drain = pin!(graceful.cancelled());
@@ -638,10 +702,8 @@ pub(crate) async fn serve<S>(
         loop {
             let mut progress = false;
             // The streams first: what they answer goes out with this pass.
-            if let Some(set) = &mut streams {
-                while let Poll::Ready(Some(served)) = set.poll_next_unpin(cx) {
-                    let Served { stream, response, in_flight } = served;
-                    let Some(resp) = response else { continue };
+            if !streams.is_empty() {
+                progress |= poll_ready(&mut streams, |stream, resp, in_flight| {
                     let (parts, body) = resp.into_parts();
                     let end = body.is_end_stream();
                     if conn.output().capacity() == 0 {
@@ -667,10 +729,10 @@ pub(crate) async fn serve<S>(
                             _in_flight: in_flight,
                         });
                     }
-                    progress = true;
-                }
-                if set.is_empty() {
-                    streams = None;
+                });
+                if streams.is_empty() && streams.capacity() > IDLE_STREAMS {
+                    // A burst's room is not kept by a connection with no stream.
+                    streams = Vec::new();
                 }
             }
             // Bodies read give their bytes back to the client's windows; a
@@ -692,6 +754,10 @@ pub(crate) async fn serve<S>(
                 }
             }
             for (stream, slot) in events.gone.drain(..) {
+                // The client reset it: its request is abandoned at once.
+                if let Some(i) = streams.iter().position(|e| e.stream == stream) {
+                    streams.swap_remove(i);
+                }
                 sending.retain(|s| s.stream != stream);
                 if let Some(slot) = slot {
                     retire(&mut conn, stream, &slot);
@@ -750,10 +816,11 @@ pub(crate) async fn serve<S>(
                                 }
                                 continue;
                             };
-                            let Some(slot) = events.slots.get(stream).cloned() else { continue };
-                            let served =
-                                serve_stream(shared.clone(), client.clone(), stream, req, slot, activity.request());
-                            streams.get_or_insert_with(FuturesUnordered::new).push(served);
+                            if events.slots.get(stream).is_none() {
+                                continue;
+                            }
+                            let serving = open_stream(shared.clone(), client.clone(), req);
+                            streams.push(Entry::new(stream, serving, &connection, activity.request()));
                         }
                         progress = true;
                     }
@@ -807,12 +874,10 @@ pub(crate) async fn serve<S>(
         wake(&mut slot);
     }
     drop(sending);
-    if let Some(mut set) = streams {
-        std::future::poll_fn(|cx| {
-            while let Poll::Ready(Some(_)) = set.poll_next_unpin(cx) {}
-            Poll::Ready(())
-        })
-        .await;
+    for _ in 0..4 {
+        if !poll_ready(&mut streams, |_, _, _| {}) {
+            break;
+        }
     }
 }
 
@@ -900,7 +965,7 @@ fn pump(
                     if s.waker.is_none() {
                         // It waits on the connection's waker: polled once
                         // more, on the next pass, with its own.
-                        let own = Arc::new(BodyWaker { ready: AtomicBool::new(true), connection: connection.clone() });
+                        let own = Arc::new(ReadyWaker { ready: AtomicBool::new(true), connection: connection.clone() });
                         s.waker = Some((own.clone(), Waker::from(own)));
                     }
                     return true;
@@ -911,51 +976,75 @@ fn pump(
     progress
 }
 
-/// One stream's request served by the hyper path; a client that resets the
-/// stream stops it wherever it is (the request to the endpoint is dropped
-/// with it).
-///
-/// The request's own future is boxed here, before the stream's future is
-/// made: the set of a connection's streams holds each stream's future
-/// inline and moves it there whole, so it only carries the box.
-fn serve_stream(
-    shared: Arc<Shared>,
-    client: Peer,
-    stream: u32,
-    req: Opened,
-    slot: SharedSlot,
-    in_flight: InFlight,
-) -> impl Future<Output = Served> {
-    let mut served = match req {
+/// A stream's request, served the way it was [`Opened`].
+fn open_stream(shared: Arc<Shared>, client: Peer, req: Opened) -> Serving<impl Answer, impl Answer, impl Answer> {
+    match req {
         Opened::Map(req) => Serving::Map(Box::pin(http::serve(shared, client, req, Some(StreamClock::new())))),
         Opened::Raw(req) => Serving::Raw(Box::pin(http::serve_raw(shared, client, req, StreamClock::new()))),
         Opened::Relay(req) => Serving::Relay(Box::pin(http::serve_relay(shared, client, req, StreamClock::new()))),
-    };
-    async move {
-        let response = std::future::poll_fn(|cx| {
-            let polled = match &mut served {
-                Serving::Map(f) => f.as_mut().poll(cx),
-                Serving::Raw(f) => f.as_mut().poll(cx),
-                Serving::Relay(f) => f.as_mut().poll(cx),
-            };
-            if let Poll::Ready(Ok(resp)) = polled {
-                return Poll::Ready(Some(resp));
-            }
-            let mut slot = lock(&slot);
-            if slot.reset {
-                return Poll::Ready(None);
-            }
-            slot.stream = Some(cx.waker().clone());
-            Poll::Pending
-        })
-        .await;
-        Served { stream, response, in_flight }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream's future that answers once `open` is set, keeping the waker
+    /// of each poll and counting the polls.
+    struct Gate {
+        open: Arc<AtomicBool>,
+        polls: Arc<std::sync::atomic::AtomicUsize>,
+        waker: Arc<Mutex<Option<Waker>>>,
+    }
+
+    impl Future for Gate {
+        type Output = Result<Response<ProxyBody>, std::convert::Infallible>;
+
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            self.polls.fetch_add(1, Ordering::Relaxed);
+            if self.open.load(Ordering::Relaxed) {
+                return Poll::Ready(Ok(Response::new(Either::Right(http_body_util::Full::new(Bytes::new())))));
+            }
+            *lock(&self.waker) = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+
+    #[test]
+    fn a_stream_is_polled_when_new_and_when_its_own_waker_fires_and_leaves_once_answered() {
+        let connection = Arc::new(AtomicWaker::new());
+        let activity = conn::Activity::new();
+        let gates: Vec<_> = (0..3)
+            .map(|i| Gate { open: Arc::new(AtomicBool::new(i == 0)), polls: Arc::default(), waker: Arc::default() })
+            .collect();
+        let handles: Vec<_> = gates.iter().map(|g| (g.open.clone(), g.polls.clone(), g.waker.clone())).collect();
+        let mut set: Vec<Entry<Gate, Gate, Gate>> = Vec::new();
+        for (i, gate) in gates.into_iter().enumerate() {
+            let stream = 1 + 2 * i as u32;
+            set.push(Entry::new(stream, Serving::Relay(Box::pin(gate)), &connection, activity.request()));
+        }
+        let polls = |i: usize| handles[i].1.load(Ordering::Relaxed);
+        let mut answered = Vec::new();
+        // New: each is polled once; the open one answers and leaves.
+        assert!(poll_ready(&mut set, |stream, _, _| answered.push(stream)));
+        assert_eq!(answered, [1]);
+        assert_eq!((polls(0), polls(1), polls(2)), (1, 1, 1));
+        assert_eq!(set.len(), 2);
+        // Nothing woke: nothing is polled.
+        assert!(!poll_ready(&mut set, |stream, _, _| answered.push(stream)));
+        assert_eq!((polls(1), polls(2)), (1, 1));
+        // Stream 5's waker fires: it alone is polled, and answers.
+        handles[2].0.store(true, Ordering::Relaxed);
+        lock(&handles[2].2).take().expect("it waits with a waker").wake();
+        assert!(poll_ready(&mut set, |stream, _, _| answered.push(stream)));
+        assert_eq!(answered, [1, 5]);
+        assert_eq!((polls(1), polls(2)), (1, 2));
+        // A waker that fires for a stream still waiting: polled, stays.
+        lock(&handles[1].2).take().expect("it waits with a waker").wake_by_ref();
+        assert!(!poll_ready(&mut set, |stream, _, _| answered.push(stream)));
+        assert_eq!(polls(1), 2);
+        assert_eq!(set.iter().map(|e| e.stream).collect::<Vec<_>>(), [3]);
+    }
 
     #[test]
     fn head_copies_are_cut_one_after_the_other_from_one_buffer() {
