@@ -319,19 +319,22 @@ impl Stream {
 
     /// Sends `body` while it waits for the response head.
     pub(crate) async fn exchange(self, body: UpstreamBody) -> Result<Response<H2Body>, StreamError> {
-        let mut pump = (!body.is_end_stream()).then(|| Pump::new(self.another(), body));
+        // Sent under this handle while the head is awaited (a unary call's
+        // body has usually all gone by then); a body still streaming when
+        // the head comes goes on in a task with a handle of its own.
+        let mut out = (!body.is_end_stream()).then(|| Outgoing { body, pending: None });
         let (head, fields, length, held) = std::future::poll_fn(|cx| {
-            if let Some(p) = &mut pump
-                && Pin::new(&mut *p).poll(cx).is_ready()
+            if let Some(o) = &mut out
+                && o.poll_send(&self, cx).is_ready()
             {
-                pump = None;
+                out = None;
             }
             self.poll_head(cx)
         })
         .await?;
-        if let Some(p) = pump {
+        if let Some(out) = out {
             // The request body is still streaming: it goes on beside the response.
-            tokio::spawn(p);
+            tokio::spawn(Pump { stream: self.another(), out });
         }
         let trailers = RawFields::default();
         Ok(head.map(|()| H2Body { stream: self, fields, trailers, maps: false, length, ended: false, held }))
@@ -386,18 +389,18 @@ impl Drop for Stream {
 /// A request body on its way into its stream, at the pace of the
 /// endpoint's windows and of the connection's queue. A body that fails
 /// resets the stream (`CANCEL`).
-pub(crate) struct Pump {
-    stream: Stream,
+struct Outgoing {
     body: UpstreamBody,
     /// Data taken from the body and not all sent: the bytes, how many went,
     /// whether they end the body.
     pending: Option<(Bytes, usize, bool)>,
 }
 
-impl Pump {
-    fn new(stream: Stream, body: UpstreamBody) -> Self {
-        Pump { stream, body, pending: None }
-    }
+/// A request body that still streams once the response head came, in a
+/// task of its own, with a handle on the stream of its own.
+struct Pump {
+    stream: Stream,
+    out: Outgoing,
 }
 
 impl Future for Pump {
@@ -405,10 +408,19 @@ impl Future for Pump {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = &mut *self;
-        let id = this.stream.id;
+        this.out.poll_send(&this.stream, cx)
+    }
+}
+
+impl Outgoing {
+    /// Sends what the body has into `stream`; ready once it all went, or
+    /// the stream or the body failed.
+    fn poll_send(&mut self, stream: &Stream, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self;
+        let id = stream.id;
         loop {
             if let Some((data, sent, end)) = &mut this.pending {
-                let mut inner = this.stream.shared.lock();
+                let mut inner = stream.shared.lock();
                 if inner.slot(id).is_none_or(|s| s.error.is_some()) {
                     return Poll::Ready(());
                 }
@@ -437,7 +449,7 @@ impl Future for Pump {
                     Ok(data) => this.pending = Some((data, 0, this.body.is_end_stream())),
                     Err(frame) => {
                         if let Ok(trailers) = frame.into_trailers() {
-                            let mut inner = this.stream.shared.lock();
+                            let mut inner = stream.shared.lock();
                             let fields = trailers.iter().map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
                             let _ = inner.conn.send_trailers(id, fields);
                             inner.kick();
@@ -448,7 +460,7 @@ impl Future for Pump {
                 Poll::Ready(None) => this.pending = Some((Bytes::new(), 0, true)),
                 Poll::Ready(Some(Err(e))) => {
                     tracing::debug!(error = %e, "a request body failed on its way to an HTTP/2 endpoint; the stream is reset");
-                    let mut inner = this.stream.shared.lock();
+                    let mut inner = stream.shared.lock();
                     inner.conn.reset(id, Reason::Cancel);
                     if let Some(s) = inner.slot(id) {
                         s.error.get_or_insert(StreamError::Reset(Reason::Cancel.code()));
