@@ -384,6 +384,20 @@ struct Stream {
     received: u64,
 }
 
+/// The bytes of the block a head was decoded from, kept while decoding
+/// them again would give the same head.
+#[derive(Debug, Default)]
+struct Decoded {
+    block: Vec<u8>,
+    /// The decoder's [`hpack::Decoder::table_changes`] when the block was
+    /// decoded (it changed nothing itself); `None` when nothing is kept.
+    table: Option<u64>,
+}
+
+/// Blocks up to this size are kept to be recognised ([`Decoded`]); a
+/// connection's heads are usually a few dozen bytes once indexed.
+const MAX_DECODED_FROM: usize = 512;
+
 /// A header block being gathered from HEADERS and CONTINUATIONs.
 #[derive(Debug)]
 struct Block {
@@ -410,7 +424,13 @@ pub struct Conn {
     got_settings: bool,
     decoder: hpack::Decoder,
     encoder: hpack::Encoder,
-    head: Head,
+    /// The last heads decoded: a request's or a response's, and trailers.
+    heads: [Head; 2],
+    /// Which of `heads` the block being handled decoded to.
+    at: usize,
+    /// What each of `heads` was decoded from, while the same bytes would
+    /// decode to it again.
+    decoded_from: [Decoded; 2],
     block: Option<Block>,
     block_buf: Vec<u8>,
     encoded: Vec<u8>,
@@ -482,7 +502,9 @@ impl Conn {
             got_settings: false,
             decoder: hpack::Decoder::default(),
             encoder: hpack::Encoder::default(),
-            head: Head::default(),
+            heads: Default::default(),
+            at: 0,
+            decoded_from: Default::default(),
             block: None,
             block_buf: Vec::new(),
             encoded: Vec::new(),
@@ -903,11 +925,28 @@ impl Conn {
         if fresh && stream % 2 == 0 {
             return Err(self.fail(Reason::ProtocolError, "even stream id from a client"));
         }
-        self.head.clear();
-        self.head.limit = self.cfg.max_header_list_size as usize;
-        let (decoder, head, block) = (&mut self.decoder, &mut self.head, &self.block_buf);
-        if let Err(e) = decoder.decode(block, |f| head.take(f, trailers)) {
-            return Err(self.fail(Reason::CompressionError, hpack_why(e)));
+        // A peer that indexes its fields sends the same bytes for the same
+        // head (a call's trailers, an RPC's request to the same method):
+        // when they decoded to the last head of their kind without touching
+        // the table, and the table has not changed since, they would decode
+        // to it again, checks and all.
+        self.at = usize::from(trailers);
+        let changes = self.decoder.table_changes();
+        let from = &mut self.decoded_from[self.at];
+        if from.table != Some(changes) || from.block != self.block_buf {
+            from.table = None;
+            let head = &mut self.heads[self.at];
+            head.clear();
+            head.limit = self.cfg.max_header_list_size as usize;
+            let (decoder, block) = (&mut self.decoder, &self.block_buf);
+            if let Err(e) = decoder.decode(block, |f| head.take(f, trailers)) {
+                return Err(self.fail(Reason::CompressionError, hpack_why(e)));
+            }
+            if self.decoder.table_changes() == changes && block.len() <= MAX_DECODED_FROM {
+                from.block.clear();
+                from.block.extend_from_slice(block);
+                from.table = Some(changes);
+            }
         }
         if fresh {
             self.last_stream = stream;
@@ -927,12 +966,14 @@ impl Conn {
             let reason = if s.recv_done { Reason::StreamClosed } else { Reason::ProtocolError };
             return self.local_reset(stream, reason, h);
         }
-        if self.head.malformed.is_some() || self.head.too_large() || s.content_length.is_some_and(|cl| cl != s.received)
+        if self.heads[self.at].malformed.is_some()
+            || self.heads[self.at].too_large()
+            || s.content_length.is_some_and(|cl| cl != s.received)
         {
             return self.local_reset(stream, Reason::ProtocolError, h);
         }
         self.streams[i].recv_done = true;
-        h.trailers(stream, &self.head);
+        h.trailers(stream, &self.heads[self.at]);
         self.close_if_done(stream);
         Ok(())
     }
@@ -940,11 +981,11 @@ impl Conn {
     /// A client's: a response head on a stream it opened; 1xx heads are skipped.
     fn response_head(&mut self, i: usize, end_stream: bool, h: &mut impl Handler) -> Result<(), ConnError> {
         let stream = self.streams[i].id;
-        if !self.head.too_large() {
-            self.head.check_response();
+        if !self.heads[self.at].too_large() {
+            self.heads[self.at].check_response();
         }
-        let status = self.head.status().unwrap_or(0);
-        if self.head.malformed.is_some() || self.head.too_large() || status == 101 {
+        let status = self.heads[self.at].status().unwrap_or(0);
+        if self.heads[self.at].malformed.is_some() || self.heads[self.at].too_large() || status == 101 {
             return self.local_reset(stream, Reason::ProtocolError, h);
         }
         if status < 200 {
@@ -956,12 +997,12 @@ impl Conn {
         let s = &mut self.streams[i];
         s.head_received = true;
         // A response to HEAD, or a 304, names a length it has no body for.
-        s.content_length = self.head.content_length.filter(|_| !s.head_request && status != 304);
+        s.content_length = self.heads[self.at].content_length.filter(|_| !s.head_request && status != 304);
         if end_stream && s.content_length.is_some_and(|cl| cl != 0) {
             return self.local_reset(stream, Reason::ProtocolError, h);
         }
         s.recv_done = end_stream;
-        h.response(stream, status, &self.head, end_stream);
+        h.response(stream, status, &self.heads[self.at], end_stream);
         if end_stream {
             self.close_if_done(stream);
         }
@@ -989,10 +1030,10 @@ impl Conn {
             self.remember_reset(stream);
             return Ok(());
         }
-        if !self.head.too_large() {
-            self.head.check_request();
+        if !self.heads[self.at].too_large() {
+            self.heads[self.at].check_request();
         }
-        if self.head.malformed.is_some() {
+        if self.heads[self.at].malformed.is_some() {
             return self.local_reset(stream, Reason::ProtocolError, h);
         }
         debug_assert!(self.streams.back().is_none_or(|s| s.id < stream), "streams open in their ids' order");
@@ -1007,20 +1048,20 @@ impl Conn {
             recv_window: i64::from(self.cfg.stream_window),
             unacked: 0,
             blocked: false,
-            content_length: self.head.content_length,
+            content_length: self.heads[self.at].content_length,
             received: 0,
         });
-        if end_stream && self.head.content_length.is_some_and(|cl| cl != 0) {
+        if end_stream && self.heads[self.at].content_length.is_some_and(|cl| cl != 0) {
             return self.local_reset(stream, Reason::ProtocolError, h);
         }
-        if self.head.too_large() || self.head.fields.len() > self.cfg.max_header_fields {
+        if self.heads[self.at].too_large() || self.heads[self.at].fields.len() > self.cfg.max_header_fields {
             // Answered here (earning no credit against rapid resets); the
             // request is not the proxy's to serve.
             self.pending_resets += 1;
             let _ = self.send_response(stream, 431, [], true);
             return Ok(());
         }
-        h.request(stream, &self.head, end_stream);
+        h.request(stream, &self.heads[self.at], end_stream);
         Ok(())
     }
 
@@ -1296,6 +1337,16 @@ mod tests {
         Writable(u32),
     }
 
+    impl Ev {
+        /// A request's fields.
+        fn fields(self) -> Vec<(String, String)> {
+            match self {
+                Ev::Request(_, f, _) => f,
+                _ => Vec::new(),
+            }
+        }
+    }
+
     fn text(b: &[u8]) -> String {
         String::from_utf8_lossy(b).into_owned()
     }
@@ -1440,6 +1491,75 @@ mod tests {
         assert_eq!((ev, r), (vec![], Ok(())));
         assert!(frames.iter().any(|(h, _)| h.kind == kind::SETTINGS && h.flags & flag::ACK != 0));
         (conn, c)
+    }
+
+    #[test]
+    fn the_same_block_decodes_to_the_same_head_only_while_the_table_is_unchanged() {
+        let (mut conn, mut c) = open(Config::default());
+        // GET http://a/, the authority a literal that leaves the table alone.
+        let base = [0x82, 0x86, 0x84, 0x01, 0x01, b'a'];
+        let block = |extra: &[u8]| [&base[..], extra].concat();
+        let insert = |n: &str, v: &str| [&[0x40, n.len() as u8], n.as_bytes(), &[v.len() as u8], v.as_bytes()].concat();
+        let request = |stream, f: &[(&str, &str)]| {
+            let mut all = vec![(":method".to_owned(), "GET".to_owned()), (":path".to_owned(), "/".to_owned())];
+            all.extend(f.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())));
+            Ev::Request(stream, all, true)
+        };
+        let send = |c: &mut Client, stream, b: &[u8], end| h2frame::write_headers(&mut c.buf, stream, b, end, 16_384);
+        // Index 62 is `x-a: 1`, then named twice by the same bytes.
+        send(&mut c, 1, &block(&insert("x-a", "1")), true);
+        send(&mut c, 3, &block(&[0xbe]), true);
+        send(&mut c, 5, &block(&[0xbe]), true);
+        // Trailers insert `x-b: 2`: the same bytes as stream 5's now name it.
+        send(&mut c, 7, &block(&[0xbe]), false);
+        send(&mut c, 7, &insert("x-b", "2"), true);
+        send(&mut c, 9, &block(&[0xbe]), true);
+        // A block that inserts, sent again, inserts again: 65 is `x-a: 1`.
+        send(&mut c, 11, &block(&insert("x-c", "3")), true);
+        send(&mut c, 13, &block(&insert("x-c", "3")), true);
+        send(&mut c, 15, &block(&[0xc1]), true);
+        let (ev, r, _) = run(&mut conn, &mut c);
+        assert_eq!(r, Ok(()));
+        assert_eq!(
+            ev,
+            [
+                request(1, &[("x-a", "1")]),
+                request(3, &[("x-a", "1")]),
+                request(5, &[("x-a", "1")]),
+                Ev::Request(7, request(7, &[("x-a", "1")]).fields(), false),
+                Ev::Trailers(7, vec![("x-b".to_owned(), "2".to_owned())]),
+                request(9, &[("x-b", "2")]),
+                request(11, &[("x-c", "3")]),
+                request(13, &[("x-c", "3")]),
+                request(15, &[("x-a", "1")]),
+            ]
+        );
+        // A malformed head is refused each time its bytes come again.
+        let bad = block(&[0x00, 10, b'c', b'o', b'n', b'n', b'e', b'c', b't', b'i', b'o', b'n', 1, b'x']);
+        for stream in [17, 19] {
+            send(&mut c, stream, &bad, true);
+            let (ev, r, frames) = run(&mut conn, &mut c);
+            assert_eq!((ev, r), (vec![], Ok(())));
+            assert_eq!(code(&frames, kind::RST_STREAM), Some(Reason::ProtocolError.code()), "stream {stream}");
+        }
+        // Trailers are remembered apart from heads: the same bytes as a
+        // trailer block, then a request head the same as the last one.
+        send(&mut c, 21, &block(&[0xbe]), false);
+        send(&mut c, 21, &[0xbe], true);
+        send(&mut c, 23, &block(&[0xbe]), true);
+        send(&mut c, 25, &[0xbe], true);
+        let (ev, r, frames) = run(&mut conn, &mut c);
+        assert_eq!(r, Ok(()));
+        assert_eq!(
+            ev[..3],
+            [
+                Ev::Request(21, request(21, &[("x-c", "3")]).fields(), false),
+                Ev::Trailers(21, vec![("x-c".to_owned(), "3".to_owned())]),
+                request(23, &[("x-c", "3")]),
+            ]
+        );
+        // A head with no pseudo-header is no request, remembered or not.
+        assert_eq!(code(&frames, kind::RST_STREAM), Some(Reason::ProtocolError.code()));
     }
 
     #[test]
@@ -1702,7 +1822,7 @@ mod tests {
         assert_eq!((ev, r), (vec![], Ok(())));
         assert_eq!(kinds(&frames), [(kind::HEADERS, 9)], "{frames:?}");
         assert_eq!(c.fields(&frames[0].1), [(":status".to_owned(), "431".to_owned())]);
-        assert!(conn.head.bytes.len() <= 1000, "{} bytes kept", conn.head.bytes.len());
+        assert!(conn.heads[conn.at].bytes.len() <= 1000, "{} bytes kept", conn.heads[conn.at].bytes.len());
         // CONTINUATION flood: the block outgrows twice the limit.
         let block = c.block(&with(&get("/"), &[]));
         c.raw(kind::HEADERS, 0, 11, &block);

@@ -484,11 +484,14 @@ struct Table {
     entries: VecDeque<Entry>,
     size: usize,
     max: usize,
+    /// Insertions and size updates so far: while it stays the same, an
+    /// index names the same field.
+    changes: u64,
 }
 
 impl Table {
     fn new(max: usize) -> Self {
-        Self { bytes: Vec::new(), entries: VecDeque::new(), size: 0, max }
+        Self { bytes: Vec::new(), entries: VecDeque::new(), size: 0, max, changes: 0 }
     }
 
     /// The field at an HPACK index (static 1–61, then dynamic).
@@ -517,11 +520,13 @@ impl Table {
     }
 
     fn set_max(&mut self, max: usize) {
+        self.changes += 1;
         self.max = max;
         self.evict_to(max);
     }
 
     fn insert(&mut self, name: &[u8], value: &[u8]) {
+        self.changes += 1;
         let size = name.len() + value.len() + ENTRY_OVERHEAD;
         if size > self.max {
             // RFC 7541 §4.4: the table empties and the field is not added.
@@ -587,6 +592,13 @@ impl Decoder {
     /// The dynamic table's current size, in RFC 7541's accounting.
     pub fn table_size(&self) -> usize {
         self.table.size
+    }
+
+    /// How many times the dynamic table has changed (an insertion or a
+    /// size update): a block decoded while this stays the same, and that
+    /// changed nothing itself, decodes to the same fields again.
+    pub fn table_changes(&self) -> u64 {
+        self.table.changes
     }
 
     /// Decodes one whole header block (HEADERS and its CONTINUATIONs,

@@ -403,3 +403,116 @@ async fn the_h2_crates_server_echoes_bodies_through_both_windows() {
         assert!(back == &sent[..], "stream {id}: {} bytes back of {}", back.len(), sent.len());
     }
 }
+
+/// A head or trailer section handed over: its stream, whether trailers,
+/// its fields (a head's `:path` first).
+type Handed = (u32, bool, Vec<(String, String)>);
+
+/// Requests' heads and trailers, kept in the order they came.
+#[derive(Default)]
+struct Heads(Vec<Handed>);
+
+impl Handler for Heads {
+    fn request(&mut self, stream: u32, head: &Head, _: bool) {
+        let mut all = vec![(":path".to_owned(), String::from_utf8_lossy(head.path().unwrap_or_default()).into_owned())];
+        all.extend(pairs(head));
+        self.0.push((stream, false, all));
+    }
+    fn data(&mut self, _: u32, _: &[u8], _: bool) {}
+    fn trailers(&mut self, stream: u32, head: &Head) {
+        self.0.push((stream, true, pairs(head)));
+    }
+    fn reset(&mut self, stream: u32, code: u32) {
+        panic!("stream {stream} reset ({code})");
+    }
+    fn writable(&mut self, _: u32) {}
+}
+
+/// Regular fields a request may carry: names and values from a few, so
+/// that lists repeat whole and in part.
+fn regular_fields() -> impl proptest::strategy::Strategy<Value = Vec<(String, String)>> {
+    use proptest::prelude::*;
+    let name = prop_oneof![
+        prop::sample::select(vec!["content-type", "user-agent", "accept", "grpc-timeout", "x-request-id", "x-trace"])
+            .prop_map(str::to_owned),
+        "x-[a-z0-9]{1,10}",
+    ];
+    let value = prop_oneof![
+        prop::sample::select(vec!["application/grpc", "1S", "a", "curl/7.88", "*/*"]).prop_map(str::to_owned),
+        "[!-~]{1,20}"
+    ];
+    prop::collection::vec((name, value), 0..8)
+}
+
+proptest::proptest! {
+    /// Blocks drawn again and again from a few lists, as heads and as
+    /// trailers, encoded by loona's encoder (every field indexed, so a list
+    /// sent again is the same bytes while the table holds it) or by the
+    /// proxy's own (indexing by place, with table size updates): each head
+    /// and each trailer section reaches the application as it was sent,
+    /// whether the connection decoded its block or recognised it.
+    #[test]
+    fn a_connection_hands_over_each_head_as_sent_whether_decoded_or_recognised(
+        lists in proptest::collection::vec(regular_fields(), 1..4),
+        paths in proptest::collection::vec("/[a-z]{0,6}", 1..3),
+        steps in proptest::collection::vec((0..4usize, 0..3usize, 0..2usize, proptest::option::weighted(0.1, proptest::sample::select(vec![0usize, 64, 256, 4096]))), 1..40),
+        loona in proptest::bool::ANY,
+    ) {
+        use fulcrum::proxy::{h2frame, hpack};
+        let mut conn = Conn::server(Config::default());
+        let mut input = h2frame::PREFACE.to_vec();
+        h2frame::write_settings(&mut input, &[]);
+        let mut ours = hpack::Encoder::default();
+        let mut theirs = loona_hpack::Encoder::new();
+        let mut want = Vec::new();
+        for (i, (list, path, trailers, size)) in steps.into_iter().enumerate() {
+            let stream = 1 + 2 * i as u32;
+            let fields = &lists[list % lists.len()];
+            let path = &paths[path % paths.len()];
+            let head: Vec<(&str, &str)> = [(":method", "POST"), (":scheme", "http"), (":authority", "a"), (":path", path.as_str())]
+                .into_iter()
+                .chain(fields.iter().map(|(n, v)| (n.as_str(), v.as_str())))
+                .collect();
+            let mut blocks = vec![(head, false)];
+            if trailers == 1 {
+                blocks.push((fields.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect(), true));
+            }
+            let last = blocks.len() - 1;
+            let mut ended = false;
+            for (k, (block_fields, is_trailers)) in blocks.into_iter().enumerate() {
+                let mut block = Vec::new();
+                if loona {
+                    block = theirs.encode(block_fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+                } else {
+                    if let Some(size) = size {
+                        ours.set_peer_table_size(size);
+                    }
+                    ours.begin(if is_trailers { hpack::Block::Trailers } else { hpack::Block::Request }, &mut block);
+                    for (n, v) in &block_fields {
+                        ours.field(n.as_bytes(), v.as_bytes(), &mut block);
+                    }
+                }
+                if block.is_empty() {
+                    // No trailer section without a field: the head ends the stream.
+                    continue;
+                }
+                h2frame::write_headers(&mut input, stream, &block, k == last, 16_384);
+                ended = k == last;
+                let mut expect: Vec<(String, String)> = Vec::new();
+                if !is_trailers {
+                    expect.push((":path".to_owned(), path.clone()));
+                }
+                expect.extend(block_fields.iter().filter(|(n, _)| !n.starts_with(':')).map(|(n, v)| ((*n).to_owned(), (*v).to_owned())));
+                want.push((stream, is_trailers, expect));
+            }
+            if !ended {
+                // The head did not end the stream and no trailers came: end it.
+                h2frame::write_data_head(&mut input, stream, 0, true);
+            }
+        }
+        let mut got = Heads::default();
+        let read = conn.recv(&input, &mut got);
+        proptest::prop_assert_eq!(read.map_err(|e| e.to_string()), Ok(input.len()));
+        proptest::prop_assert_eq!(got.0, want);
+    }
+}
