@@ -106,17 +106,38 @@ pub(crate) struct RawRequest {
 
 impl RawRequest {
     /// The request of `head` on this path ([`h1_head`]) towards endpoints
-    /// that speak `to`, or its body back.
+    /// that speak `to`, or its body back. `last` is the connection's last
+    /// one: when `head` is that head again ([`Head::serial`]), and so is
+    /// the rest, its HTTP/1.1 head is copied rather than written again.
+    ///
+    /// [`Head::serial`]: super::h2conn::Head::serial
     pub(crate) fn of(
         head: &super::h2conn::Head,
         end_stream: bool,
         body: super::http::RequestBody,
         to: Towards,
+        last: &mut Written,
     ) -> Result<RawRequest, super::http::RequestBody> {
         let mut buf = fast::take_buffer();
         let headers = take_fields();
         let mut h1 = h1::RequestHead { headers, ..h1::RequestHead::default() };
-        if h1_head(head, end_stream, &mut buf, &mut h1, to) {
+        let taken = if last.serial == head.serial() && last.end_stream == end_stream && last.to == to {
+            if last.taken {
+                buf.extend_from_slice(&last.buf);
+                h1.copy_from(&last.head);
+            }
+            last.taken
+        } else {
+            let taken = h1_head(head, end_stream, &mut buf, &mut h1, to);
+            *last = Written { serial: head.serial(), end_stream, to, taken, ..std::mem::take(last) };
+            if taken {
+                last.buf.clear();
+                last.buf.extend_from_slice(&buf);
+                last.head.copy_from(&h1);
+            }
+            taken
+        };
+        if taken {
             return Ok(RawRequest { buf, head: h1, body });
         }
         fast::give_buffer(buf);
@@ -129,6 +150,19 @@ impl RawRequest {
         fast::give_buffer(buf);
         give_fields(head.headers);
     }
+}
+
+/// What [`RawRequest::of`] made of a connection's last request head.
+#[derive(Default)]
+pub(crate) struct Written {
+    /// The head's [`serial`](super::h2conn::Head::serial) (0: none yet).
+    serial: u64,
+    end_stream: bool,
+    to: Towards,
+    /// It took this path; then its HTTP/1.1 head, as written.
+    taken: bool,
+    buf: Vec<u8>,
+    head: h1::RequestHead,
 }
 
 /// The endpoints an HTTP/2 client's request without a header map goes to.

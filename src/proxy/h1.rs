@@ -115,6 +115,22 @@ pub struct RequestHead {
     pub headers: Vec<Span>,
 }
 
+impl RequestHead {
+    /// Makes this head a copy of `other`, keeping its header list's room.
+    pub fn copy_from(&mut self, other: &RequestHead) {
+        let RequestHead { len, method, target, body, close, idempotent, head, headers } = other;
+        self.len = *len;
+        self.method = method.clone();
+        self.target = target.clone();
+        self.body = *body;
+        self.close = *close;
+        self.idempotent = *idempotent;
+        self.head = *head;
+        self.headers.clear();
+        self.headers.extend_from_slice(headers);
+    }
+}
+
 /// Parses a request head at the start of `buf` into `out` (its header list
 /// is reused). `Ok(false)`: the head is not complete yet (and within the
 /// limits so far).

@@ -156,10 +156,13 @@ pub struct Head {
     /// A value holds a control byte other than tab, or DEL, which HTTP/2
     /// allows but the `http` crate's values and HTTP/1.1 heads do not.
     controls: bool,
+    /// Counts the blocks decoded into this head ([`Head::serial`]).
+    serial: u64,
 }
 
 impl Head {
     fn clear(&mut self) {
+        self.serial += 1;
         self.bytes.clear();
         self.fields.clear();
         self.method = None;
@@ -306,6 +309,16 @@ impl Head {
         {
             self.bad("invalid byte or surrounding whitespace in a field value");
         }
+    }
+
+    /// Changes each time a block is decoded into this head, and only then:
+    /// a head handed over again with the same serial, on the same
+    /// connection and of the same kind (a request's or response's head,
+    /// or trailers), is the same head, with the same verdict (a block
+    /// recognised rather than decoded), so what a handler made of it the
+    /// last time holds again. Never 0 for a head handed over.
+    pub fn serial(&self) -> u64 {
+        self.serial
     }
 
     /// Whether a value (a pseudo-header's or a field's) holds a control

@@ -471,6 +471,8 @@ struct Events {
     /// The endpoints the requests go to: a plain request goes to them
     /// without a header map ([`bridge::h1_head`]).
     towards: Towards,
+    /// The last request head written for that path.
+    written: bridge::Written,
     /// New requests: their stream and request (`None`: malformed).
     opened: Vec<(u32, Option<Opened>)>,
     copies: HeadCopies,
@@ -499,7 +501,7 @@ impl Handler for Events {
         };
         self.slots.insert(stream, slot);
         let body = Either::Right(body);
-        let opened = match bridge::RawRequest::of(head, end_stream, body, self.towards) {
+        let opened = match bridge::RawRequest::of(head, end_stream, body, self.towards, &mut self.written) {
             Ok(raw) if self.towards == Towards::Http1 => Some(Opened::Raw(raw)),
             Ok(raw) => Some(Opened::Relay(raw)),
             Err(body) => request_of(head, body, &mut self.copies).map(Opened::Map),
@@ -1008,6 +1010,57 @@ mod tests {
             *lock(&self.waker) = Some(cx.waker().clone());
             Poll::Pending
         }
+    }
+
+    #[test]
+    fn a_head_recognised_again_is_written_as_the_same_http1_head() {
+        use super::super::{h1, h2frame, hpack};
+        let mut conn = Conn::server(h2conn::Config::default());
+        let mut events = Events { towards: Towards::Http2, ..Events::default() };
+        let mut input = h2frame::PREFACE.to_vec();
+        h2frame::write_settings(&mut input, &[]);
+        let mut enc = hpack::Encoder::default();
+        let call = [
+            (&b":method"[..], &b"POST"[..]),
+            (b":scheme", b"http"),
+            (b":authority", b"a"),
+            (b":path", b"/svc/M"),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+        ];
+        let other = [(&b":method"[..], &b"GET"[..]), (b":scheme", b"http"), (b":authority", b"b"), (b":path", b"/x")];
+        // The call four times (a literal, then inserted, then indexed twice:
+        // recognised the fourth time), another head, the call again with a
+        // body to come.
+        type Fields<'a> = &'a [(&'a [u8], &'a [u8])];
+        let heads: [(Fields, bool); 6] =
+            [(&call, true), (&call, true), (&call, true), (&call, true), (&other, true), (&call, false)];
+        for (i, (fields, end)) in heads.iter().enumerate() {
+            let mut block = Vec::new();
+            enc.begin(hpack::Block::Request, &mut block);
+            for (n, v) in fields.iter() {
+                enc.field(n, v, &mut block);
+            }
+            h2frame::write_headers(&mut input, 1 + 2 * i as u32, &block, *end, 16_384);
+        }
+        assert_eq!(conn.recv(&input, &mut events).map_err(|e| e.to_string()), Ok(input.len()));
+        let written: Vec<(u32, String, Vec<h1::Span>, usize)> = events
+            .opened
+            .drain(..)
+            .map(|(stream, opened)| match opened {
+                Some(Opened::Relay(raw)) => {
+                    (stream, String::from_utf8(raw.buf.clone()).expect("text"), raw.head.headers.clone(), raw.head.len)
+                }
+                _ => panic!("stream {stream} not taken"),
+            })
+            .collect();
+        let want = "POST /svc/M HTTP/1.1\r\ncontent-type: application/grpc\r\nte: trailers\r\nhost: a\r\n\r\n";
+        for (stream, text, spans, len) in &written {
+            let expect = if *stream == 9 { "GET /x HTTP/1.1\r\nhost: b\r\n\r\n" } else { want };
+            assert_eq!((text.as_str(), *len), (expect, expect.len()), "stream {stream}");
+            assert_eq!(spans, &written[if *stream == 9 { 4 } else { 0 }].2, "stream {stream}");
+        }
+        assert_eq!(written.iter().map(|w| w.0).collect::<Vec<_>>(), [1, 3, 5, 7, 9, 11]);
     }
 
     #[test]
