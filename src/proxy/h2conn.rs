@@ -407,6 +407,11 @@ struct Decoded {
     table: Option<u64>,
 }
 
+/// Where [`Conn`] keeps a request's or a response's head.
+const HEAD: usize = 0;
+/// Where [`Conn`] keeps trailers.
+const TRAILERS: usize = 1;
+
 /// Blocks up to this size are kept to be recognised ([`Decoded`]); a
 /// connection's heads are usually a few dozen bytes once indexed.
 const MAX_DECODED_FROM: usize = 512;
@@ -437,10 +442,9 @@ pub struct Conn {
     got_settings: bool,
     decoder: hpack::Decoder,
     encoder: hpack::Encoder,
-    /// The last heads decoded: a request's or a response's, and trailers.
+    /// The last heads decoded: a request's or a response's ([`HEAD`]),
+    /// and trailers ([`TRAILERS`]).
     heads: [Head; 2],
-    /// Which of `heads` the block being handled decoded to.
-    at: usize,
     /// What each of `heads` was decoded from, while the same bytes would
     /// decode to it again.
     decoded_from: [Decoded; 2],
@@ -516,7 +520,6 @@ impl Conn {
             decoder: hpack::Decoder::default(),
             encoder: hpack::Encoder::default(),
             heads: Default::default(),
-            at: 0,
             decoded_from: Default::default(),
             block: None,
             block_buf: Vec::new(),
@@ -943,12 +946,12 @@ impl Conn {
         // when they decoded to the last head of their kind without touching
         // the table, and the table has not changed since, they would decode
         // to it again, checks and all.
-        self.at = usize::from(trailers);
+        let kind = if trailers { TRAILERS } else { HEAD };
         let changes = self.decoder.table_changes();
-        let from = &mut self.decoded_from[self.at];
+        let from = &mut self.decoded_from[kind];
         if from.table != Some(changes) || from.block != self.block_buf {
             from.table = None;
-            let head = &mut self.heads[self.at];
+            let head = &mut self.heads[kind];
             head.clear();
             head.limit = self.cfg.max_header_list_size as usize;
             let (decoder, block) = (&mut self.decoder, &self.block_buf);
@@ -979,14 +982,14 @@ impl Conn {
             let reason = if s.recv_done { Reason::StreamClosed } else { Reason::ProtocolError };
             return self.local_reset(stream, reason, h);
         }
-        if self.heads[self.at].malformed.is_some()
-            || self.heads[self.at].too_large()
+        if self.heads[TRAILERS].malformed.is_some()
+            || self.heads[TRAILERS].too_large()
             || s.content_length.is_some_and(|cl| cl != s.received)
         {
             return self.local_reset(stream, Reason::ProtocolError, h);
         }
         self.streams[i].recv_done = true;
-        h.trailers(stream, &self.heads[self.at]);
+        h.trailers(stream, &self.heads[TRAILERS]);
         self.close_if_done(stream);
         Ok(())
     }
@@ -994,11 +997,11 @@ impl Conn {
     /// A client's: a response head on a stream it opened; 1xx heads are skipped.
     fn response_head(&mut self, i: usize, end_stream: bool, h: &mut impl Handler) -> Result<(), ConnError> {
         let stream = self.streams[i].id;
-        if !self.heads[self.at].too_large() {
-            self.heads[self.at].check_response();
+        if !self.heads[HEAD].too_large() {
+            self.heads[HEAD].check_response();
         }
-        let status = self.heads[self.at].status().unwrap_or(0);
-        if self.heads[self.at].malformed.is_some() || self.heads[self.at].too_large() || status == 101 {
+        let status = self.heads[HEAD].status().unwrap_or(0);
+        if self.heads[HEAD].malformed.is_some() || self.heads[HEAD].too_large() || status == 101 {
             return self.local_reset(stream, Reason::ProtocolError, h);
         }
         if status < 200 {
@@ -1010,12 +1013,12 @@ impl Conn {
         let s = &mut self.streams[i];
         s.head_received = true;
         // A response to HEAD, or a 304, names a length it has no body for.
-        s.content_length = self.heads[self.at].content_length.filter(|_| !s.head_request && status != 304);
+        s.content_length = self.heads[HEAD].content_length.filter(|_| !s.head_request && status != 304);
         if end_stream && s.content_length.is_some_and(|cl| cl != 0) {
             return self.local_reset(stream, Reason::ProtocolError, h);
         }
         s.recv_done = end_stream;
-        h.response(stream, status, &self.heads[self.at], end_stream);
+        h.response(stream, status, &self.heads[HEAD], end_stream);
         if end_stream {
             self.close_if_done(stream);
         }
@@ -1043,10 +1046,10 @@ impl Conn {
             self.remember_reset(stream);
             return Ok(());
         }
-        if !self.heads[self.at].too_large() {
-            self.heads[self.at].check_request();
+        if !self.heads[HEAD].too_large() {
+            self.heads[HEAD].check_request();
         }
-        if self.heads[self.at].malformed.is_some() {
+        if self.heads[HEAD].malformed.is_some() {
             return self.local_reset(stream, Reason::ProtocolError, h);
         }
         debug_assert!(self.streams.back().is_none_or(|s| s.id < stream), "streams open in their ids' order");
@@ -1061,20 +1064,20 @@ impl Conn {
             recv_window: i64::from(self.cfg.stream_window),
             unacked: 0,
             blocked: false,
-            content_length: self.heads[self.at].content_length,
+            content_length: self.heads[HEAD].content_length,
             received: 0,
         });
-        if end_stream && self.heads[self.at].content_length.is_some_and(|cl| cl != 0) {
+        if end_stream && self.heads[HEAD].content_length.is_some_and(|cl| cl != 0) {
             return self.local_reset(stream, Reason::ProtocolError, h);
         }
-        if self.heads[self.at].too_large() || self.heads[self.at].fields.len() > self.cfg.max_header_fields {
+        if self.heads[HEAD].too_large() || self.heads[HEAD].fields.len() > self.cfg.max_header_fields {
             // Answered here (earning no credit against rapid resets); the
             // request is not the proxy's to serve.
             self.pending_resets += 1;
             let _ = self.send_response(stream, 431, [], true);
             return Ok(());
         }
-        h.request(stream, &self.heads[self.at], end_stream);
+        h.request(stream, &self.heads[HEAD], end_stream);
         Ok(())
     }
 
@@ -1835,7 +1838,7 @@ mod tests {
         assert_eq!((ev, r), (vec![], Ok(())));
         assert_eq!(kinds(&frames), [(kind::HEADERS, 9)], "{frames:?}");
         assert_eq!(c.fields(&frames[0].1), [(":status".to_owned(), "431".to_owned())]);
-        assert!(conn.heads[conn.at].bytes.len() <= 1000, "{} bytes kept", conn.heads[conn.at].bytes.len());
+        assert!(conn.heads[HEAD].bytes.len() <= 1000, "{} bytes kept", conn.heads[HEAD].bytes.len());
         // CONTINUATION flood: the block outgrows twice the limit.
         let block = c.block(&with(&get("/"), &[]));
         c.raw(kind::HEADERS, 0, 11, &block);

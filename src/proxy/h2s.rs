@@ -593,13 +593,14 @@ struct Entry<M, R, H> {
     serving: Serving<M, R, H>,
     ready: Arc<ReadyWaker>,
     waker: Waker,
-    _in_flight: InFlight,
+    /// Handed to the response once the stream answers.
+    in_flight: InFlight,
 }
 
 impl<M, R, H> Entry<M, R, H> {
     fn new(stream: u32, serving: Serving<M, R, H>, connection: &Arc<AtomicWaker>, in_flight: InFlight) -> Self {
-        let ready = Arc::new(ReadyWaker { ready: AtomicBool::new(true), connection: connection.clone() });
-        Entry { stream, serving, waker: Waker::from(ready.clone()), ready, _in_flight: in_flight }
+        let (ready, waker) = ReadyWaker::new(connection);
+        Entry { stream, serving, ready, waker, in_flight }
     }
 }
 
@@ -618,16 +619,15 @@ where
     let mut i = 0;
     while i < set.len() {
         let entry = &mut set[i];
-        // A plain load first: most entries are waiting.
-        if !entry.ready.ready.load(Ordering::Relaxed) || !entry.ready.ready.swap(false, Ordering::AcqRel) {
+        if !entry.ready.take() {
             i += 1;
             continue;
         }
         match entry.serving.poll(&mut Context::from_waker(&entry.waker)) {
             Poll::Ready(resp) => {
                 progress = true;
-                let Entry { stream, _in_flight, .. } = set.swap_remove(i);
-                answered(stream, resp, _in_flight);
+                let Entry { stream, in_flight, .. } = set.swap_remove(i);
+                answered(stream, resp, in_flight);
             }
             Poll::Pending => i += 1,
         }
@@ -656,6 +656,22 @@ struct Sending {
 struct ReadyWaker {
     ready: AtomicBool,
     connection: Arc<AtomicWaker>,
+}
+
+impl ReadyWaker {
+    /// A waker for `connection`, marked ready (what it wakes is polled once
+    /// before anything wakes it).
+    fn new(connection: &Arc<AtomicWaker>) -> (Arc<ReadyWaker>, Waker) {
+        let ready = Arc::new(ReadyWaker { ready: AtomicBool::new(true), connection: connection.clone() });
+        let waker = Waker::from(ready.clone());
+        (ready, waker)
+    }
+
+    /// Whether it was woken since the last call (a plain load first: most
+    /// of what a pass looks at is waiting).
+    fn take(&self) -> bool {
+        self.ready.load(Ordering::Relaxed) && self.ready.swap(false, Ordering::AcqRel)
+    }
 }
 
 impl Wake for ReadyWaker {
@@ -876,6 +892,8 @@ pub(crate) async fn serve<S>(
         wake(&mut slot);
     }
     drop(sending);
+    // Each woken stream is polled to see its end; one that answers may wake
+    // another (a few passes at most: what still waits is dropped).
     for _ in 0..4 {
         if !poll_ready(&mut streams, |_, _, _| {}) {
             break;
@@ -927,7 +945,7 @@ fn pump(
                 }
             }
             let polled = match &s.waker {
-                Some((own, _)) if !own.ready.swap(false, Ordering::AcqRel) => return true,
+                Some((own, _)) if !own.take() => return true,
                 Some((_, waker)) => Pin::new(&mut s.body).poll_frame(&mut Context::from_waker(waker)),
                 None => Pin::new(&mut s.body).poll_frame(cx),
             };
@@ -967,8 +985,7 @@ fn pump(
                     if s.waker.is_none() {
                         // It waits on the connection's waker: polled once
                         // more, on the next pass, with its own.
-                        let own = Arc::new(ReadyWaker { ready: AtomicBool::new(true), connection: connection.clone() });
-                        s.waker = Some((own.clone(), Waker::from(own)));
+                        s.waker = Some(ReadyWaker::new(connection));
                     }
                     return true;
                 }
